@@ -1,0 +1,3 @@
+//! The hypercall ABI (being written).
+#![no_std]
+#![forbid(unsafe_code)]
