@@ -1,1 +1,113 @@
-fn main() {}
+//! `cargo xtask`: the project's runner.
+//!
+//! ```text
+//! cargo xtask run                 build what exists and say what runs today
+//! cargo xtask test [SUITE...]     run test suites (default: all); ends with "N passed, N failed"
+//! cargo xtask bench stage2        instruction counts: our stage2 vs aarch64-paging (callgrind)
+//! cargo xtask gen-header          regenerate host-driver/include/hyp_abi.h from the hypercalls crate
+//! cargo xtask install             install the toolchain pieces the project needs
+//! ```
+//!
+//! Every step that needs a tool installs it first, so a fresh clone needs
+//! nothing but rustup and cargo.
+
+mod bench;
+mod install;
+mod suite;
+mod util;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [args]
+
+commands:
+  run                  build what exists and report what runs today
+  test [SUITE...]      run test suites (default: all available); suites: host
+  bench stage2         count instructions of stage2 vs aarch64-paging under callgrind
+  gen-header           regenerate host-driver/include/hyp_abi.h
+  install              install rustup targets and components
+  help                 this text";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let root = util::workspace_root();
+    let result = match cmd.as_str() {
+        "run" => run(&root, rest),
+        "test" => suite::test(&root, rest),
+        "bench" => match rest {
+            [what] if what == "stage2" => bench::stage2(&root),
+            _ => Err(format!(
+                "usage: cargo xtask bench stage2 (got {:?}); other benchmarks arrive with later issues",
+                rest
+            )),
+        },
+        "gen-header" => gen_header(&root),
+        "install" => install::rust_targets(),
+        "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cargo xtask run`: until the hypervisor boots (issue 3), build everything
+/// that exists for the targets it will run on, and say so.
+fn run(root: &std::path::Path, args: &[String]) -> Result<(), String> {
+    if let Some(a) = args.first() {
+        return Err(format!(
+            "`run` takes no options yet (got `{a}`); --exec, --smp, --mem, --numa arrive with the hypervisor boot (issue 3)"
+        ));
+    }
+    install::rust_targets()?;
+    util::progress("building hypercalls and stage2 for aarch64-unknown-none (the EL2 target)");
+    util::cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "hypercalls",
+            "-p",
+            "stage2",
+            "--target",
+            "aarch64-unknown-none",
+        ],
+    )?;
+    util::progress("checking the generated C header is current");
+    util::cargo(root, &["test", "-q", "-p", "hypercalls", "--", "header"])?;
+    println!();
+    println!("What runs today:");
+    println!(
+        "  - hypercalls: the ABI crate and its generated C header (host-driver/include/hyp_abi.h)"
+    );
+    println!("  - stage2: stage-2 page tables and page ownership, tested on this machine");
+    println!("Not yet: the EL2 hypervisor does not boot yet (issue 3), so there is no QEMU run.");
+    println!(
+        "Use `cargo xtask test` for the tests and `cargo xtask bench stage2` for the benchmark."
+    );
+    Ok(())
+}
+
+fn gen_header(root: &std::path::Path) -> Result<(), String> {
+    let path = root.join("host-driver/include/hyp_abi.h");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let header: String = String::new(); // TODO: hypercalls::c_header() once the ABI crate lands
+    std::fs::write(&path, header).map_err(|e| format!("{}: {e}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,270 @@
+//! `cargo xtask test`: test suites and their tally.
+//!
+//! Each suite is a list of steps. A step that runs a test binary contributes
+//! that binary's own pass/fail counts; a check (clippy, fmt, a cross build)
+//! counts as one test. The last line printed is always `N passed, N failed`.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::install;
+use crate::util::{capture, cargo_bin, progress};
+
+/// Suites in the order `cargo xtask test` runs them.
+const SUITES: &[(&str, &str)] = &[(
+    "host",
+    "unit and property tests, clippy (host and aarch64), rustfmt, docs",
+)];
+
+/// Suites that later issues add; asking for one says so clearly.
+const LATER: &[(&str, &str)] = &[
+    ("boot", "issue 3 (the EL2 hypervisor boots Debian's kernel)"),
+    (
+        "conformance",
+        "issue 4 (memory-ownership hypercalls at EL2)",
+    ),
+    ("guest", "issue 5 (running guests)"),
+];
+
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn check(&mut self, name: &str, ok: bool, detail: &str) {
+        if ok {
+            self.passed += 1;
+            println!("PASS {name}");
+        } else {
+            self.failed += 1;
+            println!("FAIL {name}");
+            if !detail.is_empty() {
+                println!("{detail}");
+            }
+            self.failures.push(name.to_string());
+        }
+    }
+}
+
+/// Runs the named suites (all available ones when `args` is empty).
+pub fn test(root: &Path, args: &[String]) -> Result<(), String> {
+    let mut wanted: Vec<&str> = Vec::new();
+    for a in args {
+        if let Some((name, _)) = SUITES.iter().find(|(n, _)| n == a) {
+            wanted.push(name);
+        } else if let Some((name, when)) = LATER.iter().find(|(n, _)| n == a) {
+            return Err(format!(
+                "suite `{name}` does not exist yet: it arrives with {when}"
+            ));
+        } else {
+            let names: Vec<&str> = SUITES.iter().map(|(n, _)| *n).collect();
+            return Err(format!(
+                "unknown suite `{a}`; available: {}",
+                names.join(", ")
+            ));
+        }
+    }
+    if wanted.is_empty() {
+        wanted = SUITES.iter().map(|(n, _)| *n).collect();
+    }
+    install::rust_targets()?;
+    let mut tally = Tally::default();
+    for suite in wanted {
+        match suite {
+            "host" => host(root, &mut tally),
+            _ => unreachable!("suite names come from SUITES"),
+        }
+    }
+    if !tally.failures.is_empty() {
+        println!("failed: {}", tally.failures.join(", "));
+    }
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    if tally.failed == 0 {
+        Ok(())
+    } else {
+        Err(format!("{} test(s) failed", tally.failed))
+    }
+}
+
+/// The host suite: everything that runs on the build machine.
+fn host(root: &Path, tally: &mut Tally) {
+    progress("host: cargo test --workspace");
+    cargo_tests(root, tally, &["test", "--workspace", "--no-fail-fast"]);
+
+    progress("host: cargo fmt --check");
+    run_check(
+        root,
+        tally,
+        "rustfmt",
+        &["fmt", "--all", "--", "--check"],
+        &[],
+    );
+
+    progress("host: clippy (host)");
+    run_check(
+        root,
+        tally,
+        "clippy host",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    );
+
+    progress("host: clippy (aarch64-unknown-none)");
+    run_check(
+        root,
+        tally,
+        "clippy aarch64-unknown-none",
+        &[
+            "clippy",
+            "-p",
+            "hypercalls",
+            "-p",
+            "stage2",
+            "--target",
+            "aarch64-unknown-none",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    );
+
+    progress("host: build for aarch64-unknown-none-softfloat (the kernel module's Rust)");
+    run_check(
+        root,
+        tally,
+        "build hypercalls aarch64-unknown-none-softfloat",
+        &[
+            "build",
+            "-p",
+            "hypercalls",
+            "--target",
+            "aarch64-unknown-none-softfloat",
+        ],
+        &[],
+    );
+
+    progress("host: cargo doc");
+    run_check(
+        root,
+        tally,
+        "rustdoc",
+        &["doc", "--no-deps", "-p", "hypercalls", "-p", "stage2"],
+        &[("RUSTDOCFLAGS", "-D warnings")],
+    );
+}
+
+/// Runs a cargo command as one check.
+fn run_check(root: &Path, tally: &mut Tally, name: &str, args: &[&str], env: &[(&str, &str)]) {
+    let mut cmd = Command::new(cargo_bin());
+    cmd.args(args).current_dir(root);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    match capture(&mut cmd) {
+        Ok(out) => {
+            let detail = tail(&String::from_utf8_lossy(&out.stderr), 60);
+            tally.check(name, out.status.success(), &detail);
+        }
+        Err(e) => tally.check(name, false, &e),
+    }
+}
+
+/// Runs `cargo test` and adds every test binary's counts to the tally.
+fn cargo_tests(root: &Path, tally: &mut Tally, args: &[&str]) {
+    let mut cmd = Command::new(cargo_bin());
+    cmd.args(args).current_dir(root);
+    let out = match capture(&mut cmd) {
+        Ok(out) => out,
+        Err(e) => return tally.check("cargo test", false, &e),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (passed, failed) = libtest_counts(&stdout);
+    // Name each failing test so the log says what broke.
+    for line in stdout.lines() {
+        if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.strip_suffix(" ... FAILED"))
+        {
+            println!("FAIL {name}");
+            tally.failures.push(name.to_string());
+        }
+    }
+    println!("cargo test: {passed} passed, {failed} failed");
+    tally.passed += passed;
+    tally.failed += failed;
+    if failed > 0 {
+        println!("{}", tail(&stdout, 80));
+    }
+    if !out.status.success() && failed == 0 {
+        // Nothing failed by name, so a test binary did not build or crashed.
+        tally.check("cargo test (build)", false, &tail(&stderr, 60));
+    }
+}
+
+/// Sums the `test result:` lines of libtest output.
+fn libtest_counts(output: &str) -> (u64, u64) {
+    let mut passed = 0;
+    let mut failed = 0;
+    for line in output.lines() {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            continue;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = count.parse::<u64>() else {
+                continue;
+            };
+            match label {
+                "passed" => passed += n,
+                "failed" => failed += n,
+                _ => {}
+            }
+        }
+    }
+    (passed, failed)
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_libtest_summaries() {
+        let out = "\
+running 3 tests
+test a ... ok
+test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s
+
+test result: FAILED. 5 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s
+";
+        assert_eq!(libtest_counts(out), (8, 2));
+    }
+
+    #[test]
+    fn ignores_other_lines() {
+        assert_eq!(
+            libtest_counts("passed 3 failed 4\nrunning 0 tests\n"),
+            (0, 0)
+        );
+    }
+}
