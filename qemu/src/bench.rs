@@ -96,6 +96,14 @@ pub fn stage2(root: &Path) -> Result<(), String> {
     let meta = Meta::collect(root);
     let report = render(&rows, &meta)?;
     println!("\n{report}");
+    for r in rows.iter().filter(|r| r.ours.ir > r.theirs.ir) {
+        let file = out_dir.join(format!("callgrind.ours.{}.out", r.name));
+        println!(
+            "{} is ABOVE TARGET; where ours spends its instructions (self cost):",
+            r.name
+        );
+        println!("{}", hotspots(&file, 12));
+    }
     println!(
         "callgrind files: {}/callgrind.<impl>.<workload>.out \
          (inspect with `callgrind_annotate --inclusive=yes FILE`)",
@@ -217,6 +225,37 @@ fn run_one(exe: &Path, out_dir: &Path, imp: &str, workload: &str) -> Result<Run,
         ));
     }
     Ok(Run { ir, tables, mapped })
+}
+
+/// The `top` costliest functions (self cost) of a callgrind file, as
+/// `callgrind_annotate` lists them, or why they could not be listed.
+fn hotspots(file: &Path, top: usize) -> String {
+    let out = Command::new("callgrind_annotate")
+        .arg("--inclusive=no")
+        .arg(file)
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            function_lines(&text, top).join("\n")
+        }
+        Ok(o) => format!("  (callgrind_annotate failed: {})", o.status),
+        Err(e) => format!("  (cannot run callgrind_annotate: {e})"),
+    }
+}
+
+/// The first `top` lines of the function table in `callgrind_annotate`
+/// output (the lines after the `file:function` header).
+fn function_lines(annotate: &str, top: usize) -> Vec<String> {
+    annotate
+        .lines()
+        .skip_while(|l| !l.contains("file:function"))
+        .skip(2)
+        .take_while(|l| !l.trim().is_empty() && !l.starts_with("---"))
+        .take(top)
+        .map(|l| format!("  {l}"))
+        .collect()
 }
 
 /// `(tables, mapped)` from the bench binary's
@@ -481,6 +520,20 @@ mod tests {
         assert_eq!(parse_ir("events: Ir\nsummary: 7 3\n"), Some(7));
         assert_eq!(parse_ir("events: Ir\n"), None);
         assert_eq!(parse_ir("totals: many\n"), None);
+    }
+
+    #[test]
+    fn annotate_function_table_is_cut_out() {
+        let text = "Ir\n---\n100 PROGRAM TOTALS\n\n---\nIr  file:function\n---\n\
+                    60 (60%)  a.rs:f\n30 (30%)  b.rs:g\n10 (10%)  c.rs:h\n\n-- Auto-annotated\n";
+        assert_eq!(
+            function_lines(text, 2),
+            vec![
+                "  60 (60%)  a.rs:f".to_string(),
+                "  30 (30%)  b.rs:g".to_string()
+            ]
+        );
+        assert!(function_lines("no table", 5).is_empty());
     }
 
     #[test]
