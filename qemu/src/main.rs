@@ -13,6 +13,7 @@
 
 mod bench;
 mod install;
+mod modules;
 mod suite;
 mod util;
 

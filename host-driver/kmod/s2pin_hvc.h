@@ -1,0 +1,71 @@
+/* SPDX-License-Identifier: GPL-2.0 OR MIT */
+/*
+ * Issuing this project's hypercalls from the host kernel.
+ *
+ * Every function id, register meaning and error code comes from hyp_abi.h,
+ * which `cargo xtask gen-header` generates from the hypercalls crate; nothing
+ * here retypes an ABI number.
+ *
+ * The calls always use HVC #0 (arm_smccc_1_1_hvc), never the PSCI conduit:
+ * on this platform PSCI goes to the firmware with SMC, and the hypervisor
+ * listens on HVC.
+ */
+#ifndef S2PIN_HVC_H
+#define S2PIN_HVC_H
+
+#include <linux/arm-smccc.h>
+#include <linux/types.h>
+#include <asm/ptrace.h>
+#include <asm/sysreg.h>
+
+#include "hyp_abi.h"
+
+/*
+ * Whether the kernel runs at EL1, so that an HVC goes to whatever sits at
+ * EL2. When the kernel itself runs at EL2 (the --no-hyp comparison boot,
+ * VHE), an HVC would trap into the kernel's own vectors and kill it: never
+ * issue one then. is_hyp_mode_available() and __boot_cpu_mode are not
+ * exported to modules, so read CurrentEL.
+ */
+static inline bool s2pin_kernel_at_el1(void)
+{
+	return read_sysreg(CurrentEL) == CurrentEL_EL1;
+}
+
+/* The outcome of HYP_VERSION. */
+struct s2pin_version {
+	/* x0: HYP_SUCCESS, or an ABI error code (HYP_NOT_SUPPORTED, ...). */
+	long err;
+	unsigned long major;
+	unsigned long minor;
+};
+
+/* Issues HYP_VERSION. Only call it when s2pin_kernel_at_el1(). */
+static inline struct s2pin_version s2pin_hvc_version(void)
+{
+	struct arm_smccc_res res;
+	struct s2pin_version v;
+
+	arm_smccc_1_1_hvc(HYP_VERSION, &res);
+	v.err = (long)res.a0;
+	v.major = res.a1;
+	v.minor = res.a2;
+	return v;
+}
+
+/*
+ * Issues HYP_FEATURES for function id @fn. Returns HYP_SUCCESS and sets
+ * *supported (0 or 1), or returns the ABI error code from x0. Only call it
+ * when s2pin_kernel_at_el1().
+ */
+static inline long s2pin_hvc_features(unsigned long fn, unsigned long *supported)
+{
+	struct arm_smccc_res res;
+
+	arm_smccc_1_1_hvc(HYP_FEATURES, fn, &res);
+	if ((long)res.a0 == HYP_SUCCESS)
+		*supported = res.a1;
+	return (long)res.a0;
+}
+
+#endif /* S2PIN_HVC_H */

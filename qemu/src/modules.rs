@@ -1,0 +1,446 @@
+//! Cross-building the host kernel modules (`host-driver/kmod/`) for Debian's
+//! arm64 kernel, on this x86_64 machine.
+//!
+//! The kernel headers are never installed: `apt-get install
+//! linux-headers-*:arm64` pulls `gcc-12:arm64` and removes the machine's own
+//! compilers (PLATFORM.md). Instead three packages are fetched with
+//! `apt-get download` and unpacked with `dpkg-deb -x` into one folder under
+//! `build/kernel-headers/`: the arm64 headers, the arch-independent common
+//! headers, and the *amd64* kbuild tools (fixdep and modpost run here). The
+//! arm64 headers' Makefile includes the common one by an absolute
+//! `/usr/src/...` path; that line is rewritten to point into the folder.
+//!
+//! The sources and the generated `hyp_abi.h` are copied to `build/modules/`
+//! (Linux 6.1 builds an external module inside its source folder, and the
+//! tree must stay clean), then built with
+//! `make -C <headers> M=build/modules/kmod ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu- modules`.
+//!
+//! The kernel is picked the way the runner picks the one it boots: the
+//! dependency of `linux-image-arm64:arm64`, at apt's candidate version. Every
+//! built module's `vermagic` is checked against that release.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::install::apt_for;
+use crate::util::{capture, progress};
+
+/// The meta-package whose dependency names the current kernel.
+const KERNEL_META: &str = "linux-image-arm64:arm64";
+
+/// The prefix of every cross tool; the headers' Makefile appends `gcc-12`.
+const CROSS_COMPILE: &str = "aarch64-linux-gnu-";
+
+/// The kernel the modules are built for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Kernel {
+    /// `uname -r`, e.g. `6.1.0-56-arm64`.
+    release: String,
+    /// The Debian version of its packages, e.g. `6.1.192-2`.
+    version: String,
+}
+
+impl Kernel {
+    /// `6.1.0-56` from `6.1.0-56-arm64`: names the `-common` headers.
+    fn abi(&self) -> Result<&str, String> {
+        self.release
+            .strip_suffix("-arm64")
+            .ok_or_else(|| format!("kernel release `{}` does not end in -arm64", self.release))
+    }
+
+    /// `6.1` from `6.1.0-56-arm64`: names the `linux-kbuild-<series>` package.
+    fn series(&self) -> Result<String, String> {
+        kbuild_series(&self.release)
+            .ok_or_else(|| format!("cannot read major.minor from `{}`", self.release))
+    }
+}
+
+/// Builds every module of `host-driver/kmod/` for the kernel the runner
+/// boots and returns the paths of the `.ko` files under `build/modules/`.
+#[allow(dead_code)] // Called by the boot suite, which another change adds.
+pub fn build_modules(root: &Path) -> Result<Vec<PathBuf>, String> {
+    apt_for(
+        &format!("{CROSS_COMPILE}gcc-12"),
+        &["gcc-aarch64-linux-gnu", "binutils-aarch64-linux-gnu"],
+    )?;
+    apt_for("make", &["make"])?;
+    apt_for("dpkg-deb", &["dpkg"])?;
+    let build = root.join("build");
+    if build.to_string_lossy().contains(char::is_whitespace) {
+        return Err(format!(
+            "{}: make cannot handle a path with spaces; move the checkout",
+            build.display()
+        ));
+    }
+    let kernel = kernel()?;
+    let headers = headers(&build.join("kernel-headers"), &kernel)?;
+    let kmod = stage_sources(root, &build.join("modules"))?;
+
+    progress(&format!(
+        "building host-driver/kmod for {} ({})",
+        kernel.release, kernel.version
+    ));
+    let mut make = Command::new("make");
+    make.arg("-C")
+        .arg(&headers)
+        .arg(format!("M={}", kmod.display()))
+        .arg("ARCH=arm64")
+        .arg(format!("CROSS_COMPILE={CROSS_COMPILE}"))
+        .arg("modules");
+    let out = capture(&mut make)?;
+    if !out.status.success() {
+        return Err(format!(
+            "building the kernel modules failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+
+    let order = kmod.join("modules.order");
+    let listed = fs::read_to_string(&order).map_err(|e| format!("{}: {e}", order.display()))?;
+    let mut kos = Vec::new();
+    for line in listed.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let ko = kmod.join(line.rsplit('/').next().unwrap_or(line));
+        let data = fs::read(&ko).map_err(|e| format!("{}: {e}", ko.display()))?;
+        match vermagic(&data) {
+            Some(v) if vermagic_matches(v, &kernel.release) => kos.push(ko),
+            Some(v) => {
+                return Err(format!(
+                    "{}: vermagic `{v}` is not for {}",
+                    ko.display(),
+                    kernel.release
+                ))
+            }
+            None => return Err(format!("{}: no vermagic", ko.display())),
+        }
+    }
+    if kos.is_empty() {
+        return Err(format!("{} lists no module", order.display()));
+    }
+    Ok(kos)
+}
+
+/// The kernel the runner boots: the dependency of `linux-image-arm64:arm64`
+/// at apt's candidate version.
+// TODO(dedupe): qemu/src/assets.rs (the runner) finds the kernel the same
+// way; once it is committed, take the release and version from there.
+fn kernel() -> Result<Kernel, String> {
+    multiarch()?;
+    let depends = || -> Result<Option<String>, String> {
+        let out = capture(Command::new("apt-cache").args(["depends", KERNEL_META]))?;
+        Ok(parse_kernel_depends(&String::from_utf8_lossy(&out.stdout)))
+    };
+    let package = match depends()? {
+        Some(p) => p,
+        None => {
+            apt_get(&["update", "-qq"])?;
+            depends()?.ok_or_else(|| {
+                format!("`apt-cache depends {KERNEL_META}` names no linux-image-*-arm64 package")
+            })?
+        }
+    };
+    let out = capture(Command::new("apt-cache").args(["policy", &format!("{package}:arm64")]))?;
+    let version = parse_candidate(&String::from_utf8_lossy(&out.stdout))
+        .ok_or_else(|| format!("apt knows no candidate version of {package}:arm64"))?;
+    let release = package
+        .strip_prefix("linux-image-")
+        .unwrap_or(&package)
+        .to_string();
+    Ok(Kernel { release, version })
+}
+
+/// Downloads and unpacks the three header packages for `kernel` under
+/// `base` (once) and returns the folder to pass to `make -C`.
+fn headers(base: &Path, kernel: &Kernel) -> Result<PathBuf, String> {
+    let dir = base.join(format!(
+        "{}_{}",
+        kernel.release,
+        kernel.version.replace(':', "%3a")
+    ));
+    let src = dir
+        .join("usr/src")
+        .join(format!("linux-headers-{}", kernel.release));
+    let stamp = dir.join(".unpacked");
+    if stamp.is_file() {
+        return Ok(src);
+    }
+    let abi = kernel.abi()?;
+    let series = kernel.series()?;
+    let v = &kernel.version;
+    // (package as apt takes it, the .deb `apt-get download` writes)
+    let packages = [
+        (
+            format!("linux-headers-{}:arm64={v}", kernel.release),
+            deb_name(&format!("linux-headers-{}", kernel.release), v, "arm64"),
+        ),
+        (
+            format!("linux-headers-{abi}-common={v}"),
+            deb_name(&format!("linux-headers-{abi}-common"), v, "all"),
+        ),
+        (
+            format!("linux-kbuild-{series}:amd64={v}"),
+            deb_name(&format!("linux-kbuild-{series}"), v, "amd64"),
+        ),
+    ];
+    let debs = base.join("debs");
+    fs::create_dir_all(&debs).map_err(|e| format!("{}: {e}", debs.display()))?;
+    if dir.exists() {
+        fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (spec, file) in &packages {
+        let deb = debs.join(file);
+        if !deb.is_file() {
+            progress(&format!("apt-get download {spec}"));
+            let out = capture(
+                Command::new("apt-get")
+                    .args(["download", "-q", spec])
+                    .current_dir(&debs),
+            )?;
+            if !out.status.success() || !deb.is_file() {
+                return Err(format!(
+                    "`apt-get download {spec}` failed (expected {}): {}",
+                    deb.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        let out = capture(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+        if !out.status.success() {
+            return Err(format!(
+                "`dpkg-deb -x {}` failed: {}",
+                deb.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    let makefile = src.join("Makefile");
+    let text = fs::read_to_string(&makefile).map_err(|e| format!("{}: {e}", makefile.display()))?;
+    let fixed = relocate_includes(&text, &dir)
+        .ok_or_else(|| format!("{}: no `include /usr/src/...` line", makefile.display()))?;
+    fs::write(&makefile, fixed).map_err(|e| format!("{}: {e}", makefile.display()))?;
+    fs::write(&stamp, v).map_err(|e| format!("{}: {e}", stamp.display()))?;
+    Ok(src)
+}
+
+/// Copies `host-driver/kmod/*` to `<out>/kmod/` and `hyp_abi.h` to
+/// `<out>/include/`, keeping the `../include` layout Kbuild expects. Files
+/// whose content did not change are not rewritten, so make stays incremental.
+/// Returns `<out>/kmod`.
+fn stage_sources(root: &Path, out: &Path) -> Result<PathBuf, String> {
+    let header = root.join("host-driver/include/hyp_abi.h");
+    if !header.is_file() {
+        return Err(format!(
+            "{} is missing; run `cargo xtask gen-header`",
+            header.display()
+        ));
+    }
+    copy_if_changed(&header, &out.join("include/hyp_abi.h"))?;
+    let src = root.join("host-driver/kmod");
+    let kmod = out.join("kmod");
+    let entries = fs::read_dir(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+    for entry in entries {
+        let path = entry.map_err(|e| format!("{}: {e}", src.display()))?.path();
+        if path.is_file() {
+            if let Some(name) = path.file_name() {
+                copy_if_changed(&path, &kmod.join(name))?;
+            }
+        }
+    }
+    Ok(kmod)
+}
+
+fn copy_if_changed(from: &Path, to: &Path) -> Result<(), String> {
+    let data = fs::read(from).map_err(|e| format!("{}: {e}", from.display()))?;
+    if fs::read(to).ok().as_deref() == Some(data.as_slice()) {
+        return Ok(());
+    }
+    if let Some(dir) = to.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    fs::write(to, data).map_err(|e| format!("{}: {e}", to.display()))
+}
+
+/// Enables arm64 as a foreign dpkg architecture so apt knows arm64 packages.
+// TODO(dedupe): the same step is in qemu/src/assets.rs (the runner's).
+fn multiarch() -> Result<(), String> {
+    let out = capture(Command::new("dpkg").arg("--print-foreign-architectures"))?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == "arm64")
+    {
+        return Ok(());
+    }
+    progress("dpkg --add-architecture arm64 && apt-get update");
+    privileged("dpkg", &["--add-architecture", "arm64"])?;
+    apt_get(&["update", "-qq"])
+}
+
+fn apt_get(args: &[&str]) -> Result<(), String> {
+    privileged("apt-get", args)
+}
+
+/// Runs a command as root (through sudo when we are not root).
+fn privileged(prog: &str, args: &[&str]) -> Result<(), String> {
+    let root = capture(Command::new("id").arg("-u"))
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let mut cmd = if root {
+        Command::new(prog)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg(prog);
+        c
+    };
+    cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    let st = cmd
+        .status()
+        .map_err(|e| format!("cannot run {prog}: {e}"))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("`{prog} {}` failed ({st})", args.join(" ")))
+    }
+}
+
+/// Finds `Depends: linux-image-<abi>-arm64[:arm64]` in `apt-cache depends` output.
+fn parse_kernel_depends(text: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let dep = l.trim().strip_prefix("Depends:")?.trim();
+        let name = dep.split(':').next()?.trim();
+        let ok = name.starts_with("linux-image-")
+            && name.ends_with("-arm64")
+            && name != "linux-image-arm64"
+            && !name.contains(char::is_whitespace);
+        ok.then(|| name.to_string())
+    })
+}
+
+/// The `Candidate:` line of `apt-cache policy` output.
+fn parse_candidate(text: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let v = l.trim().strip_prefix("Candidate:")?.trim();
+        (!v.is_empty() && v != "(none)").then(|| v.to_string())
+    })
+}
+
+/// The file name `apt-get download` gives `pkg` at `version` for `arch`
+/// (an epoch's `:` is written `%3a`).
+fn deb_name(pkg: &str, version: &str, arch: &str) -> String {
+    format!("{pkg}_{}_{arch}.deb", version.replace(':', "%3a"))
+}
+
+/// `6.1` from a release such as `6.1.0-56-arm64`.
+fn kbuild_series(release: &str) -> Option<String> {
+    let mut parts = release.split('.');
+    let major = parts.next()?;
+    let minor = parts.next()?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(major) && digits(minor)).then(|| format!("{major}.{minor}"))
+}
+
+/// Rewrites every `include /usr/src/...` line of a Debian headers Makefile
+/// to point into `prefix`; `None` if there is no such line.
+fn relocate_includes(makefile: &str, prefix: &Path) -> Option<String> {
+    let mut found = false;
+    let mut out = String::with_capacity(makefile.len() + 64);
+    for line in makefile.lines() {
+        match line.strip_prefix("include /usr/src/") {
+            Some(rest) => {
+                found = true;
+                out.push_str(&format!("include {}/usr/src/{rest}", prefix.display()));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    found.then_some(out)
+}
+
+/// The `vermagic=` string of a `.ko` (its `.modinfo` entries are
+/// NUL-terminated `key=value` strings).
+fn vermagic(ko: &[u8]) -> Option<&str> {
+    const KEY: &[u8] = b"vermagic=";
+    let start = ko.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let len = ko[start..].iter().position(|&b| b == 0)?;
+    std::str::from_utf8(&ko[start..start + len]).ok()
+}
+
+/// Whether a vermagic (`6.1.0-56-arm64 SMP mod_unload modversions aarch64`)
+/// is for `release`.
+fn vermagic_matches(vermagic: &str, release: &str) -> bool {
+    vermagic.split_whitespace().next() == Some(release)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_comes_from_the_meta_package() {
+        let out = "linux-image-arm64:arm64\n  Depends: linux-image-6.1.0-56-arm64:arm64\n";
+        assert_eq!(
+            parse_kernel_depends(out).as_deref(),
+            Some("linux-image-6.1.0-56-arm64")
+        );
+        assert_eq!(parse_kernel_depends("N: Unable to locate package\n"), None);
+        assert_eq!(
+            parse_kernel_depends("  Depends: linux-image-arm64:arm64\n"),
+            None
+        );
+        assert_eq!(
+            parse_candidate("x:\n  Installed: (none)\n  Candidate: 6.1.192-2\n").as_deref(),
+            Some("6.1.192-2")
+        );
+        assert_eq!(parse_candidate("x:\n  Candidate: (none)\n"), None);
+    }
+
+    #[test]
+    fn package_names_follow_the_release() {
+        let k = Kernel {
+            release: "6.1.0-56-arm64".into(),
+            version: "6.1.192-2".into(),
+        };
+        assert_eq!(k.abi(), Ok("6.1.0-56"));
+        assert_eq!(k.series().as_deref(), Ok("6.1"));
+        assert_eq!(kbuild_series("10.12.0-1-arm64").as_deref(), Some("10.12"));
+        assert_eq!(kbuild_series("6"), None);
+        assert_eq!(kbuild_series("6.x.0"), None);
+        let odd = Kernel {
+            release: "6.1.0-56-amd64".into(),
+            version: "1".into(),
+        };
+        assert!(odd.abi().is_err());
+        assert_eq!(
+            deb_name("linux-kbuild-6.1", "6.1.192-2", "amd64"),
+            "linux-kbuild-6.1_6.1.192-2_amd64.deb"
+        );
+        assert_eq!(deb_name("x", "1:2-3", "all"), "x_1%3a2-3_all.deb");
+    }
+
+    #[test]
+    fn makefile_include_is_relocated() {
+        let mk = "include /usr/src/linux-headers-6.1.0-56-common/Makefile\n";
+        let fixed = relocate_includes(mk, Path::new("/w/build/kh")).unwrap();
+        assert_eq!(
+            fixed,
+            "include /w/build/kh/usr/src/linux-headers-6.1.0-56-common/Makefile\n"
+        );
+        // Already relocated (or some other Makefile): nothing to do is an error.
+        assert_eq!(relocate_includes(&fixed, Path::new("/x")), None);
+    }
+
+    #[test]
+    fn vermagic_is_read_and_checked() {
+        let ko = b"\x7fELF junk\0license=GPL\0vermagic=6.1.0-56-arm64 SMP mod_unload modversions aarch64\0name=s2pin\0";
+        let v = vermagic(ko).unwrap();
+        assert_eq!(v, "6.1.0-56-arm64 SMP mod_unload modversions aarch64");
+        assert!(vermagic_matches(v, "6.1.0-56-arm64"));
+        assert!(!vermagic_matches(v, "6.1.0-55-arm64"));
+        assert!(!vermagic_matches("6.1.0-56-arm64-rt SMP", "6.1.0-56-arm64"));
+        assert_eq!(vermagic(b"no magic here"), None);
+        assert_eq!(vermagic(b"vermagic=unterminated"), None);
+    }
+}
