@@ -312,21 +312,26 @@ impl Meta {
                 .unwrap_or_else(|| "unknown".into())
         };
         let mut commit = cmd("git", &["rev-parse", "--short=12", "HEAD"]);
-        // Only the code that is measured decides whether the numbers belong
-        // to the commit.
-        let dirty = cmd(
+        // Only the measured code decides whether the numbers belong to the
+        // commit: tracked files of the two crates that differ from it.
+        let changed = cmd(
             "git",
             &[
-                "status",
-                "--porcelain",
+                "diff",
+                "--name-only",
+                "HEAD",
                 "--",
-                "stage2",
+                "stage2/src",
                 "qemu/bench-stage2",
-                "Cargo.lock",
             ],
         );
-        if !dirty.is_empty() && dirty != "unknown" {
-            commit.push_str(" (with uncommitted changes to the measured code)");
+        if !changed.is_empty() && changed != "unknown" {
+            let files: Vec<&str> = changed.lines().collect();
+            let _ = write!(
+                commit,
+                " (plus uncommitted changes to {})",
+                files.join(", ")
+            );
         }
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
