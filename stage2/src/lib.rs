@@ -12,8 +12,10 @@ extern crate alloc;
 pub mod addr;
 pub mod desc;
 pub mod mm;
+pub mod owner;
 pub mod pgtable;
 pub mod tlb;
+pub mod transition;
 pub mod vtcr;
 
 pub use addr::{Gfn, Hpa, Ipa, Pfn, Vmid, PAGE_SHIFT, PAGE_SIZE};
