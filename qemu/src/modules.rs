@@ -60,6 +60,29 @@ impl Kernel {
 /// boots and returns the paths of the `.ko` files under `build/modules/`.
 #[allow(dead_code)] // Called by the boot suite, which another change adds.
 pub fn build_modules(root: &Path) -> Result<Vec<PathBuf>, String> {
+    let kernel = kernel()?;
+    build_for(root, &kernel)
+}
+
+/// Like [`build_modules`], for a kernel the caller names: its release
+/// (`uname -r`, e.g. `6.1.0-56-arm64`) and the Debian version of its packages
+/// (e.g. `6.1.192-2`). The runner passes the kernel it has just fetched, so
+/// the modules cannot be built for another one.
+#[allow(dead_code)] // For the boot suite, which another change adds.
+pub fn build_modules_for(
+    root: &Path,
+    release: &str,
+    version: &str,
+) -> Result<Vec<PathBuf>, String> {
+    multiarch()?;
+    let kernel = Kernel {
+        release: release.to_string(),
+        version: version.to_string(),
+    };
+    build_for(root, &kernel)
+}
+
+fn build_for(root: &Path, kernel: &Kernel) -> Result<Vec<PathBuf>, String> {
     apt_for(
         &format!("{CROSS_COMPILE}gcc-12"),
         &["gcc-aarch64-linux-gnu", "binutils-aarch64-linux-gnu"],
@@ -73,8 +96,7 @@ pub fn build_modules(root: &Path) -> Result<Vec<PathBuf>, String> {
             build.display()
         ));
     }
-    let kernel = kernel()?;
-    let headers = headers(&build.join("kernel-headers"), &kernel)?;
+    let headers = headers(&build.join("kernel-headers"), kernel)?;
     let kmod = stage_sources(root, &build.join("modules"))?;
 
     progress(&format!(
