@@ -489,3 +489,34 @@ fn usage() -> ExitCode {
     eprintln!("usage: bench-stage2 <ours|aarch64-paging> <map4k|map2m|unmap|split>");
     ExitCode::from(2)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every workload runs natively on both sides and leaves the expected
+    /// tables. One test, run in order, because the table counter is global.
+    #[test]
+    fn every_workload_runs_and_leaves_the_expected_tables() {
+        let cases = [
+            (Workload::Map4k, 513),
+            (Workload::Map2m, 1),
+            (Workload::Unmap, 0),
+            (Workload::Split, 513),
+        ];
+        for (w, tables) in cases {
+            for (imp, run) in [("ours", run_ours as fn(_) -> _), ("aarch64-paging", run_ap)] {
+                let o = run(w).unwrap_or_else(|e| panic!("{imp} {w:?}: {e}"));
+                assert_eq!(o.tables, tables, "{imp} {w:?}");
+                assert_eq!(o.mapped, expectation(w).mapped, "{imp} {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn workload_names_parse() {
+        assert_eq!(Workload::parse("map4k"), Some(Workload::Map4k));
+        assert_eq!(Workload::parse("split"), Some(Workload::Split));
+        assert_eq!(Workload::parse("map1g"), None);
+    }
+}
