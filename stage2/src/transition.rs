@@ -43,7 +43,7 @@
 //! ([`Error::NotRam`]), the guest frame range ([`Error::OutOfRange`]), the
 //! tracker page by page, the guest table page by page, the host table
 //! ([`Error::Inconsistent`]), table memory ([`Error::NoMemory`]). The
-//! reference model in `tests/ownership_model.rs` follows the same order.
+//! reference model in `tests/ownership_common/mod.rs` follows the same order.
 
 use crate::addr::{Gfn, Hpa, Ipa, Pfn, PAGE_SHIFT};
 use crate::mm::TableMemory;
