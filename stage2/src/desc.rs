@@ -6,10 +6,11 @@
 //! |-------|-----------------------|---------------------------------------------|
 //! | 0     | valid = 1             | valid = 1                                   |
 //! | 1     | 1 (table)             | 0 = block at L1/L2, 1 = page at L3          |
-//! | 5:2   | ignored               | MemAttr: `0b1111` Normal WB, `0b0001` Device-nGnRE |
-//! | 7:6   | ignored               | S2AP: bit 6 = read, bit 7 = write           |
-//! | 9:8   | ignored               | SH: `0b11` inner shareable                  |
-//! | 10    | ignored               | AF (access flag)                            |
+//! | 5:2   | entry count (11:2)    | MemAttr: `0b1111` Normal WB, `0b0001` Device-nGnRE |
+//! | 7:6   | entry count           | S2AP: bit 6 = read, bit 7 = write           |
+//! | 9:8   | entry count           | SH: `0b11` inner shareable                  |
+//! | 10    | entry count           | AF (access flag)                            |
+//! | 11    | entry count           | 0 (nG is not used at stage 2)               |
 //! | 47:12 | next-level table      | output address                              |
 //! | 54:53 | ignored               | XN: `0b10` = never execute, `0b00` = execute |
 //! | 58:55 | ignored               | software: page state (bits 56:55)           |
@@ -63,6 +64,15 @@ pub const SW_SHARED_BORROWED: u64 = 0b10 << SW_SHIFT;
 pub const SW_STATE_MASK: u64 = 0b11 << SW_SHIFT;
 /// Permission bits of a leaf (S2AP and XN).
 pub const PERMS_MASK: u64 = S2AP_R | S2AP_W | XN_MASK;
+
+/// Shift of the entry count kept in a table descriptor's bits 11:2, which
+/// hardware ignores in stage-2 table descriptors (4 KiB granule, 48-bit OA):
+/// the number of valid entries in the next-level table. Lets an unmap tell
+/// that a table became empty, and count the pages of a dropped table,
+/// without scanning it.
+pub const TABLE_COUNT_SHIFT: u32 = 2;
+/// Mask of the entry count in a table descriptor (bits 11:2).
+pub const TABLE_COUNT_MASK: u64 = 0x3ff << TABLE_COUNT_SHIFT;
 
 /// Marker kept only in *invalid* descriptors while an operation is between
 /// its break and make passes: "make this value valid". Never set in a valid
@@ -127,6 +137,19 @@ impl Descriptor {
     #[must_use]
     pub const fn table(table: Hpa) -> Self {
         Self((table.raw() & OA_MASK) | TABLE_OR_PAGE | VALID)
+    }
+
+    /// A table descriptor pointing at `table` whose `count` entries are
+    /// valid (`count <= 512`).
+    #[must_use]
+    pub const fn table_with_count(table: Hpa, count: u64) -> Self {
+        Self(Self::table(table).0 | ((count << TABLE_COUNT_SHIFT) & TABLE_COUNT_MASK))
+    }
+
+    /// The valid-entry count kept in a table descriptor.
+    #[must_use]
+    pub const fn table_count(self) -> u64 {
+        (self.0 & TABLE_COUNT_MASK) >> TABLE_COUNT_SHIFT
     }
 
     /// A leaf at `level` (1 or 2: block, 3: page) mapping `hpa` with

@@ -63,7 +63,7 @@
 use crate::addr::{Hpa, Ipa, Vmid, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE};
 use crate::desc::{
     leaf_attr_bits, perm_bits, state_bits, Descriptor, AF, OA_MASK, PENDING, PERMS_MASK,
-    SW_STATE_MASK, TABLE_OR_PAGE, VALID,
+    SW_STATE_MASK, TABLE_COUNT_MASK, TABLE_COUNT_SHIFT, TABLE_OR_PAGE, VALID,
 };
 use crate::mm::{TableMemory, ENTRIES};
 use crate::tlb::TlbMaintenance;
@@ -90,6 +90,12 @@ const fn level_span(level: u8) -> u64 {
     1 << level_shift(level)
 }
 
+/// Number of valid entries of the table a table descriptor points to.
+#[inline]
+const fn table_count(td: u64) -> u64 {
+    (td & TABLE_COUNT_MASK) >> TABLE_COUNT_SHIFT
+}
+
 /// Index range `[i0, i1)` of the entries of a table at `level` whose span
 /// starts at `tbase` that intersect `[a, b)`, which lies inside the table.
 #[inline]
@@ -103,9 +109,9 @@ fn entry_range(level: u8, tbase: u64, a: u64, b: u64) -> (usize, usize) {
 /// Access permissions of a stage-2 mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Perms {
-    /// Readable (S2AP[0]).
+    /// Readable (S2AP\[0\]).
     pub read: bool,
-    /// Writable (S2AP[1]).
+    /// Writable (S2AP\[1\]).
     pub write: bool,
     /// Executable (XN clear).
     pub exec: bool,
@@ -526,7 +532,8 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
     }
 
     /// Maps `[a, b)` into the existing `table` (all target entries invalid
-    /// or tables, as checked by [`Self::map_prepare`]).
+    /// or tables, as checked by [`Self::map_prepare`]). Returns the number
+    /// of entries of `table` that became valid.
     fn map_commit(
         &mut self,
         level: u8,
@@ -535,7 +542,7 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
         a: u64,
         b: u64,
         plan: &MapPlan,
-    ) -> Result<(), Error> {
+    ) -> Result<u64, Error> {
         let (i0, i1) = entry_range(level, tbase, a, b);
         if level == 3 {
             let t = self.mm.table_mut(table);
@@ -544,8 +551,9 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
                 *e = d;
                 d += PAGE_SIZE;
             }
-            return Ok(());
+            return Ok((i1 - i0) as u64);
         }
+        let mut added = 0;
         let sh = level_shift(level);
         let span = level_span(level);
         let mut i = i0;
@@ -561,23 +569,27 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
                     *e = d;
                     d += span;
                 }
+                added += (end - i) as u64;
                 i = end;
                 continue;
             }
             let d = self.mm.table(table)[i];
             if d & VALID != 0 {
-                self.map_commit(level + 1, Hpa::new(d & OA_MASK), ebase, ea, eb, plan)?;
+                let n = self.map_commit(level + 1, Hpa::new(d & OA_MASK), ebase, ea, eb, plan)?;
+                self.mm.table_mut(table)[i] = d + (n << TABLE_COUNT_SHIFT);
             } else {
-                let new = self.map_fresh(level + 1, ebase, ea, eb, plan)?;
-                self.mm.table_mut(table)[i] = Descriptor::table(new).raw();
+                let (new, n) = self.map_fresh(level + 1, ebase, ea, eb, plan)?;
+                self.mm.table_mut(table)[i] = Descriptor::table_with_count(new, n).raw();
+                added += 1;
             }
             i += 1;
         }
-        Ok(())
+        Ok(added)
     }
 
     /// Builds a new, fully initialised table at `level` spanning from
-    /// `tbase` that maps `[a, b)`, and returns it (not yet linked).
+    /// `tbase` that maps `[a, b)`, and returns it (not yet linked) with its
+    /// number of valid entries.
     fn map_fresh(
         &mut self,
         level: u8,
@@ -585,8 +597,9 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
         a: u64,
         b: u64,
         plan: &MapPlan,
-    ) -> Result<Hpa, Error> {
+    ) -> Result<(Hpa, u64), Error> {
         let new = self.alloc()?;
+        let n;
         if level == 3 {
             let (i0, i1) = entry_range(level, tbase, a, b);
             let t = self.mm.table_mut(new);
@@ -597,11 +610,12 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
                 d += PAGE_SIZE;
             }
             t[i1..].fill(0);
+            n = (i1 - i0) as u64;
         } else {
             self.mm.table_mut(new).fill(0);
-            self.map_commit(level, new, tbase, a, b, plan)?;
+            n = self.map_commit(level, new, tbase, a, b, plan)?;
         }
-        Ok(new)
+        Ok((new, n))
     }
 
     // ----- unmap / protect / set_state / split -----
@@ -741,8 +755,9 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
     }
 
     /// Applies `op` to `[a, b)` in `table` at `level`. `live` says whether
-    /// the table is reachable by hardware. Returns whether the table has no
-    /// valid (or pending) entry left; only computed for a live unmap.
+    /// the table is reachable by hardware. Returns how many entries of
+    /// `table` were removed (unmap only), for the count kept in the
+    /// descriptor pointing at it.
     #[allow(clippy::too_many_arguments)]
     fn modify(
         &mut self,
@@ -754,21 +769,13 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
         op: Op,
         live: bool,
         cx: &mut Ctx,
-    ) -> Result<bool, Error> {
+    ) -> Result<u64, Error> {
         let (i0, i1) = entry_range(level, tbase, a, b);
         if level == 3 {
-            self.modify_pages(table, tbase, i0, i1, op, live, cx);
+            Ok(self.modify_pages(table, tbase, i0, i1, op, live, cx))
         } else {
-            self.modify_upper(level, table, tbase, a, b, (i0, i1), op, live, cx)?;
+            self.modify_upper(level, table, tbase, a, b, (i0, i1), op, live, cx)
         }
-        if op != Op::Unmap || !live {
-            return Ok(false);
-        }
-        Ok(self
-            .mm
-            .table(table)
-            .iter()
-            .all(|&d| d & (VALID | PENDING) == 0))
     }
 
     /// [`Self::modify`] for a level-3 table, entries `i0..i1`.
@@ -782,9 +789,9 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
         op: Op,
         live: bool,
         cx: &mut Ctx,
-    ) {
+    ) -> u64 {
         let (mask, bits) = match op {
-            Op::Split(_) => return,
+            Op::Split(_) => return 0,
             Op::Unmap => (u64::MAX, 0),
             Op::Set { mask, bits } => (mask, bits),
         };
@@ -807,23 +814,30 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
             }
             cx.pages += n;
             cx.broke |= live && n != 0;
-            return;
+            return if op == Op::Unmap { n } else { 0 };
         }
         // Per-IPA break-before-make.
         let Self { mm, tlb, vmid, .. } = self;
         let t = mm.table_mut(table);
+        let mut n = 0;
         for (i, e) in t.iter_mut().enumerate().take(i1).skip(i0) {
             let d = *e;
             if d & VALID == 0 || d & mask == bits {
                 continue;
             }
-            cx.pages += 1;
+            n += 1;
             *e = 0;
             tlb.sync_writes();
             tlb.invalidate_ipa(*vmid, Ipa::new(tbase + ((i as u64) << PAGE_SHIFT)), 3);
             if op != Op::Unmap {
                 *e = (d & !mask) | bits;
             }
+        }
+        cx.pages += n;
+        if op == Op::Unmap {
+            n
+        } else {
+            0
         }
     }
 
@@ -840,9 +854,10 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
         op: Op,
         live: bool,
         cx: &mut Ctx,
-    ) -> Result<(), Error> {
+    ) -> Result<u64, Error> {
         let sh = level_shift(level);
         let span = level_span(level);
+        let mut removed = 0;
         for i in i0..i1 {
             let d = self.mm.table(table)[i];
             if d & VALID == 0 {
@@ -855,26 +870,39 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
                 let child = Hpa::new(d & OA_MASK);
                 match op {
                     Op::Unmap if full && live && cx.batch => {
-                        // Drop the whole subtree; freed (and counted) after the flush.
+                        // Drop the whole subtree; freed (and its pages
+                        // counted) after the flush.
                         self.mm.table_mut(table)[i] = d & !VALID;
                         cx.broke = true;
+                        removed += 1;
                         continue;
                     }
                     Op::Split(min) if level + 1 >= min => continue,
                     _ => {}
                 }
-                let empty = self.modify(level + 1, child, ebase, ea, eb, op, live, cx)?;
-                if empty {
-                    if cx.batch {
-                        self.mm.table_mut(table)[i] = d & !VALID;
-                        cx.broke = true;
-                    } else {
-                        self.mm.table_mut(table)[i] = 0;
+                let r = self.modify(level + 1, child, ebase, ea, eb, op, live, cx)?;
+                if r == 0 {
+                    continue;
+                }
+                let left = table_count(d) - r;
+                if left != 0 {
+                    self.mm.table_mut(table)[i] = d - (r << TABLE_COUNT_SHIFT);
+                    continue;
+                }
+                // The child table is empty: unlink it.
+                removed += 1;
+                let dead = d & !(VALID | TABLE_COUNT_MASK);
+                if live && cx.batch {
+                    self.mm.table_mut(table)[i] = dead;
+                    cx.broke = true;
+                } else {
+                    self.mm.table_mut(table)[i] = 0;
+                    if live {
                         self.tlb.sync_writes();
                         self.tlb
                             .invalidate_ipa(self.vmid, Ipa::new(ebase), TLBI_LEVEL_TABLE);
-                        self.free_subtree(level + 1, child);
                     }
+                    self.free_subtree(level + 1, dead);
                 }
                 continue;
             }
@@ -884,6 +912,7 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
                 Op::Set { mask, bits } if d & mask == bits => {}
                 Op::Unmap if full => {
                     cx.pages += span >> PAGE_SHIFT;
+                    removed += 1;
                     self.replace(table, i, ebase, level, 0, live, cx);
                 }
                 Op::Set { mask, bits } if full => {
@@ -891,24 +920,18 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
                     self.replace(table, i, ebase, level, (d & !mask) | bits, live, cx);
                 }
                 _ => {
-                    let new = self.split_block(level, d, ebase, ea, eb, op, cx)?;
-                    self.replace(
-                        table,
-                        i,
-                        ebase,
-                        level,
-                        Descriptor::table(new).raw(),
-                        live,
-                        cx,
-                    );
+                    let (new, n) = self.split_block(level, d, ebase, ea, eb, op, cx)?;
+                    let td = Descriptor::table_with_count(new, n).raw();
+                    self.replace(table, i, ebase, level, td, live, cx);
                 }
             }
         }
-        Ok(())
+        Ok(removed)
     }
 
     /// Builds the table replacing block `d` at `level` spanning from
     /// `ebase`, with `op` already applied to `[ea, eb)` of it. Not linked.
+    /// Returns it with its number of valid entries.
     #[allow(clippy::too_many_arguments)]
     fn split_block(
         &mut self,
@@ -919,7 +942,7 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
         eb: u64,
         op: Op,
         cx: &mut Ctx,
-    ) -> Result<Hpa, Error> {
+    ) -> Result<(Hpa, u64), Error> {
         let new = self.alloc()?;
         let cl = level + 1;
         let cspan = level_span(cl);
@@ -928,8 +951,8 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
             *e = c;
             c += cspan;
         }
-        self.modify(cl, new, ebase, ea, eb, op, false, cx)?;
-        Ok(new)
+        let removed = self.modify(cl, new, ebase, ea, eb, op, false, cx)?;
+        Ok((new, ENTRIES as u64 - removed))
     }
 
     /// After a batched flush: makes pending descriptors in `[a, b)` valid and
@@ -964,25 +987,28 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
             } else {
                 self.mm.table_mut(table)[i] = 0;
                 if d & TABLE_OR_PAGE != 0 {
-                    pages += self.free_subtree(level + 1, Hpa::new(d & OA_MASK));
+                    pages += self.free_subtree(level + 1, d);
                 }
             }
         }
         pages
     }
 
-    /// Frees `table` at `level` and every table below it; returns the
-    /// number of pages its valid leaves mapped.
-    fn free_subtree(&mut self, level: u8, table: Hpa) -> u64 {
+    /// Frees the table at `level` that table descriptor `td` (valid or
+    /// not) points to, and every table below it; returns the number of
+    /// pages its valid leaves mapped, from the counts kept in the table
+    /// descriptors.
+    fn free_subtree(&mut self, level: u8, td: u64) -> u64 {
+        let table = Hpa::new(td & OA_MASK);
         let mut pages = 0;
         if level == 3 {
-            pages = self.mm.table(table).iter().fold(0, |n, &d| n + (d & VALID));
+            pages = table_count(td);
         } else {
             let leaf_pages = level_span(level) >> PAGE_SHIFT;
             for i in 0..ENTRIES {
                 let d = self.mm.table(table)[i];
                 if d & TABLE_OR_PAGE != 0 {
-                    pages += self.free_subtree(level + 1, Hpa::new(d & OA_MASK));
+                    pages += self.free_subtree(level + 1, d);
                 } else if d & VALID != 0 {
                     pages += leaf_pages;
                 }
@@ -1172,7 +1198,7 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
             for i in 0..ENTRIES {
                 let d = self.mm.table(table)[i];
                 if rl < 3 && d & (VALID | TABLE_OR_PAGE) == VALID | TABLE_OR_PAGE {
-                    self.free_subtree(rl + 1, Hpa::new(d & OA_MASK));
+                    self.free_subtree(rl + 1, d);
                 }
             }
         }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use stage2::desc::{OA_MASK, PENDING, TABLE_OR_PAGE, VALID};
+use stage2::desc::{Descriptor, OA_MASK, PENDING, TABLE_OR_PAGE, VALID};
 use stage2::mm::{ArenaMemory, TableMemory};
 use stage2::pgtable::{Attrs, Error, Granule, MemType, PageState, Perms, Stage2, MAX_TLBI_OPS};
 use stage2::tlb::{RecordingTlb, TlbOp};
@@ -114,6 +114,13 @@ fn snapshot(s: &S2) -> Vec<(u64, Vec<u64>)> {
             if d & VALID == 0 {
                 assert_eq!(d, 0, "invalid descriptors are zero");
             } else if level < 3 && d & TABLE_OR_PAGE != 0 {
+                let child = s.mm().table(Hpa::new(d & OA_MASK));
+                let valid = child.iter().filter(|&&c| c & VALID != 0).count() as u64;
+                assert_eq!(
+                    Descriptor(d).table_count(),
+                    valid,
+                    "entry count in table descriptor"
+                );
                 rec(s, level + 1, Hpa::new(d & OA_MASK), false, out);
             }
         }
