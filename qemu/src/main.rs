@@ -11,9 +11,13 @@
 //! Every step that needs a tool installs it first, so a fresh clone needs
 //! nothing but rustup and cargo.
 
+mod assets;
 mod bench;
+mod boot;
+mod initramfs;
 mod install;
 mod modules;
+mod qemu;
 mod suite;
 mod util;
 
@@ -64,42 +68,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// `cargo xtask run`: until the hypervisor boots (issue 3), build everything
-/// that exists for the targets it will run on, and say so.
+/// `cargo xtask run [options]`: boot the host kernel under el2 in QEMU (or
+/// directly with `--no-hyp`); see `boot::RUN_USAGE`.
 fn run(root: &std::path::Path, args: &[String]) -> Result<(), String> {
-    if let Some(a) = args.first() {
-        return Err(format!(
-            "`run` takes no options yet (got `{a}`); --exec, --smp, --mem, --numa arrive with the hypervisor boot (issue 3)"
-        ));
-    }
-    install::rust_targets()?;
-    util::progress("building hypercalls and stage2 for aarch64-unknown-none (the EL2 target)");
-    util::cargo(
-        root,
-        &[
-            "build",
-            "--release",
-            "-p",
-            "hypercalls",
-            "-p",
-            "stage2",
-            "--target",
-            "aarch64-unknown-none",
-        ],
-    )?;
-    util::progress("checking the generated C header is current");
-    util::cargo(root, &["test", "-q", "-p", "hypercalls", "--", "header"])?;
-    println!();
-    println!("What runs today:");
-    println!(
-        "  - hypercalls: the ABI crate and its generated C header (host-driver/include/hyp_abi.h)"
-    );
-    println!("  - stage2: stage-2 page tables and page ownership, tested on this machine");
-    println!("Not yet: the EL2 hypervisor does not boot yet (issue 3), so there is no QEMU run.");
-    println!(
-        "Use `cargo xtask test` for the tests and `cargo xtask bench stage2` for the benchmark."
-    );
-    Ok(())
+    boot::run(root, args)
 }
 
 fn gen_header(root: &std::path::Path) -> Result<(), String> {

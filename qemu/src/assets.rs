@@ -1,0 +1,311 @@
+//! What a QEMU boot needs from Debian: the host tools (installed with apt),
+//! and the arm64 kernel image and busybox (fetched with `apt-get download`,
+//! unpacked with `dpkg-deb -x` into `build/debian/`, and re-used).
+//!
+//! Nothing here is installed for arm64: the arm64 packages are only
+//! downloaded and unpacked, so the machine's own compilers stay untouched
+//! (installing `linux-headers-*:arm64` would remove them; see PLATFORM.md).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::boot::progress;
+use crate::util::{capture, on_path};
+
+/// Host packages a boot needs, each with a program that proves it is installed.
+pub const HOST_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-arm", "qemu-system-aarch64"),
+    ("gcc-aarch64-linux-gnu", "aarch64-linux-gnu-gcc"),
+    ("binutils-aarch64-linux-gnu", "aarch64-linux-gnu-objcopy"),
+    ("device-tree-compiler", "dtc"),
+    ("cpio", "cpio"),
+];
+
+/// The meta-package whose dependency names the current kernel ABI.
+const KERNEL_META: &str = "linux-image-arm64:arm64";
+
+/// A Debian package unpacked under `build/debian/`.
+#[derive(Debug, Clone)]
+pub struct Unpacked {
+    /// Package name without architecture, e.g. `linux-image-6.1.0-56-arm64`.
+    pub package: String,
+    /// Debian version, e.g. `6.1.192-2`.
+    pub version: String,
+    /// Where `dpkg-deb -x` put its files.
+    pub dir: PathBuf,
+}
+
+/// The Debian pieces of a boot.
+#[derive(Debug, Clone)]
+pub struct Debian {
+    /// The kernel package.
+    pub kernel: Unpacked,
+    /// The kernel release (`uname -r`), e.g. `6.1.0-56-arm64`.
+    pub release: String,
+    /// The uncompressed arm64 `Image` (Debian's `vmlinuz` is one).
+    pub image: PathBuf,
+    /// The busybox-static package.
+    pub busybox: Unpacked,
+    /// The static arm64 busybox binary.
+    pub busybox_bin: PathBuf,
+}
+
+impl Debian {
+    /// One line saying which kernel and busybox are used.
+    pub fn describe(&self) -> String {
+        format!(
+            "kernel {} ({} {}), busybox-static {}",
+            self.release, self.kernel.package, self.kernel.version, self.busybox.version
+        )
+    }
+}
+
+/// Installs the host packages that are missing, in one `apt-get install`.
+pub fn host_tools() -> Result<(), String> {
+    let missing: Vec<&str> = HOST_PACKAGES
+        .iter()
+        .filter(|(_, prog)| !on_path(prog))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    progress(&format!("apt-get install {}", missing.join(" ")));
+    apt_get(&["update", "-qq"])?;
+    apt_get(
+        &[
+            &["install", "-y", "-qq", "--no-install-recommends"],
+            &missing[..],
+        ]
+        .concat(),
+    )?;
+    for (pkg, prog) in HOST_PACKAGES {
+        if !on_path(prog) {
+            return Err(format!("installed {pkg} but `{prog}` is still not on PATH"));
+        }
+    }
+    Ok(())
+}
+
+/// Makes sure the kernel image and busybox are unpacked under
+/// `<root>/build/debian/`, downloading only what is not there yet.
+pub fn debian(root: &Path) -> Result<Debian, String> {
+    multiarch()?;
+    let kernel_pkg = kernel_package()?;
+    let base = root.join("build").join("debian");
+    let kernel = fetch(&base, &kernel_pkg)?;
+    let release = kernel_pkg
+        .strip_prefix("linux-image-")
+        .unwrap_or(&kernel_pkg)
+        .to_string();
+    let image = kernel.dir.join("boot").join(format!("vmlinuz-{release}"));
+    check_image(&image)?;
+    let busybox = fetch(&base, "busybox-static")?;
+    let busybox_bin = busybox.dir.join("bin").join("busybox");
+    if !busybox_bin.is_file() {
+        return Err(format!(
+            "{} has no bin/busybox; delete {} and retry",
+            busybox.package,
+            busybox.dir.display()
+        ));
+    }
+    Ok(Debian {
+        kernel,
+        release,
+        image,
+        busybox,
+        busybox_bin,
+    })
+}
+
+/// Enables arm64 as a foreign dpkg architecture (once) so apt knows the
+/// arm64 packages.
+fn multiarch() -> Result<(), String> {
+    let out = capture(Command::new("dpkg").arg("--print-foreign-architectures"))?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == "arm64")
+    {
+        return Ok(());
+    }
+    progress("dpkg --add-architecture arm64 && apt-get update");
+    privileged("dpkg", &["--add-architecture", "arm64"])?;
+    apt_get(&["update", "-qq"])
+}
+
+/// The current kernel package, e.g. `linux-image-6.1.0-56-arm64`, from the
+/// dependency of `linux-image-arm64:arm64`.
+fn kernel_package() -> Result<String, String> {
+    let query = || -> Result<Option<String>, String> {
+        let out = capture(Command::new("apt-cache").args(["depends", KERNEL_META]))?;
+        Ok(parse_kernel_depends(&String::from_utf8_lossy(&out.stdout)))
+    };
+    if let Some(p) = query()? {
+        return Ok(p);
+    }
+    // A fresh machine may not have the arm64 lists yet.
+    progress("apt-get update (to find the current arm64 kernel)");
+    apt_get(&["update", "-qq"])?;
+    query()?.ok_or_else(|| {
+        format!("`apt-cache depends {KERNEL_META}` names no linux-image-*-arm64 package")
+    })
+}
+
+/// Finds `Depends: linux-image-<abi>-arm64[:arm64]` in `apt-cache depends` output.
+pub fn parse_kernel_depends(text: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let dep = l.trim().strip_prefix("Depends:")?.trim();
+        let name = dep.split(':').next()?.trim();
+        let ok = name.starts_with("linux-image-")
+            && name.ends_with("-arm64")
+            && name != "linux-image-arm64"
+            && !name.contains(char::is_whitespace);
+        ok.then(|| name.to_string())
+    })
+}
+
+/// Downloads (unless cached) and unpacks (unless done) `pkg:arm64`.
+fn fetch(base: &Path, pkg: &str) -> Result<Unpacked, String> {
+    let version = candidate_version(pkg)?;
+    let debs = base.join("debs");
+    fs::create_dir_all(&debs).map_err(|e| format!("{}: {e}", debs.display()))?;
+    let deb = debs.join(deb_file_name(pkg, &version));
+    if !deb.is_file() {
+        progress(&format!("apt-get download {pkg}:arm64 ({version})"));
+        let out = capture(
+            Command::new("apt-get")
+                .args(["download", "-q", &format!("{pkg}:arm64={version}")])
+                .current_dir(&debs),
+        )?;
+        if !out.status.success() || !deb.is_file() {
+            return Err(format!(
+                "`apt-get download {pkg}:arm64={version}` failed (expected {}): {}",
+                deb.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    let dir = base.join(format!("{pkg}_{}", version.replace(':', "%3a")));
+    let stamp = dir.join(".unpacked");
+    if !stamp.is_file() {
+        progress(&format!("dpkg-deb -x {}", deb.display()));
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let out = capture(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+        if !out.status.success() {
+            return Err(format!(
+                "`dpkg-deb -x {}` failed: {}",
+                deb.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        fs::write(&stamp, &version).map_err(|e| format!("{}: {e}", stamp.display()))?;
+    }
+    Ok(Unpacked {
+        package: pkg.to_string(),
+        version,
+        dir,
+    })
+}
+
+/// The version apt would pick for `pkg:arm64`.
+fn candidate_version(pkg: &str) -> Result<String, String> {
+    let out = capture(Command::new("apt-cache").args(["policy", &format!("{pkg}:arm64")]))?;
+    parse_candidate(&String::from_utf8_lossy(&out.stdout))
+        .ok_or_else(|| format!("apt knows no candidate version of {pkg}:arm64"))
+}
+
+/// The `Candidate:` line of `apt-cache policy` output.
+pub fn parse_candidate(text: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let v = l.trim().strip_prefix("Candidate:")?.trim();
+        (!v.is_empty() && v != "(none)").then(|| v.to_string())
+    })
+}
+
+/// The file name `apt-get download` gives a package (the epoch's `:` is
+/// written `%3a`).
+pub fn deb_file_name(pkg: &str, version: &str) -> String {
+    format!("{pkg}_{}_arm64.deb", version.replace(':', "%3a"))
+}
+
+/// Checks that `path` is an arm64 Linux `Image` (magic `ARM\x64` at 56).
+fn check_image(path: &Path) -> Result<(), String> {
+    let data = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if data.get(56..60) == Some(b"ARM\x64".as_slice()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is not an uncompressed arm64 Image (no ARM\\x64 magic)",
+            path.display()
+        ))
+    }
+}
+
+fn apt_get(args: &[&str]) -> Result<(), String> {
+    privileged("apt-get", args)
+}
+
+/// Runs a command as root (through sudo when we are not root).
+fn privileged(prog: &str, args: &[&str]) -> Result<(), String> {
+    let mut cmd = if is_root() {
+        Command::new(prog)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg(prog);
+        c
+    };
+    cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    let st = cmd
+        .status()
+        .map_err(|e| format!("cannot run {prog}: {e}"))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("`{prog} {}` failed ({st})", args.join(" ")))
+    }
+}
+
+fn is_root() -> bool {
+    capture(Command::new("id").arg("-u"))
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_abi_comes_from_the_meta_package() {
+        let out = "linux-image-arm64:arm64\n  Depends: linux-image-6.1.0-56-arm64:arm64\n";
+        assert_eq!(
+            parse_kernel_depends(out).as_deref(),
+            Some("linux-image-6.1.0-56-arm64")
+        );
+        let unsigned = "x\n  Depends: linux-image-6.1.0-56-arm64-unsigned\n  Depends: linux-image-6.1.0-56-arm64:arm64\n";
+        assert_eq!(
+            parse_kernel_depends(unsigned).as_deref(),
+            Some("linux-image-6.1.0-56-arm64")
+        );
+        assert_eq!(parse_kernel_depends("N: Unable to locate package\n"), None);
+        assert_eq!(
+            parse_kernel_depends("  Depends: linux-image-arm64:arm64\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn candidate_version_is_read() {
+        let out = "busybox-static:arm64:\n  Installed: (none)\n  Candidate: 1:1.35.0-4+b1\n";
+        assert_eq!(parse_candidate(out).as_deref(), Some("1:1.35.0-4+b1"));
+        assert_eq!(parse_candidate("x:\n  Candidate: (none)\n"), None);
+        assert_eq!(
+            deb_file_name("busybox-static", "1:1.35.0-4+b1"),
+            "busybox-static_1%3a1.35.0-4+b1_arm64.deb"
+        );
+    }
+}
