@@ -1,6 +1,6 @@
 //! Page-ownership tracker: who owns each host page frame of RAM.
 //!
-//! One compact [`Entry`] (8 bytes, no per-entry allocation) per page frame of
+//! One compact entry (8 bytes, no per-entry allocation) per page frame of
 //! a RAM range `[base, base + nr_pages)`. An entry records the page's single
 //! owner ([`Owner`]) and its exact share count: the number of guest stage-2
 //! mappings that borrow the page. The owner's state is derived from the
