@@ -65,7 +65,7 @@
 #define HYP_EEXIST                              (-17) /* already exists or already mapped */
 #define HYP_EINVAL                              (-22) /* malformed argument or reserved bits set */
 #define HYP_ENOSPC                              (-28) /* no free VM slot */
-#define HYP_ERANGE                              (-34) /* not RAM, beyond the IPA space, or overflow */
+#define HYP_ERANGE                              (-34) /* not RAM, beyond the IPA space or vCPU count, or overflow */
 
 /* Limits (ABI.md 2.3) */
 #define HYP_PAGE_SHIFT                          12 /* 4 KiB pages */

@@ -33,7 +33,7 @@ pub enum HypError {
     /// -28, `ENOSPC`: no free VM slot.
     NoSpace,
     /// -34, `ERANGE`: a frame that is not RAM, a range beyond the IPA space,
-    /// or a counter overflow.
+    /// a vCPU index beyond the VM's vCPU count, or a counter overflow.
     OutOfRange,
     /// Any other negative value (from a newer hypervisor, or a bug).
     Unknown(i64),
@@ -146,7 +146,7 @@ impl HypError {
             Self::Exists => "already exists or already mapped",
             Self::InvalidArgument => "malformed argument or reserved bits set",
             Self::NoSpace => "no free VM slot",
-            Self::OutOfRange => "not RAM, beyond the IPA space, or overflow",
+            Self::OutOfRange => "not RAM, beyond the IPA space or vCPU count, or overflow",
             Self::Unknown(_) => "unknown error code",
         }
     }
