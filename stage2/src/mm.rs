@@ -103,7 +103,7 @@ impl ArenaMemory {
 
     fn index(&self, pa: Hpa) -> usize {
         let off = pa.raw().wrapping_sub(ARENA_BASE);
-        debug_assert!(off % PAGE_SIZE == 0, "unaligned table address {pa}");
+        debug_assert!(off.is_multiple_of(PAGE_SIZE), "unaligned table address {pa}");
         (off / PAGE_SIZE) as usize
     }
 
@@ -145,7 +145,7 @@ impl TableMemory for ArenaMemory {
         }
         // Fresh pages at the end of the arena, padded so the first one is
         // aligned to `count` pages; the padding goes on the free list.
-        while self.pages.len() % count != 0 {
+        while !self.pages.len().is_multiple_of(count) {
             self.pages.push(Box::new([0; ENTRIES]));
             self.free.push(self.pages.len() - 1);
         }

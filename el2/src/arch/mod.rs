@@ -1,0 +1,230 @@
+//! Everything that touches the CPU: boot assembly, the EL2 stage-1 identity
+//! map, system registers, SMC, TLB maintenance, and the drop to EL1.
+
+use core::arch::{asm, global_asm};
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use aarch64_cpu::registers::*;
+use stage2::tlb::TlbMaintenance;
+use stage2::{Ipa, Vmid};
+
+use crate::layout::{MAX_CPUS, STACK_SIZE};
+
+global_asm!(include_str!("entry.S"));
+
+extern "C" {
+    /// Secondary CPUs start here (entry.S) with x0 = CPU index.
+    fn secondary_entry();
+    /// Drops to EL1h at `entry` with x0 = `arg`. Never returns.
+    fn enter_host(arg: u64, entry: u64) -> !;
+}
+
+/// The EL2 stacks, one per CPU, used by entry.S (symbol `STACKS`).
+#[repr(C, align(16))]
+pub struct Stacks(UnsafeCell<[[u8; STACK_SIZE]; MAX_CPUS]>);
+
+// SAFETY: only entry.S touches the stacks, each CPU its own.
+unsafe impl Sync for Stacks {}
+
+#[unsafe(no_mangle)]
+static STACKS: Stacks = Stacks(UnsafeCell::new([[0; STACK_SIZE]; MAX_CPUS]));
+
+/// Number of 1 GiB entries in the EL2 stage-1 table (39-bit VA, level 1 root).
+const BOOT_PT_ENTRIES: usize = 512;
+const BLOCK_1G: u64 = 1 << 30;
+/// Block descriptor bits: valid block, AF, inner shareable.
+const DESC_BLOCK: u64 = 0b01 | (1 << 10);
+const DESC_NORMAL: u64 = DESC_BLOCK | (1 << 2) | (0b11 << 8);
+const DESC_DEVICE: u64 = DESC_BLOCK | (1 << 54);
+
+/// The EL2 stage-1 identity map: 1 GiB blocks, level 1 root (symbol `BOOT_PT`).
+/// Statically: the first GiB (MMIO) as device memory and 1..4 GiB (the
+/// start of RAM on QEMU virt) as normal memory; [`map_ram_gib`] adds RAM above.
+#[repr(C, align(4096))]
+pub struct BootTable([AtomicU64; BOOT_PT_ENTRIES]);
+
+const fn boot_table() -> BootTable {
+    let mut t = [const { AtomicU64::new(0) }; BOOT_PT_ENTRIES];
+    t[0] = AtomicU64::new(DESC_DEVICE);
+    let mut i = 1;
+    while i < 4 {
+        t[i] = AtomicU64::new(DESC_NORMAL | (i as u64 * BLOCK_1G));
+        i += 1;
+    }
+    BootTable(t)
+}
+
+#[unsafe(no_mangle)]
+static BOOT_PT: BootTable = boot_table();
+
+/// Identity-maps the GiB containing `addr` as normal memory at EL2.
+/// Addresses beyond the 39-bit VA space are ignored.
+pub fn map_ram_gib(addr: u64) {
+    let index = (addr / BLOCK_1G) as usize;
+    if index == 0 || index >= BOOT_PT_ENTRIES {
+        return;
+    }
+    let desc = DESC_NORMAL | (index as u64 * BLOCK_1G);
+    if BOOT_PT.0[index].swap(desc, Ordering::SeqCst) != desc {
+        // SAFETY: barriers only; the new entry was invalid before (we never
+        // change a valid entry to another), so no TLB entry can be stale.
+        unsafe { asm!("dsb ishst", "isb", options(nostack)) };
+    }
+}
+
+/// Physical address of the secondary entry point, for PSCI CPU_ON.
+pub fn secondary_entry_pa() -> u64 {
+    secondary_entry as *const () as u64
+}
+
+/// This CPU's MPIDR affinity (Aff3..Aff0).
+pub fn mpidr() -> u64 {
+    MPIDR_EL1.get() & 0xff_00ff_ffff
+}
+
+/// Makes an SMC to the firmware (QEMU's PSCI) with x0..x3, returning x0..x3.
+pub fn smc(x: [u64; 4]) -> [u64; 4] {
+    let r = smccc::smc64(x[0] as u32, {
+        let mut a = [0u64; 17];
+        a[0] = x[1];
+        a[1] = x[2];
+        a[2] = x[3];
+        a
+    });
+    [r[0], r[1], r[2], r[3]]
+}
+
+/// Values the host's EL2 configuration depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct HostRegs {
+    /// VTTBR_EL2 of the host stage-2.
+    pub vttbr: u64,
+    /// VTCR_EL2 of the host stage-2.
+    pub vtcr: u64,
+}
+
+const HCR_VM: u64 = 1 << 0;
+const HCR_TSC: u64 = 1 << 19;
+const HCR_RW: u64 = 1 << 31;
+const HCR_APK: u64 = 1 << 40;
+const HCR_API: u64 = 1 << 41;
+/// CPTR_EL2 (nVHE layout): RES1 bits only, so nothing traps (TZ, TFP, TSM, TTA clear).
+const CPTR_EL2_NO_TRAPS: u64 = (1 << 13) | (1 << 9) | 0xff;
+const CNTHCTL_EL1PCTEN: u64 = 1 << 0;
+const CNTHCTL_EL1PCEN: u64 = 1 << 1;
+/// SCTLR_EL1 RES1 bits, MMU and caches off: what Linux expects at entry.
+const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
+const ICC_SRE_EL2_SRE: u64 = 1 << 0;
+const ICC_SRE_EL2_ENABLE: u64 = 1 << 3;
+
+/// Configures this CPU's EL2 to run the host at EL1 under its stage-2.
+pub fn init_host_regs(regs: HostRegs) {
+    let pfr0 = ID_AA64PFR0_EL1.get();
+    let pfr1 = ID_AA64PFR1_EL1.get();
+    CPTR_EL2.set(CPTR_EL2_NO_TRAPS);
+    // SAFETY: ZCR_EL2 and SMCR_EL2 exist when the ID registers say SVE and
+    // SME are implemented, and CPTR_EL2 no longer traps them; LEN = max lets
+    // EL1 choose any vector length.
+    unsafe {
+        asm!("isb", options(nostack));
+        if (pfr0 >> 32) & 0xf != 0 {
+            asm!("msr S3_4_C1_C2_0, {}", in(reg) 0xfu64, options(nostack)); // ZCR_EL2
+        }
+        if (pfr1 >> 24) & 0xf != 0 {
+            asm!("msr S3_4_C1_C2_6, {}", in(reg) 0xfu64, options(nostack)); // SMCR_EL2
+        }
+    }
+    CNTHCTL_EL2.set(CNTHCTL_EL1PCTEN | CNTHCTL_EL1PCEN);
+    CNTVOFF_EL2.set(0);
+    // Give EL1 all the PMU counters (HPMN = PMCR_EL0.N) and trap nothing.
+    let pmcr: u64;
+    // SAFETY: reading PMCR_EL0 has no side effects.
+    unsafe { asm!("mrs {}, pmcr_el0", out(reg) pmcr, options(nomem, nostack)) };
+    MDCR_EL2.set((pmcr >> 11) & 0x1f);
+    let midr = MIDR_EL1.get();
+    // SAFETY: VPIDR_EL2 only changes what EL1 reads as MIDR_EL1.
+    unsafe { asm!("msr vpidr_el2, {}", in(reg) midr, options(nostack)) };
+    VMPIDR_EL2.set(MPIDR_EL1.get());
+    SCTLR_EL1.set(SCTLR_EL1_RESET);
+    ICC_SRE_EL2.set(ICC_SRE_EL2_SRE | ICC_SRE_EL2_ENABLE);
+    ICH_HCR_EL2.set(0);
+    VTCR_EL2.set(regs.vtcr);
+    VTTBR_EL2.set(regs.vttbr);
+    HCR_EL2.set(HCR_VM | HCR_TSC | HCR_RW | HCR_APK | HCR_API);
+    // SAFETY: flushes this CPU's stale stage-1+2 entries for the new VTTBR.
+    unsafe { asm!("isb", "tlbi vmalls12e1", "dsb nsh", "isb", options(nostack)) };
+}
+
+/// Enters the host at `entry` (EL1h, interrupts masked) with x0 = `arg`.
+pub fn run_host(arg: u64, entry: u64) -> ! {
+    // SAFETY: EL2 is configured for the host (init_host_regs); entry and arg
+    // come from the boot protocol or the host's own PSCI call.
+    unsafe { enter_host(arg, entry) }
+}
+
+/// The EL1 state an exception injection reads and writes.
+pub mod el1 {
+    use super::*;
+
+    /// VBAR_EL1.
+    pub fn vbar() -> u64 {
+        VBAR_EL1.get()
+    }
+
+    /// SCTLR_EL1.
+    pub fn sctlr() -> u64 {
+        SCTLR_EL1.get()
+    }
+
+    /// Writes the EL1 syndrome registers of an injected exception.
+    pub fn set_exception(esr: u64, far: u64, elr: u64, spsr: u64) {
+        ESR_EL1.set(esr);
+        FAR_EL1.set(far);
+        ELR_EL1.set(elr);
+        SPSR_EL1.set(spsr);
+    }
+}
+
+/// Stage-2 TLB maintenance for the table of the VMID currently in VTTBR_EL2.
+///
+/// Only the host stage-2 exists so far, and its VMID is loaded on every CPU
+/// whenever EL2 runs, so no VTTBR switch is needed yet.
+#[derive(Debug, Default)]
+pub struct Tlb;
+
+impl TlbMaintenance for Tlb {
+    fn sync_writes(&mut self) {
+        // SAFETY: a barrier.
+        unsafe { asm!("dsb ishst", options(nostack)) };
+    }
+
+    fn invalidate_ipa(&mut self, _vmid: Vmid, ipa: Ipa, _level: u8) {
+        // `tlbi ipas2e1is` alone does not drop combined stage-1+2 entries
+        // (QEMU, and KVM on hardware, follow it with vmalle1is).
+        // SAFETY: TLB maintenance for the current VMID only.
+        unsafe {
+            asm!(
+                "tlbi ipas2e1is, {}",
+                "dsb ish",
+                "tlbi vmalle1is",
+                "dsb ish",
+                "isb",
+                in(reg) ipa.raw() >> 12,
+                options(nostack)
+            )
+        };
+    }
+
+    fn invalidate_vmid(&mut self, _vmid: Vmid) {
+        // SAFETY: TLB maintenance for the current VMID only.
+        unsafe { asm!("tlbi vmalls12e1is", "dsb ish", "isb", options(nostack)) };
+    }
+}
+
+/// Parks this CPU forever.
+pub fn park() -> ! {
+    loop {
+        aarch64_cpu::asm::wfe();
+    }
+}

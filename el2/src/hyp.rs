@@ -1,0 +1,564 @@
+//! Boot, per-CPU bring-up and trap handling: the parts that tie the pure
+//! modules to the machine.
+//!
+//! Lock order (docs/DESIGN.md §5): `HOST` (host stage-2) before the console.
+
+use alloc::vec::Vec;
+use core::cell::UnsafeCell;
+use core::panic::PanicInfo;
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+use buddy_system_allocator::LockedHeap;
+use log::{error, info, warn};
+use spin::{Mutex, Once};
+use stage2::mm::{Table, TableMemory, ENTRIES};
+use stage2::pgtable::{Attrs, Granule, MemType, PageState, Perms, Stage2};
+use stage2::{Hpa, Ipa, Vmid, PAGE_SIZE};
+
+use crate::arch::{self, HostRegs, Tlb};
+use crate::dtb::{self, Platform, Region};
+use crate::exception::{fault_ipa, Esr, ExceptionClass, TrapFrame, Vector};
+use crate::layout::*;
+use crate::{hostcall, inject, psci};
+
+#[global_allocator]
+static HEAP: LockedHeap<32> = LockedHeap::empty();
+
+/// Backing store of the heap and the host stage-2 pool, in .bss.
+#[repr(C, align(4096))]
+struct Arena<const N: usize>(UnsafeCell<[u8; N]>);
+
+// SAFETY: each arena is handed out exactly once (to the heap, or to the pool).
+unsafe impl<const N: usize> Sync for Arena<N> {}
+
+static HEAP_MEM: Arena<HEAP_SIZE> = Arena(UnsafeCell::new([0; HEAP_SIZE]));
+const POOL_BYTES: usize = HOST_S2_POOL_PAGES * PAGE_SIZE as usize;
+static POOL_MEM: Arena<POOL_BYTES> = Arena(UnsafeCell::new([0; POOL_BYTES]));
+
+/// Table pages for the host stage-2, from a fixed region of hypervisor memory.
+struct HypPool {
+    base: u64,
+    pages: usize,
+    next: usize,
+    free: Vec<u64>,
+}
+
+impl HypPool {
+    fn owns(&self, pa: Hpa) -> bool {
+        let pa = pa.raw();
+        pa >= self.base && pa < self.base + (self.pages as u64) * PAGE_SIZE && pa.is_multiple_of(PAGE_SIZE)
+    }
+
+    fn check(&self, pa: Hpa) {
+        if !self.owns(pa) {
+            // The stage2 crate only passes addresses this pool handed out.
+            panic!("table address {pa} outside the pool");
+        }
+    }
+}
+
+impl TableMemory for HypPool {
+    fn available(&self) -> usize {
+        self.free.len() + (self.pages - self.next)
+    }
+
+    fn alloc_table(&mut self) -> Option<Hpa> {
+        if let Some(pa) = self.free.pop() {
+            return Some(Hpa::new(pa));
+        }
+        self.alloc_contiguous(1)
+    }
+
+    fn free_table(&mut self, table: Hpa) {
+        self.check(table);
+        self.free.push(table.raw());
+    }
+
+    fn alloc_contiguous(&mut self, count: usize) -> Option<Hpa> {
+        let start = self.next.next_multiple_of(count);
+        if count == 0 || start + count > self.pages {
+            return None;
+        }
+        for skipped in self.next..start {
+            self.free.push(self.base + skipped as u64 * PAGE_SIZE);
+        }
+        self.next = start + count;
+        Some(Hpa::new(self.base + start as u64 * PAGE_SIZE))
+    }
+
+    fn free_contiguous(&mut self, base: Hpa, count: usize) {
+        for i in 0..count as u64 {
+            self.free_table(Hpa::new(base.raw() + i * PAGE_SIZE));
+        }
+    }
+
+    fn table(&self, table: Hpa) -> &Table {
+        self.check(table);
+        // SAFETY: `table` is a page of POOL_MEM (checked), identity-mapped,
+        // 4 KiB aligned, and owned by this pool, which only the one Stage2
+        // that owns the pool accesses (through &self / &mut self).
+        unsafe { &*(table.raw() as *const Table) }
+    }
+
+    fn table_mut(&mut self, table: Hpa) -> &mut Table {
+        self.check(table);
+        // SAFETY: as in `table`; `&mut self` makes the borrow exclusive.
+        unsafe { &mut *(table.raw() as *mut Table) }
+    }
+}
+
+const _: () = assert!(ENTRIES * 8 == PAGE_SIZE as usize);
+
+type HostStage2 = Stage2<HypPool, Tlb>;
+
+static PLATFORM: Once<Platform> = Once::new();
+static HOST: Once<Mutex<HostStage2>> = Once::new();
+static HOST_REGS: Once<HostRegs> = Once::new();
+
+const CPU_OFF: u8 = 0;
+const CPU_ON_PENDING: u8 = 1;
+const CPU_ON: u8 = 2;
+
+static CPU_STATE: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(CPU_OFF) }; MAX_CPUS];
+static CPU_ENTRY: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static CPU_CONTEXT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+fn platform() -> &'static Platform {
+    // Set before any CPU other than the boot CPU runs, and before the host.
+    PLATFORM.get().expect("platform parsed at boot")
+}
+
+fn cpu_index(mpidr: u64) -> Option<usize> {
+    platform()
+        .cpus
+        .iter()
+        .take(MAX_CPUS)
+        .position(|&m| m == (mpidr & 0xff_00ff_ffff))
+}
+
+fn fatal(msg: core::fmt::Arguments<'_>) -> ! {
+    error!("{msg}");
+    arch::park()
+}
+
+/// Rust entry of the boot CPU (from entry.S, MMU on, on CPU 0's stack).
+#[unsafe(no_mangle)]
+extern "C" fn primary_main(dtb_addr: u64) -> ! {
+    crate::console::init(log::LevelFilter::Info);
+    // SAFETY: HEAP_MEM is used for nothing else, and this runs once.
+    unsafe {
+        HEAP.lock().init(HEAP_MEM.0.get() as usize, HEAP_SIZE);
+    }
+    info!(
+        "pinned-s2 hypervisor {} starting, DTB at {dtb_addr:#x}",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let blob = match read_dtb(dtb_addr) {
+        Some(b) => b,
+        None => fatal(format_args!("no valid device tree at {dtb_addr:#x}")),
+    };
+    let plat = match dtb::parse(&blob) {
+        Ok(p) => p,
+        Err(e) => fatal(format_args!("cannot parse the device tree: {e:?}")),
+    };
+    if let Some(uart) = plat.uart {
+        crate::console::set_base(uart);
+    }
+    if !plat.psci_smc {
+        fatal(format_args!(
+            "PSCI must use the SMC conduit (virtualization=on)"
+        ));
+    }
+    let hyp = Region {
+        base: HYP_BASE,
+        size: HYP_SIZE,
+    };
+    if !plat
+        .memory
+        .iter()
+        .any(|r| r.base <= hyp.base && r.end() >= hyp.end())
+    {
+        fatal(format_args!(
+            "RAM does not contain the hypervisor's range {HYP_BASE:#x}..{HYP_END:#x}"
+        ));
+    }
+    for r in &plat.memory {
+        let mut gib = r.base & !((1 << 30) - 1);
+        while gib < r.end() {
+            arch::map_ram_gib(gib);
+            gib += 1 << 30;
+        }
+    }
+    let host_ram = dtb::subtract(&plat.memory, hyp);
+    // The host kernel must be where the runner put it.
+    if !host_ram.iter().any(|r| r.contains(HOST_KERNEL_ADDR)) || !has_image_header(HOST_KERNEL_ADDR)
+    {
+        fatal(format_args!(
+            "no arm64 Image at {HOST_KERNEL_ADDR:#x} (load it with -device loader)"
+        ));
+    }
+    let host_dtb = match dtb::without_range(&blob, hyp) {
+        Ok(d) => d,
+        Err(e) => fatal(format_args!("cannot write the host device tree: {e:?}")),
+    };
+    let dtb_region = Region {
+        base: HOST_DTB_ADDR,
+        size: host_dtb.len() as u64,
+    };
+    if host_dtb.len() > HOST_DTB_MAX
+        || plat
+            .initrd
+            .is_some_and(|i| i.base < dtb_region.end() && dtb_region.base < i.end())
+    {
+        fatal(format_args!(
+            "no room for the host device tree at {HOST_DTB_ADDR:#x}"
+        ));
+    }
+    // SAFETY: [HOST_DTB_ADDR, +len) is host RAM (the first host page onwards),
+    // identity-mapped, overlapping neither the initrd (checked), the kernel
+    // (at HOST_KERNEL_ADDR, far above) nor anything of ours.
+    unsafe {
+        core::ptr::copy_nonoverlapping(host_dtb.as_ptr(), HOST_DTB_ADDR as *mut u8, host_dtb.len());
+    }
+
+    let host_s2 = match build_host_stage2(&host_ram) {
+        Ok(s2) => s2,
+        Err(e) => fatal(format_args!("cannot build the host stage-2: {e:?}")),
+    };
+    let regs = HostRegs {
+        vttbr: host_s2.vttbr(),
+        vtcr: host_vtcr(&host_s2),
+    };
+    info!(
+        "host stage-2: {} RAM regions, {}-bit IPA, {} table pages; hypervisor memory {HYP_BASE:#x}..{HYP_END:#x} hidden",
+        host_ram.len(),
+        host_s2.config().ipa_bits,
+        HOST_S2_POOL_PAGES - host_s2.mm().available()
+    );
+    HOST.call_once(|| Mutex::new(host_s2));
+    HOST_REGS.call_once(|| regs);
+    let boot_cpu = plat
+        .cpus
+        .iter()
+        .position(|&m| m == arch::mpidr())
+        .unwrap_or(0);
+    PLATFORM.call_once(|| plat);
+    CPU_STATE[boot_cpu.min(MAX_CPUS - 1)].store(CPU_ON, Ordering::SeqCst);
+
+    arch::init_host_regs(regs);
+    info!("entering the host kernel at {HOST_KERNEL_ADDR:#x} (EL1)");
+    log::set_max_level(log::LevelFilter::Warn);
+    arch::run_host(HOST_DTB_ADDR, HOST_KERNEL_ADDR)
+}
+
+/// Rust entry of a secondary CPU, started by our PSCI CPU_ON (or resumed
+/// from a power-down CPU_SUSPEND) with its index.
+#[unsafe(no_mangle)]
+extern "C" fn secondary_main(index: u64) -> ! {
+    let i = index as usize;
+    let Some(regs) = HOST_REGS.get() else {
+        arch::park()
+    };
+    if i >= MAX_CPUS {
+        arch::park();
+    }
+    arch::init_host_regs(*regs);
+    CPU_STATE[i].store(CPU_ON, Ordering::SeqCst);
+    arch::run_host(
+        CPU_CONTEXT[i].load(Ordering::SeqCst),
+        CPU_ENTRY[i].load(Ordering::SeqCst),
+    )
+}
+
+fn read_dtb(addr: u64) -> Option<Vec<u8>> {
+    if addr == 0 || !addr.is_multiple_of(8) {
+        return None;
+    }
+    // SAFETY: QEMU put a DTB at `addr` in RAM (identity-mapped); we read
+    // its 8-byte header first and then at most HOST_DTB_MAX bytes.
+    let header = unsafe { core::slice::from_raw_parts(addr as *const u8, 8) };
+    if header[..4] != [0xd0, 0x0d, 0xfe, 0xed] {
+        return None;
+    }
+    let size = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    if !(8..=HOST_DTB_MAX).contains(&size) {
+        return None;
+    }
+    // SAFETY: as above, `size` bounded.
+    Some(unsafe { core::slice::from_raw_parts(addr as *const u8, size) }.to_vec())
+}
+
+fn has_image_header(addr: u64) -> bool {
+    // SAFETY: `addr` is in host RAM (checked by the caller), identity-mapped.
+    let magic = unsafe { ((addr + 0x38) as *const u32).read_volatile() };
+    magic == 0x644d_5241
+}
+
+fn host_ipa_bits() -> (u8, u8) {
+    let pa_range = (aarch64_cpu::registers::ID_AA64MMFR0_EL1.get() & 0xf) as u8;
+    let bits = stage2::vtcr::pa_range_bits(pa_range.min(5));
+    (bits.clamp(32, 48), pa_range)
+}
+
+use aarch64_cpu::registers::Readable;
+
+fn host_vtcr(s2: &HostStage2) -> u64 {
+    let (_, pa_range) = host_ipa_bits();
+    stage2::vtcr::vtcr_el2(s2.config(), pa_range)
+        .unwrap_or_else(|e| fatal(format_args!("VTCR: {e:?}")))
+}
+
+const HOST_RAM_ATTRS: Attrs = Attrs {
+    perms: Perms::RWX,
+    mem: MemType::Normal,
+    state: PageState::Owned,
+};
+const HOST_MMIO_ATTRS: Attrs = Attrs {
+    perms: Perms::RW,
+    mem: MemType::Device,
+    state: PageState::Owned,
+};
+
+fn build_host_stage2(ram: &[Region]) -> Result<HostStage2, stage2::pgtable::Error> {
+    let pool = HypPool {
+        base: POOL_MEM.0.get() as u64,
+        pages: HOST_S2_POOL_PAGES,
+        next: 0,
+        free: Vec::new(),
+    };
+    let (bits, _) = host_ipa_bits();
+    let mut s2 = Stage2::new(bits, Vmid(0), pool, Tlb)?;
+    for r in ram {
+        s2.map(
+            Ipa::new(r.base),
+            Hpa::new(r.base),
+            r.size,
+            HOST_RAM_ATTRS,
+            Granule::Largest,
+        )?;
+    }
+    Ok(s2)
+}
+
+/// Called by entry.S for every exception taken to EL2.
+#[unsafe(no_mangle)]
+extern "C" fn handle_trap(frame: &mut TrapFrame, vector: u64) {
+    match Vector::from_index(vector) {
+        Vector::LowerSync => lower_sync(frame),
+        Vector::LowerIrq | Vector::LowerFiq => {} // not routed to EL2 (IMO/FMO clear)
+        Vector::LowerSError => warn!("SError from the host (ESR {:#x}), ignored", frame.esr),
+        Vector::LowerAArch32 => warn!("exception from AArch32 (ESR {:#x}), ignored", frame.esr),
+        Vector::CurrentSync | Vector::CurrentAsync | Vector::Invalid(_) => {
+            crate::console::print_line_unlocked(format_args!(
+                "FATAL exception at EL2: vector {vector} ESR {:#x} FAR {:#x} ELR {:#x}",
+                frame.esr, frame.far, frame.elr
+            ));
+            arch::park();
+        }
+    }
+}
+
+fn lower_sync(frame: &mut TrapFrame) {
+    let esr = Esr(frame.esr);
+    match esr.class() {
+        ExceptionClass::Hvc64 => {
+            let mut regs = [0u64; 8];
+            regs.copy_from_slice(&frame.x[..8]);
+            let out = if esr.imm16() == 0 {
+                hostcall::handle(&regs)
+            } else {
+                not_supported()
+            };
+            frame.x[..8].copy_from_slice(&out);
+        }
+        ExceptionClass::Smc64 => {
+            // A trapped SMC returns to the SMC itself: step over it.
+            frame.elr = frame.elr.wrapping_add(4);
+            host_smc(frame);
+        }
+        ExceptionClass::DataAbortLower | ExceptionClass::InstructionAbortLower => {
+            host_abort(frame, esr)
+        }
+        other => {
+            warn!(
+                "unexpected trap from the host: {other:?} ESR {:#x} at {:#x}; injecting UNDEF",
+                frame.esr, frame.elr
+            );
+            inject(frame, esr, inject::undefined);
+        }
+    }
+}
+
+fn not_supported() -> [u64; 8] {
+    let mut out = [0u64; 8];
+    out[0] = u64::MAX;
+    out
+}
+
+fn inject(
+    frame: &mut TrapFrame,
+    esr: Esr,
+    how: fn(&inject::Faulting) -> Option<inject::Injection>,
+) {
+    let f = inject::Faulting {
+        elr: frame.elr,
+        spsr: frame.spsr,
+        far: frame.far,
+        il: esr.il(),
+        instruction: esr.class() == ExceptionClass::InstructionAbortLower,
+        vbar_el1: arch::el1::vbar(),
+        sctlr_el1: arch::el1::sctlr(),
+    };
+    match how(&f) {
+        Some(i) => {
+            arch::el1::set_exception(i.esr_el1, i.far_el1, i.elr_el1, i.spsr_el1);
+            frame.elr = i.elr_el2;
+            frame.spsr = i.spsr_el2;
+        }
+        None => warn!("cannot inject into mode {:#x}", frame.spsr),
+    }
+}
+
+fn host_abort(frame: &mut TrapFrame, esr: Esr) {
+    let ipa = fault_ipa(frame.hpfar, frame.far);
+    let plat = platform();
+    let in_hyp = (HYP_BASE..HYP_END).contains(&ipa);
+    let is_ram = plat.memory.iter().any(|r| r.contains(ipa));
+    if !in_hyp && !is_ram && esr.is_translation_fault() {
+        if let Some(host) = HOST.get() {
+            let mut s2 = host.lock();
+            if s2.query(Ipa::new(ipa)).is_some() {
+                return; // Another CPU mapped it meanwhile.
+            }
+            if map_mmio(&mut s2, ipa, &plat.memory).is_ok() {
+                return;
+            }
+        }
+    } else if is_ram && !in_hyp && esr.is_translation_fault() {
+        if let Some(host) = HOST.get() {
+            if host.lock().query(Ipa::new(ipa)).is_some() {
+                return; // Raced with a change that is already undone.
+            }
+        }
+    }
+    warn!(
+        "host access to {ipa:#x} ({}) at pc {:#x} denied: injecting an external abort",
+        if in_hyp {
+            "hypervisor memory"
+        } else {
+            "unmapped"
+        },
+        frame.elr
+    );
+    inject(frame, esr, inject::external_abort);
+}
+
+/// Maps the MMIO around `ipa` into the host stage-2: the 2 MiB block if it
+/// holds no RAM, else the page.
+fn map_mmio(s2: &mut HostStage2, ipa: u64, ram: &[Region]) -> Result<(), stage2::pgtable::Error> {
+    const BLOCK: u64 = 2 << 20;
+    let block = ipa & !(BLOCK - 1);
+    let overlaps_ram = ram
+        .iter()
+        .any(|r| r.base < block + BLOCK && block < r.end());
+    let mut probe_clear = true;
+    if !overlaps_ram {
+        // Only if nothing in the block is mapped yet.
+        s2.walk(Ipa::new(block), BLOCK, |_| probe_clear = false)?;
+    }
+    let (base, size) = if !overlaps_ram && probe_clear {
+        (block, BLOCK)
+    } else {
+        (ipa & !(PAGE_SIZE - 1), PAGE_SIZE)
+    };
+    s2.map(
+        Ipa::new(base),
+        Hpa::new(base),
+        size,
+        HOST_MMIO_ATTRS,
+        Granule::Block2M,
+    )
+}
+
+fn host_smc(frame: &mut TrapFrame) {
+    let x = [frame.x[0], frame.x[1], frame.x[2], frame.x[3]];
+    let ret: i64 = match psci::route(&x) {
+        psci::Action::Forward => {
+            let r = arch::smc(x);
+            frame.x[..4].copy_from_slice(&r);
+            return;
+        }
+        psci::Action::NotSupported => i64::from(psci::NOT_SUPPORTED),
+        psci::Action::CpuOn {
+            target,
+            entry,
+            context,
+        } => cpu_on(target, entry, context),
+        psci::Action::CpuSuspend {
+            power_state,
+            entry,
+            context,
+        } => match cpu_index(arch::mpidr()) {
+            Some(me) => {
+                CPU_ENTRY[me].store(entry, Ordering::SeqCst);
+                CPU_CONTEXT[me].store(context, Ordering::SeqCst);
+                let r = arch::smc([
+                    u64::from(smccc::psci::PSCI_CPU_SUSPEND_64),
+                    power_state,
+                    arch::secondary_entry_pa(),
+                    me as u64,
+                ]);
+                r[0] as i64
+            }
+            None => i64::from(psci::INVALID_PARAMETERS),
+        },
+        psci::Action::CpuOff => {
+            let me = cpu_index(arch::mpidr());
+            if let Some(me) = me {
+                CPU_STATE[me].store(CPU_OFF, Ordering::SeqCst);
+            }
+            let r = arch::smc([u64::from(smccc::psci::PSCI_CPU_OFF), 0, 0, 0]);
+            // Only returns on failure.
+            if let Some(me) = me {
+                CPU_STATE[me].store(CPU_ON, Ordering::SeqCst);
+            }
+            r[0] as i64
+        }
+    };
+    frame.x[0] = ret as u64;
+}
+
+fn cpu_on(target: u64, entry: u64, context: u64) -> i64 {
+    let Some(i) = cpu_index(target) else {
+        return i64::from(psci::INVALID_PARAMETERS);
+    };
+    if let Err(state) =
+        CPU_STATE[i].compare_exchange(CPU_OFF, CPU_ON_PENDING, Ordering::SeqCst, Ordering::SeqCst)
+    {
+        return i64::from(if state == CPU_ON {
+            psci::ALREADY_ON
+        } else {
+            psci::ON_PENDING
+        });
+    }
+    CPU_ENTRY[i].store(entry, Ordering::SeqCst);
+    CPU_CONTEXT[i].store(context, Ordering::SeqCst);
+    let r = arch::smc([
+        u64::from(smccc::psci::PSCI_CPU_ON_64),
+        target,
+        arch::secondary_entry_pa(),
+        i as u64,
+    ]);
+    let ret = r[0] as i64;
+    if ret != 0 {
+        CPU_STATE[i].store(CPU_OFF, Ordering::SeqCst);
+    }
+    ret
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo<'_>) -> ! {
+    crate::console::print_line_unlocked(format_args!("PANIC: {info}"));
+    arch::park()
+}
