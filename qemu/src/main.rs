@@ -75,12 +75,12 @@ fn run(root: &std::path::Path, args: &[String]) -> Result<(), String> {
 }
 
 fn gen_header(root: &std::path::Path) -> Result<(), String> {
-    let path = root.join("host-driver/include/hyp_abi.h");
+    let path = root.join(hypercalls::C_HEADER_PATH);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let header: String = String::new(); // TODO: hypercalls::c_header() once the ABI crate lands
-    std::fs::write(&path, header).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::write(&path, hypercalls::c_header())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     println!("wrote {}", path.display());
     Ok(())
 }
