@@ -171,44 +171,75 @@ fn fetch(base: &Path, pkg: &str) -> Result<Unpacked, String> {
     let debs = base.join("debs");
     fs::create_dir_all(&debs).map_err(|e| format!("{}: {e}", debs.display()))?;
     let deb = debs.join(deb_file_name(pkg, &version));
+    // Other runs may fill the cache at the same time: work in a folder of
+    // our own and rename into place (atomic on one file system).
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = base.join(format!(".tmp-{}-{seq}-{pkg}", std::process::id()));
+    let result = download_and_unpack(pkg, &version, &deb, &tmp, base);
+    let _ = fs::remove_dir_all(&tmp);
+    let dir = result?;
+    Ok(Unpacked {
+        package: pkg.to_string(),
+        version,
+        dir,
+    })
+}
+
+/// Downloads `deb` unless it is there and unpacks it unless that is done;
+/// returns the unpacked folder. `tmp` is scratch space of this process.
+fn download_and_unpack(
+    pkg: &str,
+    version: &str,
+    deb: &Path,
+    tmp: &Path,
+    base: &Path,
+) -> Result<PathBuf, String> {
+    let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    fs::create_dir_all(tmp).map_err(|e| io(tmp, e))?;
     if !deb.is_file() {
         progress(&format!("apt-get download {pkg}:arm64 ({version})"));
         let out = capture(
             Command::new("apt-get")
                 .args(["download", "-q", &format!("{pkg}:arm64={version}")])
-                .current_dir(&debs),
+                .current_dir(tmp),
         )?;
-        if !out.status.success() || !deb.is_file() {
+        let got = tmp.join(deb.file_name().unwrap_or_default());
+        if !out.status.success() || !got.is_file() {
             return Err(format!(
                 "`apt-get download {pkg}:arm64={version}` failed (expected {}): {}",
                 deb.display(),
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
+        fs::rename(&got, deb).map_err(|e| io(deb, e))?;
     }
     let dir = base.join(format!("{pkg}_{}", version.replace(':', "%3a")));
-    let stamp = dir.join(".unpacked");
-    if !stamp.is_file() {
-        progress(&format!("dpkg-deb -x {}", deb.display()));
-        if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        }
-        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let out = capture(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
-        if !out.status.success() {
-            return Err(format!(
-                "`dpkg-deb -x {}` failed: {}",
-                deb.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        fs::write(&stamp, &version).map_err(|e| format!("{}: {e}", stamp.display()))?;
+    if dir.join(".unpacked").is_file() {
+        return Ok(dir);
     }
-    Ok(Unpacked {
-        package: pkg.to_string(),
-        version,
-        dir,
-    })
+    progress(&format!("dpkg-deb -x {}", deb.display()));
+    let staging = tmp.join("root");
+    let out = capture(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&staging))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`dpkg-deb -x {}` failed: {}",
+            deb.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let stamp = staging.join(".unpacked");
+    fs::write(&stamp, version).map_err(|e| io(&stamp, e))?;
+    if dir.exists() && !dir.join(".unpacked").is_file() {
+        // A half-made folder from an interrupted older version of this code.
+        fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    }
+    match fs::rename(&staging, &dir) {
+        Ok(()) => Ok(dir),
+        // Another run got there first.
+        Err(_) if dir.join(".unpacked").is_file() => Ok(dir),
+        Err(e) => Err(io(&dir, e)),
+    }
 }
 
 /// The version apt would pick for `pkg:arm64`.
@@ -296,6 +327,33 @@ mod tests {
             parse_kernel_depends("  Depends: linux-image-arm64:arm64\n"),
             None
         );
+    }
+
+    /// Manual check of the cache from nothing, twice in parallel (downloads
+    /// about 70 MB): `cargo test -p xtask -- --ignored fresh_cache`.
+    #[test]
+    #[ignore = "downloads Debian packages"]
+    fn fresh_cache_fills_once_and_is_reused() {
+        let root = std::env::temp_dir().join(format!("xtask-assets-{}", std::process::id()));
+        let runs: Vec<_> = (0..2)
+            .map(|_| {
+                let r = root.clone();
+                std::thread::spawn(move || debian(&r))
+            })
+            .collect();
+        for r in runs {
+            let d = r.join().unwrap().unwrap();
+            assert!(d.image.is_file() && d.busybox_bin.is_file());
+        }
+        let again = debian(&root).unwrap();
+        assert!(again.image.starts_with(&root));
+        let leftovers: Vec<_> = fs::read_dir(root.join("build/debian"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty());
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -1232,6 +1232,14 @@ mod tests {
         assert!(s.contains("/root/hyp-version") && !s.contains("insmod"));
     }
 
+    /// Manual harness check of `bench boot` without el2 (boots QEMU 3 times):
+    /// `cargo test -p xtask -- --ignored bench_boot_direct`.
+    #[test]
+    #[ignore = "boots QEMU"]
+    fn bench_boot_direct() {
+        bench(&crate::util::workspace_root(), &["--no-hyp".into()]).unwrap();
+    }
+
     #[test]
     fn bench_section_is_spliced() {
         let t = |s: f64| BootTime {

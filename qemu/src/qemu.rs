@@ -164,8 +164,10 @@ impl Launch {
                 push(&["-display", "none", "-monitor", "none", "-serial", "stdio"])
             }
         }
-        // A panic reboots at once (panic=-1) and -no-reboot turns that into an exit.
-        push(&["-no-reboot"]);
+        // A panic reboots at once (panic=-1) and -no-reboot turns that into an
+        // exit. No network: the default NIC needs an option ROM from a
+        // package apt only recommends.
+        push(&["-no-reboot", "-nic", "none"]);
         match &self.boot {
             Boot::Hyp { el2, host_kernel } => {
                 push(&["-kernel", &el2.display().to_string()]);
@@ -468,6 +470,7 @@ mod tests {
         let pos = a.iter().position(|x| x == "-append").unwrap();
         assert_eq!(a[pos + 1], "console=ttyAMA0 quiet");
         assert!(!j.contains("-numa"));
+        assert!(j.contains("-no-reboot -nic none"));
     }
 
     #[test]
