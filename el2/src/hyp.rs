@@ -46,7 +46,9 @@ struct HypPool {
 impl HypPool {
     fn owns(&self, pa: Hpa) -> bool {
         let pa = pa.raw();
-        pa >= self.base && pa < self.base + (self.pages as u64) * PAGE_SIZE && pa.is_multiple_of(PAGE_SIZE)
+        pa >= self.base
+            && pa < self.base + (self.pages as u64) * PAGE_SIZE
+            && pa.is_multiple_of(PAGE_SIZE)
     }
 
     fn check(&self, pa: Hpa) {

@@ -193,7 +193,11 @@ fn run_check(root: &Path, tally: &mut Tally, name: &str, args: &[&str], env: &[(
     }
     match capture(&mut cmd) {
         Ok(out) => {
-            let detail = tail(&String::from_utf8_lossy(&out.stderr), 60);
+            let detail = format!(
+                "{}\n{}",
+                tail(&String::from_utf8_lossy(&out.stdout), 30),
+                tail(&String::from_utf8_lossy(&out.stderr), 60)
+            );
             tally.check(name, out.status.success(), &detail);
         }
         Err(e) => tally.check(name, false, &e),

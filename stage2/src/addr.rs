@@ -223,7 +223,10 @@ mod tests {
     fn alignment() {
         assert!(Ipa::new(0x20_0000).is_aligned(0x20_0000));
         assert!(!Ipa::new(0x20_1000).is_aligned(0x20_0000));
-        assert_eq!(Ipa::new(0x20_1fff).align_down(PAGE_SIZE), Ipa::new(0x20_1000));
+        assert_eq!(
+            Ipa::new(0x20_1fff).align_down(PAGE_SIZE),
+            Ipa::new(0x20_1000)
+        );
         assert!(!Hpa::new(0x10).is_page_aligned());
     }
 }

@@ -103,7 +103,10 @@ impl ArenaMemory {
 
     fn index(&self, pa: Hpa) -> usize {
         let off = pa.raw().wrapping_sub(ARENA_BASE);
-        debug_assert!(off.is_multiple_of(PAGE_SIZE), "unaligned table address {pa}");
+        debug_assert!(
+            off.is_multiple_of(PAGE_SIZE),
+            "unaligned table address {pa}"
+        );
         (off / PAGE_SIZE) as usize
     }
 
