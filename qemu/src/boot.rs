@@ -642,19 +642,24 @@ impl SuiteMode {
     }
 }
 
-/// Where the host-driver work puts the program that asks el2 for its version
-/// through HVC (a static arm64 executable that prints the version and exits
-/// 0 when el2 answers), and an optional module it needs loaded first. The
-/// boot suite adds both to the initramfs when they exist.
-pub const HYP_VERSION_PROBE: &str = "build/host/hyp-version";
-/// Optional kernel module loaded with insmod before the probe runs.
-pub const HYP_VERSION_MODULE: &str = "build/host/hyp.ko";
+/// The host module whose `/sys/kernel/s2pin/version` issues HYP_VERSION on
+/// every read (`host-driver/kmod/s2pin.c`), built by `modules.rs`.
+pub const HOST_MODULE: &str = "s2pin.ko";
+
+/// The ABI version el2 must report, from the one source of the ABI.
+fn abi_version() -> String {
+    format!(
+        "{}.{}",
+        hypercalls::ABI_VERSION_MAJOR,
+        hypercalls::ABI_VERSION_MINOR
+    )
+}
 
 /// Per-boot timeout in the suite: a hang fails, never stalls.
 pub const SUITE_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The script the main boot check runs inside the host.
-fn suite_script(probe: bool, module: bool) -> String {
+fn suite_script(module: bool) -> String {
     let mut s = String::from(
         "echo \"CHECK el=$(dmesg | grep -o 'CPU: All CPU(s) started at EL[0-9]')\"\n\
          echo \"CHECK online=$(cat /sys/devices/system/cpu/online)\"\n\
@@ -664,10 +669,10 @@ fn suite_script(probe: bool, module: bool) -> String {
          echo \"CHECK on=$r $(cat /sys/devices/system/cpu/online)\"\n",
     );
     if module {
-        s.push_str("insmod /root/hyp.ko; echo \"CHECK insmod=$?\"\n");
-    }
-    if probe {
-        s.push_str("v=$(/root/hyp-version 2>&1); echo \"CHECK hypver=$? $v\"\n");
+        s.push_str(&format!(
+            "insmod /root/{HOST_MODULE}; echo \"CHECK insmod=$?\"\n\
+             echo \"CHECK hypver=$(cat /sys/kernel/s2pin/version)\"\n"
+        ));
     }
     s.push_str(
         "echo \"CHECK bad=$(dmesg | grep -cE 'Oops|BUG:|WARNING:|Kernel panic|Unable to handle|Call trace')\"\n",
@@ -709,23 +714,33 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
     };
     let machine = RunOptions::default().machine;
 
-    // Boot 1: the main checks from a script.
-    let probe = root.join(HYP_VERSION_PROBE);
-    let module = root.join(HYP_VERSION_MODULE);
+    // Boot 1: the main checks from a script, with the host module if the
+    // tree has one.
     let mut extras = Vec::new();
-    if probe.is_file() {
-        extras.push(Extra {
-            source: probe.clone(),
-            dest: "/root/hyp-version".into(),
-        });
+    let kmod = root.join("host-driver/kmod/Kbuild").is_file();
+    if kmod {
+        progress("building the host modules (host-driver/kmod)");
+        match crate::modules::build_modules_for(
+            root,
+            &ing.debian.release,
+            &ing.debian.kernel.version,
+        ) {
+            Ok(kos) => match kos.iter().find(|k| k.ends_with(HOST_MODULE)) {
+                Some(ko) => extras.push(Extra {
+                    source: ko.clone(),
+                    dest: format!("/root/{HOST_MODULE}"),
+                }),
+                None => check(
+                    "build the host module",
+                    false,
+                    format!("no {HOST_MODULE} among {kos:?}"),
+                ),
+            },
+            Err(e) => check("build the host module", false, e),
+        }
     }
-    if module.is_file() {
-        extras.push(Extra {
-            source: module.clone(),
-            dest: "/root/hyp.ko".into(),
-        });
-    }
-    let script = suite_script(probe.is_file(), module.is_file());
+    let module = !extras.is_empty();
+    let script = suite_script(module);
     let mut reached = false;
     match prepare(
         root,
@@ -801,27 +816,30 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
                 check_value(out, "on") == Some("0 0-3"),
                 detail("echo 1 > cpu3/online"),
             );
-            if module.is_file() {
+            // The hypervisor's version through HVC, read by the host module.
+            let version_check = "host module gets el2's ABI version through HVC";
+            if module {
                 check(
-                    "host module loads",
+                    &format!("host module {HOST_MODULE} loads"),
                     check_value(out, "insmod") == Some("0"),
-                    detail("insmod /root/hyp.ko"),
+                    detail("insmod"),
                 );
-            }
-            match (mode, probe.is_file()) {
-                (_, true) => check(
-                    "host program gets el2's version through HVC",
-                    check_value(out, "hypver").is_some_and(|v| v.starts_with("0 ")),
-                    detail("/root/hyp-version"),
-                ),
-                (SuiteMode::Hyp, false) => check(
-                    "host program gets el2's version through HVC",
+                let want = match mode {
+                    SuiteMode::Hyp => abi_version(),
+                    // At EL2 the module must see that nobody is there to ask.
+                    SuiteMode::NoHyp => "no hypervisor".to_string(),
+                };
+                check(
+                    &format!("{version_check} (/sys/kernel/s2pin/version = {want})"),
+                    check_value(out, "hypver") == Some(want.as_str()),
+                    detail("/sys/kernel/s2pin/version"),
+                );
+            } else if !kmod && mode == SuiteMode::Hyp {
+                check(
+                    version_check,
                     false,
-                    format!("no probe program at {HYP_VERSION_PROBE} (the host-driver work provides it)"),
-                ),
-                (SuiteMode::NoHyp, false) => {
-                    println!("SKIP boot: hypervisor version through HVC (no el2 in harness-validation mode)")
-                }
+                    "host-driver/kmod does not exist, so nothing asks el2 for its version".into(),
+                );
             }
             check(
                 "no oops, BUG, WARNING or panic in dmesg",
@@ -1228,8 +1246,8 @@ mod tests {
         assert_eq!(check_value(&out, "online"), Some("0-3"));
         assert_eq!(check_value(&out, "off"), Some("0 0-2"));
         assert_eq!(check_value(&out, "on"), None);
-        let s = suite_script(true, false);
-        assert!(s.contains("/root/hyp-version") && !s.contains("insmod"));
+        assert!(suite_script(true).contains("insmod /root/s2pin.ko"));
+        assert!(!suite_script(false).contains("insmod"));
     }
 
     /// Manual harness check of `bench boot` without el2 (boots QEMU 3 times):
