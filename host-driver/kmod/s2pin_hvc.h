@@ -6,9 +6,13 @@
  * which `cargo xtask gen-header` generates from the hypercalls crate; nothing
  * here retypes an ABI number.
  *
- * The calls always use HVC #0 (arm_smccc_1_1_hvc), never the PSCI conduit:
- * on this platform PSCI goes to the firmware with SMC, and the hypervisor
- * listens on HVC.
+ * The calls always use HVC #0, never the PSCI conduit: on this platform PSCI
+ * goes to the firmware with SMC, and the hypervisor listens on HVC. They go
+ * through arm_smccc_1_2_hvc() (docs/ABI.md §2.1): every argument register
+ * x1..x7 is passed explicitly (unused ones zero, as the ABI requires), and
+ * the compiler knows x0..x7 all come back as results. The SMCCC 1.1 macros
+ * leave unused argument registers undefined and assume x4..x7 preserved,
+ * which this ABI does not promise.
  */
 #ifndef S2PIN_HVC_H
 #define S2PIN_HVC_H
@@ -40,13 +44,22 @@ struct s2pin_version {
 	unsigned long minor;
 };
 
+/* Issues one call: x0 = @fn, x1 = @a1, x2..x7 = 0. */
+static inline struct arm_smccc_1_2_regs s2pin_hvc1(unsigned long fn, unsigned long a1)
+{
+	struct arm_smccc_1_2_regs args = { .a0 = fn, .a1 = a1 };
+	struct arm_smccc_1_2_regs res;
+
+	arm_smccc_1_2_hvc(&args, &res);
+	return res;
+}
+
 /* Issues HYP_VERSION. Only call it when s2pin_kernel_at_el1(). */
 static inline struct s2pin_version s2pin_hvc_version(void)
 {
-	struct arm_smccc_res res;
+	struct arm_smccc_1_2_regs res = s2pin_hvc1(HYP_VERSION, 0);
 	struct s2pin_version v;
 
-	arm_smccc_1_1_hvc(HYP_VERSION, &res);
 	v.err = (long)res.a0;
 	v.major = res.a1;
 	v.minor = res.a2;
@@ -60,9 +73,8 @@ static inline struct s2pin_version s2pin_hvc_version(void)
  */
 static inline long s2pin_hvc_features(unsigned long fn, unsigned long *supported)
 {
-	struct arm_smccc_res res;
+	struct arm_smccc_1_2_regs res = s2pin_hvc1(HYP_FEATURES, fn);
 
-	arm_smccc_1_1_hvc(HYP_FEATURES, fn, &res);
 	if ((long)res.a0 == HYP_SUCCESS)
 		*supported = res.a1;
 	return (long)res.a0;
