@@ -287,7 +287,7 @@ pub fn build_el2(root: &Path) -> Result<PathBuf, String> {
              host under; {hint}"
         ));
     }
-    progress("building el2 (cargo build --release -p el2 --target aarch64-unknown-none)");
+    progress("building el2 (cargo build --release -p el2 --target aarch64-unknown-none-softfloat)");
     crate::util::cargo(
         root,
         &[
@@ -296,7 +296,7 @@ pub fn build_el2(root: &Path) -> Result<PathBuf, String> {
             "-p",
             "el2",
             "--target",
-            "aarch64-unknown-none",
+            "aarch64-unknown-none-softfloat",
         ],
     )
     .map_err(|e| format!("building {no_el2} failed: {e}; {hint}"))?;
@@ -304,7 +304,7 @@ pub fn build_el2(root: &Path) -> Result<PathBuf, String> {
         .map(PathBuf::from)
         .map(|p| if p.is_absolute() { p } else { root.join(p) })
         .unwrap_or_else(|| root.join("target"));
-    let elf = target_dir.join("aarch64-unknown-none/release/el2");
+    let elf = target_dir.join("aarch64-unknown-none-softfloat/release/el2");
     if !elf.is_file() {
         return Err(format!(
             "{no_el2} built, but {} is missing; {hint}",

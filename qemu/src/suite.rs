@@ -146,6 +146,24 @@ fn host(root: &Path, tally: &mut Tally) {
         &[],
     );
 
+    progress("host: clippy el2 (aarch64-unknown-none-softfloat, the hypervisor's target)");
+    run_check(
+        root,
+        tally,
+        "clippy el2 aarch64-unknown-none-softfloat",
+        &[
+            "clippy",
+            "-p",
+            "el2",
+            "--target",
+            "aarch64-unknown-none-softfloat",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    );
+
     progress("host: build for aarch64-unknown-none-softfloat (the kernel module's Rust)");
     run_check(
         root,
