@@ -8,7 +8,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use spin::Mutex;
 
-use crate::layout::EARLY_UART;
+use el2::layout::EARLY_UART;
 
 /// PL011 registers: data, flags, flag "transmit FIFO full".
 const UARTDR: u64 = 0x000;

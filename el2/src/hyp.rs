@@ -16,10 +16,10 @@ use stage2::pgtable::{Attrs, Granule, MemType, PageState, Perms, Stage2};
 use stage2::{Hpa, Ipa, Vmid, PAGE_SIZE};
 
 use crate::arch::{self, HostRegs, Tlb};
-use crate::dtb::{self, Platform, Region};
-use crate::exception::{fault_ipa, Esr, ExceptionClass, TrapFrame, Vector};
-use crate::layout::*;
-use crate::{hostcall, inject, psci};
+use el2::dtb::{self, Platform, Region};
+use el2::exception::{fault_ipa, Esr, ExceptionClass, TrapFrame, Vector};
+use el2::layout::*;
+use el2::{hostcall, inject, psci};
 
 #[global_allocator]
 static HEAP: LockedHeap<32> = LockedHeap::empty();

@@ -9,7 +9,7 @@ use aarch64_cpu::registers::*;
 use stage2::tlb::TlbMaintenance;
 use stage2::{Ipa, Vmid};
 
-use crate::layout::{MAX_CPUS, STACK_SIZE};
+use el2::layout::{MAX_CPUS, STACK_SIZE};
 
 global_asm!(include_str!("entry.S"));
 
