@@ -677,8 +677,25 @@ fn suite_script(module: bool) -> String {
     s.push_str(
         "echo \"CHECK bad=$(dmesg | grep -cE 'Oops|BUG:|WARNING:|Kernel panic|Unable to handle|Call trace')\"\n",
     );
+    if module {
+        // Last, because it oopses on purpose: the host reads the hypervisor's
+        // image from kernel context, which must take the abort el2 injects
+        // (a synchronous external abort: Linux's own fault handling reports
+        // it and kills insmod), and el2 must still answer afterwards.
+        s.push_str(&format!(
+            "insmod /root/{ISOLATION_MODULE} phys={ISOLATION_PHYS:#x}; echo \"CHECK iso_rc=$?\"\n\
+             echo \"CHECK iso_sea=$(dmesg | grep -c 'Internal error: synchronous external abort')\"\n\
+             echo \"CHECK iso_readable=$(dmesg | grep -c 'READABLE')\"\n\
+             echo \"CHECK hypver2=$(cat /sys/kernel/s2pin/version)\"\n"
+        ));
+    }
     s
 }
+
+/// The test module that reads a physical address from kernel context.
+pub const ISOLATION_MODULE: &str = "hyp_isolation_test.ko";
+/// What it reads: the hypervisor's own image (el2's text, at RAM base + 0x8_0000).
+const ISOLATION_PHYS: u64 = el2::layout::HYP_BASE + 0x8_0000;
 
 /// The value printed after `CHECK <key>=` in the command output.
 fn check_value<'a>(output: &'a [String], key: &str) -> Option<&'a str> {
@@ -726,10 +743,18 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
             &ing.debian.kernel.version,
         ) {
             Ok(kos) => match kos.iter().find(|k| k.ends_with(HOST_MODULE)) {
-                Some(ko) => extras.push(Extra {
-                    source: ko.clone(),
-                    dest: format!("/root/{HOST_MODULE}"),
-                }),
+                Some(ko) => {
+                    extras.push(Extra {
+                        source: ko.clone(),
+                        dest: format!("/root/{HOST_MODULE}"),
+                    });
+                    if let Some(iso) = kos.iter().find(|k| k.ends_with(ISOLATION_MODULE)) {
+                        extras.push(Extra {
+                            source: iso.clone(),
+                            dest: format!("/root/{ISOLATION_MODULE}"),
+                        });
+                    }
+                }
                 None => check(
                     "build the host module",
                     false,
@@ -756,7 +781,7 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
     )
     .and_then(|p| {
         progress(&format!(
-            "boot 1/3: checks script, {} CPUs, {} MiB",
+            "boot 1/4: checks script, {} CPUs, {} MiB",
             machine.smp, machine.mem_mib
         ));
         exec_with(&p, SUITE_BOOT_TIMEOUT, false, false)
@@ -846,6 +871,20 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
                 check_value(out, "bad") == Some("0"),
                 detail("dmesg has kernel errors"),
             );
+            if module && mode == SuiteMode::Hyp {
+                check(
+                    "a host read of hypervisor memory takes an injected external abort",
+                    check_value(out, "iso_sea") == Some("1")
+                        && check_value(out, "iso_readable") == Some("0")
+                        && check_value(out, "iso_rc") != Some("0"),
+                    detail("hyp_isolation_test"),
+                );
+                check(
+                    "el2 still answers HVCs after the abort",
+                    check_value(out, "hypver2") == Some(abi_version().as_str()),
+                    detail("/sys/kernel/s2pin/version after the abort"),
+                );
+            }
             check(
                 "script exits 0 and QEMU powers off with status 0",
                 r.status == Some(0)
@@ -871,7 +910,7 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
     }
 
     // Boot 2: the interactive shell, ended by typing `poweroff`.
-    progress("boot 2/3: interactive shell, then `poweroff` typed on the console");
+    progress("boot 2/4: interactive shell, then `poweroff` typed on the console");
     match prepare(
         root,
         &ing,
@@ -908,7 +947,7 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
     }
 
     // Boot 3: two NUMA nodes.
-    progress("boot 3/3: --smp 2 --numa 2");
+    progress("boot 3/4: --smp 2 --numa 2");
     let numa = Machine {
         smp: 2,
         numa_nodes: 2,
@@ -946,6 +985,45 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
                 "automatic NUMA balancing is on",
                 check_value(&r.output, "balancing") == Some("1"),
                 detail,
+            );
+        }
+    }
+
+    // Boot 4: plain `-cpu max` (QARMA5 pointer authentication, about 3x
+    // slower under TCG): the host's pointer-auth keys must work at EL1 too.
+    progress("boot 4/4: --cpu max");
+    let plain_max = Machine {
+        cpu: "max".into(),
+        ..machine.clone()
+    };
+    match prepare(
+        root,
+        &ing,
+        &plain_max,
+        Mode::Exec {
+            script: "echo \"CHECK el=$(dmesg | grep -o 'CPU: All CPU(s) started at EL[0-9]')\"\n\
+                     echo \"CHECK online=$(cat /sys/devices/system/cpu/online)\"\n"
+                .into(),
+            quiet: true,
+        },
+        &[],
+        Console::Captured,
+        kernel_cmdline(false, &[]),
+    )
+    .and_then(|p| exec_with(&p, SUITE_BOOT_TIMEOUT, false, false))
+    {
+        Err(e) => check("plain -cpu max boot", false, e),
+        Ok(r) => {
+            let want = format!("CPU: All CPU(s) started at {el}");
+            check(
+                &format!("with plain -cpu max: \"{want}\", CPUs 0-3 online"),
+                check_value(&r.output, "el") == Some(want.as_str())
+                    && check_value(&r.output, "online") == Some("0-3"),
+                format!(
+                    "output:\n{}\nconsole tail:\n{}",
+                    r.output.join("\n"),
+                    r.captured.tail(30)
+                ),
             );
         }
     }
@@ -1024,7 +1102,6 @@ fn measure(root: &Path, ing: &Ingredients, runs: usize) -> Result<Vec<BootTime>,
 }
 
 // Called from main.rs's `bench` dispatch (`bench boot`).
-#[allow(dead_code)]
 /// `cargo xtask bench boot [--no-hyp]`: boot to user space with and without
 /// el2, [`BENCH_RUNS`] runs each, and write the ratio into
 /// `docs/PERFORMANCE.md`. `--no-hyp` measures only the direct boot and writes

@@ -1,9 +1,10 @@
 //! `cargo xtask`: the project's runner.
 //!
 //! ```text
-//! cargo xtask run                 build what exists and say what runs today
+//! cargo xtask run [OPTIONS]       boot Debian's kernel at EL1 under el2 in QEMU (a shell, or --exec CMD)
 //! cargo xtask test [SUITE...]     run test suites (default: all); ends with "N passed, N failed"
 //! cargo xtask bench stage2        instruction counts: our stage2 vs aarch64-paging (callgrind)
+//! cargo xtask bench boot          boot time with and without el2, 3 runs each
 //! cargo xtask gen-header          regenerate host-driver/include/hyp_abi.h from the hypercalls crate
 //! cargo xtask install             install the toolchain pieces the project needs
 //! ```
@@ -27,9 +28,10 @@ const USAGE: &str = "\
 usage: cargo xtask <command> [args]
 
 commands:
-  run                  build what exists and report what runs today
-  test [SUITE...]      run test suites (default: all available); suites: host
+  run [OPTIONS]        boot Debian's arm64 kernel at EL1 under el2 (`run --help` for options)
+  test [SUITE...]      run test suites (default: all); suites: host, boot
   bench stage2         count instructions of stage2 vs aarch64-paging under callgrind
+  bench boot           time boots to user space with and without el2 (3 runs each)
   gen-header           regenerate host-driver/include/hyp_abi.h
   install              install rustup targets and components
   help                 this text";
@@ -46,9 +48,9 @@ fn main() -> ExitCode {
         "test" => suite::test(&root, rest),
         "bench" => match rest {
             [what] if what == "stage2" => bench::stage2(&root),
+            [what, more @ ..] if what == "boot" => boot::bench(&root, more),
             _ => Err(format!(
-                "usage: cargo xtask bench stage2 (got {:?}); other benchmarks arrive with later issues",
-                rest
+                "usage: cargo xtask bench stage2|boot (got {rest:?}); other benchmarks arrive with later issues"
             )),
         },
         "gen-header" => gen_header(&root),
