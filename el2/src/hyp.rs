@@ -4,7 +4,6 @@
 //! Lock order (docs/DESIGN.md §5): `HOST` (host stage-2) before the console.
 
 use alloc::vec::Vec;
-use core::cell::UnsafeCell;
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
@@ -24,18 +23,23 @@ use el2::{hostcall, inject, psci};
 #[global_allocator]
 static HEAP: LockedHeap<32> = LockedHeap::empty();
 
-/// Backing store of the heap and the host stage-2 pool, in .bss.
-#[repr(C, align(4096))]
-struct Arena<const N: usize>(UnsafeCell<[u8; N]>);
+unsafe extern "C" {
+    /// End of the image's .bss (linker.ld); the heap runs from here to HYP_END.
+    static __image_end: u8;
+}
 
-// SAFETY: each arena is handed out exactly once (to the heap, or to the pool).
-unsafe impl<const N: usize> Sync for Arena<N> {}
+/// Gives the hypervisor's memory after its image to the heap.
+fn init_heap() -> usize {
+    let start = core::ptr::addr_of!(__image_end) as usize;
+    let end = HYP_END as usize;
+    // SAFETY: [__image_end, HYP_END) is hypervisor memory that nothing else
+    // uses (linker.ld puts nothing after .bss; the host never sees it), and
+    // this runs once, on the boot CPU, before anything allocates.
+    unsafe { HEAP.lock().init(start, end - start) };
+    end - start
+}
 
-static HEAP_MEM: Arena<HEAP_SIZE> = Arena(UnsafeCell::new([0; HEAP_SIZE]));
-const POOL_BYTES: usize = HOST_S2_POOL_PAGES * PAGE_SIZE as usize;
-static POOL_MEM: Arena<POOL_BYTES> = Arena(UnsafeCell::new([0; POOL_BYTES]));
-
-/// Table pages for the host stage-2, from a fixed region of hypervisor memory.
+/// Table pages for the host stage-2: a block of the heap, reserved at boot.
 struct HypPool {
     base: u64,
     pages: usize,
@@ -56,6 +60,24 @@ impl HypPool {
             // The stage2 crate only passes addresses this pool handed out.
             panic!("table address {pa} outside the pool");
         }
+    }
+
+    /// A pool of `pages` zeroed, 4 KiB-aligned pages from the heap.
+    fn new(pages: usize) -> Option<Self> {
+        let layout =
+            core::alloc::Layout::from_size_align(pages * PAGE_SIZE as usize, PAGE_SIZE as usize)
+                .ok()?;
+        // SAFETY: the layout has a non-zero size; the block is never freed.
+        let base = unsafe { alloc::alloc::alloc_zeroed(layout) };
+        if base.is_null() {
+            return None;
+        }
+        Some(Self {
+            base: base as u64,
+            pages,
+            next: 0,
+            free: Vec::new(),
+        })
     }
 }
 
@@ -96,7 +118,7 @@ impl TableMemory for HypPool {
 
     fn table(&self, table: Hpa) -> &Table {
         self.check(table);
-        // SAFETY: `table` is a page of POOL_MEM (checked), identity-mapped,
+        // SAFETY: `table` is a page of the pool's block (checked), identity-mapped,
         // 4 KiB aligned, and owned by this pool, which only the one Stage2
         // that owns the pool accesses (through &self / &mut self).
         unsafe { &*(table.raw() as *const Table) }
@@ -147,10 +169,7 @@ fn fatal(msg: core::fmt::Arguments<'_>) -> ! {
 #[unsafe(no_mangle)]
 extern "C" fn primary_main(dtb_addr: u64) -> ! {
     crate::console::init(log::LevelFilter::Info);
-    // SAFETY: HEAP_MEM is used for nothing else, and this runs once.
-    unsafe {
-        HEAP.lock().init(HEAP_MEM.0.get() as usize, HEAP_SIZE);
-    }
+    let heap = init_heap();
     info!(
         "pinned-s2 hypervisor {} starting, DTB at {dtb_addr:#x}",
         env!("CARGO_PKG_VERSION")
@@ -236,7 +255,12 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
         "host stage-2: {} RAM regions, {}-bit IPA, {} table pages; hypervisor memory {HYP_BASE:#x}..{HYP_END:#x} hidden",
         host_ram.len(),
         host_s2.config().ipa_bits,
-        HOST_S2_POOL_PAGES - host_s2.mm().available()
+        host_s2.mm().pages - host_s2.mm().available()
+    );
+    info!(
+        "heap: {} KiB after the image; host stage-2 pool: {} pages",
+        heap >> 10,
+        host_s2.mm().pages
     );
     HOST.call_once(|| Mutex::new(host_s2));
     HOST_REGS.call_once(|| regs);
@@ -323,12 +347,9 @@ const HOST_MMIO_ATTRS: Attrs = Attrs {
 };
 
 fn build_host_stage2(ram: &[Region]) -> Result<HostStage2, stage2::pgtable::Error> {
-    let pool = HypPool {
-        base: POOL_MEM.0.get() as u64,
-        pages: HOST_S2_POOL_PAGES,
-        next: 0,
-        free: Vec::new(),
-    };
+    let ram_bytes: u64 = ram.iter().map(|r| r.size).sum();
+    let pool =
+        HypPool::new(host_s2_pool_pages(ram_bytes)).ok_or(stage2::pgtable::Error::NoMemory)?;
     let (bits, _) = host_ipa_bits();
     let mut s2 = Stage2::new(bits, Vmid(0), pool, Tlb)?;
     for r in ram {

@@ -21,9 +21,13 @@ pub const HOST_DTB_MAX: usize = 2 << 20;
 pub const MAX_CPUS: usize = 8;
 /// Size of each CPU's EL2 stack.
 pub const STACK_SIZE: usize = 64 << 10;
-/// Size of the hypervisor heap.
-pub const HEAP_SIZE: usize = 4 << 20;
-/// Pages reserved for the host stage-2 tables.
-pub const HOST_S2_POOL_PAGES: usize = 1024;
+/// Table pages to reserve for the host stage-2 over `ram` bytes of host RAM:
+/// enough to map all of it with 4 KiB pages (one level-3 table per 2 MiB),
+/// plus 64 for the upper levels and MMIO. The hypervisor's heap (the rest of
+/// its memory after its image) holds this pool and the page tracker.
+#[must_use]
+pub const fn host_s2_pool_pages(ram: u64) -> usize {
+    (ram.div_ceil(2 << 20) + 64) as usize
+}
 /// QEMU virt's PL011, used only until the device tree names the UART.
 pub const EARLY_UART: u64 = 0x0900_0000;

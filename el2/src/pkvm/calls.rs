@@ -1,0 +1,621 @@
+//! One method per host call (ABI §3). Each checks, in the ABI's order
+//! (§2.4: VM `ENOENT`, lifecycle `EBUSY`, ranges `ERANGE`, page states,
+//! memory `ENOMEM`), before it changes anything.
+
+use alloc::vec::Vec;
+
+use hypercalls::{
+    CounterGroup, Counters, GuestPage, HostPageInfo, HypError, IpaBits, OwnerState, PageCount,
+    PageState as AbiPageState, Prot, ReclaimedPages, Reply, TeardownProgress, VcpuCount,
+    VcpuIndex, VmHandle, MEMCACHE_RECLAIM_MAX, TEARDOWN_BATCH,
+};
+use stage2::mm::TableMemory;
+use stage2::owner::{Owner, PageView, VmId};
+use stage2::pgtable::{Perms, Stage2};
+use stage2::tlb::TlbMaintenance;
+use stage2::transition::{self, map_tables_bound, PageRange, Teardown};
+use stage2::{Gfn, Ipa, Pfn, Vmid, PAGE_SHIFT, PAGE_SIZE};
+
+use super::memcache::Memcache;
+use super::platform::Platform;
+use super::vm::{CountingTlb, Counts, Life, Vm};
+use super::{vm_of, Hyp, MAX_VMS};
+
+fn perms(prot: Prot) -> Perms {
+    Perms {
+        read: prot.read(),
+        write: prot.write(),
+        exec: prot.exec(),
+    }
+}
+
+fn prot_of(p: Perms) -> Prot {
+    let mut bits = 0;
+    if p.read {
+        bits |= Prot::R.bits();
+    }
+    if p.write {
+        bits |= Prot::W.bits();
+    }
+    if p.exec {
+        bits |= Prot::X.bits();
+    }
+    Prot::from_bits(bits).unwrap_or(Prot::NONE)
+}
+
+fn nr(n: PageCount) -> u64 {
+    u64::from(n.get())
+}
+
+/// Fails with `HYP_EBUSY` if the VM is dying.
+fn live<P: Platform>(vm: &Vm<P>) -> Result<(), HypError> {
+    if vm.is_dying() {
+        Err(HypError::Busy)
+    } else {
+        Ok(())
+    }
+}
+
+/// The guest IPA range `[gfn, gfn + nr)` if inside the VM's IPA space,
+/// else `HYP_ERANGE`.
+fn guest_range<P: Platform>(vm: &Vm<P>, gfn: hypercalls::Gfn, n: u64) -> Result<(Ipa, u64), HypError> {
+    let limit = 1u64 << (vm.s2.config().ipa_bits - PAGE_SHIFT as u8);
+    match gfn.raw().checked_add(n) {
+        Some(end) if end <= limit => Ok((Ipa(gfn.raw() << PAGE_SHIFT), n << PAGE_SHIFT)),
+        _ => Err(HypError::OutOfRange),
+    }
+}
+
+impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
+    fn zero(&self) -> impl FnMut(Pfn) + '_ {
+        |pfn| self.platform.zero_page(pfn)
+    }
+
+    /// §3.3 `HYP_MEMCACHE_TOPUP`.
+    pub(super) fn memcache_topup(
+        &self,
+        h: VmHandle,
+        pfn: hypercalls::Pfn,
+        n: PageCount,
+    ) -> Result<Reply, HypError> {
+        let mut host = self.lock_host();
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        live(vm)?;
+        let n = nr(n);
+        let pfn = self.ram_range(pfn, n)?;
+        host.tracker
+            .check_transfer(pfn, n, Owner::Host)
+            .map_err(|e| self.err(e))?;
+        // Room on the heap first, so the commit cannot fail half-way.
+        let room = usize::try_from(n).map_err(|_| HypError::NoMemory)?;
+        vm.s2
+            .mm_mut()
+            .reserve(room)
+            .map_err(|_| HypError::NoMemory)?;
+        let host = &mut *host;
+        transition::donate_to_hyp(&mut host.tracker, &mut host.s2, pfn, n)
+            .map_err(|e| self.err(e))?;
+        for i in 0..n {
+            vm.s2.mm_mut().add(Pfn(pfn.0 + i));
+        }
+        Ok(Reply::Done)
+    }
+
+    /// §3.4 `HYP_MEMCACHE_RECLAIM`.
+    pub(super) fn memcache_reclaim(&self, h: VmHandle) -> Result<Reply, HypError> {
+        let mut host = self.lock_host();
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        let host = &mut *host;
+        let mut out = [hypercalls::Pfn::ZERO; MEMCACHE_RECLAIM_MAX];
+        let mut count = 0;
+        for entry in &mut out {
+            let Some(pfn) = vm.memcache().peek() else {
+                break;
+            };
+            let abi_pfn = hypercalls::Pfn::new(pfn.0).ok_or_else(|| self.bug())?;
+            match transition::return_from_hyp(&mut host.tracker, &mut host.s2, pfn, 1, self.zero())
+            {
+                Ok(()) => {
+                    let mc = vm.s2.mm_mut();
+                    mc.take();
+                    mc.release(pfn);
+                    *entry = abi_pfn;
+                    count += 1;
+                }
+                // Report the pages already returned; the error comes back
+                // on the next call.
+                Err(_) if count > 0 => break,
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        let pages = ReclaimedPages::new(out.get(..count).unwrap_or(&[])).ok_or_else(|| self.bug())?;
+        Ok(Reply::MemcacheReclaimed(pages))
+    }
+
+    /// §3.5 `HYP_VM_CREATE`.
+    pub(super) fn vm_create(
+        &self,
+        ipa_bits: IpaBits,
+        nr_vcpus: VcpuCount,
+        root: hypercalls::Pfn,
+    ) -> Result<Reply, HypError> {
+        let mut host = self.lock_host();
+        // A free slot (one slot lock at a time; holding `host` keeps every
+        // other create and finalize out).
+        let mut found = None;
+        for (index, slot) in self.slots.iter().enumerate() {
+            let guard = slot.lock();
+            if guard.vm.is_none() {
+                found = Some((index, guard));
+                break;
+            }
+        }
+        let (index, mut slot) = found.ok_or(HypError::NoSpace)?;
+        let pages = u64::from(ipa_bits.root_table_pages());
+        let root = self.ram_range(root, pages)?;
+        host.tracker
+            .check_transfer(root, pages, Owner::Host)
+            .map_err(|e| self.err(e))?;
+
+        // Everything that allocates on the heap, before any change.
+        let index16 = u16::try_from(index).map_err(|_| HypError::NoSpace)?;
+        let handle = VmHandle::new(index16, slot.generation).ok_or_else(|| self.bug())?;
+        let vmid = Vmid(index16 + 1);
+        let mut vcpus = Vec::new();
+        vcpus
+            .try_reserve_exact(usize::from(nr_vcpus.get()))
+            .map_err(|_| HypError::NoMemory)?;
+        vcpus.resize(usize::from(nr_vcpus.get()), None);
+        let root_pa = root.0 << PAGE_SHIFT;
+        let vttbr = root_pa | (u64::from(vmid.0) << 48);
+        let tlb = CountingTlb::new(self.platform.guest_tlb(vmid, vttbr));
+        let root_pages = usize::from(ipa_bits.root_table_pages() as u16);
+        let mc = Memcache::new(self.platform.page_access(), root, root_pages);
+
+        let host = &mut *host;
+        transition::donate_to_hyp(&mut host.tracker, &mut host.s2, root, pages)
+            .map_err(|e| self.err(e))?;
+        // Cannot fail: the IPA size was decoded, the root is reserved.
+        let s2 = match Stage2::new(ipa_bits.get(), vmid, mc, tlb) {
+            Ok(s2) if s2.vttbr() == vttbr => s2,
+            _ => {
+                let _ = transition::return_from_hyp(
+                    &mut host.tracker,
+                    &mut host.s2,
+                    root,
+                    pages,
+                    self.zero(),
+                );
+                return Err(self.bug());
+            }
+        };
+        slot.vm = Some(Vm {
+            handle,
+            id: VmId(index16),
+            life: Life::Live,
+            nr_vcpus: nr_vcpus.get(),
+            vcpus,
+            s2,
+            counts: Counts::default(),
+        });
+        Ok(Reply::VmCreated { vm: handle })
+    }
+
+    /// §3.6 `HYP_VCPU_CREATE`.
+    pub(super) fn vcpu_create(&self, h: VmHandle, vcpu: VcpuIndex) -> Result<Reply, HypError> {
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        live(vm)?;
+        let Some(state) = vm.vcpus.get_mut(usize::from(vcpu.get())) else {
+            return Err(HypError::OutOfRange);
+        };
+        if state.is_some() {
+            return Err(HypError::Exists);
+        }
+        let page = vm.s2.mm_mut().take().ok_or(HypError::NoMemory)?;
+        self.platform.zero_page(page);
+        *state = Some(page);
+        Ok(Reply::Done)
+    }
+
+    /// §3.8 `HYP_SHARE`.
+    pub(super) fn share(
+        &self,
+        h: VmHandle,
+        pfn: hypercalls::Pfn,
+        gfn: hypercalls::Gfn,
+        n: PageCount,
+        prot: Prot,
+    ) -> Result<Reply, HypError> {
+        let mut host = self.lock_host();
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        live(vm)?;
+        let n = nr(n);
+        let pfn = self.ram_range(pfn, n)?;
+        let r = PageRange::new(pfn, Gfn(gfn.raw()), n);
+        transition::share(&mut host.tracker, &mut vm.s2, r, perms(prot))
+            .map_err(|e| self.err(e))?;
+        vm.counts.shared(n);
+        Ok(Reply::Done)
+    }
+
+    /// §3.9 `HYP_UNSHARE`.
+    pub(super) fn unshare(
+        &self,
+        h: VmHandle,
+        pfn: hypercalls::Pfn,
+        gfn: hypercalls::Gfn,
+        n: PageCount,
+    ) -> Result<Reply, HypError> {
+        let mut host = self.lock_host();
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        live(vm)?;
+        let n = nr(n);
+        let pfn = self.ram_range(pfn, n)?;
+        let r = PageRange::new(pfn, Gfn(gfn.raw()), n);
+        transition::unshare(&mut host.tracker, &mut vm.s2, r).map_err(|e| self.err(e))?;
+        vm.counts.unshared(n);
+        Ok(Reply::Done)
+    }
+
+    /// §3.10 `HYP_DONATE`.
+    pub(super) fn donate(
+        &self,
+        h: VmHandle,
+        pfn: hypercalls::Pfn,
+        gfn: hypercalls::Gfn,
+        n: PageCount,
+        prot: Prot,
+    ) -> Result<Reply, HypError> {
+        let mut host = self.lock_host();
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        live(vm)?;
+        let n = nr(n);
+        let pfn = self.ram_range(pfn, n)?;
+        let r = PageRange::new(pfn, Gfn(gfn.raw()), n);
+        let host = &mut *host;
+        transition::donate(
+            &mut host.tracker,
+            &mut host.s2,
+            vm.id,
+            &mut vm.s2,
+            r,
+            perms(prot),
+        )
+        .map_err(|e| self.err(e))?;
+        vm.counts.donated(n);
+        Ok(Reply::Done)
+    }
+
+    /// §3.11 `HYP_RECLAIM`.
+    pub(super) fn reclaim(
+        &self,
+        h: VmHandle,
+        pfn: hypercalls::Pfn,
+        gfn: hypercalls::Gfn,
+        n: PageCount,
+    ) -> Result<Reply, HypError> {
+        let mut host = self.lock_host();
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        live(vm)?;
+        let n = nr(n);
+        let pfn = self.ram_range(pfn, n)?;
+        let r = PageRange::new(pfn, Gfn(gfn.raw()), n);
+        let host = &mut *host;
+        transition::reclaim(
+            &mut host.tracker,
+            &mut host.s2,
+            vm.id,
+            &mut vm.s2,
+            r,
+            self.zero(),
+        )
+        .map_err(|e| self.err(e))?;
+        vm.counts.reclaimed(n);
+        Ok(Reply::Done)
+    }
+
+    /// §3.12 `HYP_WRPROTECT`.
+    pub(super) fn wrprotect(
+        &self,
+        h: VmHandle,
+        gfn: hypercalls::Gfn,
+        n: PageCount,
+    ) -> Result<Reply, HypError> {
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        live(vm)?;
+        let (ipa, size) = guest_range(vm, gfn, nr(n))?;
+        let end = ipa.0 + size;
+        // Runs of writable leaves with equal permissions, clipped to the
+        // range: (start, end, perms).
+        let mut runs: Vec<(u64, u64, Perms)> = Vec::new();
+        runs.try_reserve(n.get() as usize)
+            .map_err(|_| HypError::NoMemory)?;
+        let mut splits = false;
+        vm.s2
+            .walk(ipa, size, |leaf| {
+                let p = leaf.attrs.perms;
+                if !p.write {
+                    return;
+                }
+                let (a, b) = (leaf.ipa.0.max(ipa.0), (leaf.ipa.0 + leaf.size).min(end));
+                splits |= a != leaf.ipa.0 || b != leaf.ipa.0 + leaf.size;
+                match runs.last_mut() {
+                    Some(last) if last.1 == a && last.2 == p => last.1 = b,
+                    // At most `nr` runs: reserved above, no allocation here.
+                    _ => runs.push((a, b, p)),
+                }
+            })
+            .map_err(|_| HypError::OutOfRange)?;
+        // Transitions map 4 KiB pages only, so no block crosses the range;
+        // were one to, splitting the two edge blocks needs at most two
+        // tables each.
+        if splits && vm.s2.mm().available() < 4 {
+            return Err(HypError::NoMemory);
+        }
+        let mut changed: u64 = 0;
+        for (a, b, p) in runs {
+            let ro = Perms { write: false, ..p };
+            match vm.s2.protect(Ipa(a), b - a, ro) {
+                Ok(c) => changed += c,
+                Err(_) => return Err(self.bug()),
+            }
+        }
+        let pages = u32::try_from(changed).map_err(|_| self.bug())?;
+        Ok(Reply::WrProtected { pages })
+    }
+
+    /// §3.13 `HYP_RELAX_PERMS`.
+    pub(super) fn relax_perms(
+        &self,
+        h: VmHandle,
+        gfn: hypercalls::Gfn,
+        prot: Prot,
+    ) -> Result<Reply, HypError> {
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        live(vm)?;
+        let (ipa, _) = guest_range(vm, gfn, 1)?;
+        let leaf = vm.s2.query(ipa).ok_or(HypError::NoEntry)?;
+        let old = leaf.attrs.perms;
+        let add = perms(prot);
+        let new = Perms {
+            read: old.read | add.read,
+            write: old.write | add.write,
+            exec: old.exec | add.exec,
+        };
+        if new != old {
+            // The whole leaf: no split, no memory.
+            vm.s2
+                .protect(leaf.ipa, leaf.size, new)
+                .map_err(|_| self.bug())?;
+        }
+        Ok(Reply::Done)
+    }
+
+    /// §3.14 `HYP_TEST_CLEAR_YOUNG`.
+    pub(super) fn test_clear_young(
+        &self,
+        h: VmHandle,
+        gfn: hypercalls::Gfn,
+        n: PageCount,
+    ) -> Result<Reply, HypError> {
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        live(vm)?;
+        let (ipa, size) = guest_range(vm, gfn, nr(n))?;
+        let young = vm
+            .s2
+            .test_and_clear_young(ipa, size)
+            .map_err(|_| HypError::OutOfRange)?;
+        Ok(Reply::Young { young })
+    }
+
+    /// §3.15 `HYP_TEARDOWN_START`.
+    pub(super) fn teardown_start(&self, h: VmHandle) -> Result<Reply, HypError> {
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        live(vm)?;
+        vm.life = Life::Dying(Teardown::new(vm.id));
+        Ok(Reply::Done)
+    }
+
+    /// §3.16 `HYP_TEARDOWN_RECLAIM`: at most [`TEARDOWN_BATCH`] page
+    /// updates: guest leaves first (one 4 KiB page each), then vCPU state
+    /// pages and free memcache pages (freed tables are in the memcache by
+    /// then).
+    pub(super) fn teardown_reclaim(&self, h: VmHandle) -> Result<Reply, HypError> {
+        let mut host = self.lock_host();
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        let Life::Dying(mut td) = vm.life else {
+            return Err(HypError::Busy);
+        };
+        let host = &mut *host;
+        let budget = u64::from(TEARDOWN_BATCH);
+        let mut done: u64 = 0;
+        let mut error = None;
+        // One leaf per step, so the counters know what each leaf was even
+        // when a later one fails. Guest leaves are 4 KiB (transitions map
+        // pages only), so each step is one page update.
+        while done < budget && !td.is_done() {
+            let mut zeroed: u64 = 0;
+            let zero = |pfn| {
+                zeroed += 1;
+                self.platform.zero_page(pfn);
+            };
+            match td.step(&mut host.tracker, &mut host.s2, &mut vm.s2, 1, zero) {
+                Ok(step) => {
+                    if zeroed > 0 {
+                        vm.counts.reclaimed(step.pages);
+                    } else {
+                        vm.counts.unshared(step.pages);
+                    }
+                    done += step.pages;
+                }
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        vm.life = Life::Dying(td);
+        if td.is_done() && error.is_none() {
+            while done < budget {
+                let vcpu = vm.vcpus.iter().position(Option::is_some);
+                let pfn = match vcpu.and_then(|i| vm.vcpus.get(i).copied().flatten()) {
+                    Some(pfn) => pfn,
+                    None => match vm.memcache().peek() {
+                        Some(pfn) => pfn,
+                        None => break,
+                    },
+                };
+                match transition::return_from_hyp(
+                    &mut host.tracker,
+                    &mut host.s2,
+                    pfn,
+                    1,
+                    self.zero(),
+                ) {
+                    Ok(()) => {
+                        match vcpu.and_then(|i| vm.vcpus.get_mut(i)) {
+                            Some(state) => *state = None,
+                            None => {
+                                vm.s2.mm_mut().take();
+                            }
+                        }
+                        vm.s2.mm_mut().release(pfn);
+                        done += 1;
+                    }
+                    Err(e) => {
+                        error = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(e) = error {
+            if done == 0 {
+                return Err(self.err(e));
+            }
+        }
+        let reclaimed = u32::try_from(done).map_err(|_| self.bug())?;
+        Ok(Reply::Teardown(TeardownProgress {
+            reclaimed,
+            more: !vm.fully_reclaimed(),
+        }))
+    }
+
+    /// §3.17 `HYP_TEARDOWN_FINALIZE`.
+    pub(super) fn teardown_finalize(&self, h: VmHandle) -> Result<Reply, HypError> {
+        let mut host = self.lock_host();
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        if !vm.fully_reclaimed() {
+            return Err(HypError::Busy);
+        }
+        let (root, pages) = vm.memcache().root();
+        let n = pages as u64;
+        // Checks of return_from_hyp, before the stage-2 is destroyed.
+        host.tracker
+            .check_transfer(root, n, Owner::Hyp)
+            .map_err(|_| self.bug())?;
+        let bound = map_tables_bound(host.s2.config(), Ipa(root.0 << PAGE_SHIFT), n * PAGE_SIZE);
+        if host.s2.mm().available() < bound {
+            return Err(HypError::NoMemory);
+        }
+        let Some(vm) = slot.vm.take() else {
+            return Err(self.bug());
+        };
+        // Flushes the VMID, releases the root (the memcache keeps it
+        // reserved): the VMID can be reused once the slot is.
+        let (mut mc, _tlb) = vm.s2.destroy();
+        slot.free();
+        let host = &mut *host;
+        transition::return_from_hyp(&mut host.tracker, &mut host.s2, root, n, self.zero())
+            .map_err(|_| self.bug())?;
+        for i in 0..n {
+            mc.release(Pfn(root.0 + i));
+        }
+        Ok(Reply::Done)
+    }
+
+    /// §3.18 `HYP_VM_COUNTERS`.
+    pub(super) fn vm_counters(&self, h: VmHandle, group: CounterGroup) -> Result<Reply, HypError> {
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        Ok(Reply::Counters(match group {
+            CounterGroup::Stage2 => Counters::Stage2(vm.stage2_counters()),
+            CounterGroup::Runtime => Counters::Runtime(vm.runtime_counters()),
+        }))
+    }
+
+    /// §3.19 `HYP_HOST_PAGE_STATE`.
+    pub(super) fn host_page_state(&self, pfn: hypercalls::Pfn) -> Result<Reply, HypError> {
+        let host = self.lock_host();
+        let pfn = self.ram_range(pfn, 1)?;
+        let info = host.tracker.page(pfn).map_err(|e| self.err(e))?;
+        let owner = match info.owner {
+            Owner::Host => hypercalls::Owner::Host,
+            Owner::Hyp => hypercalls::Owner::Hyp,
+            Owner::Vm(id) => {
+                // Lock order: host, then this one slot.
+                let slot = self
+                    .slots
+                    .get(usize::from(id.0))
+                    .ok_or_else(|| self.bug())?
+                    .lock();
+                let vm = slot.vm.as_ref().ok_or_else(|| self.bug())?;
+                hypercalls::Owner::Vm(vm.handle)
+            }
+        };
+        let state = if info.shares == 0 {
+            OwnerState::Owned
+        } else {
+            OwnerState::SharedOwned
+        };
+        Ok(Reply::HostPage(HostPageInfo {
+            owner,
+            state,
+            share_count: info.shares,
+        }))
+    }
+
+    /// §3.20 `HYP_GUEST_PAGE_STATE`.
+    pub(super) fn guest_page_state(
+        &self,
+        h: VmHandle,
+        gfn: hypercalls::Gfn,
+    ) -> Result<Reply, HypError> {
+        let host = self.lock_host();
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        let (ipa, _) = guest_range(vm, gfn, 1)?;
+        let view = transition::guest_view(&host.tracker, vm.id, &vm.s2, Gfn(gfn.raw()))
+            .map_err(|e| self.err(e))?;
+        let Some((pfn, view)) = view else {
+            return Ok(Reply::GuestPage(GuestPage::Unmapped));
+        };
+        let state = match view {
+            PageView::Owned => AbiPageState::Owned,
+            PageView::SharedOwned => AbiPageState::SharedOwned,
+            PageView::SharedBorrowed => AbiPageState::SharedBorrowed,
+            PageView::None => return Err(self.bug()),
+        };
+        let leaf = vm.s2.query(ipa).ok_or_else(|| self.bug())?;
+        Ok(Reply::GuestPage(GuestPage::Mapped {
+            state,
+            pfn: hypercalls::Pfn::new(pfn.0).ok_or_else(|| self.bug())?,
+            prot: prot_of(leaf.attrs.perms),
+        }))
+    }
+}
+
+const _: () = assert!(MAX_VMS <= u16::MAX as usize);

@@ -1,0 +1,155 @@
+//! A VM's memcache: host-donated pages (owned by the hypervisor) that serve
+//! as the VM's stage-2 tables and vCPU state (ABI §2.7).
+//!
+//! The memcache is the VM's [`TableMemory`]: `alloc_table` takes a free
+//! page, `free_table` puts it back (tables freed while the VM is live go
+//! back to its memcache). The root tables are not free pages: they are
+//! reserved at VM creation and handed out once by `alloc_contiguous`.
+//! Table contents are reached through the [`PageAccess`] the platform gave
+//! this VM. Nothing here allocates after a top-up reserved room for the
+//! pages, so the stage-2 code's calls cannot fail on the heap.
+
+use alloc::collections::TryReserveError;
+use alloc::vec::Vec;
+
+use stage2::mm::{Table, TableMemory};
+use stage2::{Hpa, Pfn, PAGE_SHIFT};
+
+use super::platform::PageAccess;
+
+/// The root tables reserved for `Stage2::new`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Root {
+    pfn: Pfn,
+    pages: usize,
+    taken: bool,
+}
+
+/// One VM's pool of hypervisor-owned pages.
+#[derive(Debug)]
+pub struct Memcache<A: PageAccess> {
+    access: A,
+    /// Free pages, used last-in first-out.
+    free: Vec<Pfn>,
+    /// Pages handed out as non-root tables.
+    tables: usize,
+    root: Root,
+}
+
+impl<A: PageAccess> Memcache<A> {
+    /// An empty memcache whose root tables are `[root, root + pages)`
+    /// (already owned by the hypervisor).
+    pub fn new(access: A, root: Pfn, pages: usize) -> Self {
+        Self {
+            access,
+            free: Vec::new(),
+            tables: 0,
+            root: Root {
+                pfn: root,
+                pages,
+                taken: false,
+            },
+        }
+    }
+
+    /// Number of free pages.
+    #[must_use]
+    pub fn free_pages(&self) -> usize {
+        self.free.len()
+    }
+
+    /// The free pages (last one used first).
+    #[must_use]
+    pub fn free_list(&self) -> &[Pfn] {
+        &self.free
+    }
+
+    /// Table pages in use, the root included (while the stage-2 exists).
+    #[must_use]
+    pub fn table_pages(&self) -> usize {
+        self.tables + if self.root.taken { self.root.pages } else { 0 }
+    }
+
+    /// The reserved root tables: first frame and count.
+    #[must_use]
+    pub fn root(&self) -> (Pfn, usize) {
+        (self.root.pfn, self.root.pages)
+    }
+
+    /// Makes room for `n` more free pages, so that [`add`](Self::add)
+    /// cannot fail on the heap.
+    pub fn reserve(&mut self, n: usize) -> Result<(), TryReserveError> {
+        self.free.try_reserve(n)
+    }
+
+    /// Adds a hypervisor-owned page to the free list (after
+    /// [`reserve`](Self::reserve); if there is no room the push allocates).
+    pub fn add(&mut self, pfn: Pfn) {
+        self.free.push(pfn);
+    }
+
+    /// Takes a free page (for vCPU state or a table).
+    pub fn take(&mut self) -> Option<Pfn> {
+        self.free.pop()
+    }
+
+    /// The next page [`take`](Self::take) would return.
+    #[must_use]
+    pub fn peek(&self) -> Option<Pfn> {
+        self.free.last().copied()
+    }
+
+    /// `pfn` leaves the memcache for good (returned to the host).
+    pub fn release(&mut self, pfn: Pfn) {
+        self.access.release(pfn);
+    }
+}
+
+fn pfn_of(pa: Hpa) -> Pfn {
+    Pfn(pa.raw() >> PAGE_SHIFT)
+}
+
+fn pa_of(pfn: Pfn) -> Hpa {
+    Hpa(pfn.raw() << PAGE_SHIFT)
+}
+
+impl<A: PageAccess> TableMemory for Memcache<A> {
+    fn available(&self) -> usize {
+        self.free.len()
+    }
+
+    fn alloc_table(&mut self) -> Option<Hpa> {
+        let pfn = self.free.pop()?;
+        self.tables += 1;
+        Some(pa_of(pfn))
+    }
+
+    fn free_table(&mut self, table: Hpa) {
+        // Cannot allocate: `free` once held this page, and its capacity
+        // never shrinks.
+        self.free.push(pfn_of(table));
+        self.tables = self.tables.saturating_sub(1);
+    }
+
+    fn alloc_contiguous(&mut self, count: usize) -> Option<Hpa> {
+        // Only the root is ever allocated contiguously, exactly once.
+        if self.root.taken || count != self.root.pages {
+            return None;
+        }
+        self.root.taken = true;
+        Some(pa_of(self.root.pfn))
+    }
+
+    fn free_contiguous(&mut self, _base: Hpa, _count: usize) {
+        // The root stays reserved: finalize returns it to the host.
+        self.root.taken = false;
+    }
+
+    fn table(&self, table: Hpa) -> &Table {
+        self.access.table(pfn_of(table))
+    }
+
+    fn table_mut(&mut self, table: Hpa) -> &mut Table {
+        self.access.table_mut(pfn_of(table))
+    }
+}
