@@ -1,0 +1,866 @@
+//! The conformance cases. Each name cites the `docs/ABI.md` section it
+//! checks; every call inside is also checked against the model and followed
+//! by a read-back of every page the case used (see `harness`).
+
+use alloc::format;
+
+use hypercalls::{
+    AbiVersion, CounterGroup, HostFunction, HypError, Hypercall, Prot, Reply, VcpuIndex, VmHandle,
+};
+
+use crate::arch;
+use crate::harness::{self, count, ensure, gfn, pfn, Case, Ctx, R};
+use crate::random;
+
+use HypError::*;
+
+const IPA: u8 = 40;
+const MC: u32 = 16;
+
+fn share(vm: VmHandle, p: u64, g: u64, n: u32) -> Hypercall {
+    Hypercall::Share {
+        vm,
+        pfn: pfn(p),
+        gfn: gfn(g),
+        nr: count(n),
+        prot: Prot::RW,
+    }
+}
+fn unshare(vm: VmHandle, p: u64, g: u64, n: u32) -> Hypercall {
+    Hypercall::Unshare {
+        vm,
+        pfn: pfn(p),
+        gfn: gfn(g),
+        nr: count(n),
+    }
+}
+fn donate(vm: VmHandle, p: u64, g: u64, n: u32) -> Hypercall {
+    Hypercall::Donate {
+        vm,
+        pfn: pfn(p),
+        gfn: gfn(g),
+        nr: count(n),
+        prot: Prot::RW,
+    }
+}
+fn reclaim(vm: VmHandle, p: u64, g: u64, n: u32) -> Hypercall {
+    Hypercall::Reclaim {
+        vm,
+        pfn: pfn(p),
+        gfn: gfn(g),
+        nr: count(n),
+    }
+}
+fn topup(vm: VmHandle, p: u64, n: u32) -> Hypercall {
+    Hypercall::MemcacheTopup {
+        vm,
+        pfn: pfn(p),
+        nr: count(n),
+    }
+}
+fn id(f: HostFunction) -> u64 {
+    u64::from(f.id())
+}
+/// A well-formed handle no test VM has (slot 0x7fff).
+fn ghost() -> VmHandle {
+    VmHandle::new(0x7fff, 0x7fff).unwrap_or(VmHandle::new(1, 1).expect("valid"))
+}
+/// A handle of a VM that was live and is finalized now.
+fn stale(c: &mut Ctx) -> Result<VmHandle, alloc::string::String> {
+    let vm = c.vm(IPA, 1, 0)?;
+    c.destroy(vm)?;
+    Ok(vm)
+}
+
+// ---- §3.1, §3.2, §2.1, §2.4: the calls served since issue 3 ----
+
+fn version(c: &mut Ctx) -> R {
+    let r = c.ok(Hypercall::Version)?;
+    ensure(r == Reply::Version(AbiVersion::CURRENT), || {
+        format!("{r:?}")
+    })
+}
+fn version_reserved(c: &mut Ctx) -> R {
+    for reg in 1..8 {
+        let mut regs = Hypercall::Version.encode();
+        regs[reg] = 1 << (reg * 7);
+        c.raw_fails(regs, InvalidArgument)?;
+    }
+    Ok(())
+}
+fn features_all(c: &mut Ctx) -> R {
+    for f in HostFunction::ALL {
+        let r = c.ok(Hypercall::Features { func: f.id() })?;
+        ensure(r == Reply::Features { supported: true }, || {
+            format!(
+                "HYP_FEATURES says {} ({}) is not implemented",
+                f.name(),
+                f.doc_section()
+            )
+        })?;
+    }
+    Ok(())
+}
+fn features_unknown(c: &mut Ctx) -> R {
+    for func in [0xc600_00ff, 0xc600_0100, 0xc600_0104, 0x8400_0000, 0] {
+        let r = c.ok(Hypercall::Features { func })?;
+        ensure(r == Reply::Features { supported: false }, || {
+            format!("{func:#x}: {r:?}")
+        })?;
+    }
+    Ok(())
+}
+fn unknown_ids(c: &mut Ctx) -> R {
+    for x0 in [
+        0xc600_00ff,
+        0xc600_0100,
+        0xc600_0101,
+        0xc600_ffff,
+        0x1_c600_0000,
+    ] {
+        c.raw_fails([x0, 0, 0, 0, 0, 0, 0, 0], NotSupported)?;
+    }
+    Ok(())
+}
+
+// ---- §3.8 share / §3.9 unshare ----
+
+fn share_owned(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(2, 1)?;
+    c.ok(share(vm, p, 0x100, 2))?;
+    // The host keeps its access (§3.8).
+    arch::probe_write(p << 12, 0x1234)
+        .map_err(|f| format!("host write to a shared page faulted: {f:x?}"))?;
+    let v = arch::probe_read(p << 12)
+        .map_err(|f| format!("host read of a shared page faulted: {f:x?}"))?;
+    ensure(v == 0x1234, || format!("shared page reads {v:#x}"))
+}
+fn share_twice_other_gfn(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    c.ok(share(vm, p, 0x100, 1))?;
+    c.ok(share(vm, p, 0x200, 1))?;
+    c.ok(unshare(vm, p, 0x100, 1))?;
+    c.ok(unshare(vm, p, 0x200, 1))?;
+    Ok(())
+}
+fn share_two_vms(c: &mut Ctx) -> R {
+    let a = c.vm(IPA, 1, MC)?;
+    let b = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    c.ok(share(a, p, 0x100, 1))?;
+    c.ok(share(b, p, 0x100, 1))?;
+    c.ok(unshare(a, p, 0x100, 1))?;
+    Ok(())
+}
+fn share_same_gfn(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(2, 1)?;
+    c.ok(share(vm, p, 0x100, 1))?;
+    c.fails(share(vm, p, 0x100, 1), Exists)?;
+    c.fails(share(vm, p + 1, 0x100, 1), Exists)
+}
+fn share_donated(c: &mut Ctx) -> R {
+    let a = c.vm(IPA, 1, MC)?;
+    let b = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    c.ok(donate(a, p, 0x100, 1))?;
+    c.fails(share(b, p, 0x100, 1), Denied)?;
+    c.fails(share(a, p, 0x101, 1), Denied)
+}
+fn share_memcache(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    c.ok(topup(vm, p, 1))?;
+    c.fails(share(vm, p, 0x100, 1), Denied)
+}
+fn share_hyp_memory(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    c.track_pfns(0x40000, 1);
+    c.track_pfns(0x41fff, 1);
+    c.fails(share(vm, 0x40000, 0x100, 1), Denied)?;
+    c.fails(share(vm, 0x41fff, 0x100, 2), Denied)?;
+    c.fails(donate(vm, 0x40080, 0x100, 1), Denied)?;
+    c.fails(topup(vm, 0x40100, 1), Denied)
+}
+fn unshare_last(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(4, 1)?;
+    c.ok(share(vm, p, 0x100, 4))?;
+    c.ok(unshare(vm, p, 0x100, 4))?;
+    Ok(())
+}
+fn unshare_twice(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    c.ok(share(vm, p, 0x100, 1))?;
+    c.ok(unshare(vm, p, 0x100, 1))?;
+    c.call(unshare(vm, p, 0x100, 1))?
+        .err()
+        .ok_or("second unshare succeeded")?;
+    Ok(())
+}
+fn unshare_other_pfn(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(2, 1)?;
+    c.ok(share(vm, p, 0x100, 1))?;
+    c.ok(share(vm, p + 1, 0x101, 1))?;
+    c.fails(unshare(vm, p + 1, 0x100, 1), Denied)
+}
+fn unshare_donated(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    c.ok(donate(vm, p, 0x100, 1))?;
+    c.fails(unshare(vm, p, 0x100, 1), Denied)
+}
+fn unshare_unmapped(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(2, 1)?;
+    c.ok(share(vm, p, 0x100, 1))?;
+    // The gfn maps nothing; the frame is shared elsewhere: only ENOENT fits.
+    c.fails(unshare(vm, p, 0x300, 1), NoEntry)
+}
+
+// ---- §3.10 donate / §3.11 reclaim ----
+
+fn donate_owned(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(3, 1)?;
+    c.ok(donate(vm, p, 0x100, 3))?;
+    Ok(())
+}
+fn donate_shared(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    c.ok(share(vm, p, 0x100, 1))?;
+    c.fails(donate(vm, p, 0x200, 1), Denied)
+}
+fn donate_twice(c: &mut Ctx) -> R {
+    let a = c.vm(IPA, 1, MC)?;
+    let b = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    c.ok(donate(a, p, 0x100, 1))?;
+    c.fails(donate(b, p, 0x100, 1), Denied)?;
+    c.fails(donate(a, p, 0x200, 1), Denied)
+}
+fn donate_mapped_gfn(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(2, 1)?;
+    c.ok(share(vm, p, 0x100, 1))?;
+    c.fails(donate(vm, p + 1, 0x100, 1), Exists)
+}
+fn donate_memcache(c: &mut Ctx) -> R {
+    let a = c.vm(IPA, 1, MC)?;
+    let b = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    c.ok(topup(a, p, 1))?;
+    c.fails(donate(b, p, 0x100, 1), Denied)?;
+    c.fails(topup(b, p, 1), Denied)
+}
+fn reclaim_donated(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(2, 1)?;
+    c.ok(donate(vm, p, 0x100, 2))?;
+    c.ok(reclaim(vm, p, 0x100, 2))?;
+    Ok(())
+}
+fn reclaim_twice(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    c.ok(donate(vm, p, 0x100, 1))?;
+    c.ok(reclaim(vm, p, 0x100, 1))?;
+    c.call(reclaim(vm, p, 0x100, 1))?
+        .err()
+        .ok_or("second reclaim succeeded")?;
+    Ok(())
+}
+fn reclaim_shared(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    c.ok(share(vm, p, 0x100, 1))?;
+    c.fails(reclaim(vm, p, 0x100, 1), Denied)
+}
+fn reclaim_wrong_pfn(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(2, 1)?;
+    c.ok(donate(vm, p, 0x100, 1))?;
+    c.ok(donate(vm, p + 1, 0x101, 1))?;
+    c.fails(reclaim(vm, p + 1, 0x100, 1), Denied)
+}
+fn reclaim_other_vm(c: &mut Ctx) -> R {
+    let a = c.vm(IPA, 1, MC)?;
+    let b = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    c.ok(donate(a, p, 0x100, 1))?;
+    c.call(reclaim(b, p, 0x100, 1))?
+        .err()
+        .ok_or("VM b reclaimed VM a's page")?;
+    Ok(())
+}
+
+// ---- §3.3 - §3.5, §2.7: memcache and VM creation ----
+
+fn topup_and_reclaim(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, 0)?;
+    let p = c.pages(8, 1)?;
+    for i in 0..8 {
+        arch::fill_page(p + i, 0xa5a5_0000 + i).map_err(|f| format!("{f:x?}"))?;
+    }
+    c.ok(topup(vm, p, 8))?;
+    // Every page is free: min(6, 8) come back zeroed (the harness checks the
+    // contents of every frame the model says was returned), then 2, then 0.
+    c.ok(Hypercall::MemcacheReclaim { vm })?;
+    c.ok(Hypercall::MemcacheReclaim { vm })?;
+    let r = c.ok(Hypercall::MemcacheReclaim { vm })?;
+    ensure(
+        matches!(r, Reply::MemcacheReclaimed(p) if p.as_slice().is_empty()),
+        || format!("{r:?}"),
+    )
+}
+fn topup_bad_pages(c: &mut Ctx) -> R {
+    let a = c.vm(IPA, 1, MC)?;
+    let p = c.pages(2, 1)?;
+    c.ok(share(a, p, 0x100, 1))?;
+    c.fails(topup(a, p, 1), Denied)?;
+    c.ok(donate(a, p + 1, 0x101, 1))?;
+    c.fails(topup(a, p + 1, 1), Denied)
+}
+fn create_root(c: &mut Ctx) -> R {
+    let a = c.vm(IPA, 1, MC)?;
+    let root = c.pages(2, 2)?;
+    c.ok(share(a, root, 0x100, 1))?;
+    let call = |r| Hypercall::VmCreate {
+        ipa_bits: hypercalls::IpaBits::new(IPA).expect("valid"),
+        nr_vcpus: hypercalls::VcpuCount::new(1).expect("valid"),
+        root: pfn(r),
+    };
+    c.fails(call(root), Denied)?;
+    c.ok(unshare(a, root, 0x100, 1))?;
+    let b = match c.ok(call(root))? {
+        Reply::VmCreated { vm } => vm,
+        r => return Err(format!("{r:?}")),
+    };
+    ensure(b != a, || "two live VMs share a handle".into())?;
+    c.fails(call(root), Denied)
+}
+fn create_misaligned(c: &mut Ctx) -> R {
+    // 32-bit IPA: 4 concatenated root pages, so the root must be 4-aligned.
+    let root = c.pages(5, 4)? + 1;
+    c.raw_fails(
+        [id(HostFunction::VmCreate), 32, 1, root, 0, 0, 0, 0],
+        InvalidArgument,
+    )
+}
+fn no_memcache(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 2, 0)?;
+    let p = c.pages(2, 1)?;
+    c.fails(share(vm, p, 0x100, 1), NoMemory)?;
+    c.fails(donate(vm, p + 1, 0x101, 1), NoMemory)?;
+    c.fails(
+        Hypercall::VcpuCreate {
+            vm,
+            vcpu: VcpuIndex::new(0).expect("valid"),
+        },
+        NoMemory,
+    )?;
+    let mc = c.pages(u64::from(MC), 1)?;
+    c.ok(topup(vm, mc, MC))?;
+    c.ok(share(vm, p, 0x100, 1))?;
+    c.ok(donate(vm, p + 1, 0x101, 1))?;
+    Ok(())
+}
+fn atomic_share(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(4, 1)?;
+    c.ok(donate(vm, p + 3, 0x200, 1))?;
+    c.fails(share(vm, p, 0x100, 4), Denied)?;
+    c.ok(share(vm, p + 1, 0x102, 1))?;
+    c.fails(share(vm, p, 0x101, 2), Exists)
+}
+fn atomic_donate(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(4, 1)?;
+    c.ok(share(vm, p + 3, 0x200, 1))?;
+    c.fails(donate(vm, p, 0x100, 4), Denied)?;
+    c.ok(donate(vm, p, 0x103, 1))?;
+    c.fails(donate(vm, p + 1, 0x102, 2), Exists)
+}
+
+// ---- §2.2 argument validation ----
+
+fn pfn_not_ram(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let end = crate::rt::platform()
+        .ram
+        .iter()
+        .map(|r| r.1)
+        .max()
+        .unwrap_or(0)
+        >> 12;
+    c.track_pfns(end, 1);
+    c.track_pfns(0x9000, 1);
+    c.fails(share(vm, end, 0x100, 1), OutOfRange)?;
+    c.fails(share(vm, end - 1, 0x100, 2), OutOfRange)?;
+    c.fails(donate(vm, 0x9000, 0x100, 1), OutOfRange)?;
+    c.fails(share(vm, 0x9000, 0x100, 1), OutOfRange)?;
+    c.fails(topup(vm, 0x9000, 1), OutOfRange)?;
+    c.fails(Hypercall::HostPageState { pfn: pfn(0x9000) }, OutOfRange)
+}
+fn gfn_beyond_ipa(c: &mut Ctx) -> R {
+    let vm = c.vm(32, 1, MC)?;
+    let p = c.pages(2, 1)?;
+    let limit = 1u64 << 20;
+    c.fails(share(vm, p, limit, 1), OutOfRange)?;
+    c.fails(share(vm, p, limit - 1, 2), OutOfRange)?;
+    c.fails(donate(vm, p, limit, 1), OutOfRange)?;
+    c.fails(
+        Hypercall::GuestPageState {
+            vm,
+            gfn: gfn(limit),
+        },
+        OutOfRange,
+    )?;
+    c.ok(share(vm, p, limit - 1, 1))?;
+    Ok(())
+}
+fn range_past_2_40(c: &mut Ctx) -> R {
+    let vm = c.vm(48, 1, MC)?;
+    let p = c.pages(2, 1)?;
+    let top = (1u64 << 40) - 1;
+    c.fails(share(vm, top, 0x100, 2), OutOfRange)?;
+    c.fails(share(vm, p, top, 2), OutOfRange)
+}
+fn nr_pages_bounds(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    let v = u64::from(vm.raw());
+    let s = id(HostFunction::Share);
+    c.raw_fails([s, v, p, 0x100, 0, 1, 0, 0], InvalidArgument)?;
+    c.raw_fails([s, v, p, 0x100, 513, 1, 0, 0], TooBig)?;
+    c.raw_fails([s, v, p, 0x100, u64::MAX, 1, 0, 0], TooBig)?;
+    c.raw_fails(
+        [id(HostFunction::MemcacheTopup), v, p, 0, 0, 0, 0, 0],
+        InvalidArgument,
+    )
+}
+fn handles(c: &mut Ctx) -> R {
+    let p = c.pages(1, 1)?;
+    let s = id(HostFunction::Share);
+    c.raw_fails([s, 0, p, 0x100, 1, 1, 0, 0], InvalidArgument)?;
+    c.raw_fails([s, 0x1_0001_0000, p, 0x100, 1, 1, 0, 0], InvalidArgument)?;
+    c.raw_fails([s, 0xffff, p, 0x100, 1, 1, 0, 0], InvalidArgument)?;
+    c.fails(share(ghost(), p, 0x100, 1), NoEntry)?;
+    c.fails(Hypercall::TeardownStart { vm: ghost() }, NoEntry)?;
+    c.fails(
+        Hypercall::GuestPageState {
+            vm: ghost(),
+            gfn: gfn(0),
+        },
+        NoEntry,
+    )
+}
+fn stale_handle(c: &mut Ctx) -> R {
+    let vm = stale(c)?;
+    let p = c.pages(1, 1)?;
+    let v0 = VcpuIndex::new(0).expect("valid");
+    for call in [
+        share(vm, p, 0x100, 1),
+        donate(vm, p, 0x100, 1),
+        topup(vm, p, 1),
+        Hypercall::MemcacheReclaim { vm },
+        Hypercall::VcpuCreate { vm, vcpu: v0 },
+        Hypercall::VcpuRun { vm, vcpu: v0 },
+        Hypercall::TeardownStart { vm },
+        Hypercall::TeardownReclaim { vm },
+        Hypercall::TeardownFinalize { vm },
+        Hypercall::VmCounters {
+            vm,
+            group: CounterGroup::Stage2,
+        },
+        Hypercall::GuestPageState { vm, gfn: gfn(0) },
+    ] {
+        c.fails(call, NoEntry)?;
+    }
+    Ok(())
+}
+fn prot_bits(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    let v = u64::from(vm.raw());
+    for (f, prot) in [
+        (HostFunction::Share, 0),
+        (HostFunction::Share, 2),
+        (HostFunction::Share, 8),
+        (HostFunction::Donate, 4),
+        (HostFunction::Donate, 1 << 40),
+    ] {
+        c.raw_fails([id(f), v, p, 0x100, 1, prot, 0, 0], InvalidArgument)?;
+    }
+    c.raw_fails(
+        [id(HostFunction::RelaxPerms), v, 0x100, 0, 0, 0, 0, 0],
+        InvalidArgument,
+    )
+}
+fn reserved_regs(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    let v = u64::from(vm.raw());
+    c.raw_fails(
+        [id(HostFunction::Share), v, p, 0x100, 1, 1, 1, 0],
+        InvalidArgument,
+    )?;
+    c.raw_fails(
+        [id(HostFunction::Share), v, p, 0x100, 1, 1, 0, 1 << 63],
+        InvalidArgument,
+    )?;
+    c.raw_fails(
+        [id(HostFunction::Unshare), v, p, 0x100, 1, 1, 0, 0],
+        InvalidArgument,
+    )?;
+    c.raw_fails(
+        [id(HostFunction::HostPageState), p, 1, 0, 0, 0, 0, 0],
+        InvalidArgument,
+    )?;
+    c.raw_fails(
+        [id(HostFunction::TeardownStart), v, 0, 0, 0, 0, 0, 5],
+        InvalidArgument,
+    )
+}
+fn high_bits(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    let v = u64::from(vm.raw());
+    c.raw_fails(
+        [id(HostFunction::Share), v, p | 1 << 40, 0x100, 1, 1, 0, 0],
+        InvalidArgument,
+    )?;
+    c.raw_fails(
+        [id(HostFunction::Share), v, p, 1 << 40, 1, 1, 0, 0],
+        InvalidArgument,
+    )?;
+    c.raw_fails(
+        [id(HostFunction::HostPageState), 1 << 63, 0, 0, 0, 0, 0, 0],
+        InvalidArgument,
+    )
+}
+fn create_args(c: &mut Ctx) -> R {
+    let root = c.pages(16, 16)?;
+    let f = id(HostFunction::VmCreate);
+    for (bits, vcpus) in [(31, 1), (49, 1), (0, 1), (40, 0), (40, 65)] {
+        c.raw_fails([f, bits, vcpus, root, 0, 0, 0, 0], InvalidArgument)?;
+    }
+    Ok(())
+}
+fn vcpus(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 2, MC)?;
+    let v = |i| Hypercall::VcpuCreate {
+        vm,
+        vcpu: VcpuIndex::new(i).expect("valid"),
+    };
+    c.fails(v(2), OutOfRange)?;
+    c.ok(v(1))?;
+    c.fails(v(1), Exists)?;
+    c.fails(
+        Hypercall::VcpuRun {
+            vm,
+            vcpu: VcpuIndex::new(0).expect("valid"),
+        },
+        NoEntry,
+    )?;
+    c.raw_fails(
+        [
+            id(HostFunction::VcpuCreate),
+            u64::from(vm.raw()),
+            64,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ],
+        InvalidArgument,
+    )
+}
+fn error_order(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    c.track_pfns(0x9000, 1);
+    // No VM beats a bad frame; a dying VM beats a bad frame and a bad gfn.
+    c.fails(share(ghost(), 0x9000, 1 << 30, 1), NoEntry)?;
+    c.fails(share(vm, 0x9000, 1 << 30, 1), OutOfRange)?;
+    c.ok(Hypercall::TeardownStart { vm })?;
+    c.fails(share(vm, 0x9000, 1 << 30, 1), Busy)
+}
+fn counters(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    c.counters(vm, CounterGroup::Runtime)?;
+    let p = c.pages(4, 1)?;
+    c.ok(share(vm, p, 0x100, 2))?;
+    c.ok(donate(vm, p + 2, 0x102, 2))?;
+    c.ok(unshare(vm, p, 0x100, 1))?;
+    c.ok(reclaim(vm, p + 2, 0x102, 1))?;
+    c.counters(vm, CounterGroup::Stage2)?;
+    c.counters(vm, CounterGroup::Runtime)?;
+    c.raw_fails(
+        [
+            id(HostFunction::VmCounters),
+            u64::from(vm.raw()),
+            2,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ],
+        InvalidArgument,
+    )
+}
+fn wrprotect_relax_young(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(3, 1)?;
+    c.ok(share(vm, p, 0x100, 1))?;
+    c.ok(Hypercall::Share {
+        vm,
+        pfn: pfn(p + 1),
+        gfn: gfn(0x102),
+        nr: count(1),
+        prot: Prot::R,
+    })?;
+    c.ok(donate(vm, p + 2, 0x104, 1))?;
+    // 0x100..0x105: two writable pages, one read-only, holes between.
+    let r = c.ok(Hypercall::WrProtect {
+        vm,
+        gfn: gfn(0x100),
+        nr: count(5),
+    })?;
+    ensure(r == Reply::WrProtected { pages: 2 }, || format!("{r:?}"))?;
+    c.ok(Hypercall::WrProtect {
+        vm,
+        gfn: gfn(0x100),
+        nr: count(5),
+    })?;
+    c.ok(Hypercall::RelaxPerms {
+        vm,
+        gfn: gfn(0x102),
+        prot: Prot::W,
+    })?;
+    c.ok(Hypercall::RelaxPerms {
+        vm,
+        gfn: gfn(0x104),
+        prot: Prot::X,
+    })?;
+    c.fails(
+        Hypercall::RelaxPerms {
+            vm,
+            gfn: gfn(0x101),
+            prot: Prot::W,
+        },
+        NoEntry,
+    )?;
+    c.ok(Hypercall::TestClearYoung {
+        vm,
+        gfn: gfn(0x100),
+        nr: count(8),
+    })?;
+    let r = c.ok(Hypercall::TestClearYoung {
+        vm,
+        gfn: gfn(0x200),
+        nr: count(8),
+    })?;
+    ensure(r == Reply::Young { young: false }, || {
+        format!("an unmapped range is young: {r:?}")
+    })
+}
+
+// ---- isolation ----
+
+fn donated_faults(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(1, 1)?;
+    c.ok(donate(vm, p, 0x100, 1))?;
+    match arch::probe_read((p << 12) + 0x40) {
+        Ok(v) => Err(format!("host read of a donated page succeeded ({v:#x})")),
+        Err(f) => ensure(f.far == (p << 12) + 0x40, || {
+            format!("abort FAR {:#x}", f.far)
+        }),
+    }?;
+    arch::probe_write(p << 12, 1)
+        .err()
+        .ok_or("host write to a donated page succeeded")?;
+    Ok(())
+}
+fn reclaimed_zero(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(2, 1)?;
+    for i in 0..2 {
+        arch::fill_page(p + i, 0x5eed_0000_0000 + i).map_err(|f| format!("{f:x?}"))?;
+    }
+    c.ok(donate(vm, p, 0x100, 2))?;
+    // The harness checks every reclaimed frame reads all zero.
+    c.ok(reclaim(vm, p, 0x100, 2))?;
+    Ok(())
+}
+fn hyp_memory_faults(_c: &mut Ctx) -> R {
+    for addr in [0x4000_0000, 0x4008_0000, 0x41ff_fff8] {
+        if let Ok(v) = arch::probe_read(addr) {
+            return Err(format!(
+                "host read of hypervisor memory {addr:#x} succeeded ({v:#x})"
+            ));
+        }
+    }
+    Ok(())
+}
+fn memcache_faults(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, 0)?;
+    let p = c.pages(1, 1)?;
+    c.ok(topup(vm, p, 1))?;
+    arch::probe_read(p << 12)
+        .err()
+        .ok_or("host read of a memcache page succeeded")?;
+    Ok(())
+}
+
+// ---- §2.6, §3.15 - §3.17 lifecycle ----
+
+fn teardown_twice(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    c.fails(Hypercall::TeardownReclaim { vm }, Busy)?;
+    c.fails(Hypercall::TeardownFinalize { vm }, Busy)?;
+    c.ok(Hypercall::TeardownStart { vm })?;
+    c.fails(Hypercall::TeardownStart { vm }, Busy)?;
+    c.fails(Hypercall::TeardownFinalize { vm }, Busy)?;
+    c.destroy(vm)?;
+    c.fails(Hypercall::TeardownStart { vm }, NoEntry)?;
+    c.fails(Hypercall::TeardownFinalize { vm }, NoEntry)
+}
+fn dying_calls(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 2, MC)?;
+    let p = c.pages(4, 1)?;
+    c.ok(share(vm, p, 0x100, 1))?;
+    c.ok(donate(vm, p + 1, 0x101, 1))?;
+    c.ok(Hypercall::TeardownStart { vm })?;
+    let v0 = VcpuIndex::new(0).expect("valid");
+    for call in [
+        share(vm, p + 2, 0x200, 1),
+        donate(vm, p + 2, 0x200, 1),
+        unshare(vm, p, 0x100, 1),
+        reclaim(vm, p + 1, 0x101, 1),
+        topup(vm, p + 3, 1),
+        Hypercall::VcpuCreate { vm, vcpu: v0 },
+        Hypercall::WrProtect {
+            vm,
+            gfn: gfn(0x100),
+            nr: count(1),
+        },
+        Hypercall::RelaxPerms {
+            vm,
+            gfn: gfn(0x100),
+            prot: Prot::X,
+        },
+        Hypercall::TestClearYoung {
+            vm,
+            gfn: gfn(0x100),
+            nr: count(1),
+        },
+    ] {
+        c.fails(call, Busy)?;
+    }
+    c.counters(vm, CounterGroup::Stage2)?;
+    c.guest(vm, 0x100)?;
+    c.ok(Hypercall::MemcacheReclaim { vm })?;
+    Ok(())
+}
+fn teardown_everything_back(c: &mut Ctx) -> R {
+    let vm = c.vm(48, 4, 24)?;
+    let p = c.pages(12, 1)?;
+    for i in 0..4 {
+        arch::fill_page(p + 4 + i, 0x7777 + i).map_err(|f| format!("{f:x?}"))?;
+    }
+    c.ok(share(vm, p, 0x100, 4))?;
+    c.ok(donate(vm, p + 4, 0x1000, 4))?;
+    // Far apart gfns need more table pages.
+    c.ok(share(vm, p + 8, 0x4_0000, 2))?;
+    c.ok(donate(vm, p + 10, 0x800_0000, 2))?;
+    for i in 0..4 {
+        c.ok(Hypercall::VcpuCreate {
+            vm,
+            vcpu: VcpuIndex::new(i).expect("valid"),
+        })?;
+    }
+    // destroy: every guest page, table page, vCPU page, memcache page and
+    // root page comes back host OWNED (read-back), donated ones zeroed.
+    c.destroy(vm)
+}
+
+// ---- concurrency and random tests live in `random` ----
+
+/// Every case, in order.
+pub const CASES: &[Case] = &[
+    Case { name: "§3.1 version: HYP_VERSION returns the crate's 0.1 and preserves x8..x17", run: version },
+    Case { name: "§3.1 version: any non-zero argument register is EINVAL", run: version_reserved },
+    Case { name: "§2.4 unknown ids, guest ids from the host and x0 bits 63:32 are NOT_SUPPORTED", run: unknown_ids },
+    Case { name: "§3.2 features: every host call of the ABI is implemented", run: features_all },
+    Case { name: "§3.2 features: unknown and guest-call ids report 0", run: features_unknown },
+    Case { name: "§3.8 share: host OWNED pages become SHARED_OWNED, guest SHARED_BORROWED, host keeps access", run: share_owned },
+    Case { name: "§3.8 share: a SHARED_OWNED page shared at a second gfn counts 2", run: share_twice_other_gfn },
+    Case { name: "§3.8 share: one page shared with two VMs counts each borrow", run: share_two_vms },
+    Case { name: "§3.8 share: double share of the same gfn is EEXIST", run: share_same_gfn },
+    Case { name: "§3.8 share: a donated (VM-owned) page is EACCES", run: share_donated },
+    Case { name: "§3.8 share: a memcache (Hyp-owned) page is EACCES", run: share_memcache },
+    Case { name: "§2.5 hypervisor memory [0x4000_0000, 0x4200_0000) cannot be shared, donated or topped up (EACCES)", run: share_hyp_memory },
+    Case { name: "§3.9 unshare: the last unshare returns pages to host OWNED", run: unshare_last },
+    Case { name: "§3.9 unshare: double unshare fails and changes nothing", run: unshare_twice },
+    Case { name: "§3.9 unshare: a gfn mapping another frame is EACCES", run: unshare_other_pfn },
+    Case { name: "§3.9 unshare: a donated gfn is EACCES", run: unshare_donated },
+    Case { name: "§3.9 unshare: an unmapped gfn is ENOENT", run: unshare_unmapped },
+    Case { name: "§3.10 donate: host OWNED pages become VM OWNED, host NONE", run: donate_owned },
+    Case { name: "§3.10 donate: a shared page is EACCES", run: donate_shared },
+    Case { name: "§3.10 donate: an already donated page is EACCES", run: donate_twice },
+    Case { name: "§3.10 donate: a mapped gfn is EEXIST", run: donate_mapped_gfn },
+    Case { name: "§3.10 donate: a memcache page is EACCES (and cannot be topped up twice)", run: donate_memcache },
+    Case { name: "§3.11 reclaim: a donated page returns host OWNED", run: reclaim_donated },
+    Case { name: "§3.11 reclaim: double reclaim fails and changes nothing", run: reclaim_twice },
+    Case { name: "§3.11 reclaim: a shared gfn is EACCES", run: reclaim_shared },
+    Case { name: "§3.11 reclaim: a pfn the gfn does not map is EACCES", run: reclaim_wrong_pfn },
+    Case { name: "§3.11 reclaim: another VM's page is refused", run: reclaim_other_vm },
+    Case { name: "§3.3/§3.4 memcache: topup makes pages Hyp-owned; reclaim returns min(6, free) zeroed", run: topup_and_reclaim },
+    Case { name: "§3.3 memcache topup: shared or donated pages are EACCES", run: topup_bad_pages },
+    Case { name: "§3.5 vm create: root pages become Hyp-owned; a shared or used root is EACCES", run: create_root },
+    Case { name: "§3.5 vm create: a misaligned root is EINVAL", run: create_misaligned },
+    Case { name: "§2.2 vm create: ipa_bits outside 32..48 and nr_vcpus outside 1..64 are EINVAL", run: create_args },
+    Case { name: "§2.7 memcache: share, donate and vCPU create with an empty memcache are ENOMEM and change nothing", run: no_memcache },
+    Case { name: "§2.1 atomicity: a range share failing on one page changes nothing", run: atomic_share },
+    Case { name: "§2.1 atomicity: a range donate failing on one page changes nothing", run: atomic_donate },
+    Case { name: "§2.2 pfn: frames beyond RAM or in MMIO (0x0900_0000) are ERANGE", run: pfn_not_ram },
+    Case { name: "§2.2 gfn: an IPA beyond the VM's IPA size is ERANGE", run: gfn_beyond_ipa },
+    Case { name: "§2.2 a range whose end passes 2^40 is ERANGE", run: range_past_2_40 },
+    Case { name: "§2.2 nr_pages: 0 is EINVAL, above 512 is E2BIG", run: nr_pages_bounds },
+    Case { name: "§2.2 vm: handle 0 or bits 63:32 set is EINVAL, a handle of no VM is ENOENT", run: handles },
+    Case { name: "§2.6 vm: a stale handle (after finalize) is ENOENT for every call", run: stale_handle },
+    Case { name: "§2.2 prot: reserved bits, no R, empty relax are EINVAL", run: prot_bits },
+    Case { name: "§2.1 reserved: a non-zero unused register is EINVAL", run: reserved_regs },
+    Case { name: "§2.2 pfn/gfn bits above 39 are EINVAL", run: high_bits },
+    Case { name: "§3.6 vcpu create: index >= nr_vcpus ERANGE, twice EEXIST, 64 EINVAL; §3.7 run of none ENOENT", run: vcpus },
+    Case { name: "§2.4 error order: ENOENT before ERANGE, EBUSY before ERANGE", run: error_order },
+    Case { name: "§3.18 counters: page counters match the calls; group 2 is EINVAL", run: counters },
+    Case { name: "§3.12-§3.14 wrprotect counts changed pages, relax adds, young on holes is 0", run: wrprotect_relax_young },
+    Case { name: "§3.10 isolation: host access to a donated page takes an external abort", run: donated_faults },
+    Case { name: "§3.11 isolation: a reclaimed donated page reads zero after a pattern was written", run: reclaimed_zero },
+    Case { name: "§2.5 isolation: host access to hypervisor memory takes an external abort", run: hyp_memory_faults },
+    Case { name: "§3.3 isolation: host access to a memcache page takes an external abort", run: memcache_faults },
+    Case { name: "§3.15 teardown: start twice is EBUSY, reclaim/finalize of a live VM EBUSY, stale after", run: teardown_twice },
+    Case { name: "§2.6 dying: mapping, vCPU and permission calls are EBUSY; counters, state, memcache reclaim work", run: dying_calls },
+    Case { name: "§3.16/§3.17 teardown: every page (guest, table, vCPU, memcache, root) back with the host", run: teardown_everything_back },
+];
+
+/// Runs every case, then the concurrency cases and the random tester.
+pub fn run_all() -> (u32, u32) {
+    let (mut passed, mut failed) = (0, 0);
+    if let Err(e) = harness::check_pool() {
+        crate::say!("FAIL test pool: {e}");
+        return (0, 1);
+    }
+    harness::run(CASES, &mut passed, &mut failed);
+    random::run(&mut passed, &mut failed);
+    (passed, failed)
+}

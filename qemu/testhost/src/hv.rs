@@ -1,0 +1,43 @@
+//! Host calls: typed (encode with the hypercalls crate, decode the reply
+//! strictly) and raw (any x0..x7, for malformed-argument cases).
+
+use hypercalls::{HypError, Hypercall, Reply, ReplyError};
+
+use crate::arch;
+
+/// The code a malformed reply is reported as (no real code uses it).
+pub const MALFORMED: i64 = -4095;
+
+/// What one call returned.
+#[derive(Clone, Copy, Debug)]
+pub struct Answer {
+    /// The decoded result; a reply the crate cannot decode for this call is
+    /// `Err(Unknown(MALFORMED))`.
+    pub result: Result<Reply, HypError>,
+    /// x0..x7 as returned.
+    pub regs: [u64; 8],
+    /// Whether x8..x17 were preserved (§2.1).
+    pub preserved: bool,
+}
+
+/// Issues `call`.
+pub fn call(call: &Hypercall) -> Answer {
+    let (regs, preserved) = arch::hvc(call.encode());
+    let result = match call.decode_reply(&regs) {
+        Ok(r) => Ok(r),
+        Err(ReplyError::Failed(e)) => Err(e),
+        Err(ReplyError::Malformed) => Err(HypError::Unknown(MALFORMED)),
+    };
+    Answer {
+        result,
+        regs,
+        preserved,
+    }
+}
+
+/// Issues raw registers; returns x0 as an error code (0 = success) and all
+/// eight registers.
+pub fn raw(regs: [u64; 8]) -> (i64, [u64; 8], bool) {
+    let (out, preserved) = arch::hvc(regs);
+    (out[0] as i64, out, preserved)
+}
