@@ -10,8 +10,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::boot::progress;
-use crate::util::{capture, on_path};
+use crate::install::{apt_get, privileged};
+use crate::util::{capture, capture_ok, on_path, progress, unique_name};
 
 /// Host packages a boot needs, each with a program that proves it is installed.
 pub const HOST_PACKAGES: &[(&str, &str)] = &[
@@ -121,7 +121,7 @@ pub fn debian(root: &Path) -> Result<Debian, String> {
 
 /// Enables arm64 as a foreign dpkg architecture (once) so apt knows the
 /// arm64 packages.
-fn multiarch() -> Result<(), String> {
+pub fn multiarch() -> Result<(), String> {
     let out = capture(Command::new("dpkg").arg("--print-foreign-architectures"))?;
     if String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -170,12 +170,10 @@ fn fetch(base: &Path, pkg: &str) -> Result<Unpacked, String> {
     let version = candidate_version(pkg)?;
     let debs = base.join("debs");
     fs::create_dir_all(&debs).map_err(|e| format!("{}: {e}", debs.display()))?;
-    let deb = debs.join(deb_file_name(pkg, &version));
+    let deb = debs.join(deb_file_name(pkg, &version, "arm64"));
     // Other runs may fill the cache at the same time: work in a folder of
     // our own and rename into place (atomic on one file system).
-    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = base.join(format!(".tmp-{}-{seq}-{pkg}", std::process::id()));
+    let tmp = base.join(format!(".tmp-{}-{pkg}", unique_name()));
     let result = download_and_unpack(pkg, &version, &deb, &tmp, base);
     let _ = fs::remove_dir_all(&tmp);
     let dir = result?;
@@ -198,20 +196,8 @@ fn download_and_unpack(
     let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
     fs::create_dir_all(tmp).map_err(|e| io(tmp, e))?;
     if !deb.is_file() {
-        progress(&format!("apt-get download {pkg}:arm64 ({version})"));
-        let out = capture(
-            Command::new("apt-get")
-                .args(["download", "-q", &format!("{pkg}:arm64={version}")])
-                .current_dir(tmp),
-        )?;
         let got = tmp.join(deb.file_name().unwrap_or_default());
-        if !out.status.success() || !got.is_file() {
-            return Err(format!(
-                "`apt-get download {pkg}:arm64={version}` failed (expected {}): {}",
-                deb.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        download(&format!("{pkg}:arm64={version}"), &got)?;
         fs::rename(&got, deb).map_err(|e| io(deb, e))?;
     }
     let dir = base.join(format!("{pkg}_{}", version.replace(':', "%3a")));
@@ -220,14 +206,7 @@ fn download_and_unpack(
     }
     progress(&format!("dpkg-deb -x {}", deb.display()));
     let staging = tmp.join("root");
-    let out = capture(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&staging))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`dpkg-deb -x {}` failed: {}",
-            deb.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
+    unpack(deb, &staging)?;
     let stamp = staging.join(".unpacked");
     fs::write(&stamp, version).map_err(|e| io(&stamp, e))?;
     if dir.exists() && !dir.join(".unpacked").is_file() {
@@ -240,6 +219,31 @@ fn download_and_unpack(
         Err(_) if dir.join(".unpacked").is_file() => Ok(dir),
         Err(e) => Err(io(&dir, e)),
     }
+}
+
+/// Runs `apt-get download SPEC` (`pkg[:arch][=version]`) in `deb`'s folder,
+/// which must then hold `deb` (the name apt gives it, see [`deb_file_name`]).
+pub fn download(spec: &str, deb: &Path) -> Result<(), String> {
+    progress(&format!("apt-get download {spec}"));
+    let dir = deb.parent().unwrap_or(Path::new("."));
+    capture_ok(
+        Command::new("apt-get")
+            .args(["download", "-q", spec])
+            .current_dir(dir),
+    )?;
+    if deb.is_file() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`apt-get download {spec}` did not write {}",
+            deb.display()
+        ))
+    }
+}
+
+/// Unpacks the files of `deb` under `dir` (`dpkg-deb -x`).
+pub fn unpack(deb: &Path, dir: &Path) -> Result<(), String> {
+    capture_ok(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir)).map(drop)
 }
 
 /// The version apt would pick for `pkg:arm64`.
@@ -257,16 +261,22 @@ pub fn parse_candidate(text: &str) -> Option<String> {
     })
 }
 
-/// The file name `apt-get download` gives a package (the epoch's `:` is
-/// written `%3a`).
-pub fn deb_file_name(pkg: &str, version: &str) -> String {
-    format!("{pkg}_{}_arm64.deb", version.replace(':', "%3a"))
+/// The file name `apt-get download` gives `pkg` at `version` for `arch`
+/// (an epoch's `:` is written `%3a`).
+pub fn deb_file_name(pkg: &str, version: &str, arch: &str) -> String {
+    format!("{pkg}_{}_{arch}.deb", version.replace(':', "%3a"))
 }
 
-/// Checks that `path` is an arm64 Linux `Image` (magic `ARM\x64` at 56).
+/// Whether `data` starts with an arm64 Linux `Image` header (magic
+/// `ARM\x64` at offset 56).
+pub fn is_arm64_image(data: &[u8]) -> bool {
+    data.get(56..60) == Some(b"ARM\x64".as_slice())
+}
+
+/// Checks that `path` is an arm64 Linux `Image`.
 fn check_image(path: &Path) -> Result<(), String> {
     let data = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if data.get(56..60) == Some(b"ARM\x64".as_slice()) {
+    if is_arm64_image(&data) {
         Ok(())
     } else {
         Err(format!(
@@ -274,36 +284,6 @@ fn check_image(path: &Path) -> Result<(), String> {
             path.display()
         ))
     }
-}
-
-fn apt_get(args: &[&str]) -> Result<(), String> {
-    privileged("apt-get", args)
-}
-
-/// Runs a command as root (through sudo when we are not root).
-fn privileged(prog: &str, args: &[&str]) -> Result<(), String> {
-    let mut cmd = if is_root() {
-        Command::new(prog)
-    } else {
-        let mut c = Command::new("sudo");
-        c.arg(prog);
-        c
-    };
-    cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-    let st = cmd
-        .status()
-        .map_err(|e| format!("cannot run {prog}: {e}"))?;
-    if st.success() {
-        Ok(())
-    } else {
-        Err(format!("`{prog} {}` failed ({st})", args.join(" ")))
-    }
-}
-
-fn is_root() -> bool {
-    capture(Command::new("id").arg("-u"))
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -357,13 +337,31 @@ mod tests {
     }
 
     #[test]
+    fn arm64_image_magic() {
+        let mut image = vec![0u8; 64];
+        assert!(!is_arm64_image(&image));
+        image[56..60].copy_from_slice(b"ARM\x64");
+        assert!(is_arm64_image(&image));
+        assert!(!is_arm64_image(&image[..59]));
+    }
+
+    #[test]
     fn candidate_version_is_read() {
         let out = "busybox-static:arm64:\n  Installed: (none)\n  Candidate: 1:1.35.0-4+b1\n";
         assert_eq!(parse_candidate(out).as_deref(), Some("1:1.35.0-4+b1"));
         assert_eq!(parse_candidate("x:\n  Candidate: (none)\n"), None);
         assert_eq!(
-            deb_file_name("busybox-static", "1:1.35.0-4+b1"),
+            parse_candidate("x:\n  Installed: (none)\n  Candidate: 6.1.192-2\n").as_deref(),
+            Some("6.1.192-2")
+        );
+        assert_eq!(
+            deb_file_name("busybox-static", "1:1.35.0-4+b1", "arm64"),
             "busybox-static_1%3a1.35.0-4+b1_arm64.deb"
         );
+        assert_eq!(
+            deb_file_name("linux-kbuild-6.1", "6.1.192-2", "amd64"),
+            "linux-kbuild-6.1_6.1.192-2_amd64.deb"
+        );
+        assert_eq!(deb_file_name("x", "1:2-3", "all"), "x_1%3a2-3_all.deb");
     }
 }

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::util::{capture, on_path, progress};
+use crate::util::{capture, on_path, progress, run};
 
 /// Targets from rust-toolchain.toml; rustup normally installs them on first
 /// use, this makes sure of it.
@@ -28,27 +28,16 @@ pub fn rust_targets() -> Result<(), String> {
         .collect();
     if !missing.is_empty() {
         progress(&format!("rustup target add {}", missing.join(" ")));
-        let st = Command::new("rustup")
+        run(Command::new("rustup")
             .args(["target", "add"])
-            .args(&missing)
-            .status()
-            .map_err(|e| format!("cannot run rustup: {e}"))?;
-        if !st.success() {
-            return Err(format!("rustup target add failed ({st})"));
-        }
+            .args(&missing))?;
     }
     let out = capture(Command::new("rustup").args(["component", "list", "--installed"]))?;
     let installed = String::from_utf8_lossy(&out.stdout);
     for comp in ["clippy", "rustfmt", "llvm-tools"] {
         if !installed.lines().any(|l| l.starts_with(comp)) {
             progress(&format!("rustup component add {comp}"));
-            let st = Command::new("rustup")
-                .args(["component", "add", comp])
-                .status()
-                .map_err(|e| format!("cannot run rustup: {e}"))?;
-            if !st.success() {
-                return Err(format!("rustup component add {comp} failed ({st})"));
-            }
+            run(Command::new("rustup").args(["component", "add", comp]))?;
         }
     }
     Ok(())
@@ -60,29 +49,34 @@ pub fn apt_for(prog: &str, packages: &[&str]) -> Result<(), String> {
         return Ok(());
     }
     progress(&format!("apt-get install {}", packages.join(" ")));
-    let sudo = !is_root();
-    let mut update = Command::new(if sudo { "sudo" } else { "apt-get" });
-    if sudo {
-        update.arg("apt-get");
-    }
-    update.args(["update", "-qq"]);
-    let _ = update.status();
-    let mut cmd = Command::new(if sudo { "sudo" } else { "apt-get" });
-    if sudo {
-        cmd.arg("apt-get");
-    }
-    cmd.args(["install", "-y", "-qq"]).args(packages);
-    cmd.env("DEBIAN_FRONTEND", "noninteractive");
-    let st = cmd
-        .status()
-        .map_err(|e| format!("cannot run apt-get: {e}"))?;
-    if !st.success() || !on_path(prog) {
+    // Stale lists only matter if the install then fails, which is reported.
+    let _ = apt_get(&["update", "-qq"]);
+    let installed = apt_get(&[&["install", "-y", "-qq"], packages].concat());
+    if installed.is_err() || !on_path(prog) {
         return Err(format!(
             "could not install {} (needed for `{prog}`)",
             packages.join(" ")
         ));
     }
     Ok(())
+}
+
+/// Runs `apt-get` as root, non-interactively.
+pub fn apt_get(args: &[&str]) -> Result<(), String> {
+    privileged("apt-get", args)
+}
+
+/// Runs a command as root (through sudo when we are not root), with the
+/// terminal's output.
+pub fn privileged(prog: &str, args: &[&str]) -> Result<(), String> {
+    let mut cmd = if is_root() {
+        Command::new(prog)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg(prog);
+        c
+    };
+    run(cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn is_root() -> bool {

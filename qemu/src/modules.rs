@@ -15,19 +15,16 @@
 //! tree must stay clean), then built with
 //! `make -C <headers> M=build/modules/kmod ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu- modules`.
 //!
-//! The kernel is picked the way the runner picks the one it boots: the
-//! dependency of `linux-image-arm64:arm64`, at apt's candidate version. Every
-//! built module's `vermagic` is checked against that release.
+//! The kernel is the one the runner boots (`assets::debian` finds it); every
+//! built module's `vermagic` is checked against its release.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::assets::{deb_file_name, download, multiarch, unpack};
 use crate::install::apt_for;
-use crate::util::{capture, progress};
-
-/// The meta-package whose dependency names the current kernel.
-const KERNEL_META: &str = "linux-image-arm64:arm64";
+use crate::util::capture_ok;
 
 /// The prefix of every cross tool; the headers' Makefile appends `gcc-12`.
 const CROSS_COMPILE: &str = "aarch64-linux-gnu-";
@@ -56,19 +53,11 @@ impl Kernel {
     }
 }
 
-/// Builds every module of `host-driver/kmod/` for the kernel the runner
-/// boots and returns the paths of the `.ko` files under `build/modules/`.
-#[allow(dead_code)] // Called by the boot suite, which another change adds.
-pub fn build_modules(root: &Path) -> Result<Vec<PathBuf>, String> {
-    let kernel = kernel()?;
-    build_for(root, &kernel)
-}
-
-/// Like [`build_modules`], for a kernel the caller names: its release
-/// (`uname -r`, e.g. `6.1.0-56-arm64`) and the Debian version of its packages
-/// (e.g. `6.1.192-2`). The runner passes the kernel it has just fetched, so
-/// the modules cannot be built for another one.
-#[allow(dead_code)] // For the boot suite, which another change adds.
+/// Builds every module of `host-driver/kmod/` for the kernel the caller
+/// names: its release (`uname -r`, e.g. `6.1.0-56-arm64`) and the Debian
+/// version of its packages (e.g. `6.1.192-2`), and returns the paths of the
+/// `.ko` files under `build/modules/`. The runner passes the kernel it has
+/// just fetched, so the modules cannot be built for another one.
 pub fn build_modules_for(
     root: &Path,
     release: &str,
@@ -79,10 +68,6 @@ pub fn build_modules_for(
         release: release.to_string(),
         version: version.to_string(),
     };
-    build_for(root, &kernel)
-}
-
-fn build_for(root: &Path, kernel: &Kernel) -> Result<Vec<PathBuf>, String> {
     apt_for(
         &format!("{CROSS_COMPILE}gcc-12"),
         &["gcc-aarch64-linux-gnu", "binutils-aarch64-linux-gnu"],
@@ -96,29 +81,19 @@ fn build_for(root: &Path, kernel: &Kernel) -> Result<Vec<PathBuf>, String> {
             build.display()
         ));
     }
-    let headers = headers(&build.join("kernel-headers"), kernel)?;
+    let headers = headers(&build.join("kernel-headers"), &kernel)?;
     let kmod = stage_sources(root, &build.join("modules"))?;
 
-    progress(&format!(
-        "building host-driver/kmod for {} ({})",
-        kernel.release, kernel.version
-    ));
-    let mut make = Command::new("make");
-    make.arg("-C")
-        .arg(&headers)
-        .arg(format!("M={}", kmod.display()))
-        .arg("ARCH=arm64")
-        .arg(format!("CROSS_COMPILE={CROSS_COMPILE}"))
-        .arg("modules");
-    let out = capture(&mut make)?;
-    if !out.status.success() {
-        return Err(format!(
-            "building the kernel modules failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    capture_ok(
+        Command::new("make")
+            .arg("-C")
+            .arg(&headers)
+            .arg(format!("M={}", kmod.display()))
+            .arg("ARCH=arm64")
+            .arg(format!("CROSS_COMPILE={CROSS_COMPILE}"))
+            .arg("modules"),
+    )
+    .map_err(|e| format!("building the kernel modules failed: {e}"))?;
 
     let order = kmod.join("modules.order");
     let listed = fs::read_to_string(&order).map_err(|e| format!("{}: {e}", order.display()))?;
@@ -144,35 +119,6 @@ fn build_for(root: &Path, kernel: &Kernel) -> Result<Vec<PathBuf>, String> {
     Ok(kos)
 }
 
-/// The kernel the runner boots: the dependency of `linux-image-arm64:arm64`
-/// at apt's candidate version.
-// TODO(dedupe): qemu/src/assets.rs (the runner) finds the kernel the same
-// way; once it is committed, take the release and version from there.
-fn kernel() -> Result<Kernel, String> {
-    multiarch()?;
-    let depends = || -> Result<Option<String>, String> {
-        let out = capture(Command::new("apt-cache").args(["depends", KERNEL_META]))?;
-        Ok(parse_kernel_depends(&String::from_utf8_lossy(&out.stdout)))
-    };
-    let package = match depends()? {
-        Some(p) => p,
-        None => {
-            apt_get(&["update", "-qq"])?;
-            depends()?.ok_or_else(|| {
-                format!("`apt-cache depends {KERNEL_META}` names no linux-image-*-arm64 package")
-            })?
-        }
-    };
-    let out = capture(Command::new("apt-cache").args(["policy", &format!("{package}:arm64")]))?;
-    let version = parse_candidate(&String::from_utf8_lossy(&out.stdout))
-        .ok_or_else(|| format!("apt knows no candidate version of {package}:arm64"))?;
-    let release = package
-        .strip_prefix("linux-image-")
-        .unwrap_or(&package)
-        .to_string();
-    Ok(Kernel { release, version })
-}
-
 /// Downloads and unpacks the three header packages for `kernel` under
 /// `base` (once) and returns the folder to pass to `make -C`.
 fn headers(base: &Path, kernel: &Kernel) -> Result<PathBuf, String> {
@@ -195,15 +141,15 @@ fn headers(base: &Path, kernel: &Kernel) -> Result<PathBuf, String> {
     let packages = [
         (
             format!("linux-headers-{}:arm64={v}", kernel.release),
-            deb_name(&format!("linux-headers-{}", kernel.release), v, "arm64"),
+            deb_file_name(&format!("linux-headers-{}", kernel.release), v, "arm64"),
         ),
         (
             format!("linux-headers-{abi}-common={v}"),
-            deb_name(&format!("linux-headers-{abi}-common"), v, "all"),
+            deb_file_name(&format!("linux-headers-{abi}-common"), v, "all"),
         ),
         (
             format!("linux-kbuild-{series}:amd64={v}"),
-            deb_name(&format!("linux-kbuild-{series}"), v, "amd64"),
+            deb_file_name(&format!("linux-kbuild-{series}"), v, "amd64"),
         ),
     ];
     let debs = base.join("debs");
@@ -215,28 +161,9 @@ fn headers(base: &Path, kernel: &Kernel) -> Result<PathBuf, String> {
     for (spec, file) in &packages {
         let deb = debs.join(file);
         if !deb.is_file() {
-            progress(&format!("apt-get download {spec}"));
-            let out = capture(
-                Command::new("apt-get")
-                    .args(["download", "-q", spec])
-                    .current_dir(&debs),
-            )?;
-            if !out.status.success() || !deb.is_file() {
-                return Err(format!(
-                    "`apt-get download {spec}` failed (expected {}): {}",
-                    deb.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
+            download(spec, &deb)?;
         }
-        let out = capture(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
-        if !out.status.success() {
-            return Err(format!(
-                "`dpkg-deb -x {}` failed: {}",
-                deb.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        unpack(&deb, &dir)?;
     }
     let makefile = src.join("Makefile");
     let text = fs::read_to_string(&makefile).map_err(|e| format!("{}: {e}", makefile.display()))?;
@@ -283,75 +210,6 @@ fn copy_if_changed(from: &Path, to: &Path) -> Result<(), String> {
         fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     fs::write(to, data).map_err(|e| format!("{}: {e}", to.display()))
-}
-
-/// Enables arm64 as a foreign dpkg architecture so apt knows arm64 packages.
-// TODO(dedupe): the same step is in qemu/src/assets.rs (the runner's).
-fn multiarch() -> Result<(), String> {
-    let out = capture(Command::new("dpkg").arg("--print-foreign-architectures"))?;
-    if String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.trim() == "arm64")
-    {
-        return Ok(());
-    }
-    progress("dpkg --add-architecture arm64 && apt-get update");
-    privileged("dpkg", &["--add-architecture", "arm64"])?;
-    apt_get(&["update", "-qq"])
-}
-
-fn apt_get(args: &[&str]) -> Result<(), String> {
-    privileged("apt-get", args)
-}
-
-/// Runs a command as root (through sudo when we are not root).
-fn privileged(prog: &str, args: &[&str]) -> Result<(), String> {
-    let root = capture(Command::new("id").arg("-u"))
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    let mut cmd = if root {
-        Command::new(prog)
-    } else {
-        let mut c = Command::new("sudo");
-        c.arg(prog);
-        c
-    };
-    cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-    let st = cmd
-        .status()
-        .map_err(|e| format!("cannot run {prog}: {e}"))?;
-    if st.success() {
-        Ok(())
-    } else {
-        Err(format!("`{prog} {}` failed ({st})", args.join(" ")))
-    }
-}
-
-/// Finds `Depends: linux-image-<abi>-arm64[:arm64]` in `apt-cache depends` output.
-fn parse_kernel_depends(text: &str) -> Option<String> {
-    text.lines().find_map(|l| {
-        let dep = l.trim().strip_prefix("Depends:")?.trim();
-        let name = dep.split(':').next()?.trim();
-        let ok = name.starts_with("linux-image-")
-            && name.ends_with("-arm64")
-            && name != "linux-image-arm64"
-            && !name.contains(char::is_whitespace);
-        ok.then(|| name.to_string())
-    })
-}
-
-/// The `Candidate:` line of `apt-cache policy` output.
-fn parse_candidate(text: &str) -> Option<String> {
-    text.lines().find_map(|l| {
-        let v = l.trim().strip_prefix("Candidate:")?.trim();
-        (!v.is_empty() && v != "(none)").then(|| v.to_string())
-    })
-}
-
-/// The file name `apt-get download` gives `pkg` at `version` for `arch`
-/// (an epoch's `:` is written `%3a`).
-fn deb_name(pkg: &str, version: &str, arch: &str) -> String {
-    format!("{pkg}_{}_{arch}.deb", version.replace(':', "%3a"))
 }
 
 /// `6.1` from a release such as `6.1.0-56-arm64`.
@@ -401,25 +259,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kernel_comes_from_the_meta_package() {
-        let out = "linux-image-arm64:arm64\n  Depends: linux-image-6.1.0-56-arm64:arm64\n";
-        assert_eq!(
-            parse_kernel_depends(out).as_deref(),
-            Some("linux-image-6.1.0-56-arm64")
-        );
-        assert_eq!(parse_kernel_depends("N: Unable to locate package\n"), None);
-        assert_eq!(
-            parse_kernel_depends("  Depends: linux-image-arm64:arm64\n"),
-            None
-        );
-        assert_eq!(
-            parse_candidate("x:\n  Installed: (none)\n  Candidate: 6.1.192-2\n").as_deref(),
-            Some("6.1.192-2")
-        );
-        assert_eq!(parse_candidate("x:\n  Candidate: (none)\n"), None);
-    }
-
-    #[test]
     fn package_names_follow_the_release() {
         let k = Kernel {
             release: "6.1.0-56-arm64".into(),
@@ -435,11 +274,6 @@ mod tests {
             version: "1".into(),
         };
         assert!(odd.abi().is_err());
-        assert_eq!(
-            deb_name("linux-kbuild-6.1", "6.1.192-2", "amd64"),
-            "linux-kbuild-6.1_6.1.192-2_amd64.deb"
-        );
-        assert_eq!(deb_name("x", "1:2-3", "all"), "x_1%3a2-3_all.deb");
     }
 
     #[test]

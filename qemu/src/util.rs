@@ -9,9 +9,10 @@ pub fn workspace_root() -> PathBuf {
     here.parent().unwrap_or(here).to_path_buf()
 }
 
-/// Prints a progress line for a long step.
+/// Prints a progress line for a long step, on stderr: stdout belongs to
+/// what the step produces (a guest command's output, a test tally).
 pub fn progress(msg: &str) {
-    println!("==> {msg}");
+    eprintln!("==> {msg}");
 }
 
 /// The cargo that runs us, so nested builds use the pinned toolchain.
@@ -21,15 +22,34 @@ pub fn cargo_bin() -> String {
 
 /// Runs cargo with `args` in `root`, streaming its output; fails on non-zero exit.
 pub fn cargo(root: &Path, args: &[&str]) -> Result<(), String> {
-    let status = Command::new(cargo_bin())
-        .args(args)
-        .current_dir(root)
+    run(Command::new(cargo_bin()).args(args).current_dir(root))
+}
+
+/// The command as a shell-like line for messages: the program's file name
+/// (not its full path) and its arguments.
+pub fn command_line(cmd: &Command) -> String {
+    let prog = Path::new(cmd.get_program());
+    let mut s = prog
+        .file_name()
+        .unwrap_or(prog.as_os_str())
+        .to_string_lossy()
+        .into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Runs a command with the terminal's stdout and stderr; fails on non-zero exit.
+pub fn run(cmd: &mut Command) -> Result<(), String> {
+    let st = cmd
         .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if status.success() {
+        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    if st.success() {
         Ok(())
     } else {
-        Err(format!("`cargo {}` failed ({status})", args.join(" ")))
+        Err(format!("`{}` failed ({st})", command_line(cmd)))
     }
 }
 
@@ -40,8 +60,78 @@ pub fn capture(cmd: &mut Command) -> Result<Output, String> {
         .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))
 }
 
+/// Like [`capture`], and fails on non-zero exit with what the command printed.
+pub fn capture_ok(cmd: &mut Command) -> Result<Output, String> {
+    let out = capture(cmd)?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(failure(&command_line(cmd), &out))
+    }
+}
+
+/// The message for a command that exited non-zero: its line, its status and
+/// whatever it printed.
+fn failure(line: &str, out: &Output) -> String {
+    let printed = [&out.stdout, &out.stderr]
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    if printed.is_empty() {
+        format!("`{line}` failed ({})", out.status)
+    } else {
+        format!("`{line}` failed ({}):\n{printed}", out.status)
+    }
+}
+
 /// Whether `prog` is found on PATH.
 pub fn on_path(prog: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(prog).is_file()))
+}
+
+/// A name no other run (or earlier call in this one) uses, for scratch files
+/// that concurrent runs create side by side: `<pid>-<n>`.
+pub fn unique_name() -> String {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{seq}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_lines_name_the_program_not_its_path() {
+        let mut c = Command::new("/usr/bin/dpkg-deb");
+        c.args(["-x", "a b.deb"]);
+        assert_eq!(command_line(&c), "dpkg-deb -x a b.deb");
+    }
+
+    #[test]
+    fn failures_say_what_ran_and_what_it_printed() {
+        let e = capture_ok(Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]))
+            .unwrap_err();
+        assert!(
+            e.starts_with("`sh -c echo out; echo err >&2; exit 3` failed ("),
+            "{e}"
+        );
+        assert!(e.contains("3"), "{e}");
+        assert!(e.ends_with(":\nout\nerr"), "{e}");
+        let e = capture_ok(Command::new("sh").args(["-c", "exit 1"])).unwrap_err();
+        assert!(e.ends_with(')'), "{e}");
+        assert!(capture_ok(&mut Command::new("true")).is_ok());
+        assert!(run(&mut Command::new("false"))
+            .unwrap_err()
+            .starts_with("`false` failed"));
+        assert!(capture(&mut Command::new("/nonexistent/prog")).is_err());
+    }
+
+    #[test]
+    fn unique_names_differ() {
+        assert_ne!(unique_name(), unique_name());
+    }
 }
