@@ -16,14 +16,10 @@ use crate::assets::{self, Debian};
 use crate::initramfs::{self, Extra, Markers, Mode};
 use crate::install;
 use crate::qemu::{self, Boot, Console, Launch, Machine};
+use crate::util::progress;
 
 /// Default `--timeout` for `--exec` runs.
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Prints a progress line on stderr (stdout belongs to the guest command).
-pub fn progress(msg: &str) {
-    eprintln!("==> {msg}");
-}
 
 /// Options of `cargo xtask run`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,22 +91,32 @@ impl fmt::Display for OptError {
     }
 }
 
+/// The exit status of `cargo xtask run` for a bad command line.
+pub const USAGE_EXIT: i32 = 2;
+
 /// Help for `cargo xtask run`.
 pub const RUN_USAGE: &str = "\
 usage: cargo xtask run [options]
-  boots Debian's arm64 kernel under the el2 hypervisor in QEMU and leaves you at a
-  shell in the host (`poweroff` ends QEMU, Ctrl-A x kills it)
-options:
-  --exec 'CMD'     run CMD in the host, print its output, exit with its status
-  --smp N          CPUs (default 4)
-  --mem SIZE       memory, e.g. 2G or 1536M (default 2G; at least 1G under el2)
-  --numa N         1 or 2 NUMA nodes (CPUs and memory split in halves)
-  --cpu MODEL      QEMU -cpu (default max,pauth-impdef=on)
-  --add FILE[:/DEST]  put FILE into the host's initramfs (default /root/<name>)
-  --no-hyp         boot the same kernel directly at EL2, without el2
-  --timeout SECS   kill QEMU after SECS (default 300 with --exec, none otherwise)
-  --append ARGS    more kernel command-line arguments
-  --verbose        show the whole console (no `quiet`)";
+  boots Debian's arm64 kernel at EL1 under the el2 hypervisor in QEMU and leaves
+  you at a root shell in the host (`poweroff` ends QEMU, Ctrl-A x kills it).
+  The host modules from host-driver/kmod are built for that kernel and put at
+  /root/s2pin.ko and /root/hyp_isolation_test.ko (if the build fails, the boot
+  goes on without them):
+    insmod /root/s2pin.ko; cat /sys/kernel/s2pin/version
+options (`--opt VALUE` or `--opt=VALUE`):
+  --exec 'CMD'        run CMD in the host (sh), print its output, exit with its status
+  --smp N             CPUs, 1 to 64 (default 4)
+  --mem SIZE          memory, e.g. 2G or 1536M; a bare number is MiB
+                      (default 2G; at least 1G under el2)
+  --numa N            1 or 2 NUMA nodes (CPUs and memory split in halves; 2 needs --smp 2+)
+  --cpu MODEL         QEMU -cpu (default max,pauth-impdef=on)
+  --add FILE[:/DEST]  put FILE into the host's initramfs (default /root/<name>); repeatable
+  --no-hyp            boot the same kernel directly at EL2, without el2
+  --timeout SECS      kill QEMU after SECS (default 300 with --exec, none otherwise)
+  --append ARGS       more kernel command-line arguments; repeatable
+  -v, --verbose       show the whole console (no `quiet`)
+  -h, --help          this text
+exit status: with --exec, the command's; 2 for a bad command line; 1 for other errors";
 
 /// Parses `run`'s arguments; `--opt VALUE` and `--opt=VALUE` both work.
 pub fn parse_run(args: &[String]) -> Result<RunOptions, OptError> {
@@ -313,21 +319,14 @@ pub fn build_el2(root: &Path) -> Result<PathBuf, String> {
     }
     let bin = root.join("build").join("el2.bin");
     std::fs::create_dir_all(root.join("build")).map_err(|e| format!("build/: {e}"))?;
-    let out = crate::util::capture(
+    crate::util::capture_ok(
         Command::new("aarch64-linux-gnu-objcopy")
             .args(["-O", "binary"])
             .arg(&elf)
             .arg(&bin),
     )?;
-    if !out.status.success() {
-        return Err(format!(
-            "aarch64-linux-gnu-objcopy -O binary {} failed: {}",
-            elf.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
     let head = std::fs::read(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
-    if head.get(56..60) != Some(b"ARM\x64".as_slice()) {
+    if !assets::is_arm64_image(&head) {
         return Err(format!(
             "{} has no arm64 Image header (magic ARM\\x64 at offset 56), which the boot \
              contract requires",
@@ -356,9 +355,7 @@ pub fn prepare(
     })?;
     let dir = root.join("build").join("initramfs");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let initrd = dir.join(format!("{}-{seq}.cpio", std::process::id()));
+    let initrd = dir.join(format!("{}.cpio", crate::util::unique_name()));
     std::fs::write(&initrd, image).map_err(|e| format!("{}: {e}", initrd.display()))?;
     let boot = match &ing.el2 {
         Some(el2) => Boot::Hyp {
@@ -391,11 +388,29 @@ pub fn run(root: &Path, args: &[String]) -> Result<(), String> {
         println!("{RUN_USAGE}");
         return Ok(());
     }
-    let o = parse_run(args).map_err(|e| e.to_string())?;
-    if !o.no_hyp && o.machine.mem_mib < qemu::MIN_HYP_MEM_MIB {
-        return Err(qemu::LaunchError::MemTooSmall(o.machine.mem_mib).to_string());
+    // A bad command line is refused before anything is built, with exit
+    // status 2 like other command-line tools.
+    let usage_error = |e: String| -> ! {
+        eprintln!("xtask: error: {e}");
+        std::process::exit(USAGE_EXIT)
+    };
+    let o = parse_run(args).unwrap_or_else(|e| usage_error(e.to_string()));
+    if let Err(e) = o.machine.check(!o.no_hyp) {
+        usage_error(e.to_string());
     }
     let ing = ingredients(root, o.no_hyp)?;
+    // The host modules first: a user's --add to the same place comes later
+    // in the archive and wins.
+    let mut extras = Vec::new();
+    if has_host_modules(root) {
+        match host_modules(root, &ing.debian) {
+            Ok(e) => extras = e,
+            Err(e) => progress(&format!(
+                "warning: booting without the host modules, their build failed: {e}"
+            )),
+        }
+    }
+    extras.extend(o.add.iter().cloned());
     let cmdline = kernel_cmdline(o.verbose, &o.append);
     let what = if o.no_hyp {
         "the kernel directly at EL2 (--no-hyp)"
@@ -409,7 +424,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<(), String> {
                 &ing,
                 &o.machine,
                 Mode::Interactive,
-                &o.add,
+                &extras,
                 Console::Terminal,
                 cmdline,
             )?;
@@ -438,7 +453,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<(), String> {
                     script: format!("{cmd}\n"),
                     quiet: !o.verbose,
                 },
-                &o.add,
+                &extras,
                 Console::Captured,
                 cmdline,
             )?;
@@ -697,6 +712,32 @@ pub const ISOLATION_MODULE: &str = "hyp_isolation_test.ko";
 /// What it reads: the hypervisor's own image (el2's text, at RAM base + 0x8_0000).
 const ISOLATION_PHYS: u64 = el2::layout::HYP_BASE + 0x8_0000;
 
+/// Whether the tree has host modules to build (`host-driver/kmod/`).
+fn has_host_modules(root: &Path) -> bool {
+    root.join("host-driver/kmod/Kbuild").is_file()
+}
+
+/// Builds `host-driver/kmod/` for the kernel in `debian` and returns the
+/// initramfs entries `/root/`[`HOST_MODULE`] and, if it was built,
+/// `/root/`[`ISOLATION_MODULE`].
+pub fn host_modules(root: &Path, debian: &Debian) -> Result<Vec<Extra>, String> {
+    progress(&format!(
+        "building host-driver/kmod for {} ({}): /root/{HOST_MODULE}, /root/{ISOLATION_MODULE}",
+        debian.release, debian.kernel.version
+    ));
+    let kos = crate::modules::build_modules_for(root, &debian.release, &debian.kernel.version)?;
+    let entry = |name: &str| {
+        kos.iter().find(|k| k.ends_with(name)).map(|ko| Extra {
+            source: ko.clone(),
+            dest: format!("/root/{name}"),
+        })
+    };
+    let host = entry(HOST_MODULE).ok_or_else(|| format!("no {HOST_MODULE} among {kos:?}"))?;
+    Ok(std::iter::once(host)
+        .chain(entry(ISOLATION_MODULE))
+        .collect())
+}
+
 /// The value printed after `CHECK <key>=` in the command output.
 fn check_value<'a>(output: &'a [String], key: &str) -> Option<&'a str> {
     let prefix = format!("CHECK {key}=");
@@ -734,58 +775,20 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
     // Boot 1: the main checks from a script, with the host module if the
     // tree has one.
     let mut extras = Vec::new();
-    let kmod = root.join("host-driver/kmod/Kbuild").is_file();
+    let kmod = has_host_modules(root);
     if kmod {
-        progress("building the host modules (host-driver/kmod)");
-        match crate::modules::build_modules_for(
-            root,
-            &ing.debian.release,
-            &ing.debian.kernel.version,
-        ) {
-            Ok(kos) => match kos.iter().find(|k| k.ends_with(HOST_MODULE)) {
-                Some(ko) => {
-                    extras.push(Extra {
-                        source: ko.clone(),
-                        dest: format!("/root/{HOST_MODULE}"),
-                    });
-                    if let Some(iso) = kos.iter().find(|k| k.ends_with(ISOLATION_MODULE)) {
-                        extras.push(Extra {
-                            source: iso.clone(),
-                            dest: format!("/root/{ISOLATION_MODULE}"),
-                        });
-                    }
-                }
-                None => check(
-                    "build the host module",
-                    false,
-                    format!("no {HOST_MODULE} among {kos:?}"),
-                ),
-            },
+        match host_modules(root, &ing.debian) {
+            Ok(e) => extras = e,
             Err(e) => check("build the host module", false, e),
         }
     }
     let module = !extras.is_empty();
-    let script = suite_script(module);
     let mut reached = false;
-    match prepare(
-        root,
-        &ing,
-        &machine,
-        Mode::Exec {
-            script,
-            quiet: true,
-        },
-        &extras,
-        Console::Captured,
-        kernel_cmdline(false, &[]),
-    )
-    .and_then(|p| {
-        progress(&format!(
-            "boot 1/4: checks script, {} CPUs, {} MiB",
-            machine.smp, machine.mem_mib
-        ));
-        exec_with(&p, SUITE_BOOT_TIMEOUT, false, false)
-    }) {
+    progress(&format!(
+        "boot 1/4: checks script, {} CPUs, {} MiB",
+        machine.smp, machine.mem_mib
+    ));
+    match script_boot(root, &ing, &machine, &suite_script(module), &extras) {
         Err(e) => check("boot with a checks script", false, e),
         Ok(r) => {
             reached = r.userspace.is_some();
@@ -953,22 +956,14 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
         numa_nodes: 2,
         ..machine.clone()
     };
-    match prepare(
+    match script_boot(
         root,
         &ing,
         &numa,
-        Mode::Exec {
-            script: "echo \"CHECK nodes=$(cat /sys/devices/system/node/online)\"\n\
-                     echo \"CHECK balancing=$(cat /proc/sys/kernel/numa_balancing)\"\n"
-                .into(),
-            quiet: true,
-        },
+        "echo \"CHECK nodes=$(cat /sys/devices/system/node/online)\"\n\
+         echo \"CHECK balancing=$(cat /proc/sys/kernel/numa_balancing)\"\n",
         &[],
-        Console::Captured,
-        kernel_cmdline(false, &[]),
-    )
-    .and_then(|p| exec_with(&p, SUITE_BOOT_TIMEOUT, false, false))
-    {
+    ) {
         Err(e) => check("NUMA boot", false, e),
         Ok(r) => {
             let detail = format!(
@@ -996,22 +991,14 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
         cpu: "max".into(),
         ..machine.clone()
     };
-    match prepare(
+    match script_boot(
         root,
         &ing,
         &plain_max,
-        Mode::Exec {
-            script: "echo \"CHECK el=$(dmesg | grep -o 'CPU: All CPU(s) started at EL[0-9]')\"\n\
-                     echo \"CHECK online=$(cat /sys/devices/system/cpu/online)\"\n"
-                .into(),
-            quiet: true,
-        },
+        "echo \"CHECK el=$(dmesg | grep -o 'CPU: All CPU(s) started at EL[0-9]')\"\n\
+         echo \"CHECK online=$(cat /sys/devices/system/cpu/online)\"\n",
         &[],
-        Console::Captured,
-        kernel_cmdline(false, &[]),
-    )
-    .and_then(|p| exec_with(&p, SUITE_BOOT_TIMEOUT, false, false))
-    {
+    ) {
         Err(e) => check("plain -cpu max boot", false, e),
         Ok(r) => {
             let want = format!("CPU: All CPU(s) started at {el}");
@@ -1028,6 +1015,30 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
         }
     }
     checks
+}
+
+/// Boots with a quiet `--exec`-style `script`, its output captured (not
+/// printed), under [`SUITE_BOOT_TIMEOUT`].
+fn script_boot(
+    root: &Path,
+    ing: &Ingredients,
+    machine: &Machine,
+    script: &str,
+    extras: &[Extra],
+) -> Result<ExecRun, String> {
+    let p = prepare(
+        root,
+        ing,
+        machine,
+        Mode::Exec {
+            script: script.to_string(),
+            quiet: true,
+        },
+        extras,
+        Console::Captured,
+        kernel_cmdline(false, &[]),
+    )?;
+    exec_with(&p, SUITE_BOOT_TIMEOUT, false, false)
 }
 
 /// Boots to the interactive shell, waits for its ready line, types
@@ -1070,19 +1081,7 @@ fn measure(root: &Path, ing: &Ingredients, runs: usize) -> Result<Vec<BootTime>,
     let machine = RunOptions::default().machine;
     let mut out = Vec::new();
     for i in 0..runs {
-        let p = prepare(
-            root,
-            ing,
-            &machine,
-            Mode::Exec {
-                script: "true\n".into(),
-                quiet: true,
-            },
-            &[],
-            Console::Captured,
-            kernel_cmdline(false, &[]),
-        )?;
-        let r = exec_with(&p, SUITE_BOOT_TIMEOUT, false, false)?;
+        let r = script_boot(root, ing, &machine, "true\n", &[])?;
         r.finish()?;
         let wall = r
             .userspace
@@ -1288,9 +1287,51 @@ mod tests {
             &["--add", ""],
             &["--add", "f:/a/../b"],
             &["--no-hyp=1"],
+            &["--smp", "65"],
+            &["--smp=-1"],
+            &["--mem", "99999999999999999999T"],
         ] {
             assert!(parse_run(&args(bad_args)).is_err(), "{bad_args:?}");
         }
+        // The messages name the option, the value and what is expected.
+        let msg = |a: &[&str]| parse_run(&args(a)).unwrap_err().to_string();
+        assert_eq!(
+            msg(&["--smp", "abc"]),
+            "--smp `abc`: expected a CPU count from 1 to 64"
+        );
+        assert_eq!(
+            msg(&["--mem=1X"]),
+            "--mem `1X`: expected a size like 2G or 1536M"
+        );
+        assert!(msg(&["--bogus"]).starts_with("unknown option `--bogus`\n\nusage:"));
+    }
+
+    #[test]
+    fn help_lists_every_option() {
+        for opt in [
+            "--exec",
+            "--smp",
+            "--mem",
+            "--numa",
+            "--cpu",
+            "--add",
+            "--no-hyp",
+            "--timeout",
+            "--append",
+            "--verbose",
+            "-v,",
+            "--help",
+        ] {
+            assert!(RUN_USAGE.contains(opt), "{opt}");
+        }
+        assert!(RUN_USAGE.contains(&format!("/root/{HOST_MODULE}")));
+        assert!(RUN_USAGE.contains(&format!("/root/{ISOLATION_MODULE}")));
+        assert!(RUN_USAGE.contains(&format!("default {}", qemu::DEFAULT_CPU)));
+        assert!(RUN_USAGE.contains(&format!(
+            "default {} with --exec",
+            DEFAULT_EXEC_TIMEOUT.as_secs()
+        )));
+        assert!(RUN_USAGE.contains(&format!("{USAGE_EXIT} for a bad command line")));
     }
 
     #[test]

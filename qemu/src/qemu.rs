@@ -107,6 +107,25 @@ impl std::fmt::Display for LaunchError {
     }
 }
 
+impl Machine {
+    /// Whether QEMU can run this machine for the hypervisor boot (`hyp`) or
+    /// the direct one.
+    pub fn check(&self, hyp: bool) -> Result<(), LaunchError> {
+        if self.smp == 0 {
+            return Err(LaunchError::NoCpus);
+        }
+        if hyp && self.mem_mib < MIN_HYP_MEM_MIB {
+            return Err(LaunchError::MemTooSmall(self.mem_mib));
+        }
+        match self.numa_nodes {
+            1 => Ok(()),
+            2 if self.smp < 2 => Err(LaunchError::NumaNeedsTwoCpus),
+            2 => Ok(()),
+            n => Err(LaunchError::NumaNodes(n)),
+        }
+    }
+}
+
 /// `0-1`, or `3` for a single CPU.
 fn cpu_range(first: u32, last: u32) -> String {
     if first == last {
@@ -120,12 +139,7 @@ impl Launch {
     /// The arguments after the program name.
     pub fn args(&self) -> Result<Vec<String>, LaunchError> {
         let m = &self.machine;
-        if m.smp == 0 {
-            return Err(LaunchError::NoCpus);
-        }
-        if matches!(self.boot, Boot::Hyp { .. }) && m.mem_mib < MIN_HYP_MEM_MIB {
-            return Err(LaunchError::MemTooSmall(m.mem_mib));
-        }
+        m.check(matches!(self.boot, Boot::Hyp { .. }))?;
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         push(&["-M", "virt,virtualization=on,gic-version=3"]);
@@ -133,30 +147,24 @@ impl Launch {
         push(&["-smp", &m.smp.to_string()]);
         push(&["-m", &format!("{}M", m.mem_mib)]);
         push(&["-accel", "tcg,thread=multi"]);
-        match m.numa_nodes {
-            1 => {}
-            2 => {
-                if m.smp < 2 {
-                    return Err(LaunchError::NumaNeedsTwoCpus);
-                }
-                let m0 = m.mem_mib / 2;
-                let m1 = m.mem_mib - m0;
-                let half = m.smp / 2;
-                push(&["-object", &format!("memory-backend-ram,id=m0,size={m0}M")]);
-                push(&["-object", &format!("memory-backend-ram,id=m1,size={m1}M")]);
-                push(&[
-                    "-numa",
-                    &format!("node,nodeid=0,cpus={},memdev=m0", cpu_range(0, half - 1)),
-                ]);
-                push(&[
-                    "-numa",
-                    &format!(
-                        "node,nodeid=1,cpus={},memdev=m1",
-                        cpu_range(half, m.smp - 1)
-                    ),
-                ]);
-            }
-            n => return Err(LaunchError::NumaNodes(n)),
+        // Machine::check allowed only 1 or 2 nodes.
+        if m.numa_nodes == 2 {
+            let m0 = m.mem_mib / 2;
+            let m1 = m.mem_mib - m0;
+            let half = m.smp / 2;
+            push(&["-object", &format!("memory-backend-ram,id=m0,size={m0}M")]);
+            push(&["-object", &format!("memory-backend-ram,id=m1,size={m1}M")]);
+            push(&[
+                "-numa",
+                &format!("node,nodeid=0,cpus={},memdev=m0", cpu_range(0, half - 1)),
+            ]);
+            push(&[
+                "-numa",
+                &format!(
+                    "node,nodeid=1,cpus={},memdev=m1",
+                    cpu_range(half, m.smp - 1)
+                ),
+            ]);
         }
         match self.console {
             Console::Terminal => push(&["-nographic"]),
@@ -370,39 +378,39 @@ impl Write for StdinOrNothing {
 
 fn spawn_readers(child: &mut Child, tx: mpsc::Sender<Event>) -> Vec<thread::JoinHandle<()>> {
     let mut handles = Vec::new();
-    if let Some(mut out) = child.stdout.take() {
-        let tx = tx.clone();
-        handles.push(thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            loop {
-                match out.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if tx.send(Event::Out(buf[..n].to_vec())).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-            let _ = tx.send(Event::OutEnd);
-        }));
+    if let Some(out) = child.stdout.take() {
+        handles.push(pump(out, tx.clone(), Event::Out, Some(Event::OutEnd)));
     }
-    if let Some(mut err) = child.stderr.take() {
-        handles.push(thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            loop {
-                match err.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if tx.send(Event::Err(buf[..n].to_vec())).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        }));
+    if let Some(err) = child.stderr.take() {
+        handles.push(pump(err, tx, Event::Err, None));
     }
     handles
+}
+
+/// A thread that sends what `from` yields as `chunk` events until it ends
+/// (or the receiver is gone), then `end` if there is one.
+fn pump(
+    mut from: impl Read + Send + 'static,
+    tx: mpsc::Sender<Event>,
+    chunk: fn(Vec<u8>) -> Event,
+    end: Option<Event>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send(chunk(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if let Some(end) = end {
+            let _ = tx.send(end);
+        }
+    })
 }
 
 /// Kills the child and reaps it.
@@ -522,6 +530,26 @@ mod tests {
             Err(LaunchError::NumaNodes(3))
         );
         assert_eq!(launch(hyp(), 1, 0, 2048).args(), Err(LaunchError::NoCpus));
+    }
+
+    #[test]
+    fn machines_are_checked_before_launch() {
+        let m = |smp, mem_mib, numa_nodes| Machine {
+            smp,
+            mem_mib,
+            numa_nodes,
+            cpu: DEFAULT_CPU.into(),
+        };
+        assert_eq!(m(4, 2048, 1).check(true), Ok(()));
+        assert_eq!(m(2, 1024, 2).check(true), Ok(()));
+        assert_eq!(m(0, 2048, 1).check(false), Err(LaunchError::NoCpus));
+        assert_eq!(m(1, 512, 1).check(true), Err(LaunchError::MemTooSmall(512)));
+        assert_eq!(m(1, 512, 1).check(false), Ok(()));
+        assert_eq!(
+            m(1, 2048, 2).check(false),
+            Err(LaunchError::NumaNeedsTwoCpus)
+        );
+        assert_eq!(m(4, 2048, 0).check(true), Err(LaunchError::NumaNodes(0)));
     }
 
     #[test]
