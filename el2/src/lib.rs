@@ -14,4 +14,5 @@ pub mod exception;
 pub mod hostcall;
 pub mod inject;
 pub mod layout;
+pub mod pkvm;
 pub mod psci;

@@ -85,12 +85,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
                 (s.0 << PAGE_SHIFT) < block.saturating_add(BLOCK) && block < (e.0 << PAGE_SHIFT)
             });
             let mut empty = true;
-            if !holds_ram
-                && host
-                    .s2
-                    .walk(Ipa(block), BLOCK, |_| empty = false)
-                    .is_err()
-            {
+            if !holds_ram && host.s2.walk(Ipa(block), BLOCK, |_| empty = false).is_err() {
                 empty = false;
             }
             let (base, size) = if !holds_ram && empty {

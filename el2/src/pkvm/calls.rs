@@ -6,8 +6,8 @@ use alloc::vec::Vec;
 
 use hypercalls::{
     CounterGroup, Counters, GuestPage, HostPageInfo, HypError, IpaBits, OwnerState, PageCount,
-    PageState as AbiPageState, Prot, ReclaimedPages, Reply, TeardownProgress, VcpuCount,
-    VcpuIndex, VmHandle, MEMCACHE_RECLAIM_MAX, TEARDOWN_BATCH,
+    PageState as AbiPageState, Prot, ReclaimedPages, Reply, TeardownProgress, VcpuCount, VcpuIndex,
+    VmHandle, MEMCACHE_RECLAIM_MAX, TEARDOWN_BATCH,
 };
 use stage2::mm::TableMemory;
 use stage2::owner::{Owner, PageView, VmId};
@@ -58,7 +58,11 @@ fn live<P: Platform>(vm: &Vm<P>) -> Result<(), HypError> {
 
 /// The guest IPA range `[gfn, gfn + nr)` if inside the VM's IPA space,
 /// else `HYP_ERANGE`.
-fn guest_range<P: Platform>(vm: &Vm<P>, gfn: hypercalls::Gfn, n: u64) -> Result<(Ipa, u64), HypError> {
+fn guest_range<P: Platform>(
+    vm: &Vm<P>,
+    gfn: hypercalls::Gfn,
+    n: u64,
+) -> Result<(Ipa, u64), HypError> {
     let limit = 1u64 << (vm.s2.config().ipa_bits - PAGE_SHIFT as u8);
     match gfn.raw().checked_add(n) {
         Some(end) if end <= limit => Ok((Ipa(gfn.raw() << PAGE_SHIFT), n << PAGE_SHIFT)),
@@ -130,7 +134,8 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
                 Err(e) => return Err(self.err(e)),
             }
         }
-        let pages = ReclaimedPages::new(out.get(..count).unwrap_or(&[])).ok_or_else(|| self.bug())?;
+        let pages =
+            ReclaimedPages::new(out.get(..count).unwrap_or(&[])).ok_or_else(|| self.bug())?;
         Ok(Reply::MemcacheReclaimed(pages))
     }
 

@@ -119,12 +119,22 @@ impl<A: PageAccess> TableMemory for Memcache<A> {
     }
 
     fn alloc_table(&mut self) -> Option<Hpa> {
+        // `Stage2::new` takes a single-page root with `alloc_table`.
+        if !self.root.taken && self.root.pages == 1 {
+            self.root.taken = true;
+            return Some(pa_of(self.root.pfn));
+        }
         let pfn = self.free.pop()?;
         self.tables += 1;
         Some(pa_of(pfn))
     }
 
     fn free_table(&mut self, table: Hpa) {
+        if self.root.taken && pfn_of(table) == self.root.pfn {
+            // `Stage2::destroy` of a single-page root.
+            self.root.taken = false;
+            return;
+        }
         // Cannot allocate: `free` once held this page, and its capacity
         // never shrinks.
         self.free.push(pfn_of(table));

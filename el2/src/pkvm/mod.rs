@@ -202,7 +202,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         };
         let (span_start, span_end) = (first.0, last.1);
         let h = config.hyp;
-        if h.base % PAGE_SIZE != 0 || h.size % PAGE_SIZE != 0 || h.size == 0 {
+        if !h.base.is_multiple_of(PAGE_SIZE) || !h.size.is_multiple_of(PAGE_SIZE) || h.size == 0 {
             return Err(InitError::BadHypRange);
         }
         let hyp = (Pfn(h.base >> PAGE_SHIFT), Pfn(h.end() >> PAGE_SHIFT));

@@ -34,9 +34,9 @@ pub trait PageAccess {
 /// (`Sync`); every method is safe to call concurrently.
 pub trait Platform: Sync {
     /// Table-page access for one VM's memcache (see [`PageAccess`]).
-    type Pages: PageAccess + Send;
+    type Pages: PageAccess + Send + core::fmt::Debug;
     /// TLB maintenance for one VM's stage-2.
-    type GuestTlb: TlbMaintenance + Send;
+    type GuestTlb: TlbMaintenance + Send + core::fmt::Debug;
 
     /// A new accessor for the memcache of a VM being created.
     fn page_access(&self) -> Self::Pages;

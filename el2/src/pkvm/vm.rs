@@ -182,6 +182,12 @@ impl<P: Platform> Vm<P> {
     }
 }
 
+impl<P: Platform> Default for Slot<P> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A VM slot: the generation of its next (or current) handle and the VM.
 #[derive(Debug)]
 pub struct Slot<P: Platform> {

@@ -1,0 +1,175 @@
+//! Host fakes of the platform traits, for unit tests, property tests and
+//! the fuzzer (`cfg(test)` or feature `fake`).
+//!
+//! * [`FakePlatform`]: page zeroing against a fake RAM that remembers one
+//!   tag per page (0 = all zeros), so tests can check that reclaimed pages
+//!   read zero; guest TLBs that check every invalidation carries their VMID.
+//! * [`FakePages`]: a VM's table pages as boxed tables; a page never
+//!   written reads as poison (every bit set), so a table used before being
+//!   zeroed shows up as garbage mappings.
+//! * The host stage-2 uses the stage2 crate's `ArenaMemory` and
+//!   `CountingTlb`.
+
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+
+use spin::Mutex;
+use stage2::mm::{ArenaMemory, Table, ENTRIES};
+use stage2::tlb::{CountingTlb, TlbMaintenance};
+use stage2::{Ipa, Pfn, Vmid};
+
+use super::platform::{PageAccess, Platform};
+use super::{Hyp, HypConfig, InitError};
+use crate::dtb::Region;
+
+/// What a never-written fake table page reads as.
+pub const POISON: u64 = u64::MAX;
+static POISON_TABLE: Table = [POISON; ENTRIES];
+
+/// A fake machine: RAM contents as one tag per page.
+#[derive(Debug, Default)]
+pub struct FakePlatform {
+    ram: Mutex<BTreeMap<Pfn, u64>>,
+    zeroed: Mutex<u64>,
+}
+
+impl FakePlatform {
+    /// A machine whose RAM reads zero.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The host (or anyone) writes `tag` into page `pfn`.
+    pub fn write(&self, pfn: Pfn, tag: u64) {
+        let mut ram = self.ram.lock();
+        if tag == 0 {
+            ram.remove(&pfn);
+        } else {
+            ram.insert(pfn, tag);
+        }
+    }
+
+    /// The tag of page `pfn` (0 if all zeros).
+    #[must_use]
+    pub fn read(&self, pfn: Pfn) -> u64 {
+        self.ram.lock().get(&pfn).copied().unwrap_or(0)
+    }
+
+    /// Number of [`Platform::zero_page`] calls so far.
+    #[must_use]
+    pub fn zero_calls(&self) -> u64 {
+        *self.zeroed.lock()
+    }
+}
+
+/// A VM's table pages.
+#[derive(Debug, Default)]
+pub struct FakePages {
+    tables: BTreeMap<Pfn, Box<Table>>,
+}
+
+impl PageAccess for FakePages {
+    fn table(&self, pfn: Pfn) -> &Table {
+        self.tables.get(&pfn).map_or(&POISON_TABLE, |t| t)
+    }
+
+    fn table_mut(&mut self, pfn: Pfn) -> &mut Table {
+        self.tables
+            .entry(pfn)
+            .or_insert_with(|| Box::new(POISON_TABLE))
+    }
+
+    fn release(&mut self, pfn: Pfn) {
+        self.tables.remove(&pfn);
+    }
+}
+
+/// A guest's TLB: counts, and panics (a test failure) if an invalidation
+/// names another VMID than the one it was made for.
+#[derive(Debug)]
+pub struct FakeGuestTlb {
+    /// The VMID it was made for.
+    pub vmid: Vmid,
+    /// The `VTTBR_EL2` value it was given.
+    pub vttbr: u64,
+    /// The operations.
+    pub counts: CountingTlb,
+}
+
+impl TlbMaintenance for FakeGuestTlb {
+    fn sync_writes(&mut self) {
+        self.counts.sync_writes();
+    }
+
+    fn invalidate_ipa(&mut self, vmid: Vmid, ipa: Ipa, level: u8) {
+        assert_eq!(vmid, self.vmid, "invalidation for another VMID");
+        self.counts.invalidate_ipa(vmid, ipa, level);
+    }
+
+    fn invalidate_vmid(&mut self, vmid: Vmid) {
+        assert_eq!(vmid, self.vmid, "invalidation for another VMID");
+        self.counts.invalidate_vmid(vmid);
+    }
+}
+
+impl Platform for FakePlatform {
+    type Pages = FakePages;
+    type GuestTlb = FakeGuestTlb;
+
+    fn page_access(&self) -> FakePages {
+        FakePages::default()
+    }
+
+    fn guest_tlb(&self, vmid: Vmid, vttbr: u64) -> FakeGuestTlb {
+        assert_eq!(vttbr >> 48, u64::from(vmid.0), "VTTBR without the VMID");
+        FakeGuestTlb {
+            vmid,
+            vttbr,
+            counts: CountingTlb::default(),
+        }
+    }
+
+    fn zero_page(&self, pfn: Pfn) {
+        self.ram.lock().remove(&pfn);
+        *self.zeroed.lock() += 1;
+    }
+}
+
+/// The hypervisor on fakes.
+pub type FakeHyp = Hyp<FakePlatform, ArenaMemory, CountingTlb>;
+
+/// First RAM region of the standard fake machine: 4 MiB at 1 GiB, whose
+/// first 1 MiB is the hypervisor's.
+pub const FAKE_RAM0: Region = Region {
+    base: 0x4000_0000,
+    size: 4 << 20,
+};
+/// Second RAM region, after a 4 MiB hole: 2 MiB.
+pub const FAKE_RAM1: Region = Region {
+    base: 0x4080_0000,
+    size: 2 << 20,
+};
+/// The hypervisor's range.
+pub const FAKE_HYP: Region = Region {
+    base: 0x4000_0000,
+    size: 1 << 20,
+};
+
+/// The standard fake machine (RAM [`FAKE_RAM0`] and [`FAKE_RAM1`], the
+/// hypervisor at [`FAKE_HYP`], 40-bit host IPA) with `host_tables` pages
+/// for the host stage-2 and the given per-page share limit.
+pub fn fake_hyp(host_tables: usize, share_limit: u32) -> Result<FakeHyp, InitError> {
+    let config = HypConfig {
+        ram: &[FAKE_RAM0, FAKE_RAM1],
+        hyp: FAKE_HYP,
+        host_ipa_bits: 40,
+        share_limit,
+    };
+    Hyp::new(
+        FakePlatform::new(),
+        &config,
+        ArenaMemory::with_limit(host_tables),
+        CountingTlb::default(),
+    )
+}

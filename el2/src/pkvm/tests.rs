@@ -1,0 +1,808 @@
+//! Unit tests of every call against the fakes: success and every refusal
+//! (checking that a refused call changed nothing), lifecycle, teardown
+//! bounds, the abort policy. The property test and the concurrency test
+//! are in `model.rs` and `smp.rs`.
+
+use std::vec::Vec;
+
+use hypercalls::{
+    CounterGroup, Counters, GuestPage, HostFunction, HostPageInfo, HypError, Hypercall, IpaBits,
+    Owner, OwnerState, PageCount, PageState, Prot, Reply, ReplyError, RuntimeCounters,
+    Stage2Counters, TeardownProgress, VcpuCount, VcpuIndex, VmHandle,
+};
+use stage2::Pfn as HPfn;
+
+use super::fake::{fake_hyp, FakeHyp};
+use super::{AbortAction, AbortKind, MAX_VMS, SERVED};
+
+mod smp;
+
+/// First host RAM frame of the fake machine (after the hypervisor's MiB).
+pub(super) const HOST0: u64 = 0x40100;
+/// The hole between the regions.
+pub(super) const HOLE: u64 = 0x40400;
+/// The second region: 512 frames.
+pub(super) const HOST1: u64 = 0x40800;
+/// The hypervisor's frames.
+pub(super) const HYP0: u64 = 0x40000;
+
+pub(super) fn pfn(raw: u64) -> hypercalls::Pfn {
+    hypercalls::Pfn::new(raw).unwrap()
+}
+
+pub(super) fn gfn(raw: u64) -> hypercalls::Gfn {
+    hypercalls::Gfn::new(raw).unwrap()
+}
+
+pub(super) fn count(n: u32) -> PageCount {
+    PageCount::new(n).unwrap()
+}
+
+pub(super) fn hyp() -> FakeHyp {
+    fake_hyp(256, u32::MAX).unwrap()
+}
+
+/// Runs `call` through the register interface and decodes the reply.
+pub(super) fn run(h: &FakeHyp, call: Hypercall) -> Result<Reply, HypError> {
+    let out = h.host_call(&call.encode());
+    match call.decode_reply(&out) {
+        Ok(r) => Ok(r),
+        Err(ReplyError::Failed(e)) => Err(e),
+        Err(ReplyError::Malformed) => panic!("malformed reply {out:x?} to {call:?}"),
+    }
+}
+
+pub(super) fn ok(h: &FakeHyp, call: Hypercall) -> Reply {
+    let r = run(h, call);
+    h.check_invariants().unwrap();
+    r.unwrap_or_else(|e| panic!("{call:?}: {e:?}"))
+}
+
+/// `call` fails with `err` and changes nothing.
+pub(super) fn refused(h: &FakeHyp, call: Hypercall, err: HypError) {
+    let before = h.snapshot();
+    let zeroed = h.platform().zero_calls();
+    assert_eq!(run(h, call), Err(err), "{call:?}");
+    assert!(h.snapshot() == before, "{call:?} changed the state");
+    assert_eq!(h.platform().zero_calls(), zeroed, "{call:?} zeroed pages");
+    h.check_invariants().unwrap();
+}
+
+pub(super) fn create(h: &FakeHyp, ipa_bits: u8, root: u64) -> VmHandle {
+    match ok(
+        h,
+        Hypercall::VmCreate {
+            ipa_bits: IpaBits::new(ipa_bits).unwrap(),
+            nr_vcpus: VcpuCount::new(2).unwrap(),
+            root: pfn(root),
+        },
+    ) {
+        Reply::VmCreated { vm } => vm,
+        r => panic!("{r:?}"),
+    }
+}
+
+pub(super) fn topup(h: &FakeHyp, vm: VmHandle, first: u64, n: u32) {
+    ok(
+        h,
+        Hypercall::MemcacheTopup {
+            vm,
+            pfn: pfn(first),
+            nr: count(n),
+        },
+    );
+}
+
+fn host_page(h: &FakeHyp, p: u64) -> HostPageInfo {
+    match ok(h, Hypercall::HostPageState { pfn: pfn(p) }) {
+        Reply::HostPage(i) => i,
+        r => panic!("{r:?}"),
+    }
+}
+
+fn guest_page(h: &FakeHyp, vm: VmHandle, g: u64) -> GuestPage {
+    match ok(h, Hypercall::GuestPageState { vm, gfn: gfn(g) }) {
+        Reply::GuestPage(p) => p,
+        r => panic!("{r:?}"),
+    }
+}
+
+fn stage2_counters(h: &FakeHyp, vm: VmHandle) -> Stage2Counters {
+    match ok(
+        h,
+        Hypercall::VmCounters {
+            vm,
+            group: CounterGroup::Stage2,
+        },
+    ) {
+        Reply::Counters(Counters::Stage2(c)) => c,
+        r => panic!("{r:?}"),
+    }
+}
+
+fn runtime_counters(h: &FakeHyp, vm: VmHandle) -> RuntimeCounters {
+    match ok(
+        h,
+        Hypercall::VmCounters {
+            vm,
+            group: CounterGroup::Runtime,
+        },
+    ) {
+        Reply::Counters(Counters::Runtime(c)) => c,
+        r => panic!("{r:?}"),
+    }
+}
+
+pub(super) fn share(vm: VmHandle, p: u64, g: u64, n: u32) -> Hypercall {
+    Hypercall::Share {
+        vm,
+        pfn: pfn(p),
+        gfn: gfn(g),
+        nr: count(n),
+        prot: Prot::RW,
+    }
+}
+
+pub(super) fn unshare(vm: VmHandle, p: u64, g: u64, n: u32) -> Hypercall {
+    Hypercall::Unshare {
+        vm,
+        pfn: pfn(p),
+        gfn: gfn(g),
+        nr: count(n),
+    }
+}
+
+pub(super) fn donate(vm: VmHandle, p: u64, g: u64, n: u32) -> Hypercall {
+    Hypercall::Donate {
+        vm,
+        pfn: pfn(p),
+        gfn: gfn(g),
+        nr: count(n),
+        prot: Prot::RWX,
+    }
+}
+
+pub(super) fn reclaim(vm: VmHandle, p: u64, g: u64, n: u32) -> Hypercall {
+    Hypercall::Reclaim {
+        vm,
+        pfn: pfn(p),
+        gfn: gfn(g),
+        nr: count(n),
+    }
+}
+
+const HOST_OWNED: HostPageInfo = HostPageInfo {
+    owner: Owner::Host,
+    state: OwnerState::Owned,
+    share_count: 0,
+};
+const HYP_OWNED: HostPageInfo = HostPageInfo {
+    owner: Owner::Hyp,
+    state: OwnerState::Owned,
+    share_count: 0,
+};
+
+/// A VM with a 40-bit IPA (2 root pages at HOST0) and 8 memcache pages.
+fn vm_with_memcache(h: &FakeHyp) -> VmHandle {
+    let vm = create(h, 40, HOST0);
+    topup(h, vm, HOST0 + 2, 8);
+    vm
+}
+
+/// Tears `vm` down completely; returns the progress of each reclaim call.
+pub(super) fn teardown(h: &FakeHyp, vm: VmHandle) -> Vec<TeardownProgress> {
+    ok(h, Hypercall::TeardownStart { vm });
+    let mut steps = Vec::new();
+    loop {
+        match ok(h, Hypercall::TeardownReclaim { vm }) {
+            Reply::Teardown(t) => {
+                steps.push(t);
+                if !t.more {
+                    break;
+                }
+            }
+            r => panic!("{r:?}"),
+        }
+        assert!(steps.len() < 100, "teardown does not end");
+    }
+    ok(h, Hypercall::TeardownFinalize { vm });
+    steps
+}
+
+#[test]
+fn version_and_features() {
+    let h = hyp();
+    assert!(matches!(ok(&h, Hypercall::Version), Reply::Version(_)));
+    for f in HostFunction::ALL {
+        let r = ok(&h, Hypercall::Features { func: f.id() });
+        assert_eq!(
+            r,
+            Reply::Features {
+                supported: *f != HostFunction::VcpuRun
+            },
+            "{f:?}"
+        );
+        assert_eq!(SERVED.contains(f), *f != HostFunction::VcpuRun);
+    }
+    assert_eq!(
+        ok(&h, Hypercall::Features { func: 0xc600_0100 }),
+        Reply::Features { supported: false }
+    );
+    let vm = create(&h, 40, HOST0);
+    refused(
+        &h,
+        Hypercall::VcpuRun {
+            vm,
+            vcpu: VcpuIndex::new(0).unwrap(),
+        },
+        HypError::NotSupported,
+    );
+}
+
+#[test]
+fn vm_create_and_refusals() {
+    let h = hyp();
+    let make = |bits: u8, root: u64| Hypercall::VmCreate {
+        ipa_bits: IpaBits::new(bits).unwrap(),
+        nr_vcpus: VcpuCount::new(1).unwrap(),
+        root: pfn(root),
+    };
+    // Not RAM: the hole, a range running into the hole, far away.
+    refused(&h, make(48, HOLE), HypError::OutOfRange);
+    refused(&h, make(48, 0x1000), HypError::OutOfRange);
+    // Hypervisor memory.
+    refused(&h, make(48, HYP0), HypError::Denied);
+    // Misaligned root is a decode error.
+    let mut regs = make(32, HOST0).encode();
+    regs[3] = HOST0 + 2;
+    assert_eq!(
+        h.host_call(&regs)[0] as i64,
+        HypError::InvalidArgument.to_i64()
+    );
+
+    let vm = create(&h, 32, HOST0);
+    assert_eq!((vm.index(), vm.generation()), (0, 1));
+    for i in 0..4 {
+        assert_eq!(host_page(&h, HOST0 + i), HYP_OWNED);
+    }
+    assert_eq!(host_page(&h, HOST0 + 4), HOST_OWNED);
+    assert_eq!(stage2_counters(&h, vm), Stage2Counters::default());
+    assert_eq!(
+        runtime_counters(&h, vm),
+        RuntimeCounters {
+            table_pages: 4,
+            ..RuntimeCounters::default()
+        }
+    );
+    assert_eq!(guest_page(&h, vm, 0), GuestPage::Unmapped);
+    // The root is the hypervisor's now.
+    refused(&h, make(48, HOST0 + 1), HypError::Denied);
+
+    // Fill every slot; the next create finds none.
+    for i in 1..MAX_VMS as u64 {
+        let v = create(&h, 48, HOST0 + 4 + i);
+        assert_eq!(u64::from(v.index()), i);
+    }
+    refused(&h, make(48, HOST0 + 100), HypError::NoSpace);
+    // ENOSPC comes before the range check.
+    refused(&h, make(48, HOLE), HypError::NoSpace);
+}
+
+#[test]
+fn bad_handles() {
+    let h = hyp();
+    let vm = create(&h, 40, HOST0);
+    let other_gen = VmHandle::new(vm.index(), 2).unwrap();
+    let other_slot = VmHandle::new(1, 1).unwrap();
+    let beyond = VmHandle::new(MAX_VMS as u16, 1).unwrap();
+    for bad in [
+        other_gen,
+        other_slot,
+        beyond,
+        VmHandle::new(0xffff, 0xffff).unwrap(),
+    ] {
+        refused(&h, share(bad, HOST0 + 10, 0, 1), HypError::NoEntry);
+        refused(
+            &h,
+            Hypercall::MemcacheReclaim { vm: bad },
+            HypError::NoEntry,
+        );
+        refused(&h, Hypercall::TeardownStart { vm: bad }, HypError::NoEntry);
+        refused(
+            &h,
+            Hypercall::VmCounters {
+                vm: bad,
+                group: CounterGroup::Stage2,
+            },
+            HypError::NoEntry,
+        );
+        refused(
+            &h,
+            Hypercall::GuestPageState {
+                vm: bad,
+                gfn: gfn(0),
+            },
+            HypError::NoEntry,
+        );
+    }
+    // Handle 0 is a decode error.
+    let mut regs = share(vm, HOST0 + 10, 0, 1).encode();
+    regs[1] = 0;
+    assert_eq!(
+        h.host_call(&regs)[0] as i64,
+        HypError::InvalidArgument.to_i64()
+    );
+}
+
+#[test]
+fn memcache_topup_and_reclaim() {
+    let h = hyp();
+    let vm = create(&h, 40, HOST0);
+    let top = |p: u64, n: u32| Hypercall::MemcacheTopup {
+        vm,
+        pfn: pfn(p),
+        nr: count(n),
+    };
+    refused(&h, top(HOLE - 1, 2), HypError::OutOfRange);
+    refused(&h, top(HOST1 + 511, 2), HypError::OutOfRange);
+    refused(&h, top(HYP0 + 0xff, 2), HypError::Denied);
+    refused(&h, top(HOST0 + 1, 1), HypError::Denied);
+    // A shared page cannot be donated to the hypervisor.
+    topup(&h, vm, HOST0 + 2, 4);
+    ok(&h, share(vm, HOST0 + 20, 0, 1));
+    refused(&h, top(HOST0 + 19, 2), HypError::Denied);
+    // The share took two tables (levels 2 and 3).
+    assert_eq!(runtime_counters(&h, vm).memcache_pages, 2);
+    let tables = runtime_counters(&h, vm).table_pages;
+    assert!(tables > 2);
+
+    topup(&h, vm, HOST1, 10);
+    assert_eq!(host_page(&h, HOST1 + 9), HYP_OWNED);
+    assert_eq!(runtime_counters(&h, vm).memcache_pages, 12);
+    h.platform().write(HPfn(HOST1 + 9), 0xabc);
+    let mut returned = Vec::new();
+    loop {
+        match ok(&h, Hypercall::MemcacheReclaim { vm }) {
+            Reply::MemcacheReclaimed(p) if p.as_slice().is_empty() => break,
+            Reply::MemcacheReclaimed(p) => {
+                assert!(p.as_slice().len() <= hypercalls::MEMCACHE_RECLAIM_MAX);
+                returned.extend(p.as_slice().iter().map(|p| p.raw()));
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+    returned.sort_unstable();
+    assert_eq!(returned.len(), 12);
+    for p in &returned {
+        assert_eq!(host_page(&h, *p), HOST_OWNED);
+    }
+    assert_eq!(
+        h.platform().read(HPfn(HOST1 + 9)),
+        0,
+        "returned page not zeroed"
+    );
+    // The tables in use stay.
+    assert_eq!(runtime_counters(&h, vm).table_pages, tables);
+    assert_eq!(runtime_counters(&h, vm).memcache_pages, 0);
+}
+
+#[test]
+fn share_unshare() {
+    let h = fake_hyp(256, 2).unwrap();
+    let vm = vm_with_memcache(&h);
+    let p = HOST0 + 100;
+    refused(&h, share(vm, HOLE - 1, 0, 2), HypError::OutOfRange);
+    // Beyond the 40-bit IPA space.
+    refused(&h, share(vm, p, (1 << 28) - 1, 2), HypError::OutOfRange);
+    refused(&h, share(vm, HYP0, 0, 1), HypError::Denied);
+
+    ok(&h, share(vm, p, 0x10, 4));
+    assert_eq!(
+        host_page(&h, p),
+        HostPageInfo {
+            owner: Owner::Host,
+            state: OwnerState::SharedOwned,
+            share_count: 1
+        }
+    );
+    assert_eq!(
+        guest_page(&h, vm, 0x13),
+        GuestPage::Mapped {
+            state: PageState::SharedBorrowed,
+            pfn: pfn(p + 3),
+            prot: Prot::RW
+        }
+    );
+    // Overlapping gfn: EEXIST; share again elsewhere: count 2; the limit
+    // (2 here) is ERANGE.
+    refused(&h, share(vm, p + 10, 0x13, 2), HypError::Exists);
+    ok(&h, share(vm, p, 0x20, 1));
+    assert_eq!(host_page(&h, p).share_count, 2);
+    refused(&h, share(vm, p, 0x30, 1), HypError::OutOfRange);
+    // Host side before guest side: the over-shared page decides even
+    // though the gfn is mapped.
+    refused(&h, share(vm, p, 0x13, 1), HypError::OutOfRange);
+
+    // Unshare refusals.
+    refused(&h, unshare(vm, p + 50, 0x10, 1), HypError::Denied); // not shared
+    refused(&h, unshare(vm, p, 0x40, 1), HypError::NoEntry); // gfn unmapped
+    refused(&h, unshare(vm, p + 1, 0x10, 1), HypError::Denied); // other frame
+    refused(&h, unshare(vm, p, 0x10, 5), HypError::Denied); // p+4 not shared
+    let before = stage2_counters(&h, vm);
+    ok(&h, unshare(vm, p, 0x10, 4));
+    ok(&h, unshare(vm, p, 0x20, 1));
+    assert_eq!(host_page(&h, p), HOST_OWNED);
+    assert_eq!(guest_page(&h, vm, 0x10), GuestPage::Unmapped);
+    let after = stage2_counters(&h, vm);
+    assert_eq!(after.unshares - before.unshares, 5);
+    assert_eq!(after.unmaps - before.unmaps, 5);
+    // One per page, and one per table emptied by the last unshare (the
+    // level-3 and level-2 tables).
+    assert_eq!(after.tlbi - before.tlbi, 5 + 2);
+    assert_eq!(after.shares, 5);
+    assert_eq!(after.maps, 5);
+}
+
+#[test]
+fn share_needs_memcache() {
+    let h = hyp();
+    let vm = create(&h, 40, HOST0);
+    // No memcache: the level-1..3 tables cannot be allocated.
+    refused(&h, share(vm, HOST0 + 10, 0, 1), HypError::NoMemory);
+    refused(&h, donate(vm, HOST0 + 10, 0, 1), HypError::NoMemory);
+    topup(&h, vm, HOST0 + 2, 1);
+    refused(&h, share(vm, HOST0 + 10, 0, 1), HypError::NoMemory);
+    topup(&h, vm, HOST0 + 3, 1);
+    ok(&h, share(vm, HOST0 + 10, 0, 1));
+}
+
+#[test]
+fn donate_reclaim() {
+    let h = hyp();
+    let vm = vm_with_memcache(&h);
+    let p = HOST0 + 200;
+    h.platform().write(HPfn(p), 0x5a5a);
+    refused(&h, donate(vm, HYP0 + 1, 0, 1), HypError::Denied);
+    ok(&h, share(vm, p + 5, 0x100, 1));
+    refused(&h, donate(vm, p, 0, 8), HypError::Denied); // p+5 shared
+    refused(&h, donate(vm, p, 0x100, 1), HypError::Exists);
+
+    ok(&h, donate(vm, p, 0, 4));
+    assert_eq!(host_page(&h, p).owner, Owner::Vm(vm));
+    assert_eq!(
+        guest_page(&h, vm, 1),
+        GuestPage::Mapped {
+            state: PageState::Owned,
+            pfn: pfn(p + 1),
+            prot: Prot::RWX
+        }
+    );
+    // Contents are kept; the host cannot touch the pages any more.
+    assert_eq!(h.platform().read(HPfn(p)), 0x5a5a);
+    assert_eq!(
+        h.host_abort(p << 12, AbortKind::Translation),
+        AbortAction::InjectAbort
+    );
+    // Not shareable, not donatable again, not to the memcache.
+    refused(&h, share(vm, p, 0x200, 1), HypError::Denied);
+    refused(&h, donate(vm, p, 0x200, 1), HypError::Denied);
+
+    // Reclaim refusals.
+    refused(&h, reclaim(vm, p + 10, 0, 1), HypError::Denied); // host's page
+    refused(&h, reclaim(vm, p, 1, 1), HypError::Denied); // other frame
+    refused(&h, reclaim(vm, p, 0, 5), HypError::Denied); // p+4 not the VM's
+    refused(&h, reclaim(vm, p + 5, 0x100, 1), HypError::Denied); // borrowed
+    ok(&h, reclaim(vm, p, 0, 2));
+    assert_eq!(host_page(&h, p), HOST_OWNED);
+    assert_eq!(h.platform().read(HPfn(p)), 0, "reclaimed page not zeroed");
+    assert_eq!(
+        h.host_abort(p << 12, AbortKind::Translation),
+        AbortAction::Retry
+    );
+    refused(&h, reclaim(vm, p + 2, 0, 1), HypError::NoEntry); // gfn 0 gone
+    let c = stage2_counters(&h, vm);
+    assert_eq!((c.donations, c.reclaims, c.maps, c.unmaps), (4, 2, 5, 2));
+}
+
+#[test]
+fn wrprotect_relax_young() {
+    let h = hyp();
+    let vm = vm_with_memcache(&h);
+    let wrp = |g: u64, n: u32| Hypercall::WrProtect {
+        vm,
+        gfn: gfn(g),
+        nr: count(n),
+    };
+    let young = |g: u64, n: u32| Hypercall::TestClearYoung {
+        vm,
+        gfn: gfn(g),
+        nr: count(n),
+    };
+    let relax = |g: u64, prot: Prot| Hypercall::RelaxPerms {
+        vm,
+        gfn: gfn(g),
+        prot,
+    };
+    ok(&h, donate(vm, HOST0 + 300, 0x10, 3));
+    ok(
+        &h,
+        Hypercall::Share {
+            vm,
+            pfn: pfn(HOST0 + 310),
+            gfn: gfn(0x13),
+            nr: count(1),
+            prot: Prot::R,
+        },
+    );
+    ok(&h, share(vm, HOST0 + 311, 0x18, 1));
+    refused(&h, wrp((1 << 28) - 1, 2), HypError::OutOfRange);
+    assert_eq!(ok(&h, wrp(0, 512)), Reply::WrProtected { pages: 4 });
+    assert_eq!(ok(&h, wrp(0, 512)), Reply::WrProtected { pages: 0 });
+    assert_eq!(
+        guest_page(&h, vm, 0x10),
+        GuestPage::Mapped {
+            state: PageState::Owned,
+            pfn: pfn(HOST0 + 300),
+            prot: Prot::RX
+        }
+    );
+    refused(&h, relax(0x14, Prot::W), HypError::NoEntry);
+    refused(&h, relax(1 << 28, Prot::W), HypError::OutOfRange);
+    ok(&h, relax(0x13, Prot::W));
+    assert_eq!(
+        guest_page(&h, vm, 0x13),
+        GuestPage::Mapped {
+            state: PageState::SharedBorrowed,
+            pfn: pfn(HOST0 + 310),
+            prot: Prot::RW
+        }
+    );
+    // Relaxing to what is there changes nothing.
+    refused_ok_unchanged(&h, relax(0x13, Prot::R));
+
+    assert_eq!(ok(&h, young(0x10, 1)), Reply::Young { young: true });
+    assert_eq!(ok(&h, young(0x10, 1)), Reply::Young { young: false });
+    assert_eq!(ok(&h, young(0x11, 8)), Reply::Young { young: true });
+    assert_eq!(ok(&h, young(0x100, 8)), Reply::Young { young: false });
+    refused(&h, young(1 << 28, 1), HypError::OutOfRange);
+}
+
+/// `call` succeeds and changes nothing.
+fn refused_ok_unchanged(h: &FakeHyp, call: Hypercall) {
+    let before = h.snapshot();
+    ok(h, call);
+    assert!(h.snapshot() == before);
+}
+
+#[test]
+fn vcpu_create() {
+    let h = hyp();
+    let vm = create(&h, 40, HOST0);
+    let vcpu = |i: u16| Hypercall::VcpuCreate {
+        vm,
+        vcpu: VcpuIndex::new(i).unwrap(),
+    };
+    refused(&h, vcpu(2), HypError::OutOfRange);
+    refused(&h, vcpu(0), HypError::NoMemory);
+    topup(&h, vm, HOST0 + 2, 1);
+    h.platform().write(HPfn(HOST0 + 2), 7);
+    ok(&h, vcpu(1));
+    assert_eq!(
+        h.platform().read(HPfn(HOST0 + 2)),
+        0,
+        "vCPU state not zeroed"
+    );
+    refused(&h, vcpu(1), HypError::Exists);
+    assert_eq!(runtime_counters(&h, vm).memcache_pages, 0);
+}
+
+#[test]
+fn lifecycle() {
+    let h = hyp();
+    let vm = vm_with_memcache(&h);
+    ok(
+        &h,
+        Hypercall::VcpuCreate {
+            vm,
+            vcpu: VcpuIndex::new(0).unwrap(),
+        },
+    );
+    ok(&h, donate(vm, HOST0 + 100, 0, 3));
+    ok(&h, share(vm, HOST0 + 110, 0x1000, 2));
+    ok(&h, share(vm, HOST0 + 110, 0x2000, 1));
+    refused(&h, Hypercall::TeardownReclaim { vm }, HypError::Busy);
+    refused(&h, Hypercall::TeardownFinalize { vm }, HypError::Busy);
+    ok(&h, Hypercall::TeardownStart { vm });
+    // Dying: everything but reclaim/finalize/memcache reclaim/counters/
+    // guest page state is EBUSY.
+    refused(&h, Hypercall::TeardownStart { vm }, HypError::Busy);
+    refused(&h, share(vm, HOST0 + 120, 0x3000, 1), HypError::Busy);
+    refused(&h, donate(vm, HOST0 + 120, 0x3000, 1), HypError::Busy);
+    refused(&h, unshare(vm, HOST0 + 110, 0x1000, 1), HypError::Busy);
+    refused(&h, reclaim(vm, HOST0 + 100, 0, 1), HypError::Busy);
+    refused(
+        &h,
+        Hypercall::MemcacheTopup {
+            vm,
+            pfn: pfn(HOST0 + 120),
+            nr: count(1),
+        },
+        HypError::Busy,
+    );
+    refused(
+        &h,
+        Hypercall::VcpuCreate {
+            vm,
+            vcpu: VcpuIndex::new(1).unwrap(),
+        },
+        HypError::Busy,
+    );
+    refused(
+        &h,
+        Hypercall::WrProtect {
+            vm,
+            gfn: gfn(0),
+            nr: count(1),
+        },
+        HypError::Busy,
+    );
+    refused(
+        &h,
+        Hypercall::RelaxPerms {
+            vm,
+            gfn: gfn(0),
+            prot: Prot::W,
+        },
+        HypError::Busy,
+    );
+    refused(
+        &h,
+        Hypercall::TestClearYoung {
+            vm,
+            gfn: gfn(0),
+            nr: count(1),
+        },
+        HypError::Busy,
+    );
+    refused(&h, Hypercall::TeardownFinalize { vm }, HypError::Busy);
+    assert!(matches!(guest_page(&h, vm, 0), GuestPage::Mapped { .. }));
+    let _ = stage2_counters(&h, vm);
+
+    let before = stage2_counters(&h, vm);
+    match ok(&h, Hypercall::TeardownReclaim { vm }) {
+        // 3 reclaims + 3 unshares, then the vCPU page and every free
+        // memcache page (the three freed tables among them).
+        Reply::Teardown(t) => {
+            assert!(!t.more);
+            assert_eq!(t.reclaimed, 6 + 1 + 7);
+        }
+        r => panic!("{r:?}"),
+    }
+    let after = stage2_counters(&h, vm);
+    assert_eq!(after.reclaims - before.reclaims, 3);
+    assert_eq!(after.unshares - before.unshares, 3);
+    assert_eq!(
+        runtime_counters(&h, vm),
+        RuntimeCounters {
+            table_pages: 2,
+            ..RuntimeCounters::default()
+        }
+    );
+    assert_eq!(
+        ok(&h, Hypercall::TeardownReclaim { vm }),
+        Reply::Teardown(TeardownProgress {
+            reclaimed: 0,
+            more: false
+        })
+    );
+    assert_eq!(
+        ok(&h, Hypercall::MemcacheReclaim { vm }),
+        Reply::MemcacheReclaimed(hypercalls::ReclaimedPages::EMPTY)
+    );
+    ok(&h, Hypercall::TeardownFinalize { vm });
+    h.check_all_returned().unwrap();
+    // Stale handle; the slot is reused with the next generation.
+    refused(&h, Hypercall::TeardownFinalize { vm }, HypError::NoEntry);
+    refused(&h, Hypercall::TeardownStart { vm }, HypError::NoEntry);
+    let again = create(&h, 40, HOST0);
+    assert_eq!((again.index(), again.generation()), (0, 2));
+    refused(&h, share(vm, HOST0 + 120, 0, 1), HypError::NoEntry);
+}
+
+#[test]
+fn teardown_is_bounded() {
+    let h = fake_hyp(256, u32::MAX).unwrap();
+    let vm = create(&h, 40, HOST0);
+    topup(&h, vm, HOST0 + 2, 16);
+    // 700 guest pages: 512 donated from the second region, 188 shared.
+    ok(&h, donate(vm, HOST1, 0, 512));
+    ok(&h, share(vm, HOST0 + 300, 0x400, 188));
+    let steps = teardown(&h, vm);
+    let total: u32 = steps.iter().map(|s| s.reclaimed).sum();
+    assert!(steps.len() >= 2);
+    for s in &steps {
+        assert!(s.reclaimed <= hypercalls::TEARDOWN_BATCH, "{s:?}");
+    }
+    // 700 leaves + every memcache page (16, tables freed into it).
+    assert_eq!(total, 700 + 16);
+    h.check_all_returned().unwrap();
+}
+
+#[test]
+fn every_vm_torn_down_returns_everything() {
+    let h = hyp();
+    let mut vms = Vec::new();
+    for i in 0..4u64 {
+        let root = HOST0 + 64 * i;
+        let vm = create(&h, 48, root);
+        topup(&h, vm, root + 1, 5);
+        ok(&h, donate(vm, root + 10, 0x40000, 8));
+        ok(&h, share(vm, HOST1 + i, 7, 1));
+        ok(&h, share(vm, HOST1, 9 + i, 1));
+        vms.push(vm);
+    }
+    assert_eq!(host_page(&h, HOST1).share_count, 5);
+    let start_tables = h.host_tables_available();
+    for vm in vms {
+        teardown(&h, vm);
+    }
+    h.check_all_returned().unwrap();
+    // Host tables split by donations stay split (no coalescing) but none
+    // leaks: the count does not shrink during teardown.
+    assert!(h.host_tables_available() >= start_tables);
+}
+
+#[test]
+fn host_aborts() {
+    let h = hyp();
+    let t = AbortKind::Translation;
+    // Hypervisor memory.
+    assert_eq!(h.host_abort(HYP0 << 12, t), AbortAction::InjectAbort);
+    // MMIO far from RAM: a 2 MiB block.
+    assert_eq!(h.host_abort(0x0900_0123, t), AbortAction::Retry);
+    assert_eq!(h.host_abort(0x091f_f000, t), AbortAction::Retry);
+    // MMIO in a block shared with RAM (the hole): a page.
+    assert_eq!(h.host_abort(HOLE << 12, t), AbortAction::Retry);
+    // Permission faults and faults beyond the IPA size are injected.
+    assert_eq!(
+        h.host_abort(HOST0 << 12, AbortKind::Permission),
+        AbortAction::InjectAbort
+    );
+    assert_eq!(h.host_abort(1 << 41, t), AbortAction::InjectAbort);
+    // Host RAM is mapped: retry.
+    assert_eq!(h.host_abort(HOST0 << 12, t), AbortAction::Retry);
+    h.check_invariants().unwrap();
+}
+
+#[test]
+fn arbitrary_registers_never_panic() {
+    let h = hyp();
+    let vm = vm_with_memcache(&h);
+    let mut x: u64 = 0x1234_5678_9abc_def0;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..20_000u64 {
+        let mut regs = [0u64; 8];
+        for r in &mut regs {
+            *r = next();
+        }
+        regs[0] = (regs[0] & 0x7f) | 0xc600_0000;
+        // Plausible values half of the time.
+        if i % 2 == 0 {
+            regs[1] = u64::from(vm.raw());
+            regs[2] = HOST0 + (regs[2] % 1300);
+            regs[3] %= 0x1000;
+            regs[4] = 1 + regs[4] % 4;
+            regs[5] &= 7;
+            regs[6] = 0;
+            regs[7] = 0;
+        }
+        let out = h.host_call(&regs);
+        assert!(out[0] == 0 || (out[0] as i64) < 0);
+    }
+    h.check_invariants().unwrap();
+}
