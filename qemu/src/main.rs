@@ -15,6 +15,7 @@
 mod assets;
 mod bench;
 mod boot;
+mod conformance;
 mod initramfs;
 mod install;
 mod modules;
@@ -29,7 +30,7 @@ usage: cargo xtask <command> [args]
 
 commands:
   run [OPTIONS]        boot Debian's arm64 kernel at EL1 under el2 (`run --help` for options)
-  test [SUITE...]      run test suites (default: all); suites: host, boot
+  test [SUITE...]      run test suites (default: host, boot); also: conformance
   bench stage2         count instructions of stage2 vs aarch64-paging under callgrind
   bench boot           time boots to user space with and without el2 (3 runs each)
   gen-header           regenerate host-driver/include/hyp_abi.h
