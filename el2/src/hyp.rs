@@ -1,7 +1,8 @@
 //! Boot, per-CPU bring-up and trap handling: the parts that tie the pure
 //! modules to the machine.
 //!
-//! Lock order (docs/DESIGN.md §5): `HOST` (host stage-2) before the console.
+//! Lock order (docs/DESIGN.md §6): the dispatcher's locks (`el2::pkvm`),
+//! then the heap and the console as leaves.
 
 use alloc::vec::Vec;
 use core::panic::PanicInfo;
@@ -9,16 +10,18 @@ use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use buddy_system_allocator::LockedHeap;
 use log::{error, info, warn};
-use spin::{Mutex, Once};
+use spin::Once;
 use stage2::mm::{Table, TableMemory, ENTRIES};
-use stage2::pgtable::{Attrs, Granule, MemType, PageState, Perms, Stage2};
-use stage2::{Hpa, Ipa, Vmid, PAGE_SIZE};
+use stage2::{Hpa, PAGE_SIZE};
 
 use crate::arch::{self, HostRegs, Tlb};
 use el2::dtb::{self, Platform, Region};
 use el2::exception::{fault_ipa, Esr, ExceptionClass, TrapFrame, Vector};
 use el2::layout::*;
-use el2::{hostcall, inject, psci};
+use el2::pkvm::{AbortAction, AbortKind, Hyp, HypConfig};
+use el2::{inject, psci};
+
+use crate::machine::El2Platform;
 
 #[global_allocator]
 static HEAP: LockedHeap<32> = LockedHeap::empty();
@@ -133,10 +136,11 @@ impl TableMemory for HypPool {
 
 const _: () = assert!(ENTRIES * 8 == PAGE_SIZE as usize);
 
-type HostStage2 = Stage2<HypPool, Tlb>;
+/// The hypervisor's state: the dispatcher over the EL2 machine.
+type El2Hyp = Hyp<El2Platform, HypPool, Tlb>;
 
 static PLATFORM: Once<Platform> = Once::new();
-static HOST: Once<Mutex<HostStage2>> = Once::new();
+static HYP: Once<El2Hyp> = Once::new();
 static HOST_REGS: Once<HostRegs> = Once::new();
 
 const CPU_OFF: u8 = 0;
@@ -211,6 +215,8 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
             gib += 1 << 30;
         }
     }
+    #[cfg(feature = "selftest-guest")]
+    crate::selftest::run_all(plat.cpus.iter().position(|&m| m == arch::mpidr()).unwrap_or(0));
     let host_ram = dtb::subtract(&plat.memory, hyp);
     // The host kernel must be where the runner put it.
     if !host_ram.iter().any(|r| r.contains(HOST_KERNEL_ADDR)) || !has_image_header(HOST_KERNEL_ADDR)
@@ -243,26 +249,37 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
         core::ptr::copy_nonoverlapping(host_dtb.as_ptr(), HOST_DTB_ADDR as *mut u8, host_dtb.len());
     }
 
-    let host_s2 = match build_host_stage2(&host_ram) {
-        Ok(s2) => s2,
-        Err(e) => fatal(format_args!("cannot build the host stage-2: {e:?}")),
+    let ram_bytes: u64 = host_ram.iter().map(|r| r.size).sum();
+    let Some(pool) = HypPool::new(host_s2_pool_pages(ram_bytes)) else {
+        fatal(format_args!(
+            "no heap for the host stage-2 pool ({ram_bytes:#x} bytes of RAM)"
+        ));
     };
+    let pool_pages = pool.pages;
+    let (ipa_bits, pa_range) = host_ipa_bits();
+    let config = HypConfig {
+        ram: &plat.memory,
+        hyp,
+        host_ipa_bits: ipa_bits,
+        share_limit: u32::MAX,
+    };
+    let state = match Hyp::new(El2Platform, &config, pool, Tlb) {
+        Ok(h) => h,
+        Err(e) => fatal(format_args!("cannot build the hypervisor state: {e:?}")),
+    };
+    let vtcr = stage2::vtcr::vtcr_el2(state.host_ipa_config(), pa_range)
+        .unwrap_or_else(|e| fatal(format_args!("VTCR: {e:?}")));
     let regs = HostRegs {
-        vttbr: host_s2.vttbr(),
-        vtcr: host_vtcr(&host_s2),
+        vttbr: state.host_vttbr(),
+        vtcr,
     };
     info!(
-        "host stage-2: {} RAM regions, {}-bit IPA, {} table pages; hypervisor memory {HYP_BASE:#x}..{HYP_END:#x} hidden",
+        "host stage-2: {} RAM regions, {ipa_bits}-bit IPA, {} of {pool_pages} table pages used; hypervisor memory {HYP_BASE:#x}..{HYP_END:#x} hidden",
         host_ram.len(),
-        host_s2.config().ipa_bits,
-        host_s2.mm().pages - host_s2.mm().available()
+        pool_pages - state.host_tables_available(),
     );
-    info!(
-        "heap: {} KiB after the image; host stage-2 pool: {} pages",
-        heap >> 10,
-        host_s2.mm().pages
-    );
-    HOST.call_once(|| Mutex::new(host_s2));
+    info!("heap: {} KiB after the image", heap >> 10);
+    HYP.call_once(|| state);
     HOST_REGS.call_once(|| regs);
     let boot_cpu = plat
         .cpus
@@ -329,41 +346,6 @@ fn host_ipa_bits() -> (u8, u8) {
 
 use aarch64_cpu::registers::Readable;
 
-fn host_vtcr(s2: &HostStage2) -> u64 {
-    let (_, pa_range) = host_ipa_bits();
-    stage2::vtcr::vtcr_el2(s2.config(), pa_range)
-        .unwrap_or_else(|e| fatal(format_args!("VTCR: {e:?}")))
-}
-
-const HOST_RAM_ATTRS: Attrs = Attrs {
-    perms: Perms::RWX,
-    mem: MemType::Normal,
-    state: PageState::Owned,
-};
-const HOST_MMIO_ATTRS: Attrs = Attrs {
-    perms: Perms::RW,
-    mem: MemType::Device,
-    state: PageState::Owned,
-};
-
-fn build_host_stage2(ram: &[Region]) -> Result<HostStage2, stage2::pgtable::Error> {
-    let ram_bytes: u64 = ram.iter().map(|r| r.size).sum();
-    let pool =
-        HypPool::new(host_s2_pool_pages(ram_bytes)).ok_or(stage2::pgtable::Error::NoMemory)?;
-    let (bits, _) = host_ipa_bits();
-    let mut s2 = Stage2::new(bits, Vmid(0), pool, Tlb)?;
-    for r in ram {
-        s2.map(
-            Ipa::new(r.base),
-            Hpa::new(r.base),
-            r.size,
-            HOST_RAM_ATTRS,
-            Granule::Largest,
-        )?;
-    }
-    Ok(s2)
-}
-
 /// Called by entry.S for every exception taken to EL2.
 #[unsafe(no_mangle)]
 extern "C" fn handle_trap(frame: &mut TrapFrame, vector: u64) {
@@ -389,7 +371,10 @@ fn lower_sync(frame: &mut TrapFrame) {
             let mut regs = [0u64; 8];
             regs.copy_from_slice(&frame.x[..8]);
             let out = if esr.imm16() == 0 {
-                hostcall::handle(&regs)
+                match HYP.get() {
+                    Some(h) => h.host_call(&regs),
+                    None => not_supported(),
+                }
             } else {
                 not_supported()
             };
@@ -445,63 +430,23 @@ fn inject(
 
 fn host_abort(frame: &mut TrapFrame, esr: Esr) {
     let ipa = fault_ipa(frame.hpfar, frame.far);
-    let plat = platform();
-    let in_hyp = (HYP_BASE..HYP_END).contains(&ipa);
-    let is_ram = plat.memory.iter().any(|r| r.contains(ipa));
-    if !in_hyp && !is_ram && esr.is_translation_fault() {
-        if let Some(host) = HOST.get() {
-            let mut s2 = host.lock();
-            if s2.query(Ipa::new(ipa)).is_some() {
-                return; // Another CPU mapped it meanwhile.
-            }
-            if map_mmio(&mut s2, ipa, &plat.memory).is_ok() {
-                return;
-            }
-        }
-    } else if is_ram && !in_hyp && esr.is_translation_fault() {
-        if let Some(host) = HOST.get() {
-            if host.lock().query(Ipa::new(ipa)).is_some() {
-                return; // Raced with a change that is already undone.
-            }
+    let kind = if esr.is_translation_fault() {
+        AbortKind::Translation
+    } else if esr.is_permission_fault() {
+        AbortKind::Permission
+    } else {
+        AbortKind::Other
+    };
+    if let Some(h) = HYP.get() {
+        if h.host_abort(ipa, kind) == AbortAction::Retry {
+            return;
         }
     }
     warn!(
-        "host access to {ipa:#x} ({}) at pc {:#x} denied: injecting an external abort",
-        if in_hyp {
-            "hypervisor memory"
-        } else {
-            "unmapped"
-        },
+        "host access to {ipa:#x} ({kind:?} fault) at pc {:#x} denied: injecting an external abort",
         frame.elr
     );
     inject(frame, esr, inject::external_abort);
-}
-
-/// Maps the MMIO around `ipa` into the host stage-2: the 2 MiB block if it
-/// holds no RAM, else the page.
-fn map_mmio(s2: &mut HostStage2, ipa: u64, ram: &[Region]) -> Result<(), stage2::pgtable::Error> {
-    const BLOCK: u64 = 2 << 20;
-    let block = ipa & !(BLOCK - 1);
-    let overlaps_ram = ram
-        .iter()
-        .any(|r| r.base < block + BLOCK && block < r.end());
-    let mut probe_clear = true;
-    if !overlaps_ram {
-        // Only if nothing in the block is mapped yet.
-        s2.walk(Ipa::new(block), BLOCK, |_| probe_clear = false)?;
-    }
-    let (base, size) = if !overlaps_ram && probe_clear {
-        (block, BLOCK)
-    } else {
-        (ipa & !(PAGE_SIZE - 1), PAGE_SIZE)
-    };
-    s2.map(
-        Ipa::new(base),
-        Hpa::new(base),
-        size,
-        HOST_MMIO_ATTRS,
-        Granule::Block2M,
-    )
 }
 
 fn host_smc(frame: &mut TrapFrame) {
