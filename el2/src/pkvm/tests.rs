@@ -15,6 +15,7 @@ use stage2::Pfn as HPfn;
 use super::fake::{fake_hyp, FakeHyp};
 use super::{AbortAction, AbortKind, MAX_VMS, SERVED};
 
+mod model;
 mod smp;
 
 /// First host RAM frame of the fake machine (after the hypervisor's MiB).
