@@ -16,3 +16,4 @@ pub mod inject;
 pub mod layout;
 pub mod pkvm;
 pub mod psci;
+pub mod vcpu;

@@ -1,0 +1,1133 @@
+//! A vCPU as a value: its saved EL1 context, the EL2 configuration it runs
+//! under, and what its exits mean.
+//!
+//! The binary's `arch::vcpu::run_vcpu` loads a [`VcpuContext`] into the CPU,
+//! runs the guest until it traps to EL2, saves it back and returns a
+//! [`RawExit`]: the vector slot and the syndrome registers. [`decode_exit`]
+//! turns that into a typed [`GuestExit`], and [`GuestExit::host_exit`] into
+//! the ABI's [`VcpuExit`] (docs/ABI.md §5) where the host has to act.
+//! Nothing here touches the machine.
+//!
+//! # Guest calls and PSCI
+//!
+//! Guests call the hypervisor with `HVC #0` (ABI §2.1, decoded with
+//! [`GuestCall`]). Guest PSCI uses the **HVC** conduit too, as under KVM
+//! (the VMM's device tree for the guest says `method = "hvc"`); an `SMC`
+//! (trapped by `HCR_EL2.TSC`) with a PSCI function id is accepted the same
+//! way, so a guest given the host's `method = "smc"` still powers off. PSCI
+//! ids (owner 4, Standard Secure Service) and ABI ids (owner 6, Vendor
+//! Hypervisor) cannot collide.
+//!
+//! # TLBs across physical CPUs
+//!
+//! Each VM has its own VMID, so entries of different VMs never match each
+//! other and switching VMs on a CPU needs no flush. Two cases do need one:
+//! - a VMID is reused for a new VM: broadcast `tlbi vmalls12e1is` for it
+//!   (the VM bookkeeping does that when it frees the VMID);
+//! - a *different* vCPU of the same VM runs on a CPU than the one that ran
+//!   there last: a guest may keep per-CPU TLB contexts (local TLBI, ASIDs
+//!   per CPU), so entries another of its vCPUs left here would be wrong for
+//!   this one. [`LastRan`] tracks this per VM (KVM's `last_vcpu_ran`), and
+//!   `run_vcpu` flushes this CPU's EL1 entries of the VMID
+//!   (`tlbi vmalle1; ic iallu`) when told to.
+//!
+//! A vCPU that moves to another CPU needs nothing more: `HCR_EL2.FB` makes
+//! its EL1 TLB maintenance broadcast, so nothing it invalidated survives on
+//! the CPU it left, and stage-2 changes are invalidated with broadcast
+//! `tlbi ipas2e1is` by VMID.
+
+use hypercalls::{Access, GuestCall, HypError, VcpuExit};
+
+use crate::exception::{fault_ipa, Esr, ExceptionClass, Vector};
+use crate::layout::MAX_CPUS;
+
+/// FP/SIMD state: V0..V31, FPSR, FPCR. Saved and loaded by assembly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C, align(16))]
+pub struct FpState {
+    /// V0..V31.
+    pub v: [u128; 32],
+    /// FPSR.
+    pub fpsr: u64,
+    /// FPCR.
+    pub fpcr: u64,
+}
+
+/// Byte offset of `fpsr` in [`FpState`] (vcpu.S `FP_FPSR`).
+pub const FP_FPSR_OFFSET: usize = core::mem::offset_of!(FpState, fpsr);
+const _: () = assert!(FP_FPSR_OFFSET == 512);
+const _: () = assert!(core::mem::size_of::<FpState>() == 528);
+
+/// The EL1 (and EL0) system registers of one context, switched by Rust
+/// code in `arch::vcpu` with `mrs`/`msr`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct El1Sysregs {
+    /// SCTLR_EL1.
+    pub sctlr: u64,
+    /// TTBR0_EL1.
+    pub ttbr0: u64,
+    /// TTBR1_EL1.
+    pub ttbr1: u64,
+    /// TCR_EL1.
+    pub tcr: u64,
+    /// MAIR_EL1.
+    pub mair: u64,
+    /// AMAIR_EL1.
+    pub amair: u64,
+    /// VBAR_EL1.
+    pub vbar: u64,
+    /// CONTEXTIDR_EL1.
+    pub contextidr: u64,
+    /// TPIDR_EL0.
+    pub tpidr_el0: u64,
+    /// TPIDRRO_EL0.
+    pub tpidrro_el0: u64,
+    /// TPIDR_EL1.
+    pub tpidr_el1: u64,
+    /// SP_EL0.
+    pub sp_el0: u64,
+    /// SP_EL1.
+    pub sp_el1: u64,
+    /// ELR_EL1.
+    pub elr: u64,
+    /// SPSR_EL1.
+    pub spsr: u64,
+    /// ESR_EL1.
+    pub esr: u64,
+    /// FAR_EL1.
+    pub far: u64,
+    /// AFSR0_EL1.
+    pub afsr0: u64,
+    /// AFSR1_EL1.
+    pub afsr1: u64,
+    /// PAR_EL1.
+    pub par: u64,
+    /// CPACR_EL1.
+    pub cpacr: u64,
+    /// CNTKCTL_EL1.
+    pub cntkctl: u64,
+    /// CSSELR_EL1.
+    pub csselr: u64,
+    /// MDSCR_EL1.
+    pub mdscr: u64,
+    /// CNTV_CTL_EL0.
+    pub cntv_ctl: u64,
+    /// CNTV_CVAL_EL0.
+    pub cntv_cval: u64,
+    /// The pointer-authentication keys, `[lo, hi]` each: APIA, APIB, APDA,
+    /// APDB, APGA. Switched only when the CPU has pointer authentication.
+    pub pauth: [[u64; 2]; 5],
+}
+
+/// A vCPU's whole saved state. It fits in the one page the VM bookkeeping
+/// reserves per vCPU (ABI §3.6).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C, align(16))]
+pub struct VcpuContext {
+    /// x0..x30. Saved and loaded by vcpu.S.
+    pub x: [u64; 31],
+    /// Keeps `pc` and `pstate` a 16-byte aligned pair.
+    pub _pad: u64,
+    /// The guest PC (ELR_EL2 while it is trapped).
+    pub pc: u64,
+    /// The guest PSTATE (SPSR_EL2 while it is trapped).
+    pub pstate: u64,
+    /// The EL1 system registers.
+    pub el1: El1Sysregs,
+    /// CNTVOFF_EL2: the guest's virtual counter is the physical one minus this.
+    pub cntvoff: u64,
+    /// VMPIDR_EL2: what the guest reads as MPIDR_EL1.
+    pub vmpidr: u64,
+    /// FP/SIMD registers (the guest sees FP/SIMD only, no SVE/SME).
+    pub fp: FpState,
+}
+
+/// Offset of `x` in [`VcpuContext`] (vcpu.S `VCPU_X`).
+pub const VCPU_X_OFFSET: usize = core::mem::offset_of!(VcpuContext, x);
+/// Offset of `pc`, followed by `pstate` (vcpu.S `VCPU_PC`).
+pub const VCPU_PC_OFFSET: usize = core::mem::offset_of!(VcpuContext, pc);
+/// Offset of `fp`.
+pub const VCPU_FP_OFFSET: usize = core::mem::offset_of!(VcpuContext, fp);
+
+const _: () = assert!(VCPU_X_OFFSET == 0, "vcpu.S VCPU_X");
+const _: () = assert!(VCPU_PC_OFFSET == 256, "vcpu.S VCPU_PC");
+const _: () = assert!(core::mem::offset_of!(VcpuContext, pstate) == VCPU_PC_OFFSET + 8);
+const _: () = assert!(VCPU_FP_OFFSET.is_multiple_of(16));
+const _: () = assert!(
+    core::mem::size_of::<VcpuContext>() <= 4096,
+    "one state page"
+);
+
+/// PSTATE of a fresh vCPU: EL1h, D, A, I, F masked.
+pub const PSTATE_EL1H_MASKED: u64 = 0x3c5;
+/// SCTLR_EL1 at reset: RES1 bits, MMU and caches off.
+pub const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
+/// MPIDR bit 31 is RES1.
+const MPIDR_RES1: u64 = 1 << 31;
+
+impl VcpuContext {
+    /// A vCPU about to run its first instruction at `entry` (an IPA: the
+    /// guest's MMU is off) with x0 = `arg`, at EL1h with DAIF masked, MMU off.
+    /// `index` becomes its MPIDR (Aff0 = index % 16, Aff1 = index / 16, as
+    /// KVM), and `cntvoff` its virtual counter offset (the physical count
+    /// at VM creation makes its virtual counter start near 0).
+    #[must_use]
+    pub fn new(entry: u64, arg: u64, index: u16, cntvoff: u64) -> Self {
+        let mut ctx = Self::default();
+        ctx.x[0] = arg;
+        ctx.pc = entry;
+        ctx.pstate = PSTATE_EL1H_MASKED;
+        ctx.el1.sctlr = SCTLR_EL1_RESET;
+        ctx.cntvoff = cntvoff;
+        ctx.vmpidr = MPIDR_RES1 | u64::from(index % 16) | (u64::from(index / 16) << 8);
+        ctx
+    }
+
+    /// Steps over the trapped instruction (an SMC, a WFx, an emulated MMIO
+    /// access: the traps whose return address is the instruction itself).
+    pub fn skip_instruction(&mut self) {
+        self.pc = self.pc.wrapping_add(4);
+    }
+
+    /// Puts a call's results into x0..x7.
+    pub fn set_results(&mut self, regs: &[u64; 8]) {
+        self.x[..8].copy_from_slice(regs);
+    }
+
+    /// x0..x7, a call's arguments.
+    #[must_use]
+    pub fn args(&self) -> [u64; 8] {
+        let mut r = [0u64; 8];
+        r.copy_from_slice(&self.x[..8]);
+        r
+    }
+}
+
+/// HCR_EL2 bits.
+pub mod hcr {
+    /// Stage-2 translation on.
+    pub const VM: u64 = 1 << 0;
+    /// Set/way invalidation becomes clean+invalidate.
+    pub const SWIO: u64 = 1 << 1;
+    /// Physical FIQs go to EL2.
+    pub const FMO: u64 = 1 << 3;
+    /// Physical IRQs go to EL2.
+    pub const IMO: u64 = 1 << 4;
+    /// SErrors go to EL2.
+    pub const AMO: u64 = 1 << 5;
+    /// EL1 TLB and I-cache maintenance is broadcast (inner shareable).
+    pub const FB: u64 = 1 << 9;
+    /// Barriers at EL1 are upgraded to inner shareable.
+    pub const BSU_IS: u64 = 1 << 10;
+    /// WFI traps to EL2.
+    pub const TWI: u64 = 1 << 13;
+    /// WFE traps to EL2.
+    pub const TWE: u64 = 1 << 14;
+    /// SMC traps to EL2.
+    pub const TSC: u64 = 1 << 19;
+    /// Implementation-defined system registers trap.
+    pub const TIDCP: u64 = 1 << 20;
+    /// ACTLR_EL1 accesses trap.
+    pub const TACR: u64 = 1 << 21;
+    /// Data cache maintenance by set/way traps.
+    pub const TSW: u64 = 1 << 22;
+    /// EL1 is AArch64.
+    pub const RW: u64 = 1 << 31;
+    /// Pointer-auth key registers do not trap.
+    pub const APK: u64 = 1 << 40;
+    /// Pointer-auth instructions do not trap.
+    pub const API: u64 = 1 << 41;
+}
+
+/// HCR_EL2 while a guest runs.
+///
+/// - `VM`: its stage-2 is on. `IMO | FMO | AMO`: physical interrupts and
+///   SErrors come to EL2, so an interrupt for the host ends the run
+///   ([`GuestExit::Interrupted`]) and the host handles it.
+/// - `FB | BSU_IS`: a vCPU may run on any CPU, so its TLB maintenance and
+///   barriers must reach all of them.
+/// - `SWIO | TSW`: set/way cache operations mean nothing in a VM (KVM traps
+///   them too); a trapped one is an unhandled trap.
+/// - `TWI`: a guest WFI exits to the host (which may schedule something
+///   else); WFE does not trap, so spinlocks stay cheap.
+/// - `TSC`: SMCs trap (PSCI over SMC, see the module docs).
+/// - `TIDCP | TACR`: implementation-defined registers and ACTLR_EL1 are
+///   not switched, so the guest may not touch them.
+/// - `RW | API | APK`: AArch64 EL1, pointer authentication usable without
+///   traps (its keys are switched).
+///
+/// ID registers are not trapped (no `TID3`): the guest sees the CPU's,
+/// including SVE/SME, which `CPTR_EL2` traps; a guest that uses them gets
+/// an unhandled-trap exit.
+pub const HCR_GUEST: u64 = hcr::VM
+    | hcr::SWIO
+    | hcr::FMO
+    | hcr::IMO
+    | hcr::AMO
+    | hcr::FB
+    | hcr::BSU_IS
+    | hcr::TWI
+    | hcr::TSC
+    | hcr::TIDCP
+    | hcr::TACR
+    | hcr::TSW
+    | hcr::RW
+    | hcr::APK
+    | hcr::API;
+
+/// What the trap path saved at a guest exit, apart from the GPRs (which
+/// are in the [`VcpuContext`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawExit {
+    /// The EL2 vector slot that was taken (see [`Vector`]).
+    pub vector: u64,
+    /// ESR_EL2.
+    pub esr: u64,
+    /// FAR_EL2.
+    pub far: u64,
+    /// HPFAR_EL2.
+    pub hpfar: u64,
+}
+
+/// The guest's PSCI calls (PSCI 1.1, SMC64/SMC32 ids as the guest passed them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestPsci {
+    /// PSCI_VERSION.
+    Version,
+    /// PSCI_FEATURES of a function id.
+    Features(u32),
+    /// CPU_ON: start the vCPU with MPIDR `target` at `entry` with x0 = `context`.
+    CpuOn {
+        /// Target MPIDR.
+        target: u64,
+        /// Entry point (guest IPA or VA as the guest's MMU dictates: MMU is off at entry).
+        entry: u64,
+        /// Value for the new vCPU's x0.
+        context: u64,
+    },
+    /// CPU_OFF.
+    CpuOff,
+    /// AFFINITY_INFO of an MPIDR.
+    AffinityInfo(u64),
+    /// SYSTEM_OFF.
+    SystemOff,
+    /// SYSTEM_RESET.
+    SystemReset,
+    /// Any other PSCI function: answered `NOT_SUPPORTED`.
+    Other(u32),
+}
+
+/// PSCI function ids.
+pub mod psci_id {
+    /// PSCI_VERSION.
+    pub const VERSION: u32 = 0x8400_0000;
+    /// CPU_OFF.
+    pub const CPU_OFF: u32 = 0x8400_0002;
+    /// CPU_ON, SMC32 form.
+    pub const CPU_ON_32: u32 = 0x8400_0003;
+    /// CPU_ON, SMC64 form.
+    pub const CPU_ON_64: u32 = 0xc400_0003;
+    /// AFFINITY_INFO, SMC32 form.
+    pub const AFFINITY_INFO_32: u32 = 0x8400_0004;
+    /// AFFINITY_INFO, SMC64 form.
+    pub const AFFINITY_INFO_64: u32 = 0xc400_0004;
+    /// SYSTEM_OFF.
+    pub const SYSTEM_OFF: u32 = 0x8400_0008;
+    /// SYSTEM_RESET.
+    pub const SYSTEM_RESET: u32 = 0x8400_0009;
+    /// PSCI_FEATURES.
+    pub const FEATURES: u32 = 0x8400_000a;
+}
+
+/// PSCI `NOT_SUPPORTED` (-1) as a register value.
+const PSCI_NOT_SUPPORTED: u64 = u64::MAX;
+
+/// Whether `x0` is a PSCI function id (owner 4, function 0x00..0x1f, 32- or 64-bit).
+fn psci_fid(x0: u64) -> Option<u32> {
+    let fid = u32::try_from(x0).ok()?;
+    let base = fid & !(1 << 30);
+    ((0x8400_0000..=0x8400_001f).contains(&base)).then_some(fid)
+}
+
+fn decode_psci(fid: u32, regs: &[u64; 8]) -> GuestPsci {
+    let arg32 = |v: u64| v & 0xffff_ffff;
+    match fid {
+        psci_id::VERSION => GuestPsci::Version,
+        psci_id::FEATURES => GuestPsci::Features(arg32(regs[1]) as u32),
+        psci_id::CPU_OFF => GuestPsci::CpuOff,
+        psci_id::CPU_ON_64 => GuestPsci::CpuOn {
+            target: regs[1],
+            entry: regs[2],
+            context: regs[3],
+        },
+        psci_id::CPU_ON_32 => GuestPsci::CpuOn {
+            target: arg32(regs[1]),
+            entry: arg32(regs[2]),
+            context: arg32(regs[3]),
+        },
+        psci_id::AFFINITY_INFO_64 => GuestPsci::AffinityInfo(regs[1]),
+        psci_id::AFFINITY_INFO_32 => GuestPsci::AffinityInfo(arg32(regs[1])),
+        psci_id::SYSTEM_OFF => GuestPsci::SystemOff,
+        psci_id::SYSTEM_RESET => GuestPsci::SystemReset,
+        other => GuestPsci::Other(other),
+    }
+}
+
+/// A decoded MMIO access (a data abort with a valid instruction syndrome).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioAccess {
+    /// The faulting IPA.
+    pub ipa: u64,
+    /// A store.
+    pub write: bool,
+    /// Access size in bytes (1, 2, 4, 8).
+    pub size: u8,
+    /// The transfer register (31 = xzr/wzr).
+    pub reg: u8,
+    /// A load sign-extends.
+    pub sign_extend: bool,
+    /// The destination is 64-bit (SF).
+    pub sixty_four: bool,
+}
+
+/// Why the guest stopped, decoded. The exits marked "resume" are answered
+/// by the hypervisor itself; the rest go to the host (see [`Self::host_exit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    /// A physical IRQ or FIQ arrived (for the host): return to it.
+    Interrupted,
+    /// A guest `HVC #0` that decoded as a guest call (ABI §4).
+    Call(GuestCall),
+    /// A guest `HVC #0` with an id that is not a guest call or PSCI, or bad
+    /// arguments: resume with x0 = the error (ABI §2.1, §2.4).
+    CallError(HypError),
+    /// A PSCI call.
+    Psci {
+        /// The call.
+        call: GuestPsci,
+        /// Made with SMC (the return address is the SMC itself) rather than HVC.
+        smc: bool,
+    },
+    /// An SMC that is not PSCI: resume with x0 = `NOT_SUPPORTED`.
+    UnknownSmc,
+    /// A stage-2 fault inside the VM's memory: the page is not mapped (or
+    /// not with the needed permission) yet.
+    MemFault {
+        /// The faulting IPA.
+        ipa: u64,
+        /// What was tried.
+        access: Access,
+    },
+    /// A data access outside the VM's memory that the VMM may emulate.
+    Mmio(MmioAccess),
+    /// A trapped WFI (or WFE): the vCPU has nothing to do.
+    Wfx {
+        /// WFE rather than WFI.
+        wfe: bool,
+    },
+    /// Anything else: an SError, a trapped system register, an SVE access,
+    /// an abort the hypervisor cannot resolve. The vCPU cannot go on.
+    Unhandled {
+        /// ESR_EL2.
+        esr: u64,
+        /// FAR_EL2 (0 when the architecture leaves it unknown).
+        far: u64,
+    },
+}
+
+/// Turns what the trap path saved into a [`GuestExit`].
+///
+/// `regs` are the guest's x0..x7 at the trap; `in_memory(ipa)` says whether
+/// an IPA is in the VM's memory map (RAM the host may share or donate), which
+/// tells a memory fault from an MMIO access. Never panics.
+#[must_use]
+pub fn decode_exit(raw: &RawExit, regs: &[u64; 8], in_memory: impl Fn(u64) -> bool) -> GuestExit {
+    let esr = Esr(raw.esr);
+    let unhandled = |far| GuestExit::Unhandled { esr: raw.esr, far };
+    match Vector::from_index(raw.vector) {
+        Vector::LowerIrq | Vector::LowerFiq => return GuestExit::Interrupted,
+        Vector::LowerSync => {}
+        _ => return unhandled(0),
+    }
+    match esr.class() {
+        ExceptionClass::Hvc64 => {
+            if esr.imm16() != 0 {
+                return GuestExit::CallError(HypError::NotSupported);
+            }
+            if let Some(fid) = psci_fid(regs[0]) {
+                return GuestExit::Psci {
+                    call: decode_psci(fid, regs),
+                    smc: false,
+                };
+            }
+            match GuestCall::decode(regs) {
+                Ok(call) => GuestExit::Call(call),
+                Err(e) => GuestExit::CallError(e),
+            }
+        }
+        ExceptionClass::Smc64 => match psci_fid(regs[0]) {
+            Some(fid) if esr.imm16() == 0 => GuestExit::Psci {
+                call: decode_psci(fid, regs),
+                smc: true,
+            },
+            _ => GuestExit::UnknownSmc,
+        },
+        ExceptionClass::WfxTrap => GuestExit::Wfx {
+            wfe: esr.iss() & 0b11 != 0,
+        },
+        ExceptionClass::DataAbortLower | ExceptionClass::InstructionAbortLower => {
+            decode_abort(raw, esr, in_memory)
+        }
+        _ => unhandled(0),
+    }
+}
+
+/// ISV: the data abort syndrome describes the access.
+const ISS_ISV: u64 = 1 << 24;
+
+fn decode_abort(raw: &RawExit, esr: Esr, in_memory: impl Fn(u64) -> bool) -> GuestExit {
+    let ipa = fault_ipa(raw.hpfar, raw.far);
+    let unhandled = GuestExit::Unhandled {
+        esr: raw.esr,
+        far: raw.far,
+    };
+    let resolvable =
+        esr.is_translation_fault() || esr.is_permission_fault() || esr.is_access_flag_fault();
+    if !resolvable {
+        // Address size faults (beyond the IPA size), external aborts, ...
+        return unhandled;
+    }
+    let exec = esr.class() == ExceptionClass::InstructionAbortLower;
+    if in_memory(ipa) {
+        let access = if exec {
+            Access::Exec
+        } else if esr.is_write() && !esr.s1ptw() {
+            Access::Write
+        } else {
+            // A stage-1 walk reads its tables (hardware AF/dirty updates
+            // are not enabled for guests).
+            Access::Read
+        };
+        return GuestExit::MemFault { ipa, access };
+    }
+    // Outside memory: only a data access with a full syndrome can be emulated.
+    if exec || esr.s1ptw() || raw.esr & ISS_ISV == 0 || !esr.is_translation_fault() {
+        return unhandled;
+    }
+    let iss = raw.esr;
+    GuestExit::Mmio(MmioAccess {
+        ipa,
+        write: esr.is_write(),
+        size: 1 << ((iss >> 22) & 3),
+        reg: ((iss >> 16) & 0x1f) as u8,
+        sign_extend: iss & (1 << 21) != 0,
+        sixty_four: iss & (1 << 15) != 0,
+    })
+}
+
+/// What the hypervisor does with the vCPU after an exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// Run the guest again at once, without the host.
+    Guest,
+    /// Return to the host with this exit; the next `HYP_VCPU_RUN` continues.
+    Host(VcpuExit),
+}
+
+impl GuestExit {
+    /// The ABI exit the host gets, or `None` for exits the hypervisor
+    /// answers itself (a guest call error, `Version`, an unknown SMC, PSCI
+    /// queries).
+    ///
+    /// Mapping onto ABI §5, which has no reason of its own for MMIO and WFx
+    /// yet: WFx is `Interrupted` (the host may schedule, then run again),
+    /// MMIO is `UnhandledTrap` with ESR and the IPA in place of FAR (the
+    /// host has no MMIO emulation yet), PSCI SYSTEM_OFF/RESET is
+    /// `Shutdown`, CPU_ON/CPU_OFF are `UnhandledTrap` until SMP guests
+    /// are wired into the VM bookkeeping.
+    #[must_use]
+    pub fn host_exit(&self) -> Option<VcpuExit> {
+        Some(match *self {
+            Self::Interrupted | Self::Wfx { .. } => VcpuExit::Interrupted,
+            Self::Call(GuestCall::Version) | Self::CallError(_) | Self::UnknownSmc => return None,
+            Self::Call(GuestCall::ConsoleWrite(bytes)) => VcpuExit::Console(bytes),
+            Self::Call(GuestCall::ShareRequest { gfn, nr }) => VcpuExit::ShareRequest { gfn, nr },
+            Self::Call(GuestCall::UnshareRequest { gfn, nr }) => {
+                VcpuExit::UnshareRequest { gfn, nr }
+            }
+            Self::Call(GuestCall::Shutdown)
+            | Self::Psci {
+                call: GuestPsci::SystemOff | GuestPsci::SystemReset,
+                ..
+            } => VcpuExit::Shutdown,
+            Self::Psci {
+                call: GuestPsci::Version | GuestPsci::Features(_) | GuestPsci::Other(_),
+                ..
+            } => return None,
+            Self::Psci {
+                call: GuestPsci::CpuOn { .. } | GuestPsci::CpuOff | GuestPsci::AffinityInfo(_),
+                ..
+            } => VcpuExit::UnhandledTrap { esr: 0, far: 0 },
+            Self::MemFault { ipa, access } => match hypercalls::Gfn::new(ipa >> 12) {
+                Some(gfn) => VcpuExit::MemFault { gfn, access },
+                None => VcpuExit::UnhandledTrap { esr: 0, far: ipa },
+            },
+            Self::Mmio(m) => VcpuExit::UnhandledTrap {
+                esr: 0x24 << 26,
+                far: m.ipa,
+            },
+            Self::Unhandled { esr, far } => VcpuExit::UnhandledTrap { esr, far },
+        })
+    }
+
+    /// Completes the exit in the guest's registers (x0 result, PC step) and
+    /// says where to go next. Guest calls that go to the host get x0 = 0
+    /// (ABI §4); a trapped SMC or WFx is stepped over (an HVC's return
+    /// address is already the next instruction); faults, MMIO and
+    /// unhandled traps are left for the host to resolve, so the guest
+    /// retries the instruction.
+    pub fn complete(&self, ctx: &mut VcpuContext, psci_version: u64) -> Resume {
+        let result = |ctx: &mut VcpuContext, regs: [u64; 8]| ctx.set_results(&regs);
+        match *self {
+            Self::Call(GuestCall::Version) => {
+                let ok = hypercalls::encode_result(&Ok(hypercalls::Reply::Version(
+                    hypercalls::AbiVersion::CURRENT,
+                )));
+                result(ctx, ok);
+                Resume::Guest
+            }
+            Self::CallError(e) => {
+                result(ctx, e.encode());
+                Resume::Guest
+            }
+            Self::UnknownSmc => {
+                result(ctx, HypError::NotSupported.encode());
+                ctx.skip_instruction();
+                Resume::Guest
+            }
+            Self::Psci { call, smc } => {
+                if smc {
+                    ctx.skip_instruction();
+                }
+                let answer = match call {
+                    GuestPsci::Version => Some(psci_version),
+                    GuestPsci::Features(fid) => Some(
+                        if matches!(
+                            fid,
+                            psci_id::VERSION
+                                | psci_id::FEATURES
+                                | psci_id::SYSTEM_OFF
+                                | psci_id::SYSTEM_RESET
+                        ) {
+                            0
+                        } else {
+                            PSCI_NOT_SUPPORTED
+                        },
+                    ),
+                    GuestPsci::Other(_) => Some(PSCI_NOT_SUPPORTED),
+                    _ => None,
+                };
+                match (answer, self.host_exit()) {
+                    (Some(v), _) => {
+                        // PSCI returns in x0 only; x1.. are preserved.
+                        ctx.x[0] = v;
+                        Resume::Guest
+                    }
+                    (None, Some(e)) => Resume::Host(e),
+                    (None, None) => Resume::Guest,
+                }
+            }
+            Self::Wfx { .. } => {
+                ctx.skip_instruction();
+                Resume::Host(VcpuExit::Interrupted)
+            }
+            Self::Call(_) => {
+                result(ctx, [0; 8]);
+                match self.host_exit() {
+                    Some(e) => Resume::Host(e),
+                    None => Resume::Guest,
+                }
+            }
+            _ => match self.host_exit() {
+                Some(e) => Resume::Host(e),
+                None => Resume::Guest,
+            },
+        }
+    }
+}
+
+/// Which vCPU of one VM ran last on each physical CPU (KVM's
+/// `last_vcpu_ran`); lives with the VM, under its lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LastRan {
+    cpus: [Option<u16>; MAX_CPUS],
+}
+
+impl Default for LastRan {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LastRan {
+    /// No vCPU of the VM has run anywhere.
+    #[must_use]
+    pub const fn new() -> Self {
+        Self {
+            cpus: [None; MAX_CPUS],
+        }
+    }
+
+    /// Records that `vcpu` is about to run on physical CPU `cpu`, and says
+    /// whether this CPU's EL1 TLB entries of the VM's VMID must be flushed
+    /// first (another vCPU of the VM ran here last). A CPU index beyond
+    /// [`MAX_CPUS`] always flushes.
+    pub fn load(&mut self, cpu: usize, vcpu: u16) -> bool {
+        match self.cpus.get_mut(cpu) {
+            Some(slot) => {
+                let flush = slot.is_some_and(|last| last != vcpu);
+                *slot = Some(vcpu);
+                flush
+            }
+            None => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hypercalls::{ConsoleBytes, Gfn, PageCount};
+
+    const HVC0: u64 = 0x5a00_0000; // EC 0x16, IL
+    const SMC0: u64 = 0x5e00_0000; // EC 0x17, IL
+    const RAM: core::ops::Range<u64> = 0x4000_0000..0x4800_0000;
+
+    fn sync(esr: u64) -> RawExit {
+        RawExit {
+            vector: 8,
+            esr,
+            ..RawExit::default()
+        }
+    }
+
+    fn in_ram(ipa: u64) -> bool {
+        RAM.contains(&ipa)
+    }
+
+    fn decode(raw: &RawExit, regs: [u64; 8]) -> GuestExit {
+        decode_exit(raw, &regs, in_ram)
+    }
+
+    #[test]
+    fn fresh_vcpu() {
+        let c = VcpuContext::new(0x4008_0000, 0x1234, 17, 99);
+        assert_eq!(c.pc, 0x4008_0000);
+        assert_eq!(c.x[0], 0x1234);
+        assert!(c.x[1..].iter().all(|&x| x == 0));
+        assert_eq!(c.pstate, 0x3c5);
+        assert_eq!(c.el1.sctlr & 1, 0, "MMU off");
+        assert_eq!(c.vmpidr, (1 << 31) | (1 << 8) | 1);
+        assert_eq!(c.cntvoff, 99);
+        assert_eq!(c.fp, FpState::default());
+    }
+
+    #[test]
+    fn layout_matches_assembly() {
+        // vcpu.S stores x0..x30 at 0, pc/pstate as a pair at 256; the FP
+        // area is 16-byte aligned for q-register pairs.
+        assert_eq!(core::mem::align_of::<VcpuContext>(), 16);
+        assert_eq!(core::mem::offset_of!(VcpuContext, x), 0);
+        assert_eq!(core::mem::offset_of!(VcpuContext, pc), 256);
+        assert_eq!(core::mem::offset_of!(VcpuContext, pstate), 264);
+        assert_eq!(VCPU_FP_OFFSET % 16, 0);
+        assert_eq!(core::mem::offset_of!(FpState, fpcr), 520);
+    }
+
+    #[test]
+    fn guest_hcr() {
+        for bit in [
+            hcr::VM,
+            hcr::IMO,
+            hcr::FMO,
+            hcr::AMO,
+            hcr::FB,
+            hcr::TSC,
+            hcr::RW,
+            hcr::API,
+            hcr::APK,
+            hcr::TWI,
+        ] {
+            assert_ne!(HCR_GUEST & bit, 0, "{bit:#x}");
+        }
+        assert_eq!(HCR_GUEST & hcr::TWE, 0);
+        // E2H (34) and TGE (27) must be clear: this is nVHE.
+        assert_eq!(HCR_GUEST & ((1 << 34) | (1 << 27)), 0);
+    }
+
+    #[test]
+    fn console_call() {
+        let call = GuestCall::ConsoleWrite(ConsoleBytes::new(b"hi").unwrap());
+        let exit = decode(&sync(HVC0), call.encode());
+        assert_eq!(exit, GuestExit::Call(call));
+        let mut ctx = VcpuContext::new(0x1000, 0, 0, 0);
+        ctx.set_results(&call.encode());
+        ctx.x[9] = 7;
+        let r = exit.complete(&mut ctx, 0x1_0001);
+        assert_eq!(
+            r,
+            Resume::Host(VcpuExit::Console(ConsoleBytes::new(b"hi").unwrap()))
+        );
+        assert_eq!(ctx.args(), [0; 8], "x0 = 0, x1..x7 = 0 (ABI §4)");
+        assert_eq!(ctx.x[9], 7, "x8.. preserved");
+        assert_eq!(ctx.pc, 0x1000, "HVC returns past itself");
+    }
+
+    #[test]
+    fn share_unshare_shutdown_calls() {
+        let gfn = Gfn::new(0x40010).unwrap();
+        let nr = PageCount::new(3).unwrap();
+        for (call, host) in [
+            (
+                GuestCall::ShareRequest { gfn, nr },
+                VcpuExit::ShareRequest { gfn, nr },
+            ),
+            (
+                GuestCall::UnshareRequest { gfn, nr },
+                VcpuExit::UnshareRequest { gfn, nr },
+            ),
+            (GuestCall::Shutdown, VcpuExit::Shutdown),
+        ] {
+            let exit = decode(&sync(HVC0), call.encode());
+            assert_eq!(exit, GuestExit::Call(call));
+            assert_eq!(exit.host_exit(), Some(host));
+        }
+    }
+
+    #[test]
+    fn version_call_is_answered_by_the_hypervisor() {
+        let exit = decode(&sync(HVC0), GuestCall::Version.encode());
+        let mut ctx = VcpuContext::default();
+        assert_eq!(exit.complete(&mut ctx, 0), Resume::Guest);
+        assert_eq!(ctx.x[0], 0);
+        assert_eq!(
+            (ctx.x[1], ctx.x[2]),
+            (
+                u64::from(hypercalls::ABI_VERSION_MAJOR),
+                u64::from(hypercalls::ABI_VERSION_MINOR)
+            )
+        );
+    }
+
+    #[test]
+    fn bad_guest_calls_get_errors() {
+        // A host call id from the guest side: NOT_SUPPORTED (ABI §2.1).
+        let mut regs = [0u64; 8];
+        regs[0] = 0xc600_0001;
+        let exit = decode(&sync(HVC0), regs);
+        assert_eq!(exit, GuestExit::CallError(HypError::NotSupported));
+        let mut ctx = VcpuContext::default();
+        ctx.x[..8].copy_from_slice(&regs);
+        assert_eq!(exit.complete(&mut ctx, 0), Resume::Guest);
+        assert_eq!(ctx.x[0] as i64, -1);
+        // Console write with len 0: EINVAL.
+        regs[0] = 0xc600_0101;
+        assert_eq!(
+            decode(&sync(HVC0), regs),
+            GuestExit::CallError(HypError::InvalidArgument)
+        );
+        // HVC with a non-zero immediate.
+        assert_eq!(
+            decode(&sync(HVC0 | 1), GuestCall::Shutdown.encode()),
+            GuestExit::CallError(HypError::NotSupported)
+        );
+    }
+
+    #[test]
+    fn psci_over_hvc_and_smc() {
+        let mut regs = [0u64; 8];
+        regs[0] = u64::from(psci_id::SYSTEM_OFF);
+        for (esr, smc) in [(HVC0, false), (SMC0, true)] {
+            let exit = decode(&sync(esr), regs);
+            assert_eq!(
+                exit,
+                GuestExit::Psci {
+                    call: GuestPsci::SystemOff,
+                    smc
+                }
+            );
+            let mut ctx = VcpuContext::new(0x2000, 0, 0, 0);
+            assert_eq!(exit.complete(&mut ctx, 0), Resume::Host(VcpuExit::Shutdown));
+            assert_eq!(ctx.pc, if smc { 0x2004 } else { 0x2000 });
+        }
+        regs[0] = u64::from(psci_id::CPU_ON_64);
+        regs[1] = 1;
+        regs[2] = 0x4008_0000;
+        regs[3] = 5;
+        assert_eq!(
+            decode(&sync(HVC0), regs),
+            GuestExit::Psci {
+                call: GuestPsci::CpuOn {
+                    target: 1,
+                    entry: 0x4008_0000,
+                    context: 5
+                },
+                smc: false
+            }
+        );
+        // CPU_ON, 32-bit form: arguments truncated to 32 bits.
+        regs[0] = u64::from(psci_id::CPU_ON_32);
+        regs[2] = 0xffff_ffff_4008_0000;
+        assert!(matches!(
+            decode(&sync(HVC0), regs),
+            GuestExit::Psci {
+                call: GuestPsci::CpuOn {
+                    entry: 0x4008_0000,
+                    ..
+                },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn psci_queries_are_answered_in_x0_only() {
+        let mut ctx = VcpuContext::new(0x2000, 0, 0, 0);
+        ctx.x[0] = u64::from(psci_id::VERSION);
+        ctx.x[1] = 0xaa;
+        let exit = decode(&sync(SMC0), ctx.args());
+        assert_eq!(exit.complete(&mut ctx, 0x1_0001), Resume::Guest);
+        assert_eq!((ctx.x[0], ctx.x[1], ctx.pc), (0x1_0001, 0xaa, 0x2004));
+        ctx.x[0] = u64::from(psci_id::FEATURES);
+        ctx.x[1] = u64::from(psci_id::SYSTEM_OFF);
+        decode(&sync(HVC0), ctx.args()).complete(&mut ctx, 0);
+        assert_eq!(ctx.x[0], 0);
+        ctx.x[0] = u64::from(psci_id::FEATURES);
+        ctx.x[1] = u64::from(psci_id::CPU_ON_64);
+        decode(&sync(HVC0), ctx.args()).complete(&mut ctx, 0);
+        assert_eq!(ctx.x[0] as i64, -1, "CPU_ON not offered yet");
+        ctx.x[0] = 0x8400_0011; // a PSCI id we do not know
+        let exit = decode(&sync(HVC0), ctx.args());
+        assert_eq!(
+            exit,
+            GuestExit::Psci {
+                call: GuestPsci::Other(0x8400_0011),
+                smc: false
+            }
+        );
+        exit.complete(&mut ctx, 0);
+        assert_eq!(ctx.x[0] as i64, -1);
+    }
+
+    #[test]
+    fn unknown_smc() {
+        let mut ctx = VcpuContext::new(0x3000, 0, 0, 0);
+        ctx.x[0] = 0x8200_0000; // SiP service
+        let exit = decode(&sync(SMC0), ctx.args());
+        assert_eq!(exit, GuestExit::UnknownSmc);
+        assert_eq!(exit.complete(&mut ctx, 0), Resume::Guest);
+        assert_eq!((ctx.x[0] as i64, ctx.pc), (-1, 0x3004));
+    }
+
+    #[test]
+    fn interrupts_and_wfx() {
+        for v in [9, 10] {
+            let exit = decode(
+                &RawExit {
+                    vector: v,
+                    ..RawExit::default()
+                },
+                [0; 8],
+            );
+            assert_eq!(exit, GuestExit::Interrupted);
+            let mut ctx = VcpuContext::new(0x5000, 0, 0, 0);
+            assert_eq!(
+                exit.complete(&mut ctx, 0),
+                Resume::Host(VcpuExit::Interrupted)
+            );
+            assert_eq!(ctx.pc, 0x5000, "an interrupted instruction is not skipped");
+        }
+        // WFI: EC 1, TI = 0; WFE: TI = 1.
+        let wfi = decode(&sync(0x0600_0000), [0; 8]);
+        assert_eq!(wfi, GuestExit::Wfx { wfe: false });
+        assert_eq!(
+            decode(&sync(0x0600_0001), [0; 8]),
+            GuestExit::Wfx { wfe: true }
+        );
+        let mut ctx = VcpuContext::new(0x5000, 0, 0, 0);
+        assert_eq!(
+            wfi.complete(&mut ctx, 0),
+            Resume::Host(VcpuExit::Interrupted)
+        );
+        assert_eq!(ctx.pc, 0x5004);
+    }
+
+    fn abort(esr: u64, ipa: u64) -> RawExit {
+        RawExit {
+            vector: 8,
+            esr,
+            far: 0xffff_0000_0000_0000 | (ipa & 0xfff),
+            hpfar: (ipa >> 12) << 4,
+        }
+    }
+
+    #[test]
+    fn memory_faults() {
+        // Data abort, level-3 translation fault, write.
+        let exit = decode(&abort(0x9200_0047, 0x4010_0123), [0; 8]);
+        assert_eq!(
+            exit,
+            GuestExit::MemFault {
+                ipa: 0x4010_0123,
+                access: Access::Write
+            }
+        );
+        let mut ctx = VcpuContext::new(0x4000_0000, 0, 0, 0);
+        assert_eq!(
+            exit.complete(&mut ctx, 0),
+            Resume::Host(VcpuExit::MemFault {
+                gfn: Gfn::new(0x40100).unwrap(),
+                access: Access::Write
+            })
+        );
+        assert_eq!(ctx.pc, 0x4000_0000, "retried after the host maps it");
+        // Permission fault on read.
+        assert_eq!(
+            decode(&abort(0x9200_000f, 0x4000_0000), [0; 8]),
+            GuestExit::MemFault {
+                ipa: 0x4000_0000,
+                access: Access::Read
+            }
+        );
+        // Instruction abort, translation fault level 3.
+        assert_eq!(
+            decode(&abort(0x8200_0007, 0x4000_2000), [0; 8]),
+            GuestExit::MemFault {
+                ipa: 0x4000_2000,
+                access: Access::Exec
+            }
+        );
+        // Stage-1 walk (S1PTW) with WnR: a read of the table.
+        assert_eq!(
+            decode(&abort(0x9200_00c7, 0x4000_3000), [0; 8]),
+            GuestExit::MemFault {
+                ipa: 0x4000_3000,
+                access: Access::Read
+            }
+        );
+    }
+
+    #[test]
+    fn mmio_faults() {
+        // str w1, [x0] to 0x0900_0000: ISV, SAS = 2 (word), SRT = 1, WnR.
+        let esr = 0x9200_0000 | (1 << 24) | (2 << 22) | (1 << 16) | (1 << 6) | 0x07;
+        let exit = decode(&abort(esr, 0x0900_0004), [0; 8]);
+        assert_eq!(
+            exit,
+            GuestExit::Mmio(MmioAccess {
+                ipa: 0x0900_0004,
+                write: true,
+                size: 4,
+                reg: 1,
+                sign_extend: false,
+                sixty_four: false
+            })
+        );
+        assert_eq!(
+            exit.host_exit(),
+            Some(VcpuExit::UnhandledTrap {
+                esr: 0x24 << 26,
+                far: 0x0900_0004
+            })
+        );
+        // ldrsh x3, [..]: SSE, SF, SAS = 1.
+        let esr = 0x9200_0000 | (1 << 24) | (1 << 22) | (1 << 21) | (3 << 16) | (1 << 15) | 0x06;
+        assert_eq!(
+            decode(&abort(esr, 0x0a00_0000), [0; 8]),
+            GuestExit::Mmio(MmioAccess {
+                ipa: 0x0a00_0000,
+                write: false,
+                size: 2,
+                reg: 3,
+                sign_extend: true,
+                sixty_four: true
+            })
+        );
+        // No ISV (e.g. ldp): cannot be emulated.
+        let exit = decode(&abort(0x9200_0007, 0x0900_0000), [0; 8]);
+        assert!(matches!(exit, GuestExit::Unhandled { .. }));
+        // Executing from MMIO.
+        assert!(matches!(
+            decode(&abort(0x8200_0007, 0x0900_0000), [0; 8]),
+            GuestExit::Unhandled { .. }
+        ));
+        // A stage-1 walk through MMIO.
+        assert!(matches!(
+            decode(&abort(esr | (1 << 7), 0x0900_0000), [0; 8]),
+            GuestExit::Unhandled { .. }
+        ));
+    }
+
+    #[test]
+    fn unresolvable_aborts_and_traps() {
+        // Address size fault (beyond the IPA size), in or out of memory.
+        for ipa in [0x4000_0000, 0x1_0000_0000_0000] {
+            assert_eq!(
+                decode(&abort(0x9200_0000, ipa), [0; 8]),
+                GuestExit::Unhandled {
+                    esr: 0x9200_0000,
+                    far: 0xffff_0000_0000_0000
+                }
+            );
+        }
+        // Synchronous external abort.
+        assert!(matches!(
+            decode(&abort(0x9200_0010, 0x4000_0000), [0; 8]),
+            GuestExit::Unhandled { .. }
+        ));
+        // A trapped system register access, an SVE access, SError.
+        for raw in [
+            sync(0x6200_0000),
+            sync(0x6600_0000),
+            RawExit {
+                vector: 11,
+                esr: 0xbe00_0000,
+                ..RawExit::default()
+            },
+            RawExit {
+                vector: 12,
+                ..RawExit::default()
+            },
+            RawExit {
+                vector: 4,
+                ..RawExit::default()
+            },
+            RawExit {
+                vector: 77,
+                ..RawExit::default()
+            },
+        ] {
+            let exit = decode(&raw, [0; 8]);
+            assert!(matches!(exit, GuestExit::Unhandled { .. }), "{raw:?}");
+            let mut ctx = VcpuContext::new(0x6000, 0, 0, 0);
+            assert!(matches!(
+                exit.complete(&mut ctx, 0),
+                Resume::Host(VcpuExit::UnhandledTrap { .. })
+            ));
+            assert_eq!(ctx.pc, 0x6000);
+        }
+    }
+
+    #[test]
+    fn last_ran_flushes_when_another_vcpu_ran_here() {
+        let mut l = LastRan::new();
+        assert!(!l.load(0, 0), "nothing ran on CPU 0 yet");
+        assert!(!l.load(0, 0), "same vCPU again");
+        assert!(!l.load(1, 1), "vCPU 1 first on CPU 1");
+        assert!(l.load(0, 1), "vCPU 1 where vCPU 0 ran");
+        assert!(l.load(1, 0), "vCPU 0 where vCPU 1 ran");
+        assert!(!l.load(1, 0));
+        assert!(l.load(MAX_CPUS, 0), "unknown CPU: flush to be safe");
+    }
+}
