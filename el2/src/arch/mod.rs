@@ -13,6 +13,10 @@ use el2::layout::{MAX_CPUS, STACK_SIZE};
 
 global_asm!(include_str!("entry.S"));
 
+// Used by the boot self-test until HYP_VCPU_RUN is wired to it.
+#[cfg_attr(not(feature = "selftest-guest"), allow(dead_code))]
+pub mod vcpu;
+
 extern "C" {
     /// Secondary CPUs start here (entry.S) with x0 = CPU index.
     fn secondary_entry();

@@ -1,0 +1,300 @@
+//! Running a vCPU: the EL1 world switch between the host and a guest.
+//!
+//! [`run_vcpu`] saves the host's EL1 state, loads the guest's (system
+//! registers, FP/SIMD, virtual timer, pointer-auth keys), configures EL2 for
+//! the guest (HCR_EL2, VTCR/VTTBR_EL2, CPTR_EL2, CNTHCTL_EL2, CNTVOFF_EL2,
+//! VMPIDR_EL2), and enters it with `vcpu.S`. While the guest runs, VBAR_EL2
+//! points at `GUEST_VECTORS`, so every exception from EL1/EL0 comes back
+//! here (not to the host's trap handler) as a [`RawExit`]. Then everything
+//! is switched back.
+//!
+//! # What the caller must know
+//!
+//! - **FP/SIMD and SVE.** The guest sees FP/SIMD only: `CPTR_EL2.TZ/TSM`
+//!   trap SVE and SME. The host's V0..V31/FPSR/FPCR are saved and
+//!   restored, but the parts of its Z/P/FFR registers beyond the low 128
+//!   bits, and any SME state, are not: the host must treat `HYP_VCPU_RUN`
+//!   as clobbering them, as after `kernel_neon_begin()`.
+//! - **The host's timer.** The host (Linux at EL1) uses the virtual
+//!   timer, whose registers belong to the guest while it runs. The host's
+//!   deadline is therefore copied to the EL2 physical timer (CNTHP, PPI 26)
+//!   for the duration of the run, so that it expires as an IRQ that ends
+//!   the run ([`GuestExit::Interrupted`](el2::vcpu::GuestExit)); once the
+//!   host's CNTV registers are back its own timer fires. PPI 26 must be
+//!   enabled in this CPU's GIC redistributor for that (see the report /
+//!   wiring notes: the host's GIC driver disables all PPIs it does not use).
+//! - **No virtual interrupts.** There is no vGIC yet: the guest's timer
+//!   state is kept, but its interrupt is never delivered to it.
+//! - **PMU and debug registers** are not switched and not trapped.
+//! - **Interrupts at EL2 stay masked** (we run from a trap handler or at
+//!   boot); physical IRQs reach EL2 only as guest exits.
+
+use core::arch::{asm, global_asm};
+
+use aarch64_cpu::registers::*;
+use el2::vcpu::{El1Sysregs, FpState, RawExit, VcpuContext, HCR_GUEST};
+
+global_asm!(include_str!("vcpu.S"));
+
+extern "C" {
+    /// Enters the guest whose context `ctx` points to; returns the EL2
+    /// vector slot of its exit, with its GPRs, PC and PSTATE saved in `ctx`.
+    fn __guest_enter(ctx: *mut VcpuContext) -> u64;
+    /// Stores V0..V31, FPSR, FPCR to `fp`.
+    fn __fpsimd_save(fp: *mut FpState);
+    /// Loads V0..V31, FPSR, FPCR from `fp`.
+    fn __fpsimd_load(fp: *const FpState);
+}
+
+/// The stage-2 a vCPU runs under.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestStage2 {
+    /// VTTBR_EL2: root table and the VM's VMID (bits 55:48).
+    pub vttbr: u64,
+    /// VTCR_EL2 for the VM's IPA size.
+    pub vtcr: u64,
+}
+
+/// CPTR_EL2 bits (nVHE layout).
+const CPTR_TZ: u64 = 1 << 8;
+const CPTR_TSM: u64 = 1 << 12;
+/// CNTHCTL_EL2: EL1 may read the physical counter; the physical timer traps.
+const CNTHCTL_GUEST: u64 = 1 << 0;
+const CNTV_CTL_ENABLE: u64 = 1 << 0;
+const CNTV_CTL_IMASK: u64 = 1 << 1;
+
+macro_rules! read_sysreg {
+    ($reg:literal) => {{
+        let v: u64;
+        // SAFETY: reading an EL1/EL0 system register at EL2 has no side effects.
+        unsafe { asm!(concat!("mrs {}, ", $reg), out(reg) v, options(nomem, nostack)) };
+        v
+    }};
+}
+
+macro_rules! write_sysreg {
+    ($reg:literal, $v:expr) => {{
+        let v: u64 = $v;
+        // SAFETY: EL1/EL0 state that EL2 does not run under; which context
+        // it belongs to is run_vcpu's bookkeeping.
+        unsafe { asm!(concat!("msr ", $reg, ", {}"), in(reg) v, options(nomem, nostack)) };
+    }};
+}
+
+macro_rules! el1_switch {
+    ($($field:ident: $reg:literal),* $(,)?) => {
+        fn save_el1(r: &mut El1Sysregs) {
+            $( r.$field = read_sysreg!($reg); )*
+        }
+        fn load_el1(r: &El1Sysregs) {
+            $( write_sysreg!($reg, r.$field); )*
+        }
+    };
+}
+
+el1_switch! {
+    sctlr: "sctlr_el1",
+    ttbr0: "ttbr0_el1",
+    ttbr1: "ttbr1_el1",
+    tcr: "tcr_el1",
+    mair: "mair_el1",
+    amair: "amair_el1",
+    vbar: "vbar_el1",
+    contextidr: "contextidr_el1",
+    tpidr_el0: "tpidr_el0",
+    tpidrro_el0: "tpidrro_el0",
+    tpidr_el1: "tpidr_el1",
+    sp_el0: "sp_el0",
+    sp_el1: "sp_el1",
+    elr: "elr_el1",
+    spsr: "spsr_el1",
+    esr: "esr_el1",
+    far: "far_el1",
+    afsr0: "afsr0_el1",
+    afsr1: "afsr1_el1",
+    par: "par_el1",
+    cpacr: "cpacr_el1",
+    cntkctl: "cntkctl_el1",
+    csselr: "csselr_el1",
+    mdscr: "mdscr_el1",
+}
+
+fn save_timer(r: &mut El1Sysregs) {
+    r.cntv_ctl = read_sysreg!("cntv_ctl_el0");
+    r.cntv_cval = read_sysreg!("cntv_cval_el0");
+}
+
+fn load_timer(r: &El1Sysregs) {
+    write_sysreg!("cntv_cval_el0", r.cntv_cval);
+    write_sysreg!("cntv_ctl_el0", r.cntv_ctl);
+}
+
+/// Whether the CPU has pointer authentication (so the key registers exist).
+fn has_pauth() -> bool {
+    let isar1 = ID_AA64ISAR1_EL1.get();
+    let isar2 = read_sysreg!("S3_0_C0_C6_2"); // ID_AA64ISAR2_EL1, RAZ before v8.7
+                                              // APA (7:4), API (11:8), GPA (27:24), GPI (31:28); ISAR2 APA3 (15:12), GPA3 (11:8).
+    isar1 & 0xff00_0ff0 != 0 || isar2 & 0xff00 != 0
+}
+
+macro_rules! pauth_switch {
+    ($($i:literal: $lo:literal, $hi:literal);* $(;)?) => {
+        fn save_keys(r: &mut El1Sysregs) {
+            $( r.pauth[$i] = [read_sysreg!($lo), read_sysreg!($hi)]; )*
+        }
+        fn load_keys(r: &El1Sysregs) {
+            $( write_sysreg!($lo, r.pauth[$i][0]); write_sysreg!($hi, r.pauth[$i][1]); )*
+        }
+    };
+}
+
+pauth_switch! {
+    0: "S3_0_C2_C1_0", "S3_0_C2_C1_1"; // APIAKey
+    1: "S3_0_C2_C1_2", "S3_0_C2_C1_3"; // APIBKey
+    2: "S3_0_C2_C2_0", "S3_0_C2_C2_1"; // APDAKey
+    3: "S3_0_C2_C2_2", "S3_0_C2_C2_3"; // APDBKey
+    4: "S3_0_C2_C3_0", "S3_0_C2_C3_1"; // APGAKey
+}
+
+/// The host's EL2 configuration that a run changes.
+struct HostEl2 {
+    hcr: u64,
+    vttbr: u64,
+    vtcr: u64,
+    cptr: u64,
+    cnthctl: u64,
+    cntvoff: u64,
+    vmpidr: u64,
+}
+
+fn fp_save(fp: &mut FpState) {
+    // SAFETY: `fp` is a valid, 16-byte aligned FpState; the routine only
+    // stores to it. EL2 code is built soft-float, so the registers it reads
+    // hold the interrupted context's values.
+    unsafe { __fpsimd_save(fp) };
+}
+
+fn fp_load(fp: &FpState) {
+    // SAFETY: as fp_save; the routine only loads from `fp`.
+    unsafe { __fpsimd_load(fp) };
+}
+
+/// Runs `ctx` under `s2` on this CPU until it exits to EL2, and returns the
+/// raw exit (decode it with `el2::vcpu::decode_exit`). The guest's state is
+/// saved back into `ctx`; the host's EL1 and EL2 state is as before.
+///
+/// `flush_local_tlb`: another vCPU of this VM ran on this CPU last
+/// (`el2::vcpu::LastRan::load`), so this CPU's EL1 TLB entries and
+/// I-cache of the VMID are invalidated before entry.
+///
+/// The caller must hold whatever makes `ctx` and `s2` this vCPU's alone
+/// (the VM's vCPU "running" state) and must not hold locks another CPU
+/// could need while the guest runs.
+pub fn run_vcpu(ctx: &mut VcpuContext, s2: GuestStage2, flush_local_tlb: bool) -> RawExit {
+    let pauth = has_pauth();
+    let sve_sme_traps = CPTR_TZ | CPTR_TSM;
+
+    // Host state.
+    let mut host = El1Sysregs::default();
+    let mut host_fp = FpState::default();
+    save_el1(&mut host);
+    save_timer(&mut host);
+    if pauth {
+        save_keys(&mut host);
+    }
+    fp_save(&mut host_fp);
+    let host_el2 = HostEl2 {
+        hcr: HCR_EL2.get(),
+        vttbr: VTTBR_EL2.get(),
+        vtcr: VTCR_EL2.get(),
+        cptr: CPTR_EL2.get(),
+        cnthctl: CNTHCTL_EL2.get(),
+        cntvoff: CNTVOFF_EL2.get(),
+        vmpidr: VMPIDR_EL2.get(),
+    };
+
+    // The host's deadline keeps running on the EL2 physical timer.
+    let host_timer_armed = host.cntv_ctl & (CNTV_CTL_ENABLE | CNTV_CTL_IMASK) == CNTV_CTL_ENABLE;
+    if host_timer_armed {
+        write_sysreg!(
+            "cnthp_cval_el2",
+            host.cntv_cval.wrapping_add(host_el2.cntvoff)
+        );
+        write_sysreg!("cnthp_ctl_el2", CNTV_CTL_ENABLE);
+    }
+    // Park the host's virtual timer before CNTVOFF changes under it.
+    write_sysreg!("cntv_ctl_el0", 0);
+
+    // EL2 for the guest.
+    HCR_EL2.set(HCR_GUEST);
+    VTCR_EL2.set(s2.vtcr);
+    VTTBR_EL2.set(s2.vttbr);
+    CPTR_EL2.set(host_el2.cptr | sve_sme_traps);
+    CNTHCTL_EL2.set(CNTHCTL_GUEST);
+    CNTVOFF_EL2.set(ctx.cntvoff);
+    VMPIDR_EL2.set(ctx.vmpidr);
+    // SAFETY: barriers; the TLB/I-cache maintenance only affects this CPU's
+    // entries of the VMID now in VTTBR_EL2 (the guest's).
+    unsafe {
+        asm!("isb", options(nostack));
+        if flush_local_tlb {
+            asm!(
+                "tlbi vmalle1",
+                "ic iallu",
+                "dsb nsh",
+                "isb",
+                options(nostack)
+            );
+        }
+    }
+
+    // Guest EL1 state.
+    load_el1(&ctx.el1);
+    if pauth {
+        load_keys(&ctx.el1);
+    }
+    fp_load(&ctx.fp);
+    load_timer(&ctx.el1);
+
+    // SAFETY: EL2 is configured for the guest (stage-2 on with its VTTBR,
+    // interrupts routed to EL2), its EL1 state is loaded, and `ctx` is a
+    // valid exclusive context that __guest_enter reads and writes back.
+    // The guest can only come back through GUEST_VECTORS.
+    let vector = unsafe { __guest_enter(ctx) };
+    let exit = RawExit {
+        vector,
+        esr: ESR_EL2.get(),
+        far: FAR_EL2.get(),
+        hpfar: HPFAR_EL2.get(),
+    };
+
+    // Guest state back into the context.
+    save_el1(&mut ctx.el1);
+    save_timer(&mut ctx.el1);
+    if pauth {
+        save_keys(&mut ctx.el1);
+    }
+    fp_save(&mut ctx.fp);
+    write_sysreg!("cntv_ctl_el0", 0);
+
+    // Host state back.
+    HCR_EL2.set(host_el2.hcr);
+    VTCR_EL2.set(host_el2.vtcr);
+    VTTBR_EL2.set(host_el2.vttbr);
+    CPTR_EL2.set(host_el2.cptr);
+    CNTHCTL_EL2.set(host_el2.cnthctl);
+    CNTVOFF_EL2.set(host_el2.cntvoff);
+    VMPIDR_EL2.set(host_el2.vmpidr);
+    if host_timer_armed {
+        write_sysreg!("cnthp_ctl_el2", 0);
+    }
+    load_el1(&host);
+    if pauth {
+        load_keys(&host);
+    }
+    fp_load(&host_fp);
+    load_timer(&host);
+    // SAFETY: a barrier, so the host state is in effect before the eret.
+    unsafe { asm!("isb", options(nostack)) };
+    exit
+}
