@@ -1,0 +1,351 @@
+//! The guest payload's logic, testable on the build machine: its argument,
+//! the memory pattern and checksum, and console output as guest calls.
+//!
+//! The payload (main.rs) runs at EL1 of a VM with x0 = [`Arg`]:
+//! - [`Mode::Fill`]: fill N MiB with [`pattern`], read it back, report the
+//!   checksum and `PASS`/`FAIL` over `HYP_GUEST_CONSOLE_WRITE` (ABI §4.2),
+//!   then `HYP_GUEST_SHUTDOWN` (§4.5).
+//! - [`Mode::Touch`]: write one word per cache line of N MiB over and over,
+//!   counting passes, and report the count every 2^k passes (for the NUMA
+//!   benchmark); after a given number of reports (0: never) shut down.
+
+#![no_std]
+#![forbid(unsafe_code)]
+
+#[cfg(test)]
+extern crate std;
+
+use hypercalls::{ConsoleBytes, GuestCall, CONSOLE_MAX_BYTES};
+
+/// IPA where guest RAM starts (the image is linked at `+ 0x8_0000`).
+pub const GUEST_RAM_BASE: u64 = 0x4000_0000;
+/// IPA of the image.
+pub const GUEST_IMAGE_BASE: u64 = GUEST_RAM_BASE + 0x8_0000;
+/// The tested memory starts at the first multiple of this after the image.
+pub const TEST_ALIGN: u64 = 2 << 20;
+/// Largest N the argument can ask for.
+pub const MAX_MIB: u16 = 1024;
+/// Bytes between two touched words in [`Mode::Touch`].
+pub const TOUCH_STRIDE: usize = 64;
+
+/// What the guest does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Fill, verify, report, shut down.
+    Fill,
+    /// Touch memory in a loop and report pass counts.
+    Touch,
+}
+
+/// The guest's argument (x0 at entry).
+///
+/// | bits | field |
+/// |---|---|
+/// | 3:0 | mode: 1 = fill, 2 = touch |
+/// | 31:16 | N, MiB of memory to use (1..=1024) |
+/// | 47:32 | touch: reports before shutdown (0 = run forever) |
+/// | 55:48 | touch: log2 of passes per report |
+///
+/// Other bits must be zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arg {
+    /// The mode.
+    pub mode: Mode,
+    /// MiB of memory.
+    pub mib: u16,
+    /// Touch: reports before shutdown (0 = forever).
+    pub reports: u16,
+    /// Touch: log2 of passes per report (at most 31).
+    pub passes_log2: u8,
+}
+
+/// Why an argument was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgError {
+    /// Unknown mode.
+    Mode(u64),
+    /// N is 0 or above [`MAX_MIB`].
+    Size(u64),
+    /// `passes_log2` above 31.
+    Passes(u64),
+    /// Reserved bits set.
+    Reserved(u64),
+}
+
+impl Arg {
+    const RESERVED: u64 = 0xff00_0000_0000_fff0;
+
+    /// Decodes x0.
+    pub fn decode(x0: u64) -> Result<Self, ArgError> {
+        if x0 & Self::RESERVED != 0 {
+            return Err(ArgError::Reserved(x0 & Self::RESERVED));
+        }
+        let mode = match x0 & 0xf {
+            1 => Mode::Fill,
+            2 => Mode::Touch,
+            m => return Err(ArgError::Mode(m)),
+        };
+        let mib = ((x0 >> 16) & 0xffff) as u16;
+        if mib == 0 || mib > MAX_MIB {
+            return Err(ArgError::Size(u64::from(mib)));
+        }
+        let passes_log2 = ((x0 >> 48) & 0xff) as u8;
+        if passes_log2 > 31 {
+            return Err(ArgError::Passes(u64::from(passes_log2)));
+        }
+        Ok(Self {
+            mode,
+            mib,
+            reports: ((x0 >> 32) & 0xffff) as u16,
+            passes_log2,
+        })
+    }
+
+    /// Encodes into x0.
+    #[must_use]
+    pub fn encode(&self) -> u64 {
+        let mode = match self.mode {
+            Mode::Fill => 1,
+            Mode::Touch => 2,
+        };
+        mode | u64::from(self.mib) << 16
+            | u64::from(self.reports) << 32
+            | u64::from(self.passes_log2) << 48
+    }
+
+    /// Bytes of memory to use.
+    #[must_use]
+    pub fn bytes(&self) -> usize {
+        usize::from(self.mib) << 20
+    }
+}
+
+/// The word the fill mode stores at (guest) address `addr`: a mix of the
+/// address, so that a page mapped twice, at the wrong place or not at all
+/// shows up.
+#[must_use]
+pub fn pattern(addr: u64) -> u64 {
+    let mut x = addr ^ 0x5a5a_1234_dead_beef;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x
+}
+
+/// Fills `words`, which start at guest address `base`, with [`pattern`].
+pub fn fill(words: &mut [u64], base: u64) {
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = pattern(base + 8 * i as u64);
+    }
+}
+
+/// A word that did not read back as written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Its guest address.
+    pub addr: u64,
+    /// What was read.
+    pub got: u64,
+    /// What was written.
+    pub expected: u64,
+}
+
+/// Checks `words` (at guest address `base`) against [`pattern`]; returns
+/// the checksum of what was read and the first mismatch, if any.
+#[must_use]
+pub fn verify(words: &[u64], base: u64) -> (u64, Option<Mismatch>) {
+    let mut sum = 0u64;
+    let mut first = None;
+    for (i, &w) in words.iter().enumerate() {
+        sum = checksum_step(sum, w);
+        let addr = base + 8 * i as u64;
+        let expected = pattern(addr);
+        if w != expected && first.is_none() {
+            first = Some(Mismatch {
+                addr,
+                got: w,
+                expected,
+            });
+        }
+    }
+    (sum, first)
+}
+
+/// One step of the checksum (FNV-1a over words): order-sensitive, so
+/// swapped pages change it.
+#[must_use]
+pub fn checksum_step(sum: u64, word: u64) -> u64 {
+    (sum ^ word).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
+/// The checksum [`verify`] gives for a correct fill of `len` words at `base`.
+#[must_use]
+pub fn expected_checksum(base: u64, len: usize) -> u64 {
+    (0..len as u64).fold(0, |s, i| checksum_step(s, pattern(base + 8 * i)))
+}
+
+/// One pass of the touch mode: adds 1 to one word per [`TOUCH_STRIDE`] bytes.
+pub fn touch(words: &mut [u64]) {
+    for w in words.iter_mut().step_by(TOUCH_STRIDE / 8) {
+        *w = w.wrapping_add(1);
+    }
+}
+
+/// Text output as `HYP_GUEST_CONSOLE_WRITE` calls of up to 16 bytes,
+/// flushed at each newline and when full.
+#[derive(Debug)]
+pub struct Console<F: FnMut(GuestCall)> {
+    buf: [u8; CONSOLE_MAX_BYTES],
+    len: usize,
+    call: F,
+}
+
+impl<F: FnMut(GuestCall)> Console<F> {
+    /// Output through `call`.
+    pub fn new(call: F) -> Self {
+        Self {
+            buf: [0; CONSOLE_MAX_BYTES],
+            len: 0,
+            call,
+        }
+    }
+
+    /// Sends what is buffered.
+    pub fn flush(&mut self) {
+        if let Some(bytes) = self.buf.get(..self.len).and_then(ConsoleBytes::new) {
+            (self.call)(GuestCall::ConsoleWrite(bytes));
+        }
+        self.len = 0;
+    }
+
+    fn push(&mut self, b: u8) {
+        if self.len == CONSOLE_MAX_BYTES {
+            self.flush();
+        }
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
+        if b == b'\n' {
+            self.flush();
+        }
+    }
+}
+
+impl<F: FnMut(GuestCall)> core::fmt::Write for Console<F> {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        s.bytes().for_each(|b| self.push(b));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::fmt::Write;
+    use std::vec::Vec;
+
+    #[test]
+    fn arg_round_trip_and_errors() {
+        let a = Arg {
+            mode: Mode::Touch,
+            mib: 64,
+            reports: 3,
+            passes_log2: 4,
+        };
+        assert_eq!(Arg::decode(a.encode()), Ok(a));
+        assert_eq!(a.encode(), 2 | 64 << 16 | 3 << 32 | 4 << 48);
+        assert_eq!(a.bytes(), 64 << 20);
+        let f = Arg::decode(1 | 4 << 16).unwrap();
+        assert_eq!((f.mode, f.mib), (Mode::Fill, 4));
+        assert_eq!(Arg::decode(3 | 4 << 16), Err(ArgError::Mode(3)));
+        assert_eq!(Arg::decode(1), Err(ArgError::Size(0)));
+        assert_eq!(Arg::decode(1 | 1025 << 16), Err(ArgError::Size(1025)));
+        assert_eq!(
+            Arg::decode(2 | 1 << 16 | 32 << 48),
+            Err(ArgError::Passes(32))
+        );
+        assert_eq!(
+            Arg::decode(1 | 1 << 16 | 1 << 4),
+            Err(ArgError::Reserved(0x10))
+        );
+        assert!(matches!(
+            Arg::decode(1 | 1 << 16 | 1 << 60),
+            Err(ArgError::Reserved(_))
+        ));
+    }
+
+    #[test]
+    fn fill_then_verify() {
+        let base = 0x4020_0000;
+        let mut m = std::vec![0u64; 4096];
+        fill(&mut m, base);
+        let (sum, bad) = verify(&m, base);
+        assert_eq!(bad, None);
+        assert_eq!(sum, expected_checksum(base, m.len()));
+        // The same data seen at another address fails.
+        let (_, bad) = verify(&m, base + 4096);
+        assert_eq!(bad.map(|b| b.addr), Some(base + 4096));
+    }
+
+    #[test]
+    fn corruption_and_swaps_are_caught() {
+        let base = 0x4020_0000;
+        let mut m = std::vec![0u64; 1024];
+        fill(&mut m, base);
+        m[700] ^= 1 << 13;
+        let (sum, bad) = verify(&m, base);
+        assert_eq!(bad.unwrap().addr, base + 700 * 8);
+        assert_ne!(sum, expected_checksum(base, m.len()));
+        // Swapping two halves changes the checksum even with equal words.
+        let mut a = std::vec![0u64; 512];
+        fill(&mut a, base);
+        let mut b = a.clone();
+        b.rotate_left(256);
+        assert_ne!(verify(&a, base).0, verify(&b, base).0);
+        // Patterns differ between neighbouring words and pages.
+        assert_ne!(pattern(base), pattern(base + 8));
+        assert_ne!(pattern(base), pattern(base + 4096));
+    }
+
+    #[test]
+    fn touch_adds_one_per_line() {
+        let mut m = std::vec![0u64; 64];
+        touch(&mut m);
+        touch(&mut m);
+        let touched: Vec<usize> = (0..64).filter(|&i| m[i] != 0).collect();
+        assert_eq!(touched, std::vec![0, 8, 16, 24, 32, 40, 48, 56]);
+        assert!(touched.iter().all(|&i| m[i] == 2));
+    }
+
+    #[test]
+    fn console_chunks_lines() {
+        let mut calls = Vec::new();
+        {
+            let mut c = Console::new(|call| calls.push(call));
+            write!(c, "fill 4 MiB: checksum {:#018x} PASS\nx", 0x1234u64).unwrap();
+            c.flush();
+            c.flush(); // nothing buffered: no call
+        }
+        let text: Vec<u8> = calls
+            .iter()
+            .flat_map(|c| match c {
+                GuestCall::ConsoleWrite(b) => b.as_bytes().to_vec(),
+                _ => panic!("not a console write"),
+            })
+            .collect();
+        assert_eq!(
+            std::str::from_utf8(&text).unwrap(),
+            "fill 4 MiB: checksum 0x0000000000001234 PASS\nx"
+        );
+        assert!(calls.iter().all(|c| matches!(
+            c, GuestCall::ConsoleWrite(b) if b.as_bytes().len() <= 16
+        )));
+        // The newline ends a call.
+        let first_nl = calls
+            .iter()
+            .position(|c| matches!(c, GuestCall::ConsoleWrite(b) if b.as_bytes().ends_with(b"\n")))
+            .unwrap();
+        assert_eq!(first_nl, calls.len() - 2);
+    }
+}
