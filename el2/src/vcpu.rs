@@ -391,6 +391,41 @@ pub struct MmioAccess {
     pub sixty_four: bool,
 }
 
+impl MmioAccess {
+    fn mask(&self) -> u64 {
+        match self.size {
+            8 => u64::MAX,
+            n => (1u64 << (u32::from(n) * 8)) - 1,
+        }
+    }
+
+    /// For a store: the value written (the low `size` bytes of the
+    /// transfer register; xzr/wzr is 0).
+    #[must_use]
+    pub fn write_data(&self, ctx: &VcpuContext) -> u64 {
+        let v = ctx.x.get(usize::from(self.reg)).copied().unwrap_or(0);
+        v & self.mask()
+    }
+
+    /// For a load: puts `value` into the transfer register as the
+    /// instruction would (truncated to the size, sign- or zero-extended,
+    /// upper half cleared for a W register) and steps over the instruction.
+    pub fn complete_read(&self, ctx: &mut VcpuContext, value: u64) {
+        let mut v = value & self.mask();
+        if self.sign_extend && self.size < 8 {
+            let shift = 64 - u32::from(self.size) * 8;
+            v = (((v << shift) as i64) >> shift) as u64;
+        }
+        if !self.sixty_four {
+            v &= 0xffff_ffff;
+        }
+        if let Some(r) = ctx.x.get_mut(usize::from(self.reg)) {
+            *r = v;
+        }
+        ctx.skip_instruction();
+    }
+}
+
 /// Why the guest stopped, decoded. The exits marked "resume" are answered
 /// by the hypervisor itself; the rest go to the host (see [`Self::host_exit`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1067,6 +1102,56 @@ mod tests {
             decode(&abort(esr | (1 << 7), 0x0900_0000), [0; 8]),
             GuestExit::Unhandled { .. }
         ));
+    }
+
+    #[test]
+    fn mmio_emulation() {
+        let mut ctx = VcpuContext::new(0x7000, 0, 0, 0);
+        let mut m = MmioAccess {
+            ipa: 0x0a00_0000,
+            write: true,
+            size: 4,
+            reg: 3,
+            sign_extend: false,
+            sixty_four: false,
+        };
+        ctx.x[3] = 0x1111_2222_3333_4444;
+        assert_eq!(m.write_data(&ctx), 0x3333_4444);
+        m.reg = 31; // wzr
+        assert_eq!(m.write_data(&ctx), 0);
+        // ldrsh x5: sign-extended to 64 bits.
+        m = MmioAccess {
+            write: false,
+            size: 2,
+            reg: 5,
+            sign_extend: true,
+            sixty_four: true,
+            ..m
+        };
+        m.complete_read(&mut ctx, 0xffff_8001);
+        assert_eq!(ctx.x[5], 0xffff_ffff_ffff_8001);
+        assert_eq!(ctx.pc, 0x7004);
+        // ldrsb w5: sign-extended to 32 bits only.
+        m.size = 1;
+        m.sixty_four = false;
+        m.complete_read(&mut ctx, 0x80);
+        assert_eq!(ctx.x[5], 0xffff_ff80);
+        // ldr x6: the whole value.
+        m = MmioAccess {
+            size: 8,
+            reg: 6,
+            sign_extend: false,
+            sixty_four: true,
+            ..m
+        };
+        m.complete_read(&mut ctx, 0x8000_0000_0000_0001);
+        assert_eq!(ctx.x[6], 0x8000_0000_0000_0001);
+        // A load into xzr changes nothing but the PC.
+        m.reg = 31;
+        let before = ctx.x;
+        m.complete_read(&mut ctx, 5);
+        assert_eq!(ctx.x, before);
+        assert_eq!(ctx.pc, 0x7010);
     }
 
     #[test]
