@@ -8,6 +8,10 @@
 //! - [`Mode::Touch`]: write one word per cache line of N MiB over and over,
 //!   counting passes, and report the count every 2^k passes (for the NUMA
 //!   benchmark); after a given number of reports (0: never) shut down.
+//! - [`Mode::Exits`]: make every kind of exit once and check what comes back
+//!   (guest calls, PSCI over HVC and SMC, MMIO reads and writes the VMM
+//!   emulates at [`MMIO_TEST_BASE`], WFI, FP/SIMD and EL1 registers kept
+//!   across exits), report `PASS`/`FAIL` per check, then PSCI SYSTEM_OFF.
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -25,6 +29,17 @@ pub const GUEST_IMAGE_BASE: u64 = GUEST_RAM_BASE + 0x8_0000;
 pub const TEST_ALIGN: u64 = 2 << 20;
 /// Largest N the argument can ask for.
 pub const MAX_MIB: u16 = 1024;
+/// IPA of the test device the VMM emulates for [`Mode::Exits`]: a read
+/// of `base + off` returns [`mmio_test_value`]`(off)` until written; a
+/// write stores the value for later reads of the same offset.
+pub const MMIO_TEST_BASE: u64 = 0x0a00_0000;
+
+/// What the test device reads as at `off` before anything was written.
+#[must_use]
+pub const fn mmio_test_value(off: u64) -> u64 {
+    0x1122_3344_5566_7788 ^ off
+}
+
 /// Bytes between two touched words in [`Mode::Touch`].
 pub const TOUCH_STRIDE: usize = 64;
 
@@ -35,13 +50,15 @@ pub enum Mode {
     Fill,
     /// Touch memory in a loop and report pass counts.
     Touch,
+    /// Make each kind of exit and check the results.
+    Exits,
 }
 
 /// The guest's argument (x0 at entry).
 ///
 /// | bits | field |
 /// |---|---|
-/// | 3:0 | mode: 1 = fill, 2 = touch |
+/// | 3:0 | mode: 1 = fill, 2 = touch, 3 = exits |
 /// | 31:16 | N, MiB of memory to use (1..=1024) |
 /// | 47:32 | touch: reports before shutdown (0 = run forever) |
 /// | 55:48 | touch: log2 of passes per report |
@@ -83,6 +100,7 @@ impl Arg {
         let mode = match x0 & 0xf {
             1 => Mode::Fill,
             2 => Mode::Touch,
+            3 => Mode::Exits,
             m => return Err(ArgError::Mode(m)),
         };
         let mib = ((x0 >> 16) & 0xffff) as u16;
@@ -107,6 +125,7 @@ impl Arg {
         let mode = match self.mode {
             Mode::Fill => 1,
             Mode::Touch => 2,
+            Mode::Exits => 3,
         };
         mode | u64::from(self.mib) << 16
             | u64::from(self.reports) << 32
@@ -258,7 +277,8 @@ mod tests {
         assert_eq!(a.bytes(), 64 << 20);
         let f = Arg::decode(1 | 4 << 16).unwrap();
         assert_eq!((f.mode, f.mib), (Mode::Fill, 4));
-        assert_eq!(Arg::decode(3 | 4 << 16), Err(ArgError::Mode(3)));
+        assert_eq!(Arg::decode(3 | 4 << 16).map(|a| a.mode), Ok(Mode::Exits));
+        assert_eq!(Arg::decode(4 | 4 << 16), Err(ArgError::Mode(4)));
         assert_eq!(Arg::decode(1), Err(ArgError::Size(0)));
         assert_eq!(Arg::decode(1 | 1025 << 16), Err(ArgError::Size(1025)));
         assert_eq!(

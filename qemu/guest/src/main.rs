@@ -5,6 +5,8 @@
 
 #[cfg(target_os = "none")]
 mod arch;
+#[cfg(target_os = "none")]
+mod exits;
 
 #[cfg(target_os = "none")]
 mod run {
@@ -14,6 +16,8 @@ mod run {
     use hypercalls::GuestCall;
 
     use crate::arch;
+
+    const PSCI_SYSTEM_OFF: u64 = 0x8400_0008;
 
     unsafe extern "C" {
         static __image_end: u8;
@@ -87,6 +91,14 @@ mod run {
                         }
                     }
                 }
+            }
+            Mode::Exits => {
+                let (pass, fail) = crate::exits::run(&mut out);
+                let _ = writeln!(out, "guest: exits: {pass} passed, {fail} failed");
+                // Ends with PSCI SYSTEM_OFF rather than the ABI's shutdown call.
+                let mut r = [0u64; 8];
+                r[0] = PSCI_SYSTEM_OFF;
+                arch::hvc(&r);
             }
         }
         shutdown()

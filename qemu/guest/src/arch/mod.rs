@@ -63,3 +63,144 @@ pub fn hvc(regs: &Regs) -> Regs {
 pub fn call(c: GuestCall) -> Regs {
     hvc(&c.encode())
 }
+
+/// `SMC #0` with x0..x7; returns x0..x7.
+pub fn smc(regs: &Regs) -> Regs {
+    let mut r = *regs;
+    // SAFETY: as `hvc`: only x0..x7 change (the hypervisor traps the SMC).
+    unsafe {
+        asm!(
+            "smc #0",
+            inout("x0") r[0], inout("x1") r[1], inout("x2") r[2], inout("x3") r[3],
+            inout("x4") r[4], inout("x5") r[5], inout("x6") r[6], inout("x7") r[7],
+            options(nostack)
+        );
+    }
+    r
+}
+
+/// A 32-bit device read, one `ldr w` instruction (so the abort syndrome
+/// describes it for the VMM).
+pub fn mmio_read32(addr: u64) -> u32 {
+    let v: u32;
+    // SAFETY: `addr` is in the device GiB of the identity map; the VMM
+    // emulates it (an unemulated access ends the VM, it cannot corrupt us).
+    unsafe { asm!("ldr {v:w}, [{a}]", a = in(reg) addr, v = out(reg) v, options(nostack)) };
+    v
+}
+
+/// A 64-bit device read (`ldr x`).
+pub fn mmio_read64(addr: u64) -> u64 {
+    let v: u64;
+    // SAFETY: as mmio_read32.
+    unsafe { asm!("ldr {v}, [{a}]", a = in(reg) addr, v = out(reg) v, options(nostack)) };
+    v
+}
+
+/// A 64-bit device write (`str x`).
+pub fn mmio_write64(addr: u64, v: u64) {
+    // SAFETY: as mmio_read32.
+    unsafe { asm!("str {v}, [{a}]", a = in(reg) addr, v = in(reg) v, options(nostack)) };
+}
+
+/// One WFI (trapped by the hypervisor: it returns at once here).
+pub fn wfi() {
+    // SAFETY: a hint; with interrupts masked a trapped WFI just exits.
+    unsafe { asm!("wfi", options(nostack)) };
+}
+
+/// Sets V0, V31 (`[lo, hi]` each) and FPCR. The payload is built
+/// soft-float, so no compiled code uses these registers.
+pub fn fp_set(v0: [u64; 2], v31: [u64; 2], fpcr: u64) {
+    // SAFETY: FP registers no compiled code of this program uses; FP
+    // access is enabled (CPACR_EL1.FPEN, entry.S).
+    unsafe {
+        asm!(
+            ".arch_extension fp",
+            ".arch_extension simd",
+            "mov v0.d[0], {a}",
+            "mov v0.d[1], {b}",
+            "mov v31.d[0], {c}",
+            "mov v31.d[1], {d}",
+            "msr fpcr, {e}",
+            a = in(reg) v0[0], b = in(reg) v0[1], c = in(reg) v31[0], d = in(reg) v31[1],
+            e = in(reg) fpcr,
+            options(nostack)
+        )
+    };
+}
+
+/// Reads V0, V31 and FPCR.
+pub fn fp_get() -> ([u64; 2], [u64; 2], u64) {
+    let (a, b, c, d, e): (u64, u64, u64, u64, u64);
+    // SAFETY: reads FP registers only.
+    unsafe {
+        asm!(
+            ".arch_extension fp",
+            ".arch_extension simd",
+            "mov {a}, v0.d[0]",
+            "mov {b}, v0.d[1]",
+            "mov {c}, v31.d[0]",
+            "mov {d}, v31.d[1]",
+            "mrs {e}, fpcr",
+            a = out(reg) a, b = out(reg) b, c = out(reg) c, d = out(reg) d, e = out(reg) e,
+            options(nostack, nomem)
+        )
+    };
+    ([a, b], [c, d], e)
+}
+
+/// TPIDR_EL1, TPIDR_EL0, CONTEXTIDR_EL1.
+pub fn ids_set(v: [u64; 3]) {
+    // SAFETY: software thread-id registers nothing else here uses.
+    unsafe {
+        asm!(
+            "msr tpidr_el1, {a}",
+            "msr tpidr_el0, {b}",
+            "msr contextidr_el1, {c}",
+            a = in(reg) v[0], b = in(reg) v[1], c = in(reg) v[2],
+            options(nostack, nomem)
+        )
+    };
+}
+
+/// Reads what [`ids_set`] wrote.
+pub fn ids_get() -> [u64; 3] {
+    let (a, b, c): (u64, u64, u64);
+    // SAFETY: reads only.
+    unsafe {
+        asm!(
+            "mrs {a}, tpidr_el1",
+            "mrs {b}, tpidr_el0",
+            "mrs {c}, contextidr_el1",
+            a = out(reg) a, b = out(reg) b, c = out(reg) c,
+            options(nostack, nomem)
+        )
+    };
+    [a, b, c]
+}
+
+/// CNTVCT_EL0, CNTPCT_EL0, CNTFRQ_EL0.
+pub fn counters() -> (u64, u64, u64) {
+    let (v, p, f): (u64, u64, u64);
+    // SAFETY: counter reads (CNTHCTL_EL2.EL1PCTEN lets EL1 read CNTPCT).
+    unsafe {
+        asm!(
+            "isb",
+            "mrs {v}, cntvct_el0",
+            "mrs {p}, cntpct_el0",
+            "mrs {f}, cntfrq_el0",
+            v = out(reg) v, p = out(reg) p, f = out(reg) f,
+            options(nostack, nomem)
+        )
+    };
+    (v, p, f)
+}
+
+/// MPIDR_EL1 as the guest sees it (VMPIDR_EL2).
+pub fn mpidr() -> u64 {
+    let v: u64;
+    // SAFETY: a read.
+    unsafe { asm!("mrs {}, mpidr_el1", out(reg) v, options(nostack, nomem)) };
+    v
+}
