@@ -16,7 +16,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::arch::asm;
 
-use aarch64_cpu::registers::{Readable, CNTPCT_EL0, ID_AA64MMFR0_EL1, VTTBR_EL2};
+use aarch64_cpu::registers::{
+    Readable, Writeable, CNTPCT_EL0, ID_AA64MMFR0_EL1, TPIDR_EL1, VTTBR_EL2,
+};
 use hypercalls::VcpuExit;
 use log::{info, warn};
 use stage2::mm::{Table, TableMemory};
@@ -26,7 +28,7 @@ use stage2::{Hpa, Ipa, Vmid, PAGE_SIZE};
 
 use crate::arch;
 use crate::arch::vcpu::GuestStage2;
-use el2::vcpu::{decode_exit, GuestExit, LastRan, Resume, VcpuContext};
+use el2::vcpu::{decode_exit, FpState, GuestExit, LastRan, Resume, VcpuContext};
 
 /// Where the runner's `-device loader` puts the guest image (host RAM,
 /// unused until the host boots).
@@ -41,6 +43,8 @@ const GUEST_IMAGE_IPA: u64 = GUEST_RAM_BASE + 0x8_0000;
 const SELFTEST_VMID: u16 = 255;
 /// IPA size of the self-test VM.
 const IPA_BITS: u8 = 40;
+/// The guest's test device (qemu/guest `MMIO_TEST_BASE`, 4 KiB).
+const MMIO_TEST_BASE: u64 = 0x0a00_0000;
 /// Bound on exits per run.
 const MAX_EXITS: u64 = 1 << 20;
 /// PSCI 1.0, as reported to guests.
@@ -280,6 +284,9 @@ struct Stats {
     interrupts: u64,
     hyp_handled: u64,
     tlb_flushes: u64,
+    mmio: u64,
+    /// Runs after which the host's EL1/FP state was not as before.
+    host_clobbered: u64,
 }
 
 /// How a run ended.
@@ -289,6 +296,43 @@ enum End {
     Trap(VcpuExit),
     NoMemory(u64),
     TooManyExits,
+    BadMmio(u64),
+}
+
+/// The test device: a read of an offset gives the last value written
+/// there, or qemu/guest's `mmio_test_value(off)`.
+#[derive(Default)]
+struct TestDevice {
+    written: Vec<(u64, u64)>,
+}
+
+impl TestDevice {
+    fn read(&self, off: u64) -> u64 {
+        self.written
+            .iter()
+            .rev()
+            .find(|&&(o, _)| o == off)
+            .map_or(0x1122_3344_5566_7788 ^ off, |&(_, v)| v)
+    }
+}
+
+/// Sets a recognisable host EL1/FP state (what a host would have).
+fn host_probe_set(seed: u64) -> FpState {
+    let mut fp = FpState::default();
+    for (i, v) in fp.v.iter_mut().enumerate() {
+        *v = u128::from(seed ^ i as u64) << 64 | u128::from(!seed);
+    }
+    fp.fpcr = 0x0040_0000; // RMode = round towards plus infinity
+    arch::vcpu::fp_load(&fp);
+    TPIDR_EL1.set(seed);
+    fp
+}
+
+/// Whether the host state is still what [`host_probe_set`] set.
+fn host_probe_ok(seed: u64, fp: &FpState) -> bool {
+    let mut now = FpState::default();
+    arch::vcpu::fp_save(&mut now);
+    now.v == fp.v && now.fpcr == fp.fpcr && TPIDR_EL1.get() == seed
 }
 
 /// Runs one vCPU of `vm` until it shuts down, serving its exits like the
@@ -303,15 +347,33 @@ fn run(
     let mut stats = Stats::default();
     let mut lines = Vec::new();
     let mut line = String::new();
+    let mut dev = TestDevice::default();
     let end = loop {
         if stats.exits >= MAX_EXITS {
             break End::TooManyExits;
         }
         let flush = last.load(cpu, vcpu);
         stats.tlb_flushes += u64::from(flush);
+        let seed = 0x4057_0000_0000 | stats.exits;
+        let host_fp = host_probe_set(seed);
         let raw = arch::vcpu::run_vcpu(ctx, vm.regs(), flush);
+        stats.host_clobbered += u64::from(!host_probe_ok(seed, &host_fp));
         stats.exits += 1;
         let exit = decode_exit(&raw, &ctx.args(), in_memory);
+        if let GuestExit::Mmio(m) = exit {
+            // What a VMM does with an MMIO exit.
+            stats.mmio += 1;
+            let Some(off) = m.ipa.checked_sub(MMIO_TEST_BASE).filter(|&o| o < PAGE_SIZE) else {
+                break End::BadMmio(m.ipa);
+            };
+            if m.write {
+                dev.written.push((off, m.write_data(ctx)));
+                ctx.skip_instruction();
+            } else {
+                m.complete_read(ctx, dev.read(off));
+            }
+            continue;
+        }
         match exit.complete(ctx, PSCI_VERSION) {
             Resume::Guest => stats.hyp_handled += 1,
             Resume::Host(VcpuExit::Interrupted) => stats.interrupts += 1,
@@ -390,6 +452,7 @@ pub fn run_all(cpus: &[u64]) -> bool {
     for (name, arg) in [
         ("fill 4 MiB", fill_arg(4)),
         ("touch 1 MiB", touch_arg(1, 3, 2)),
+        ("exits", 3 | 1 << 16),
     ] {
         let Some(mut vm) = Vm::new(image.clone()) else {
             warn!("selftest: cannot build the guest stage-2");
@@ -402,20 +465,26 @@ pub fn run_all(cpus: &[u64]) -> bool {
             info!("selftest vcpu0: {l}");
         }
         let passed = end == End::Shutdown
+            && stats.host_clobbered == 0
             && match arg & 0xf {
                 1 => lines.iter().any(|l| l.ends_with("PASS")),
-                _ => lines.iter().filter(|l| l.contains("passes")).count() == 3,
+                2 => lines.iter().filter(|l| l.contains("passes")).count() == 3,
+                _ => lines
+                    .iter()
+                    .any(|l| l.contains("exits:") && l.ends_with(" 0 failed")),
             };
         ok &= passed;
         info!(
-            "selftest: {name}: {} ({end:?}; {} exits: {} stage-2 faults, {} console, {} interrupts, {} answered at EL2, {} local TLB flushes; {} guest pages)",
+            "selftest: {name}: {} ({end:?}; {} exits: {} stage-2 faults, {} console, {} MMIO, {} interrupts/WFI, {} answered at EL2, {} local TLB flushes, {} host-state mismatches; {} guest pages)",
             if passed { "PASS" } else { "FAIL" },
             stats.exits,
             stats.faults,
             stats.console,
+            stats.mmio,
             stats.interrupts,
             stats.hyp_handled,
             stats.tlb_flushes,
+            stats.host_clobbered,
             vm.pages.blocks.len()
         );
     }

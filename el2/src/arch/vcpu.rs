@@ -167,14 +167,16 @@ struct HostEl2 {
     vmpidr: u64,
 }
 
-fn fp_save(fp: &mut FpState) {
+/// Stores this CPU's V0..V31, FPSR, FPCR to `fp`.
+pub fn fp_save(fp: &mut FpState) {
     // SAFETY: `fp` is a valid, 16-byte aligned FpState; the routine only
     // stores to it. EL2 code is built soft-float, so the registers it reads
     // hold the interrupted context's values.
     unsafe { __fpsimd_save(fp) };
 }
 
-fn fp_load(fp: &FpState) {
+/// Loads this CPU's V0..V31, FPSR, FPCR from `fp`.
+pub fn fp_load(fp: &FpState) {
     // SAFETY: as fp_save; the routine only loads from `fp`.
     unsafe { __fpsimd_load(fp) };
 }
