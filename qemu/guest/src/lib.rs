@@ -12,6 +12,10 @@
 //!   (guest calls, PSCI over HVC and SMC, MMIO reads and writes the VMM
 //!   emulates at [`MMIO_TEST_BASE`], WFI, FP/SIMD and EL1 registers kept
 //!   across exits), report `PASS`/`FAIL` per check, then PSCI SYSTEM_OFF.
+//! - [`Mode::Smp`]: vCPU 0 starts vCPU 1 with PSCI CPU_ON; each fills and
+//!   checks its half of N MiB, vCPU 1 then signals through memory and
+//!   calls PSCI CPU_OFF, and vCPU 0 checks both halves (what the other
+//!   vCPU wrote, possibly from another physical CPU) and powers off.
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -27,6 +31,8 @@ pub const GUEST_RAM_BASE: u64 = 0x4000_0000;
 pub const GUEST_IMAGE_BASE: u64 = GUEST_RAM_BASE + 0x8_0000;
 /// The tested memory starts at the first multiple of this after the image.
 pub const TEST_ALIGN: u64 = 2 << 20;
+/// Most vCPUs the payload runs on (stacks).
+pub const MAX_VCPUS: usize = 4;
 /// Largest N the argument can ask for.
 pub const MAX_MIB: u16 = 1024;
 /// IPA of the test device the VMM emulates for [`Mode::Exits`]: a read
@@ -52,13 +58,15 @@ pub enum Mode {
     Touch,
     /// Make each kind of exit and check the results.
     Exits,
+    /// Two vCPUs fill and check halves of the memory.
+    Smp,
 }
 
 /// The guest's argument (x0 at entry).
 ///
 /// | bits | field |
 /// |---|---|
-/// | 3:0 | mode: 1 = fill, 2 = touch, 3 = exits |
+/// | 3:0 | mode: 1 = fill, 2 = touch, 3 = exits, 4 = smp |
 /// | 31:16 | N, MiB of memory to use (1..=1024) |
 /// | 47:32 | touch: reports before shutdown (0 = run forever) |
 /// | 55:48 | touch: log2 of passes per report |
@@ -101,6 +109,7 @@ impl Arg {
             1 => Mode::Fill,
             2 => Mode::Touch,
             3 => Mode::Exits,
+            4 => Mode::Smp,
             m => return Err(ArgError::Mode(m)),
         };
         let mib = ((x0 >> 16) & 0xffff) as u16;
@@ -126,6 +135,7 @@ impl Arg {
             Mode::Fill => 1,
             Mode::Touch => 2,
             Mode::Exits => 3,
+            Mode::Smp => 4,
         };
         mode | u64::from(self.mib) << 16
             | u64::from(self.reports) << 32
@@ -278,7 +288,8 @@ mod tests {
         let f = Arg::decode(1 | 4 << 16).unwrap();
         assert_eq!((f.mode, f.mib), (Mode::Fill, 4));
         assert_eq!(Arg::decode(3 | 4 << 16).map(|a| a.mode), Ok(Mode::Exits));
-        assert_eq!(Arg::decode(4 | 4 << 16), Err(ArgError::Mode(4)));
+        assert_eq!(Arg::decode(4 | 4 << 16).map(|a| a.mode), Ok(Mode::Smp));
+        assert_eq!(Arg::decode(5 | 4 << 16), Err(ArgError::Mode(5)));
         assert_eq!(Arg::decode(1), Err(ArgError::Size(0)));
         assert_eq!(Arg::decode(1 | 1025 << 16), Err(ArgError::Size(1025)));
         assert_eq!(

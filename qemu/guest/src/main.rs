@@ -11,6 +11,7 @@ mod exits;
 #[cfg(target_os = "none")]
 mod run {
     use core::fmt::Write;
+    use core::sync::atomic::{AtomicU64, Ordering};
 
     use guest::{Arg, Console, Mode, TEST_ALIGN};
     use hypercalls::GuestCall;
@@ -18,6 +19,15 @@ mod run {
     use crate::arch;
 
     const PSCI_SYSTEM_OFF: u64 = 0x8400_0008;
+    const PSCI_CPU_ON_64: u64 = 0xc400_0003;
+    const PSCI_CPU_OFF: u64 = 0x8400_0002;
+    /// Spins vCPU 0 waits for vCPU 1 at most.
+    const WAIT_SPINS: u64 = 1 << 32;
+
+    /// The argument, for the other vCPUs (written before CPU_ON).
+    static ARG: AtomicU64 = AtomicU64::new(0);
+    /// Set by vCPU 1 when its half is written and checked: 1 pass, 2 fail.
+    static DONE: AtomicU64 = AtomicU64::new(0);
 
     unsafe extern "C" {
         static __image_end: u8;
@@ -37,13 +47,30 @@ mod run {
 
     /// The tested memory: N MiB from the first 2 MiB boundary after the image.
     fn memory(arg: &Arg) -> (u64, &'static mut [u64]) {
-        let end = core::ptr::addr_of!(__image_end) as u64;
-        let base = end.next_multiple_of(TEST_ALIGN);
+        let (base, len) = region(arg);
         // SAFETY: guest RAM above the image belongs to this program alone
         // (the VMM gives it at least N MiB there, identity-mapped by PT);
-        // nothing else refers to it, and this is taken once.
-        let words = unsafe { core::slice::from_raw_parts_mut(base as *mut u64, arg.bytes() / 8) };
+        // each caller takes it once, and in SMP mode each vCPU writes only
+        // its own half (`half`).
+        let words = unsafe { core::slice::from_raw_parts_mut(base as *mut u64, len) };
         (base, words)
+    }
+
+    /// Base and length in words of the tested memory.
+    fn region(arg: &Arg) -> (u64, usize) {
+        let end = core::ptr::addr_of!(__image_end) as u64;
+        (end.next_multiple_of(TEST_ALIGN), arg.bytes() / 8)
+    }
+
+    /// vCPU `i`'s half (of two) of the tested memory.
+    fn half(arg: &Arg, i: usize) -> (u64, &'static mut [u64]) {
+        let (base, len) = region(arg);
+        let n = len / 2;
+        let start = base + (i * n * 8) as u64;
+        // SAFETY: as `memory`: the halves are disjoint, each vCPU takes its
+        // own once; vCPU 0 reads vCPU 1's half only after DONE (Acquire).
+        let words = unsafe { core::slice::from_raw_parts_mut(start as *mut u64, n) };
+        (start, words)
     }
 
     #[unsafe(no_mangle)]
@@ -56,6 +83,9 @@ mod run {
                 shutdown()
             }
         };
+        if arg.mode == Mode::Smp {
+            smp_primary(&arg, &mut out);
+        }
         let (base, words) = memory(&arg);
         match arg.mode {
             Mode::Fill => {
@@ -92,6 +122,7 @@ mod run {
                     }
                 }
             }
+            Mode::Smp => {}
             Mode::Exits => {
                 let (pass, fail) = crate::exits::run(&mut out);
                 let _ = writeln!(out, "guest: exits: {pass} passed, {fail} failed");
@@ -102,6 +133,69 @@ mod run {
             }
         }
         shutdown()
+    }
+
+    fn smp_primary(arg: &Arg, out: &mut Console<impl FnMut(GuestCall)>) -> ! {
+        ARG.store(arg.encode(), Ordering::SeqCst);
+        let mut r = [0u64; 8];
+        r[0] = PSCI_CPU_ON_64;
+        r[1] = 1; // MPIDR of vCPU 1
+        r[2] = arch::secondary_entry_ipa();
+        r[3] = 1; // its index
+        let on = arch::hvc(&r)[0];
+        let _ = writeln!(out, "guest: vcpu0: CPU_ON(1) = {}", on as i64);
+        let (base0, mine) = half(arg, 0);
+        guest::fill(mine, base0);
+        let (_, bad0) = guest::verify(mine, base0);
+        let mut spins = 0u64;
+        let theirs = loop {
+            match DONE.load(Ordering::Acquire) {
+                0 if spins < WAIT_SPINS => spins += 1,
+                d => break d,
+            }
+        };
+        let (base, words) = memory(arg);
+        let (sum, bad) = guest::verify(words, base);
+        let ok = on == 0 && bad0.is_none() && theirs == 1 && bad.is_none();
+        let _ = writeln!(
+            out,
+            "guest: vcpu0: vcpu1 said {theirs}, both halves checksum {sum:#018x} {}",
+            if ok { "PASS" } else { "FAIL" }
+        );
+        if let Some(m) = bad {
+            let _ = writeln!(out, "guest: first bad word at {:#x}", m.addr);
+        }
+        let mut r = [0u64; 8];
+        r[0] = PSCI_SYSTEM_OFF;
+        arch::hvc(&r);
+        shutdown()
+    }
+
+    #[unsafe(no_mangle)]
+    extern "C" fn guest_secondary(index: u64) -> ! {
+        let mut out = console();
+        let arg = Arg::decode(ARG.load(Ordering::SeqCst));
+        let ok = match arg {
+            Ok(arg) if index == 1 => {
+                let (base, mine) = half(&arg, 1);
+                guest::fill(mine, base);
+                let (sum, bad) = guest::verify(mine, base);
+                let _ = writeln!(
+                    out,
+                    "guest: vcpu1: mpidr {:#x}, half at {base:#x} checksum {sum:#018x} {}",
+                    arch::mpidr(),
+                    if bad.is_none() { "PASS" } else { "FAIL" }
+                );
+                bad.is_none()
+            }
+            _ => false,
+        };
+        DONE.store(if ok { 1 } else { 2 }, Ordering::Release);
+        let mut r = [0u64; 8];
+        r[0] = PSCI_CPU_OFF;
+        loop {
+            arch::hvc(&r);
+        }
     }
 
     #[unsafe(no_mangle)]

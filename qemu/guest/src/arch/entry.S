@@ -1,12 +1,14 @@
 /*
  * Guest payload entry: arm64 Image header, stack, .bss, EL1 vectors and the
  * stage-1 MMU (identity map, 1 GiB blocks: the first GiB device, the next
- * 255 normal), then Rust `guest_main(arg)`.
+ * 255 normal), then Rust `guest_main(arg)`; other vCPUs (PSCI CPU_ON) enter
+ * at `secondary_entry` and run `guest_secondary(index)`.
  *
  * Instruction budget: each vector slot is 2 instructions (slot index, branch).
  */
 
-.equ STACK_SIZE, 0x4000
+.equ STACK_SIZE, 0x4000         /* arch::STACK_SIZE */
+.equ MAX_VCPUS, 4              /* guest::MAX_VCPUS */
 /* MAIR_EL1: attr0 = Device-nGnRE, attr1 = Normal WB RA WA. */
 .equ MAIR_VALUE, 0xff04
 /* TCR_EL1: EPD1, TG0 = 4K, SH0 = inner, ORGN0/IRGN0 = WB WA, T0SZ = 25 (39-bit VA), IPS = 40 bits. */
@@ -38,9 +40,31 @@ entry:
     b.hs    2f
     stp     xzr, xzr, [x1], #16
     b       1b
-2:  adrp    x1, STACK
+2:  mov     x0, #0
+    bl      cpu_setup
+    mov     x0, x19
+    bl      guest_main
+3:  wfi
+    b       3b
+
+/* PSCI CPU_ON entry of the other vCPUs: x0 = vCPU index (< MAX_VCPUS). */
+.global secondary_entry
+secondary_entry:
+    mov     x19, x0
+    cmp     x0, #MAX_VCPUS
+    b.hs    3b
+    bl      cpu_setup
+    mov     x0, x19
+    bl      guest_secondary
+    b       3b
+
+/* Stack of vCPU x0, vectors, MMU on. Clobbers x0..x2. */
+cpu_setup:
+    adrp    x1, STACK
     add     x1, x1, :lo12:STACK
-    add     x1, x1, #STACK_SIZE
+    add     x2, x0, #1
+    mov     x0, #STACK_SIZE
+    madd    x1, x2, x0, x1
     mov     sp, x1
     adrp    x0, vectors
     add     x0, x0, :lo12:vectors
@@ -61,10 +85,7 @@ entry:
     ldr     x0, =SCTLR_VALUE
     msr     sctlr_el1, x0
     isb
-    mov     x0, x19
-    bl      guest_main
-3:  wfi
-    b       3b
+    ret
 
 .macro slot n
     .balign 0x80

@@ -33,15 +33,28 @@ const fn table() -> Table {
 #[unsafe(no_mangle)]
 static PT: Table = table();
 
-/// The boot stack (symbol `STACK`, entry.S `STACK_SIZE`).
-#[repr(C, align(16))]
-pub struct Stack(UnsafeCell<[u8; 0x4000]>);
+/// Bytes of stack per vCPU (entry.S `STACK_SIZE`).
+const STACK_SIZE: usize = 0x4000;
 
-// SAFETY: only the boot CPU's sp points into it.
-unsafe impl Sync for Stack {}
+/// The stacks, one per vCPU (symbol `STACK`).
+#[repr(C, align(16))]
+pub struct Stacks(UnsafeCell<[[u8; STACK_SIZE]; guest::MAX_VCPUS]>);
+
+// SAFETY: only entry.S touches the stacks, each vCPU its own.
+unsafe impl Sync for Stacks {}
 
 #[unsafe(no_mangle)]
-static STACK: Stack = Stack(UnsafeCell::new([0; 0x4000]));
+static STACK: Stacks = Stacks(UnsafeCell::new([[0; STACK_SIZE]; guest::MAX_VCPUS]));
+
+extern "C" {
+    /// Where PSCI CPU_ON starts the other vCPUs (entry.S), x0 = index.
+    fn secondary_entry();
+}
+
+/// The IPA of `secondary_entry` (the MMU maps IPA = VA).
+pub fn secondary_entry_ipa() -> u64 {
+    secondary_entry as *const () as u64
+}
 
 /// `HVC #0` with x0..x7; returns x0..x7 (SMCCC 1.2 style, ABI §2.1).
 pub fn hvc(regs: &Regs) -> Regs {
