@@ -301,6 +301,10 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
 extern "C" fn secondary_main(index: u64) -> ! {
     let i = index as usize;
     let Some(regs) = HOST_REGS.get() else {
+        // Before the host exists, only the boot self-test starts CPUs.
+        #[cfg(feature = "selftest-guest")]
+        crate::selftest::secondary(i);
+        #[cfg(not(feature = "selftest-guest"))]
         arch::park()
     };
     if i >= MAX_CPUS {

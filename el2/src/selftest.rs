@@ -13,6 +13,7 @@
 
 use alloc::alloc::{alloc_zeroed, dealloc, Layout};
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::arch::asm;
 
@@ -21,6 +22,7 @@ use aarch64_cpu::registers::{
 };
 use hypercalls::VcpuExit;
 use log::{info, warn};
+use spin::Mutex;
 use stage2::mm::{Table, TableMemory};
 use stage2::pgtable::{Attrs, Granule, MemType, PageState, Perms, Stage2};
 use stage2::tlb::TlbMaintenance;
@@ -28,7 +30,7 @@ use stage2::{Hpa, Ipa, Vmid, PAGE_SIZE};
 
 use crate::arch;
 use crate::arch::vcpu::GuestStage2;
-use el2::vcpu::{decode_exit, FpState, GuestExit, LastRan, Resume, VcpuContext};
+use el2::vcpu::{decode_exit, FpState, GuestExit, GuestPsci, LastRan, Resume, VcpuContext};
 
 /// Where the runner's `-device loader` puts the guest image (host RAM,
 /// unused until the host boots).
@@ -297,6 +299,7 @@ enum End {
     NoMemory(u64),
     TooManyExits,
     BadMmio(u64),
+    CpuOff,
 }
 
 /// The test device: a read of an offset gives the last value written
@@ -335,14 +338,20 @@ fn host_probe_ok(seed: u64, fp: &FpState) -> bool {
     now.v == fp.v && now.fpcr == fp.fpcr && TPIDR_EL1.get() == seed
 }
 
-/// Runs one vCPU of `vm` until it shuts down, serving its exits like the
-/// host would. Returns how it ended, the stats and the guest's lines.
+/// Starts another vCPU for a guest's PSCI CPU_ON: (target MPIDR, entry,
+/// context) to a PSCI return code.
+type CpuOn<'a> = &'a mut dyn FnMut(u64, u64, u64) -> i64;
+
+/// Runs one vCPU of `vm` on physical CPU `cpu` until it shuts down (or,
+/// for a secondary vCPU, calls CPU_OFF), serving its exits like the host
+/// would. Returns how it ended, the stats and the guest's lines.
 fn run(
-    vm: &mut Vm,
+    vm: &Mutex<Vm>,
+    last: &Mutex<LastRan>,
     ctx: &mut VcpuContext,
     vcpu: u16,
-    last: &mut LastRan,
     cpu: usize,
+    cpu_on: CpuOn<'_>,
 ) -> (End, Stats, Vec<String>) {
     let mut stats = Stats::default();
     let mut lines = Vec::new();
@@ -352,34 +361,60 @@ fn run(
         if stats.exits >= MAX_EXITS {
             break End::TooManyExits;
         }
-        let flush = last.load(cpu, vcpu);
+        // The VM lock is not held while the vCPU runs (DESIGN.md §6).
+        let flush = last.lock().load(cpu, vcpu);
+        let regs = vm.lock().regs();
         stats.tlb_flushes += u64::from(flush);
         let seed = 0x4057_0000_0000 | stats.exits;
         let host_fp = host_probe_set(seed);
-        let raw = arch::vcpu::run_vcpu(ctx, vm.regs(), flush);
+        let raw = arch::vcpu::run_vcpu(ctx, regs, flush);
         stats.host_clobbered += u64::from(!host_probe_ok(seed, &host_fp));
         stats.exits += 1;
         let exit = decode_exit(&raw, &ctx.args(), in_memory);
-        if let GuestExit::Mmio(m) = exit {
-            // What a VMM does with an MMIO exit.
-            stats.mmio += 1;
-            let Some(off) = m.ipa.checked_sub(MMIO_TEST_BASE).filter(|&o| o < PAGE_SIZE) else {
-                break End::BadMmio(m.ipa);
-            };
-            if m.write {
-                dev.written.push((off, m.write_data(ctx)));
-                ctx.skip_instruction();
-            } else {
-                m.complete_read(ctx, dev.read(off));
+        match exit {
+            GuestExit::Mmio(m) => {
+                // What a VMM does with an MMIO exit.
+                stats.mmio += 1;
+                let Some(off) = m.ipa.checked_sub(MMIO_TEST_BASE).filter(|&o| o < PAGE_SIZE) else {
+                    break End::BadMmio(m.ipa);
+                };
+                if m.write {
+                    dev.written.push((off, m.write_data(ctx)));
+                    ctx.skip_instruction();
+                } else {
+                    m.complete_read(ctx, dev.read(off));
+                }
+                continue;
             }
-            continue;
+            GuestExit::Psci {
+                call:
+                    GuestPsci::CpuOn {
+                        target,
+                        entry,
+                        context,
+                    },
+                smc,
+            } => {
+                // What the host's VMM does for an SMP guest.
+                if smc {
+                    ctx.skip_instruction();
+                }
+                ctx.x[0] = cpu_on(target, entry, context) as u64;
+                stats.hyp_handled += 1;
+                continue;
+            }
+            GuestExit::Psci {
+                call: GuestPsci::CpuOff,
+                ..
+            } => break End::CpuOff,
+            _ => {}
         }
         match exit.complete(ctx, PSCI_VERSION) {
             Resume::Guest => stats.hyp_handled += 1,
             Resume::Host(VcpuExit::Interrupted) => stats.interrupts += 1,
             Resume::Host(VcpuExit::MemFault { gfn, .. }) => {
                 stats.faults += 1;
-                if !vm.fault_in(gfn.raw() << 12) {
+                if !vm.lock().fault_in(gfn.raw() << 12) {
                     break End::NoMemory(gfn.raw() << 12);
                 }
             }
@@ -435,13 +470,187 @@ const fn fill_arg(mib: u64) -> u64 {
     1 | mib << 16
 }
 
+/// SMP mode, N MiB split between two vCPUs.
+const fn smp_arg(mib: u64) -> u64 {
+    4 | mib << 16
+}
+
 /// Touch mode, N MiB, `reports` reports of 2^`log2` passes each.
 const fn touch_arg(mib: u64, reports: u64, log2: u64) -> u64 {
     2 | mib << 16 | reports << 32 | log2 << 48
 }
 
-/// Runs the self-test on this (the boot) CPU; `cpus` are the MPIDRs of the
-/// device tree. Returns whether every run passed.
+fn report(name: &str, vcpu: u16, passed: bool, end: &End, stats: &Stats, lines: &[String]) {
+    for l in lines {
+        info!("selftest vcpu{vcpu}: {l}");
+    }
+    info!(
+        "selftest: {name}: {} ({end:?}; {} exits: {} stage-2 faults, {} console, {} MMIO, {} interrupts/WFI, {} answered at EL2, {} local TLB flushes, {} host-state mismatches)",
+        if passed { "PASS" } else { "FAIL" },
+        stats.exits,
+        stats.faults,
+        stats.console,
+        stats.mmio,
+        stats.interrupts,
+        stats.hyp_handled,
+        stats.tlb_flushes,
+        stats.host_clobbered,
+    );
+}
+
+/// A vCPU handed to another physical CPU, and what came back.
+struct Job {
+    vm: Arc<Mutex<Vm>>,
+    last: Arc<Mutex<LastRan>>,
+    ctx: VcpuContext,
+    vcpu: u16,
+    result: Option<(End, Stats, Vec<String>)>,
+}
+
+/// The job of the secondary physical CPU (at most one at a time).
+static JOB: Mutex<Option<Job>> = Mutex::new(None);
+
+/// Entry of a secondary physical CPU that the self-test started (from
+/// `secondary_main` while no host exists yet): runs the job's vCPU, leaves
+/// the result and powers the CPU off again, so the host can start it.
+pub fn secondary(cpu: usize) -> ! {
+    let job = JOB.lock().take();
+    if let Some(mut job) = job {
+        let mut no_more = |_: u64, _: u64, _: u64| i64::from(el2::psci::NOT_SUPPORTED);
+        let r = run(
+            &job.vm,
+            &job.last,
+            &mut job.ctx,
+            job.vcpu,
+            cpu,
+            &mut no_more,
+        );
+        job.result = Some(r);
+        *JOB.lock() = Some(job);
+    }
+    arch::smc([u64::from(smccc::psci::PSCI_CPU_OFF), 0, 0, 0]);
+    arch::park()
+}
+
+/// Starts physical CPU `cpu` (MPIDR `mpidr`) on vCPU `vcpu` of the VM.
+fn start_secondary(
+    vm: &Arc<Mutex<Vm>>,
+    last: &Arc<Mutex<LastRan>>,
+    ctx: VcpuContext,
+    vcpu: u16,
+    cpu: usize,
+    mpidr: u64,
+) -> i64 {
+    {
+        let mut job = JOB.lock();
+        if job.is_some() {
+            return i64::from(el2::psci::ALREADY_ON);
+        }
+        *job = Some(Job {
+            vm: vm.clone(),
+            last: last.clone(),
+            ctx,
+            vcpu,
+            result: None,
+        });
+    }
+    let r = arch::smc([
+        u64::from(smccc::psci::PSCI_CPU_ON_64),
+        mpidr,
+        arch::secondary_entry_pa(),
+        cpu as u64,
+    ])[0] as i64;
+    if r != 0 {
+        *JOB.lock() = None;
+    }
+    r
+}
+
+/// Waits (bounded) for the secondary's result and for it to be off.
+fn collect_secondary(mpidr: u64) -> Option<(End, Stats, Vec<String>)> {
+    let freq = aarch64_cpu::registers::CNTFRQ_EL0.get();
+    let deadline = CNTPCT_EL0.get() + 30 * freq;
+    let result = loop {
+        {
+            let mut job = JOB.lock();
+            if job.as_ref().is_some_and(|j| j.result.is_some()) {
+                break job.take().and_then(|j| j.result);
+            }
+        }
+        if CNTPCT_EL0.get() > deadline {
+            return None;
+        }
+        core::hint::spin_loop();
+    };
+    // AFFINITY_INFO: 1 = OFF.
+    while arch::smc([u64::from(smccc::psci::PSCI_AFFINITY_INFO_64), mpidr, 0, 0])[0] != 1 {
+        if CNTPCT_EL0.get() > deadline {
+            return None;
+        }
+        core::hint::spin_loop();
+    }
+    result
+}
+
+/// Two vCPUs of one VM on two physical CPUs at once: vCPU 0 here, vCPU 1
+/// (started by the guest's PSCI CPU_ON) on the next CPU.
+fn run_smp(image: Vec<u8>, cpus: &[u64], cpu: usize) -> bool {
+    let Some(other) = (0..cpus.len().min(el2::layout::MAX_CPUS)).find(|&c| c != cpu) else {
+        info!("selftest: smp: skipped (one CPU)");
+        return true;
+    };
+    let Some(vm) = Vm::new(image) else {
+        return false;
+    };
+    let cntvoff = CNTPCT_EL0.get();
+    let vm = Arc::new(Mutex::new(vm));
+    let last = Arc::new(Mutex::new(LastRan::new()));
+    let mut ctx = VcpuContext::new(GUEST_IMAGE_IPA, smp_arg(4), 0, cntvoff);
+    let mut started = false;
+    let mut cpu_on = |target: u64, entry: u64, context: u64| -> i64 {
+        if target != 1 || started {
+            return i64::from(el2::psci::INVALID_PARAMETERS);
+        }
+        started = true;
+        let ctx1 = VcpuContext::new(entry, context, 1, cntvoff);
+        start_secondary(&vm, &last, ctx1, 1, other, cpus[other])
+    };
+    let (end, stats, lines) = run(&vm, &last, &mut ctx, 0, cpu, &mut cpu_on);
+    let second = collect_secondary(cpus[other]);
+    let passed0 = end == End::Shutdown
+        && stats.host_clobbered == 0
+        && lines
+            .iter()
+            .any(|l| l.contains("both halves") && l.ends_with("PASS"));
+    report("smp vcpu0", 0, passed0, &end, &stats, &lines);
+    let passed1 = match &second {
+        Some((end, stats, lines)) => {
+            let p = *end == End::CpuOff
+                && stats.host_clobbered == 0
+                && lines
+                    .iter()
+                    .any(|l| l.contains("vcpu1") && l.ends_with("PASS"));
+            report(
+                &alloc::format!("smp vcpu1 on physical CPU {other}"),
+                1,
+                p,
+                end,
+                stats,
+                lines,
+            );
+            p
+        }
+        None => {
+            warn!("selftest: smp: vCPU 1 did not finish");
+            false
+        }
+    };
+    passed0 && passed1
+}
+
+/// Runs the self-test on this (the boot) CPU, and on a second CPU if
+/// there is one; `cpus` are the MPIDRs of the device tree. Returns whether
+/// every run passed.
 pub fn run_all(cpus: &[u64]) -> bool {
     let cpu = cpus.iter().position(|&m| m == arch::mpidr()).unwrap_or(0);
     let Some(image) = load_image() else {
@@ -454,16 +663,15 @@ pub fn run_all(cpus: &[u64]) -> bool {
         ("touch 1 MiB", touch_arg(1, 3, 2)),
         ("exits", 3 | 1 << 16),
     ] {
-        let Some(mut vm) = Vm::new(image.clone()) else {
+        let Some(vm) = Vm::new(image.clone()) else {
             warn!("selftest: cannot build the guest stage-2");
             return false;
         };
+        let vm = Mutex::new(vm);
+        let last = Mutex::new(LastRan::new());
         let mut ctx = VcpuContext::new(GUEST_IMAGE_IPA, arg, 0, CNTPCT_EL0.get());
-        let mut last = LastRan::new();
-        let (end, stats, lines) = run(&mut vm, &mut ctx, 0, &mut last, cpu);
-        for l in &lines {
-            info!("selftest vcpu0: {l}");
-        }
+        let mut no_smp = |_: u64, _: u64, _: u64| i64::from(el2::psci::NOT_SUPPORTED);
+        let (end, stats, lines) = run(&vm, &last, &mut ctx, 0, cpu, &mut no_smp);
         let passed = end == End::Shutdown
             && stats.host_clobbered == 0
             && match arg & 0xf {
@@ -474,19 +682,9 @@ pub fn run_all(cpus: &[u64]) -> bool {
                     .any(|l| l.contains("exits:") && l.ends_with(" 0 failed")),
             };
         ok &= passed;
-        info!(
-            "selftest: {name}: {} ({end:?}; {} exits: {} stage-2 faults, {} console, {} MMIO, {} interrupts/WFI, {} answered at EL2, {} local TLB flushes, {} host-state mismatches; {} guest pages)",
-            if passed { "PASS" } else { "FAIL" },
-            stats.exits,
-            stats.faults,
-            stats.console,
-            stats.mmio,
-            stats.interrupts,
-            stats.hyp_handled,
-            stats.tlb_flushes,
-            stats.host_clobbered,
-            vm.pages.blocks.len()
-        );
+        report(name, 0, passed, &end, &stats, &lines);
     }
+    ok &= run_smp(image, cpus, cpu);
+    info!("selftest: {}", if ok { "all passed" } else { "FAILED" });
     ok
 }
