@@ -692,6 +692,17 @@ impl GuestExit {
     }
 }
 
+/// GICR_TYPER.Last: the last redistributor of the region.
+pub const GICR_TYPER_LAST: u64 = 1 << 4;
+
+/// Whether a GICR_TYPER (affinity in bits 63:32 as Aff3.Aff2.Aff1.Aff0)
+/// belongs to the CPU with this MPIDR.
+#[must_use]
+pub fn gicr_typer_matches(typer: u64, mpidr: u64) -> bool {
+    let aff = (mpidr & 0xff_ffff) | ((mpidr >> 8) & 0xff00_0000);
+    typer >> 32 == aff
+}
+
 /// Which vCPU of one VM ran last on each physical CPU (KVM's
 /// `last_vcpu_ran`); lives with the VM, under its lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1202,6 +1213,19 @@ mod tests {
             ));
             assert_eq!(ctx.pc, 0x6000);
         }
+    }
+
+    #[test]
+    fn redistributor_affinity() {
+        // MPIDR Aff3 = 1 (bits 39:32), Aff2 = 2, Aff1 = 3, Aff0 = 4, bit 31 RES1.
+        let mpidr = (1 << 32) | (1 << 31) | (2 << 16) | (3 << 8) | 4;
+        assert!(gicr_typer_matches(
+            0x0102_0304 << 32 | GICR_TYPER_LAST,
+            mpidr
+        ));
+        assert!(!gicr_typer_matches(0x0102_0305 << 32, mpidr));
+        assert!(gicr_typer_matches(1 << 32, 0x8000_0001));
+        assert!(!gicr_typer_matches(1 << 32, 0x8000_0100));
     }
 
     #[test]

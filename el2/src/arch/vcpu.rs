@@ -20,9 +20,10 @@
 //!   deadline is therefore copied to the EL2 physical timer (CNTHP, PPI 26)
 //!   for the duration of the run, so that it expires as an IRQ that ends
 //!   the run ([`GuestExit::Interrupted`](el2::vcpu::GuestExit)); once the
-//!   host's CNTV registers are back its own timer fires. PPI 26 must be
-//!   enabled in this CPU's GIC redistributor for that (see the report /
-//!   wiring notes: the host's GIC driver disables all PPIs it does not use).
+//!   host's CNTV registers are back its own timer fires. `run_vcpu`
+//!   enables PPI 26 in this CPU's redistributor ([`VcpuRun::gicr_sgi`])
+//!   each time, since the host's GIC driver disables the PPIs it does not
+//!   use; the host's GIC setup (group 1, priority) is relied on.
 //! - **No virtual interrupts.** There is no vGIC yet: the guest's timer
 //!   state is kept, but its interrupt is never delivered to it.
 //! - **PMU and debug registers** are not switched and not trapped.
@@ -46,13 +47,54 @@ extern "C" {
     fn __fpsimd_load(fp: *const FpState);
 }
 
-/// The stage-2 a vCPU runs under.
+/// How to run a vCPU: its stage-2, and this CPU's housekeeping.
 #[derive(Clone, Copy, Debug)]
-pub struct GuestStage2 {
+pub struct VcpuRun {
     /// VTTBR_EL2: root table and the VM's VMID (bits 55:48).
     pub vttbr: u64,
     /// VTCR_EL2 for the VM's IPA size.
     pub vtcr: u64,
+    /// Another vCPU of this VM ran on this CPU last
+    /// (`el2::vcpu::LastRan::load`): invalidate this CPU's EL1 TLB
+    /// entries and I-cache of the VMID before entry.
+    pub flush_local_tlb: bool,
+    /// The SGI/PPI frame of this CPU's GIC redistributor
+    /// ([`find_redistributor`]), where PPI 26 (the EL2 physical timer,
+    /// which carries the host's deadline while the guest runs) is
+    /// enabled before entry. `None`: the host's timer cannot end a run.
+    pub gicr_sgi: Option<u64>,
+}
+
+/// The EL2 physical timer's interrupt (PPI).
+pub const HYP_TIMER_PPI: u32 = 26;
+/// GICR_ISENABLER0 in the SGI frame.
+const GICR_ISENABLER0: u64 = 0x100;
+/// Redistributor frames (RD + SGI) of a GICv3.
+const GICR_STRIDE: u64 = 0x2_0000;
+const GICR_TYPER: u64 = 0x8;
+const GICR_SGI_FRAME: u64 = 0x1_0000;
+
+/// Finds this CPU's redistributor in the GICR region `[base, base + size)`
+/// (below 1 GiB, the device part of the EL2 map) and returns its SGI frame.
+pub fn find_redistributor(base: u64, size: u64) -> Option<u64> {
+    if base.checked_add(size)? > 1 << 30 {
+        return None;
+    }
+    let mpidr = MPIDR_EL1.get();
+    let mut rd = base;
+    while rd + GICR_STRIDE <= base + size {
+        // SAFETY: GICR_TYPER of a redistributor frame inside the GIC's
+        // region (device memory in the EL2 map); reading it has no effect.
+        let typer = unsafe { ((rd + GICR_TYPER) as *const u64).read_volatile() };
+        if el2::vcpu::gicr_typer_matches(typer, mpidr) {
+            return Some(rd + GICR_SGI_FRAME);
+        }
+        if typer & el2::vcpu::GICR_TYPER_LAST != 0 {
+            return None;
+        }
+        rd += GICR_STRIDE;
+    }
+    None
 }
 
 /// CPTR_EL2 bits (nVHE layout).
@@ -185,14 +227,10 @@ pub fn fp_load(fp: &FpState) {
 /// raw exit (decode it with `el2::vcpu::decode_exit`). The guest's state is
 /// saved back into `ctx`; the host's EL1 and EL2 state is as before.
 ///
-/// `flush_local_tlb`: another vCPU of this VM ran on this CPU last
-/// (`el2::vcpu::LastRan::load`), so this CPU's EL1 TLB entries and
-/// I-cache of the VMID are invalidated before entry.
-///
 /// The caller must hold whatever makes `ctx` and `s2` this vCPU's alone
 /// (the VM's vCPU "running" state) and must not hold locks another CPU
 /// could need while the guest runs.
-pub fn run_vcpu(ctx: &mut VcpuContext, s2: GuestStage2, flush_local_tlb: bool) -> RawExit {
+pub fn run_vcpu(ctx: &mut VcpuContext, run: &VcpuRun) -> RawExit {
     let pauth = has_pauth();
     let sve_sme_traps = CPTR_TZ | CPTR_TSM;
 
@@ -223,14 +261,22 @@ pub fn run_vcpu(ctx: &mut VcpuContext, s2: GuestStage2, flush_local_tlb: bool) -
             host.cntv_cval.wrapping_add(host_el2.cntvoff)
         );
         write_sysreg!("cnthp_ctl_el2", CNTV_CTL_ENABLE);
+        if let Some(sgi) = run.gicr_sgi {
+            // SAFETY: a write-1-to-set enable bit of this CPU's own
+            // redistributor (device memory); the host's driver disables
+            // PPIs it does not use, so it is enabled again each time.
+            unsafe {
+                ((sgi + GICR_ISENABLER0) as *mut u32).write_volatile(1 << HYP_TIMER_PPI);
+            }
+        }
     }
     // Park the host's virtual timer before CNTVOFF changes under it.
     write_sysreg!("cntv_ctl_el0", 0);
 
     // EL2 for the guest.
     HCR_EL2.set(HCR_GUEST);
-    VTCR_EL2.set(s2.vtcr);
-    VTTBR_EL2.set(s2.vttbr);
+    VTCR_EL2.set(run.vtcr);
+    VTTBR_EL2.set(run.vttbr);
     CPTR_EL2.set(host_el2.cptr | sve_sme_traps);
     CNTHCTL_EL2.set(CNTHCTL_GUEST);
     CNTVOFF_EL2.set(ctx.cntvoff);
@@ -239,7 +285,7 @@ pub fn run_vcpu(ctx: &mut VcpuContext, s2: GuestStage2, flush_local_tlb: bool) -
     // entries of the VMID now in VTTBR_EL2 (the guest's).
     unsafe {
         asm!("isb", options(nostack));
-        if flush_local_tlb {
+        if run.flush_local_tlb {
             asm!(
                 "tlbi vmalle1",
                 "ic iallu",
