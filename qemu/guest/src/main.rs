@@ -50,8 +50,9 @@ mod run {
         let (base, len) = region(arg);
         // SAFETY: guest RAM above the image belongs to this program alone
         // (the VMM gives it at least N MiB there, identity-mapped by PT);
-        // each caller takes it once, and in SMP mode each vCPU writes only
-        // its own half (`half`).
+        // vCPU 0 takes it once; other vCPUs write only their own half
+        // (`half`, before vCPU 0 takes this) or their own N MiB after it
+        // (`touch_memory`).
         let words = unsafe { core::slice::from_raw_parts_mut(base as *mut u64, len) };
         (base, words)
     }
@@ -60,6 +61,17 @@ mod run {
     fn region(arg: &Arg) -> (u64, usize) {
         let end = core::ptr::addr_of!(__image_end) as u64;
         (end.next_multiple_of(TEST_ALIGN), arg.bytes() / 8)
+    }
+
+    /// The touch mode's memory of vCPU `i` > 0: its own N MiB after vCPU
+    /// 0's, so that no two vCPUs write the same words.
+    fn touch_memory(arg: &Arg, i: u64) -> Option<&'static mut [u64]> {
+        let (base, len) = region(arg);
+        let i = usize::try_from(i).ok().filter(|&i| i < guest::MAX_VCPUS)?;
+        let start = base + (i * len * 8) as u64;
+        // SAFETY: as `memory`: vCPU i alone takes [start, start + N MiB),
+        // once (the VMM gives the RAM, at most MAX_VCPUS * N MiB).
+        Some(unsafe { core::slice::from_raw_parts_mut(start as *mut u64, len) })
     }
 
     /// vCPU `i`'s half (of two) of the tested memory.
@@ -83,6 +95,8 @@ mod run {
                 shutdown()
             }
         };
+        // For vCPUs started later (SMP mode, or touch mode on more vCPUs).
+        ARG.store(arg.encode(), Ordering::SeqCst);
         if arg.mode == Mode::Smp {
             smp_primary(&arg, &mut out);
         }
@@ -107,20 +121,7 @@ mod run {
             }
             Mode::Touch => {
                 let _ = writeln!(out, "guest: touch {} MiB at {base:#x}", arg.mib);
-                let every = 1u64 << arg.passes_log2;
-                let mut passes = 0u64;
-                let mut reports = 0u32;
-                loop {
-                    guest::touch(words);
-                    passes += 1;
-                    if passes.is_multiple_of(every) {
-                        let _ = writeln!(out, "guest: passes {passes}");
-                        reports += 1;
-                        if arg.reports != 0 && reports >= u32::from(arg.reports) {
-                            break;
-                        }
-                    }
-                }
+                touch_loop(&arg, words, &mut out, 0);
             }
             Mode::Smp => {}
             Mode::Exits => {
@@ -135,8 +136,35 @@ mod run {
         shutdown()
     }
 
+    /// Touches `words` pass after pass, reporting every 2^k passes, until
+    /// the argument's number of reports (0: forever).
+    fn touch_loop(
+        arg: &Arg,
+        words: &mut [u64],
+        out: &mut Console<impl FnMut(GuestCall)>,
+        vcpu: u64,
+    ) {
+        let every = 1u64 << arg.passes_log2;
+        let mut passes = 0u64;
+        let mut reports = 0u32;
+        loop {
+            guest::touch(words);
+            passes += 1;
+            if passes.is_multiple_of(every) {
+                if vcpu == 0 {
+                    let _ = writeln!(out, "guest: passes {passes}");
+                } else {
+                    let _ = writeln!(out, "guest: vcpu{vcpu} passes {passes}");
+                }
+                reports += 1;
+                if arg.reports != 0 && reports >= u32::from(arg.reports) {
+                    return;
+                }
+            }
+        }
+    }
+
     fn smp_primary(arg: &Arg, out: &mut Console<impl FnMut(GuestCall)>) -> ! {
-        ARG.store(arg.encode(), Ordering::SeqCst);
         let mut r = [0u64; 8];
         r[0] = PSCI_CPU_ON_64;
         r[1] = 1; // MPIDR of vCPU 1
@@ -176,6 +204,16 @@ mod run {
         let mut out = console();
         let arg = Arg::decode(ARG.load(Ordering::SeqCst));
         let ok = match arg {
+            Ok(arg) if arg.mode == Mode::Touch => {
+                // Touch mode on another vCPU: its own memory and count.
+                match touch_memory(&arg, index) {
+                    Some(words) => {
+                        touch_loop(&arg, words, &mut out, index);
+                        true
+                    }
+                    None => false,
+                }
+            }
             Ok(arg) if index == 1 => {
                 let (base, mine) = half(&arg, 1);
                 guest::fill(mine, base);

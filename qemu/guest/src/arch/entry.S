@@ -26,7 +26,7 @@ _start:
     .quad   0x2                  /* little endian, 4K pages */
     .quad   0
     .quad   0
-    .quad   0
+    .quad   secondary_entry - _start /* res4: this payload's secondary vCPU entry offset */
     .ascii  "ARM\x64"
     .long   0
 
