@@ -216,7 +216,7 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
         }
     }
     #[cfg(feature = "selftest-guest")]
-    crate::selftest::run_all(&plat.cpus);
+    crate::selftest::run_all(&plat);
     let host_ram = dtb::subtract(&plat.memory, hyp);
     // The host kernel must be where the runner put it.
     if !host_ram.iter().any(|r| r.contains(HOST_KERNEL_ADDR)) || !has_image_header(HOST_KERNEL_ADDR)

@@ -29,7 +29,8 @@ use stage2::tlb::TlbMaintenance;
 use stage2::{Hpa, Ipa, Vmid, PAGE_SIZE};
 
 use crate::arch;
-use crate::arch::vcpu::GuestStage2;
+use crate::arch::vcpu::VcpuRun;
+use el2::dtb::Platform;
 use el2::vcpu::{decode_exit, FpState, GuestExit, GuestPsci, LastRan, Resume, VcpuContext};
 
 /// Where the runner's `-device loader` puts the guest image (host RAM,
@@ -232,10 +233,12 @@ impl Vm {
         })
     }
 
-    fn regs(&self) -> GuestStage2 {
-        GuestStage2 {
+    fn run_regs(&self, flush_local_tlb: bool, gicr_sgi: Option<u64>) -> VcpuRun {
+        VcpuRun {
             vttbr: self.s2.vttbr(),
             vtcr: self.vtcr,
+            flush_local_tlb,
+            gicr_sgi,
         }
     }
 
@@ -300,6 +303,51 @@ enum End {
     TooManyExits,
     BadMmio(u64),
     CpuOff,
+    /// The host stopped running the vCPU after enough timer interrupts.
+    Preempted,
+    /// The host stopped running the vCPU after enough console lines.
+    Stopped,
+}
+
+/// What the "host" does besides serving exits.
+#[derive(Default)]
+struct RunOpts {
+    /// Keep a host timer armed (preemption test).
+    preempt: Option<Preempt>,
+    /// Stop running the vCPU after this many complete console lines.
+    max_lines: Option<usize>,
+}
+
+/// A fake host timer for the preemption test: the "host" arms its
+/// virtual timer `period` ticks ahead before each run, as Linux would have
+/// a tick pending, and stops the vCPU after `stop_after` interrupts.
+struct Preempt {
+    period: u64,
+    stop_after: u64,
+    gicr_sgi: u64,
+}
+
+impl Preempt {
+    fn arm_host_timer(&self) {
+        let now = aarch64_cpu::registers::CNTVCT_EL0.get();
+        // SAFETY: the host's virtual timer; no host runs yet, and IRQs are
+        // masked at EL2 (its interrupt is not enabled at the GIC either).
+        unsafe {
+            asm!(
+                "msr cntv_cval_el0, {cval}",
+                "msr cntv_ctl_el0, {one}",
+                "isb",
+                cval = in(reg) now + self.period,
+                one = in(reg) 1u64,
+                options(nostack)
+            )
+        };
+    }
+}
+
+fn write_sysreg_cntv_ctl(v: u64) {
+    // SAFETY: disables the fake host timer of the preemption test.
+    unsafe { asm!("msr cntv_ctl_el0, {}", "isb", in(reg) v, options(nostack)) };
 }
 
 /// The test device: a read of an offset gives the last value written
@@ -352,7 +400,9 @@ fn run(
     vcpu: u16,
     cpu: usize,
     cpu_on: CpuOn<'_>,
+    opts: &RunOpts,
 ) -> (End, Stats, Vec<String>) {
+    let preempt = opts.preempt.as_ref();
     let mut stats = Stats::default();
     let mut lines = Vec::new();
     let mut line = String::new();
@@ -363,12 +413,27 @@ fn run(
         }
         // The VM lock is not held while the vCPU runs (DESIGN.md §6).
         let flush = last.lock().load(cpu, vcpu);
-        let regs = vm.lock().regs();
+        let regs = vm.lock().run_regs(flush, preempt.map(|p| p.gicr_sgi));
         stats.tlb_flushes += u64::from(flush);
+        if let Some(p) = preempt {
+            if stats.interrupts >= p.stop_after {
+                break End::Preempted;
+            }
+            if stats.console > 1000 {
+                break End::TooManyExits; // the timer does not end runs
+            }
+            p.arm_host_timer();
+        }
+        if opts.max_lines.is_some_and(|m| lines.len() >= m) {
+            break End::Stopped;
+        }
         let seed = 0x4057_0000_0000 | stats.exits;
         let host_fp = host_probe_set(seed);
-        let raw = arch::vcpu::run_vcpu(ctx, regs, flush);
+        let raw = arch::vcpu::run_vcpu(ctx, &regs);
         stats.host_clobbered += u64::from(!host_probe_ok(seed, &host_fp));
+        if preempt.is_some() {
+            write_sysreg_cntv_ctl(0);
+        }
         stats.exits += 1;
         let exit = decode_exit(&raw, &ctx.args(), in_memory);
         match exit {
@@ -504,8 +569,13 @@ struct Job {
     last: Arc<Mutex<LastRan>>,
     ctx: VcpuContext,
     vcpu: u16,
+    opts: RunOpts,
     result: Option<(End, Stats, Vec<String>)>,
 }
+
+/// What came back from the secondary CPU: the run's outcome and the
+/// vCPU's context (to run it elsewhere next).
+type Outcome = ((End, Stats, Vec<String>), VcpuContext);
 
 /// The job of the secondary physical CPU (at most one at a time).
 static JOB: Mutex<Option<Job>> = Mutex::new(None);
@@ -524,6 +594,7 @@ pub fn secondary(cpu: usize) -> ! {
             job.vcpu,
             cpu,
             &mut no_more,
+            &job.opts,
         );
         job.result = Some(r);
         *JOB.lock() = Some(job);
@@ -538,8 +609,8 @@ fn start_secondary(
     last: &Arc<Mutex<LastRan>>,
     ctx: VcpuContext,
     vcpu: u16,
-    cpu: usize,
-    mpidr: u64,
+    opts: RunOpts,
+    (cpu, mpidr): (usize, u64),
 ) -> i64 {
     {
         let mut job = JOB.lock();
@@ -551,6 +622,7 @@ fn start_secondary(
             last: last.clone(),
             ctx,
             vcpu,
+            opts,
             result: None,
         });
     }
@@ -567,14 +639,14 @@ fn start_secondary(
 }
 
 /// Waits (bounded) for the secondary's result and for it to be off.
-fn collect_secondary(mpidr: u64) -> Option<(End, Stats, Vec<String>)> {
+fn collect_secondary(mpidr: u64) -> Option<Outcome> {
     let freq = aarch64_cpu::registers::CNTFRQ_EL0.get();
     let deadline = CNTPCT_EL0.get() + 30 * freq;
     let result = loop {
         {
             let mut job = JOB.lock();
             if job.as_ref().is_some_and(|j| j.result.is_some()) {
-                break job.take().and_then(|j| j.result);
+                break job.take().and_then(|j| Some((j.result?, j.ctx)));
             }
         }
         if CNTPCT_EL0.get() > deadline {
@@ -613,9 +685,24 @@ fn run_smp(image: Vec<u8>, cpus: &[u64], cpu: usize) -> bool {
         }
         started = true;
         let ctx1 = VcpuContext::new(entry, context, 1, cntvoff);
-        start_secondary(&vm, &last, ctx1, 1, other, cpus[other])
+        start_secondary(
+            &vm,
+            &last,
+            ctx1,
+            1,
+            RunOpts::default(),
+            (other, cpus[other]),
+        )
     };
-    let (end, stats, lines) = run(&vm, &last, &mut ctx, 0, cpu, &mut cpu_on);
+    let (end, stats, lines) = run(
+        &vm,
+        &last,
+        &mut ctx,
+        0,
+        cpu,
+        &mut cpu_on,
+        &RunOpts::default(),
+    );
     let second = collect_secondary(cpus[other]);
     let passed0 = end == End::Shutdown
         && stats.host_clobbered == 0
@@ -624,7 +711,7 @@ fn run_smp(image: Vec<u8>, cpus: &[u64], cpu: usize) -> bool {
             .any(|l| l.contains("both halves") && l.ends_with("PASS"));
     report("smp vcpu0", 0, passed0, &end, &stats, &lines);
     let passed1 = match &second {
-        Some((end, stats, lines)) => {
+        Some(((end, stats, lines), _)) => {
             let p = *end == End::CpuOff
                 && stats.host_clobbered == 0
                 && lines
@@ -648,10 +735,231 @@ fn run_smp(image: Vec<u8>, cpus: &[u64], cpu: usize) -> bool {
     passed0 && passed1
 }
 
+/// Preemption: the guest loops forever (touch mode); the "host" timer,
+/// carried by CNTHP while the guest runs, must end runs with physical IRQ
+/// exits. Needs the GIC, which nobody has set up yet: this turns on the
+/// distributor, this CPU's redistributor, PPI 26 and the CPU interface,
+/// and turns the interface and PPI 26 off again (the host's GIC driver
+/// initialises everything else itself).
+fn run_preempt(image: Vec<u8>, plat: &Platform, cpu: usize) -> bool {
+    let (Some(gicd), Some(gicr)) = (plat.gic.first(), plat.gic.get(1)) else {
+        info!("selftest: preempt: skipped (no GICv3 in the device tree)");
+        return true;
+    };
+    let Some(sgi) = arch::vcpu::find_redistributor(gicr.base, gicr.size) else {
+        warn!("selftest: preempt: no redistributor for this CPU");
+        return false;
+    };
+    gic_on(gicd.base, sgi);
+    let Some(vm) = Vm::new(image) else {
+        return false;
+    };
+    let vm = Mutex::new(vm);
+    let last = Mutex::new(LastRan::new());
+    let freq = aarch64_cpu::registers::CNTFRQ_EL0.get();
+    let stop_after = 20;
+    let opts = RunOpts {
+        preempt: Some(Preempt {
+            period: freq / 1000,
+            stop_after,
+            gicr_sgi: sgi,
+        }),
+        max_lines: None,
+    };
+    let mut ctx = VcpuContext::new(GUEST_IMAGE_IPA, touch_arg(1, 0, 6), 0, CNTPCT_EL0.get());
+    let mut no_smp = |_: u64, _: u64, _: u64| i64::from(el2::psci::NOT_SUPPORTED);
+    let (end, stats, lines) = run(&vm, &last, &mut ctx, 0, cpu, &mut no_smp, &opts);
+    gic_off(sgi);
+    let passed = end == End::Preempted
+        && stats.interrupts >= stop_after
+        && stats.host_clobbered == 0
+        && lines.iter().any(|l| l.contains("passes"));
+    report(
+        "preempt (host timer ends runs)",
+        0,
+        passed,
+        &end,
+        &stats,
+        &lines,
+    );
+    passed
+}
+
+const GICD_CTLR: u64 = 0x0;
+const GICD_CTLR_RWP: u32 = 1 << 31;
+/// ARE | EnableGrp1 (NS) | EnableGrp1A/Grp0, as Linux writes it.
+const GICD_CTLR_ON: u32 = (1 << 4) | (1 << 1) | (1 << 0);
+const GICR_WAKER: u64 = 0x14;
+const SGI_IGROUPR0: u64 = 0x80;
+const SGI_ISENABLER0: u64 = 0x100;
+const SGI_ICENABLER0: u64 = 0x180;
+const SGI_IPRIORITYR: u64 = 0x400;
+
+fn mmio_read(addr: u64) -> u32 {
+    // SAFETY: a GIC register (device memory below 1 GiB, mapped at EL2).
+    unsafe { (addr as *const u32).read_volatile() }
+}
+
+fn mmio_write(addr: u64, v: u32) {
+    // SAFETY: as mmio_read; nothing but this self-test uses the GIC yet.
+    unsafe { (addr as *mut u32).write_volatile(v) }
+}
+
+fn spin_until(f: impl Fn() -> bool) {
+    for _ in 0..1_000_000 {
+        if f() {
+            return;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+fn gic_on(gicd: u64, sgi: u64) {
+    let rd = sgi - 0x1_0000;
+    mmio_write(gicd + GICD_CTLR, mmio_read(gicd + GICD_CTLR) | GICD_CTLR_ON);
+    spin_until(|| mmio_read(gicd + GICD_CTLR) & GICD_CTLR_RWP == 0);
+    // Wake the redistributor (ProcessorSleep off, wait for ChildrenAsleep).
+    mmio_write(rd + GICR_WAKER, mmio_read(rd + GICR_WAKER) & !(1 << 1));
+    spin_until(|| mmio_read(rd + GICR_WAKER) & (1 << 2) == 0);
+    let ppi = arch::vcpu::HYP_TIMER_PPI;
+    mmio_write(
+        sgi + SGI_IGROUPR0,
+        mmio_read(sgi + SGI_IGROUPR0) | (1 << ppi),
+    );
+    let prio = sgi + SGI_IPRIORITYR + u64::from(ppi & !3);
+    let shift = (ppi & 3) * 8;
+    mmio_write(prio, (mmio_read(prio) & !(0xff << shift)) | (0xa0 << shift));
+    mmio_write(sgi + SGI_ISENABLER0, 1 << ppi);
+    // SAFETY: the physical CPU interface: system register access on
+    // (ICC_SRE_EL2.SRE|Enable), all priorities, group 1 on. IRQs stay
+    // masked at EL2 (PSTATE.I), so they only end guest runs.
+    unsafe {
+        asm!(
+            "msr S3_4_C12_C9_5, {sre}", // ICC_SRE_EL2
+            "isb",
+            "msr S3_0_C4_C6_0, {pmr}",  // ICC_PMR_EL1
+            "msr S3_0_C12_C12_7, {one}", // ICC_IGRPEN1_EL1
+            "isb",
+            sre = in(reg) 0x9u64,
+            pmr = in(reg) 0xffu64,
+            one = in(reg) 1u64,
+            options(nostack)
+        )
+    };
+}
+
+fn gic_off(sgi: u64) {
+    mmio_write(sgi + SGI_ICENABLER0, 1 << arch::vcpu::HYP_TIMER_PPI);
+    // SAFETY: group 1 interrupts off at the CPU interface again.
+    unsafe { asm!("msr S3_0_C12_C12_7, xzr", "isb", options(nostack)) };
+}
+
+/// The last "passes N" count in a vCPU's lines.
+fn last_passes(lines: &[String]) -> Option<u64> {
+    lines
+        .iter()
+        .rev()
+        .find_map(|l| l.rsplit_once("passes ").and_then(|(_, n)| n.parse().ok()))
+}
+
+/// The guest's secondary-vCPU entry (offset at 0x30 of its header).
+fn secondary_entry_ipa(image: &[u8]) -> Option<u64> {
+    let mut off = [0u8; 8];
+    off.copy_from_slice(image.get(0x30..0x38)?);
+    let off = u64::from_le_bytes(off);
+    (off != 0 && off < image.len() as u64).then_some(GUEST_IMAGE_IPA + off)
+}
+
+/// vCPU migration and the local TLB flush: vCPU 0 of a touch-mode VM
+/// runs here, then on the other physical CPU, then vCPU 1 of the same VM
+/// runs here (this CPU's entries of the VMID must be flushed first), then
+/// vCPU 0 comes back here (flushed again). vCPU 0's pass count must keep
+/// growing across the moves: its whole state went with it.
+fn run_migrate(image: Vec<u8>, cpus: &[u64], cpu: usize) -> bool {
+    let Some(other) = (0..cpus.len().min(el2::layout::MAX_CPUS)).find(|&c| c != cpu) else {
+        info!("selftest: migrate: skipped (one CPU)");
+        return true;
+    };
+    let Some(entry1) = secondary_entry_ipa(&image) else {
+        warn!("selftest: migrate: the guest image has no secondary entry");
+        return false;
+    };
+    let Some(vm) = Vm::new(image) else {
+        return false;
+    };
+    let vm = Arc::new(Mutex::new(vm));
+    let last = Arc::new(Mutex::new(LastRan::new()));
+    let cntvoff = CNTPCT_EL0.get();
+    let arg = touch_arg(1, 0, 4);
+    let lines = |n| RunOpts {
+        preempt: None,
+        max_lines: Some(n),
+    };
+    let mut no_smp = |_: u64, _: u64, _: u64| i64::from(el2::psci::NOT_SUPPORTED);
+    let mut ok = true;
+    let mut counts = Vec::new();
+
+    // 1. vCPU 0 here: its banner and two counts.
+    let mut ctx0 = VcpuContext::new(GUEST_IMAGE_IPA, arg, 0, cntvoff);
+    let (end, st, l) = run(&vm, &last, &mut ctx0, 0, cpu, &mut no_smp, &lines(3));
+    ok &= end == End::Stopped && st.tlb_flushes == 0;
+    counts.push(last_passes(&l));
+    report("migrate: vcpu0 on CPU 0", 0, ok, &end, &st, &l);
+
+    // 2. vCPU 0 on the other CPU.
+    let r = start_secondary(&vm, &last, ctx0.clone(), 0, lines(2), (other, cpus[other]));
+    match (r, collect_secondary(cpus[other])) {
+        (0, Some(((end, st, l), ctx))) => {
+            let p = end == End::Stopped && st.tlb_flushes == 0;
+            ok &= p;
+            counts.push(last_passes(&l));
+            report(
+                &alloc::format!("migrate: vcpu0 on CPU {other}"),
+                0,
+                p,
+                &end,
+                &st,
+                &l,
+            );
+            ctx0 = ctx;
+        }
+        _ => {
+            warn!("selftest: migrate: CPU {other} did not run vCPU 0 (CPU_ON {r})");
+            return false;
+        }
+    }
+
+    // 3. vCPU 1 here, where vCPU 0 ran last: a local flush.
+    let mut ctx1 = VcpuContext::new(entry1, 1, 1, cntvoff);
+    let (end, st, l) = run(&vm, &last, &mut ctx1, 1, cpu, &mut no_smp, &lines(2));
+    let p = end == End::Stopped && st.tlb_flushes == 1 && last_passes(&l).is_some();
+    ok &= p;
+    report("migrate: vcpu1 on CPU 0", 1, p, &end, &st, &l);
+
+    // 4. vCPU 0 back here: flushed again.
+    let (end, st, l) = run(&vm, &last, &mut ctx0, 0, cpu, &mut no_smp, &lines(1));
+    let p = end == End::Stopped && st.tlb_flushes == 1;
+    ok &= p;
+    counts.push(last_passes(&l));
+    report("migrate: vcpu0 back on CPU 0", 0, p, &end, &st, &l);
+
+    let growing = counts.iter().all(Option::is_some) && counts.windows(2).all(|w| w[0] < w[1]);
+    info!(
+        "selftest: migrate: vcpu0 pass counts {counts:?} {}",
+        if growing {
+            "grow across moves"
+        } else {
+            "do NOT grow"
+        }
+    );
+    ok && growing
+}
+
 /// Runs the self-test on this (the boot) CPU, and on a second CPU if
-/// there is one; `cpus` are the MPIDRs of the device tree. Returns whether
+/// there is one; `plat` is the parsed device tree. Returns whether
 /// every run passed.
-pub fn run_all(cpus: &[u64]) -> bool {
+pub fn run_all(plat: &Platform) -> bool {
+    let cpus = &plat.cpus;
     let cpu = cpus.iter().position(|&m| m == arch::mpidr()).unwrap_or(0);
     let Some(image) = load_image() else {
         warn!("selftest: no guest image at {GUEST_LOAD_ADDR:#x} (load qemu/guest with -device loader)");
@@ -671,7 +979,15 @@ pub fn run_all(cpus: &[u64]) -> bool {
         let last = Mutex::new(LastRan::new());
         let mut ctx = VcpuContext::new(GUEST_IMAGE_IPA, arg, 0, CNTPCT_EL0.get());
         let mut no_smp = |_: u64, _: u64, _: u64| i64::from(el2::psci::NOT_SUPPORTED);
-        let (end, stats, lines) = run(&vm, &last, &mut ctx, 0, cpu, &mut no_smp);
+        let (end, stats, lines) = run(
+            &vm,
+            &last,
+            &mut ctx,
+            0,
+            cpu,
+            &mut no_smp,
+            &RunOpts::default(),
+        );
         let passed = end == End::Shutdown
             && stats.host_clobbered == 0
             && match arg & 0xf {
@@ -684,7 +1000,9 @@ pub fn run_all(cpus: &[u64]) -> bool {
         ok &= passed;
         report(name, 0, passed, &end, &stats, &lines);
     }
-    ok &= run_smp(image, cpus, cpu);
+    ok &= run_preempt(image.clone(), plat, cpu);
+    ok &= run_smp(image.clone(), cpus, cpu);
+    ok &= run_migrate(image, cpus, cpu);
     info!("selftest: {}", if ok { "all passed" } else { "FAILED" });
     ok
 }
