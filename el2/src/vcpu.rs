@@ -184,6 +184,19 @@ impl VcpuContext {
         ctx
     }
 
+    /// Makes `pstate` safe to return to: an AArch64 EL1h, EL1t or EL0t
+    /// mode (anything else, which only a hypervisor bug could store,
+    /// becomes EL1h with DAIF masked; the guest then faults in its own
+    /// context rather than running at EL2). Returns whether it changed.
+    pub fn sanitize_pstate(&mut self) -> bool {
+        const MODE: u64 = 0x1f;
+        let ok = matches!(self.pstate & MODE, 0b00000 | 0b00100 | 0b00101);
+        if !ok {
+            self.pstate = (self.pstate & !MODE) | PSTATE_EL1H_MASKED;
+        }
+        !ok
+    }
+
     /// Steps over the trapped instruction (an SMC, a WFx, an emulated MMIO
     /// access: the traps whose return address is the instruction itself).
     pub fn skip_instruction(&mut self) {
@@ -777,6 +790,24 @@ mod tests {
         assert_eq!(c.vmpidr, (1 << 31) | (1 << 8) | 1);
         assert_eq!(c.cntvoff, 99);
         assert_eq!(c.fp, FpState::default());
+    }
+
+    #[test]
+    fn pstate_is_always_el1_or_el0() {
+        let mut c = VcpuContext::new(0, 0, 0, 0);
+        assert!(!c.sanitize_pstate());
+        for ok in [0x0, 0x4, 0x3c5, 0x2000_0004] {
+            c.pstate = ok;
+            assert!(!c.sanitize_pstate());
+            assert_eq!(c.pstate, ok);
+        }
+        // EL2h, EL2t, EL3h, AArch32 modes.
+        for bad in [0x9, 0x8, 0xd, 0x10, 0x13, 0x2000_0009] {
+            c.pstate = bad;
+            assert!(c.sanitize_pstate());
+            assert_eq!(c.pstate & 0x1f, 0x5, "{bad:#x}");
+            assert_eq!(c.pstate & 0x3c0, 0x3c0, "DAIF masked");
+        }
     }
 
     #[test]

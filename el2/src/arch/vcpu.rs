@@ -26,7 +26,13 @@
 //!   use; the host's GIC setup (group 1, priority) is relied on.
 //! - **No virtual interrupts.** There is no vGIC yet: the guest's timer
 //!   state is kept, but its interrupt is never delivered to it.
-//! - **PMU and debug registers** are not switched and not trapped.
+//! - **PMU and debug registers** are not switched; `MDCR_EL2` traps the
+//!   guest's accesses to them (an unhandled-trap exit). `MDSCR_EL1` is in
+//!   the context but trapped too: a Linux guest (which writes it at boot)
+//!   needs these accesses emulated first.
+//! - **SErrors** a guest causes are routed to EL2 (`AMO`) but one still
+//!   pending at exit is not synchronised (no `esb`): it would be taken by
+//!   the host. QEMU TCG raises none for ordinary guests.
 //! - **Interrupts at EL2 stay masked** (we run from a trap handler or at
 //!   boot); physical IRQs reach EL2 only as guest exits.
 
@@ -102,6 +108,11 @@ const CPTR_TZ: u64 = 1 << 8;
 const CPTR_TSM: u64 = 1 << 12;
 /// CNTHCTL_EL2: EL1 may read the physical counter; the physical timer traps.
 const CNTHCTL_GUEST: u64 = 1 << 0;
+/// MDCR_EL2 for guests: PMU (TPM, TPMCR) and debug registers (TDA,
+/// TDOSA, TDRA) trap, so a guest neither reads nor changes the host's
+/// counters, breakpoints and watchpoints (they are not switched). HPMN
+/// stays the host's.
+const MDCR_GUEST_TRAPS: u64 = (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11);
 const CNTV_CTL_ENABLE: u64 = 1 << 0;
 const CNTV_CTL_IMASK: u64 = 1 << 1;
 
@@ -207,6 +218,7 @@ struct HostEl2 {
     cnthctl: u64,
     cntvoff: u64,
     vmpidr: u64,
+    mdcr: u64,
 }
 
 /// Stores this CPU's V0..V31, FPSR, FPCR to `fp`.
@@ -251,7 +263,9 @@ pub fn run_vcpu(ctx: &mut VcpuContext, run: &VcpuRun) -> RawExit {
         cnthctl: CNTHCTL_EL2.get(),
         cntvoff: CNTVOFF_EL2.get(),
         vmpidr: VMPIDR_EL2.get(),
+        mdcr: MDCR_EL2.get(),
     };
+    ctx.sanitize_pstate();
 
     // The host's deadline keeps running on the EL2 physical timer.
     let host_timer_armed = host.cntv_ctl & (CNTV_CTL_ENABLE | CNTV_CTL_IMASK) == CNTV_CTL_ENABLE;
@@ -281,6 +295,7 @@ pub fn run_vcpu(ctx: &mut VcpuContext, run: &VcpuRun) -> RawExit {
     CNTHCTL_EL2.set(CNTHCTL_GUEST);
     CNTVOFF_EL2.set(ctx.cntvoff);
     VMPIDR_EL2.set(ctx.vmpidr);
+    MDCR_EL2.set(host_el2.mdcr | MDCR_GUEST_TRAPS);
     // SAFETY: barriers; the TLB/I-cache maintenance only affects this CPU's
     // entries of the VMID now in VTTBR_EL2 (the guest's).
     unsafe {
@@ -333,6 +348,7 @@ pub fn run_vcpu(ctx: &mut VcpuContext, run: &VcpuRun) -> RawExit {
     CNTHCTL_EL2.set(host_el2.cnthctl);
     CNTVOFF_EL2.set(host_el2.cntvoff);
     VMPIDR_EL2.set(host_el2.vmpidr);
+    MDCR_EL2.set(host_el2.mdcr);
     if host_timer_armed {
         write_sysreg!("cnthp_ctl_el2", 0);
     }
