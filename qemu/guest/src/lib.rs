@@ -60,14 +60,50 @@ pub enum Mode {
     Exits,
     /// Two vCPUs fill and check halves of the memory.
     Smp,
+    /// Touch something the hypervisor must not let a guest touch (N
+    /// selects it, [`Probe`]); the VM is expected to end there.
+    Probe,
+}
+
+/// What [`Mode::Probe`] touches (the argument's N).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// Read PMCR_EL0 (PMU, trapped by MDCR_EL2.TPM/TPMCR).
+    Pmu = 1,
+    /// Read MDSCR_EL1 (debug, trapped by MDCR_EL2.TDA).
+    Debug = 2,
+    /// Enable SVE at EL1 (CPACR_EL1.ZEN) and execute an SVE instruction
+    /// (trapped by CPTR_EL2.TZ).
+    Sve = 3,
+    /// Read CNTP_CTL_EL0 (the physical timer, trapped by CNTHCTL_EL2).
+    PhysTimer = 4,
+    /// Read ACTLR_EL1 (trapped by HCR_EL2.TACR).
+    Actlr = 5,
+}
+
+impl Probe {
+    /// Every probe, in number order.
+    pub const ALL: [Self; 5] = [
+        Self::Pmu,
+        Self::Debug,
+        Self::Sve,
+        Self::PhysTimer,
+        Self::Actlr,
+    ];
+
+    /// The probe for N.
+    #[must_use]
+    pub fn from_n(n: u16) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| *p as u16 == n)
+    }
 }
 
 /// The guest's argument (x0 at entry).
 ///
 /// | bits | field |
 /// |---|---|
-/// | 3:0 | mode: 1 = fill, 2 = touch, 3 = exits, 4 = smp |
-/// | 31:16 | N, MiB of memory to use (1..=1024) |
+/// | 3:0 | mode: 1 = fill, 2 = touch, 3 = exits, 4 = smp, 5 = probe |
+/// | 31:16 | N, MiB of memory to use (1..=1024); in probe mode the [`Probe`] |
 /// | 47:32 | touch: reports before shutdown (0 = run forever) |
 /// | 55:48 | touch: log2 of passes per report |
 ///
@@ -110,6 +146,7 @@ impl Arg {
             2 => Mode::Touch,
             3 => Mode::Exits,
             4 => Mode::Smp,
+            5 => Mode::Probe,
             m => return Err(ArgError::Mode(m)),
         };
         let mib = ((x0 >> 16) & 0xffff) as u16;
@@ -136,6 +173,7 @@ impl Arg {
             Mode::Touch => 2,
             Mode::Exits => 3,
             Mode::Smp => 4,
+            Mode::Probe => 5,
         };
         mode | u64::from(self.mib) << 16
             | u64::from(self.reports) << 32
@@ -289,7 +327,11 @@ mod tests {
         assert_eq!((f.mode, f.mib), (Mode::Fill, 4));
         assert_eq!(Arg::decode(3 | 4 << 16).map(|a| a.mode), Ok(Mode::Exits));
         assert_eq!(Arg::decode(4 | 4 << 16).map(|a| a.mode), Ok(Mode::Smp));
-        assert_eq!(Arg::decode(5 | 4 << 16), Err(ArgError::Mode(5)));
+        assert_eq!(Arg::decode(5 | 4 << 16).map(|a| a.mode), Ok(Mode::Probe));
+        assert_eq!(Arg::decode(6 | 4 << 16), Err(ArgError::Mode(6)));
+        assert_eq!(Probe::from_n(3), Some(Probe::Sve));
+        assert_eq!(Probe::from_n(0), None);
+        assert_eq!(Probe::from_n(6), None);
         assert_eq!(Arg::decode(1), Err(ArgError::Size(0)));
         assert_eq!(Arg::decode(1 | 1025 << 16), Err(ArgError::Size(1025)));
         assert_eq!(

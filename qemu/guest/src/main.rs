@@ -124,6 +124,13 @@ mod run {
                 touch_loop(&arg, words, &mut out, 0);
             }
             Mode::Smp => {}
+            Mode::Probe => {
+                if let Some(p) = guest::Probe::from_n(arg.mib) {
+                    let _ = writeln!(out, "guest: probe {p:?}");
+                    let v = arch::probe(p);
+                    let _ = writeln!(out, "guest: probe {p:?} was allowed: {v:#x}");
+                }
+            }
             Mode::Exits => {
                 let (pass, fail) = crate::exits::run(&mut out);
                 let _ = writeln!(out, "guest: exits: {pass} passed, {fail} failed");

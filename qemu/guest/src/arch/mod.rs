@@ -217,3 +217,32 @@ pub fn mpidr() -> u64 {
     unsafe { asm!("mrs {}, mpidr_el1", out(reg) v, options(nostack, nomem)) };
     v
 }
+
+/// Touches what `probe` names (see `guest::Probe`); returns the value read
+/// if the hypervisor let it through.
+pub fn probe(probe: guest::Probe) -> u64 {
+    let v: u64;
+    // SAFETY: reads of ID-free system registers or an SVE length query,
+    // no memory access; the hypervisor is expected to stop the VM here.
+    unsafe {
+        match probe {
+            guest::Probe::Pmu => asm!("mrs {}, pmcr_el0", out(reg) v, options(nostack, nomem)),
+            guest::Probe::Debug => asm!("mrs {}, mdscr_el1", out(reg) v, options(nostack, nomem)),
+            // CPACR_EL1.ZEN on first, so that only EL2 (CPTR_EL2.TZ) can trap it.
+            guest::Probe::Sve => asm!(
+                ".arch_extension sve",
+                "mrs {t}, cpacr_el1",
+                "orr {t}, {t}, #(3 << 16)",
+                "msr cpacr_el1, {t}",
+                "isb",
+                "rdvl {v}, #1",
+                t = out(reg) _, v = out(reg) v, options(nostack, nomem)
+            ),
+            guest::Probe::PhysTimer => {
+                asm!("mrs {}, cntp_ctl_el0", out(reg) v, options(nostack, nomem))
+            }
+            guest::Probe::Actlr => asm!("mrs {}, actlr_el1", out(reg) v, options(nostack, nomem)),
+        }
+    }
+    v
+}
