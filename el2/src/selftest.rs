@@ -496,7 +496,7 @@ fn run(
             Resume::Host(VcpuExit::Shutdown) => break End::Shutdown,
             Resume::Host(other) => {
                 if let GuestExit::Unhandled { esr, far } = exit {
-                    warn!(
+                    info!(
                         "selftest: unhandled guest trap ESR {esr:#x} FAR {far:#x} at pc {:#x}",
                         ctx.pc
                     );
@@ -854,6 +854,54 @@ fn gic_off(sgi: u64) {
     unsafe { asm!("msr S3_0_C12_C12_7, xzr", "isb", options(nostack)) };
 }
 
+/// Guest probes of things it must not reach: PMU, debug registers, SVE,
+/// the physical timer, ACTLR_EL1. Each must end the VM with an
+/// unhandled-trap exit of the expected class (or, for SVE on a CPU
+/// without it, an undefined-instruction exception inside the guest).
+fn run_probes(image: &[u8], cpu: usize) -> bool {
+    let has_sve = (aarch64_cpu::registers::ID_AA64PFR0_EL1.get() >> 32) & 0xf != 0;
+    let mut ok = true;
+    for (n, name, ec) in [
+        (1u64, "PMU (PMCR_EL0)", 0x18u64),
+        (2, "debug (MDSCR_EL1)", 0x18),
+        (3, "SVE (rdvl)", 0x19),
+        (4, "physical timer (CNTP_CTL_EL0)", 0x18),
+        (5, "ACTLR_EL1", 0x18),
+    ] {
+        let Some(vm) = Vm::new(image.to_vec()) else {
+            return false;
+        };
+        let vm = Mutex::new(vm);
+        let last = Mutex::new(LastRan::new());
+        let mut ctx = VcpuContext::new(GUEST_IMAGE_IPA, 5 | n << 16, 0, CNTPCT_EL0.get());
+        let mut no_smp = |_: u64, _: u64, _: u64| i64::from(el2::psci::NOT_SUPPORTED);
+        let (end, stats, lines) = run(
+            &vm,
+            &last,
+            &mut ctx,
+            0,
+            cpu,
+            &mut no_smp,
+            &RunOpts::default(),
+        );
+        let passed = match &end {
+            End::Trap(VcpuExit::UnhandledTrap { esr, .. }) => esr >> 26 == ec,
+            End::Shutdown if n == 3 && !has_sve => lines.iter().any(|l| l.contains("exception")),
+            _ => false,
+        } && !lines.iter().any(|l| l.contains("allowed"));
+        ok &= passed;
+        report(
+            &alloc::format!("probe {name}"),
+            0,
+            passed,
+            &end,
+            &stats,
+            &lines,
+        );
+    }
+    ok
+}
+
 /// The last "passes N" count in a vCPU's lines.
 fn last_passes(lines: &[String]) -> Option<u64> {
     lines
@@ -1000,6 +1048,7 @@ pub fn run_all(plat: &Platform) -> bool {
         ok &= passed;
         report(name, 0, passed, &end, &stats, &lines);
     }
+    ok &= run_probes(&image, cpu);
     ok &= run_preempt(image.clone(), plat, cpu);
     ok &= run_smp(image.clone(), cpus, cpu);
     ok &= run_migrate(image, cpus, cpu);
