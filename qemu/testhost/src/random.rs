@@ -168,7 +168,10 @@ fn random_calls(cpu: usize) -> Result<u64, (u64, String)> {
     let mut c = Ctx::new();
     let fail = |c: &Ctx, e: String| (c.calls, e);
     let vm = c.vm(40, 2, 32).map_err(|e| fail(&c, e))?;
-    let base = c.pages(16, 1).map_err(|e| fail(&c, e))?;
+    // 16 start frames, and 2 more so that a range of up to 3 pages from the
+    // last one stays inside this CPU's own frames (another CPU's model does
+    // not expect this CPU's calls on its frames).
+    let base = c.pages(16 + 2, 1).map_err(|e| fail(&c, e))?;
     c.track_gfns(vm, 0x200, 16);
     let mut rng = Rng::new(SEED.wrapping_add(cpu as u64 * 0x1_0000_0001));
     let mut topups = 0;
