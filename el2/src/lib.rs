@@ -11,7 +11,6 @@ extern crate std;
 
 pub mod dtb;
 pub mod exception;
-pub mod hostcall;
 pub mod inject;
 pub mod layout;
 pub mod pkvm;

@@ -241,6 +241,30 @@ fn version_and_features() {
 }
 
 #[test]
+fn unknown_ids_are_not_supported() {
+    let h = hyp();
+    let not_supported = HypError::NotSupported.to_i64() as u64;
+    for id in [
+        0xc600_ffff,
+        0,
+        0xc600_0100,
+        0x8600_0000,
+        0x1_c600_0000,
+        u64::MAX,
+    ] {
+        let out = h.host_call(&[id, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(out, [not_supported, 0, 0, 0, 0, 0, 0, 0], "{id:#x}");
+    }
+    // A known call with a reserved register set is malformed.
+    let mut regs = Hypercall::Version.encode();
+    regs[3] = 1;
+    assert_eq!(
+        h.host_call(&regs)[0] as i64,
+        HypError::InvalidArgument.to_i64()
+    );
+}
+
+#[test]
 fn vm_create_and_refusals() {
     let h = hyp();
     let make = |bits: u8, root: u64| Hypercall::VmCreate {
