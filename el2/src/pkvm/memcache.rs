@@ -64,6 +64,12 @@ impl<A: PageAccess> Memcache<A> {
         &self.free
     }
 
+    /// How many pages the free list holds without allocating.
+    #[must_use]
+    pub fn free_capacity(&self) -> usize {
+        self.free.capacity()
+    }
+
     /// Table pages in use, the root included (while the stage-2 exists).
     #[must_use]
     pub fn table_pages(&self) -> usize {
@@ -77,9 +83,12 @@ impl<A: PageAccess> Memcache<A> {
     }
 
     /// Makes room for `n` more free pages, so that [`add`](Self::add)
-    /// cannot fail on the heap.
+    /// and every later [`free_table`](TableMemory::free_table) cannot
+    /// allocate: the free list's capacity covers every page it can ever
+    /// hold again (the free ones, the tables in use, and `n`). vCPU pages
+    /// never come back to the free list.
     pub fn reserve(&mut self, n: usize) -> Result<(), TryReserveError> {
-        self.free.try_reserve(n)
+        self.free.try_reserve(self.tables.saturating_add(n))
     }
 
     /// Adds a hypervisor-owned page to the free list (after
@@ -135,8 +144,7 @@ impl<A: PageAccess> TableMemory for Memcache<A> {
             self.root.taken = false;
             return;
         }
-        // Cannot allocate: `free` once held this page, and its capacity
-        // never shrinks.
+        // Cannot allocate: `reserve` made room for every table in use.
         self.free.push(pfn_of(table));
         self.tables = self.tables.saturating_sub(1);
     }

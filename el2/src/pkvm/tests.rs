@@ -600,6 +600,25 @@ fn refused_ok_unchanged(h: &FakeHyp, call: Hypercall) {
 }
 
 #[test]
+fn freed_tables_fit_the_memcache_list() {
+    // Tables taken from a first top-up, then a second top-up, then the
+    // tables come back: the free list must have room for all of them
+    // without growing (at EL2 a growing list could fail on the heap).
+    let h = hyp();
+    let vm = create(&h, 48, HOST0);
+    topup(&h, vm, HOST0 + 1, 3);
+    ok(&h, share(vm, HOST0 + 20, 0, 1));
+    assert_eq!(runtime_counters(&h, vm).memcache_pages, 0);
+    topup(&h, vm, HOST0 + 4, 2);
+    let slot = h.slots[0].lock();
+    let mc = slot.vm.as_ref().unwrap().memcache();
+    assert!(mc.free_list().len() + 3 <= mc.free_capacity());
+    drop(slot);
+    ok(&h, unshare(vm, HOST0 + 20, 0, 1));
+    assert_eq!(runtime_counters(&h, vm).memcache_pages, 5);
+}
+
+#[test]
 fn vcpu_create() {
     let h = hyp();
     let vm = create(&h, 40, HOST0);
