@@ -819,6 +819,71 @@ fn host_aborts() {
 }
 
 #[test]
+fn host_abort_maps_unmapped_host_ram_lazily() {
+    let h = hyp();
+    let page = (HOST0 + 5) << 12;
+    // The host stage-2 may leave a host page unmapped (it maps lazily):
+    // take one out behind the dispatcher's back.
+    h.lock_host().s2.unmap(stage2::Ipa(page), 4096).unwrap();
+    h.check_invariants().unwrap();
+    assert_eq!(
+        h.host_abort(page + 8, AbortKind::Translation),
+        AbortAction::Retry
+    );
+    let leaf = h.lock_host().s2.query(stage2::Ipa(page)).unwrap();
+    assert_eq!((leaf.hpa.raw(), leaf.size), (page, 4096));
+    // A donated page is never mapped back by a fault.
+    let vm = vm_with_memcache(&h);
+    ok(&h, donate(vm, HOST0 + 40, 0, 1));
+    assert_eq!(
+        h.host_abort((HOST0 + 40) << 12, AbortKind::Translation),
+        AbortAction::InjectAbort
+    );
+    h.check_invariants().unwrap();
+}
+
+#[test]
+fn host_abort_mmio_next_to_ram_is_a_page() {
+    use super::fake::{FakePlatform, FAKE_HYP};
+    use super::{Hyp, HypConfig};
+    use crate::dtb::Region;
+    // RAM ends 1 MiB into a 2 MiB block.
+    let ram = [Region {
+        base: 0x4000_0000,
+        size: 3 << 20,
+    }];
+    let config = HypConfig {
+        ram: &ram,
+        hyp: FAKE_HYP,
+        host_ipa_bits: 40,
+        share_limit: u32::MAX,
+    };
+    let h = Hyp::new(
+        FakePlatform::new(),
+        &config,
+        stage2::mm::ArenaMemory::with_limit(64),
+        stage2::tlb::CountingTlb::default(),
+    )
+    .unwrap();
+    let mmio = 0x4030_1234;
+    assert_eq!(
+        h.host_abort(mmio, AbortKind::Translation),
+        AbortAction::Retry
+    );
+    let leaf = h.lock_host().s2.query(stage2::Ipa(mmio)).unwrap();
+    assert_eq!((leaf.hpa.raw(), leaf.size), (0x4030_1000, 4096));
+    assert_eq!(leaf.attrs.mem, stage2::pgtable::MemType::Device);
+    // Far from RAM: the whole block, Device.
+    assert_eq!(
+        h.host_abort(0x0910_0000, AbortKind::Translation),
+        AbortAction::Retry
+    );
+    let leaf = h.lock_host().s2.query(stage2::Ipa(0x0910_0000)).unwrap();
+    assert_eq!((leaf.hpa.raw(), leaf.size), (0x0900_0000, 2 << 20));
+    h.check_invariants().unwrap();
+}
+
+#[test]
 fn arbitrary_registers_never_panic() {
     let h = hyp();
     let vm = vm_with_memcache(&h);
