@@ -202,6 +202,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
             life: Life::Live,
             nr_vcpus: nr_vcpus.get(),
             vcpus,
+            running: 0,
             s2,
             counts: Counts::default(),
         });
@@ -428,6 +429,9 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         let mut slot = self.lock_vm(h)?;
         let vm = vm_of(&mut slot)?;
         live(vm)?;
+        if vm.running != 0 {
+            return Err(HypError::Busy);
+        }
         vm.life = Life::Dying(Teardown::new(vm.id));
         Ok(Reply::Done)
     }
@@ -623,4 +627,69 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
     }
 }
 
+/// What a CPU needs to enter a vCPU, from [`Hyp::vcpu_load`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadedVcpu {
+    /// The VM.
+    pub vm: VmHandle,
+    /// The vCPU index.
+    pub vcpu: u16,
+    /// The VM's VMID.
+    pub vmid: Vmid,
+    /// `VTTBR_EL2` of the VM's stage-2 (root | VMID << 48).
+    pub vttbr: u64,
+    /// The VM's stage-2 geometry (for `VTCR_EL2`).
+    pub ipa: stage2::pgtable::IpaConfig,
+    /// The vCPU's state page (hypervisor-owned, zeroed at creation).
+    pub state: Pfn,
+}
+
+impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
+    /// Marks vCPU `vcpu` of `vm` as running on the calling CPU, for the
+    /// `HYP_VCPU_RUN` of issue 5 (ABI §3.7): `HYP_ENOENT` (no such VM, or
+    /// the vCPU was not created), `HYP_EBUSY` (VM dying, or the vCPU is
+    /// loaded on another CPU). While any vCPU is loaded the VM cannot start
+    /// its teardown (`HYP_EBUSY`), so its stage-2 and the state page stay
+    /// valid without a lock held; memory calls on the VM go on meanwhile.
+    /// Every successful load must be followed by [`vcpu_put`](Self::vcpu_put).
+    pub fn vcpu_load(&self, vm: VmHandle, vcpu: VcpuIndex) -> Result<LoadedVcpu, HypError> {
+        let mut slot = self.lock_vm(vm)?;
+        let v = vm_of(&mut slot)?;
+        let i = vcpu.get();
+        let state = v
+            .vcpus
+            .get(usize::from(i))
+            .copied()
+            .flatten()
+            .ok_or(HypError::NoEntry)?;
+        live(v)?;
+        let bit = 1u64 << i;
+        if v.running & bit != 0 {
+            return Err(HypError::Busy);
+        }
+        v.running |= bit;
+        v.counts.vcpu_runs = v.counts.vcpu_runs.wrapping_add(1);
+        Ok(LoadedVcpu {
+            vm,
+            vcpu: i,
+            vmid: v.s2.vmid(),
+            vttbr: v.s2.vttbr(),
+            ipa: v.s2.config(),
+            state,
+        })
+    }
+
+    /// The vCPU `loaded` stopped running on this CPU; `faults` stage-2
+    /// faults were taken from it meanwhile (`HYP_VM_COUNTERS`).
+    pub fn vcpu_put(&self, loaded: &LoadedVcpu, faults: u64) {
+        if let Ok(mut slot) = self.lock_vm(loaded.vm) {
+            if let Ok(v) = vm_of(&mut slot) {
+                v.running &= !(1u64 << loaded.vcpu);
+                v.counts.faults = v.counts.faults.wrapping_add(faults);
+            }
+        }
+    }
+}
+
 const _: () = assert!(MAX_VMS <= u16::MAX as usize);
+const _: () = assert!(hypercalls::MAX_VCPUS <= 64);

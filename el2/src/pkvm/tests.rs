@@ -641,6 +641,41 @@ fn vcpu_create() {
 }
 
 #[test]
+fn vcpu_load_and_put() {
+    let h = hyp();
+    let vm = vm_with_memcache(&h);
+    let v0 = VcpuIndex::new(0).unwrap();
+    let v1 = VcpuIndex::new(1).unwrap();
+    assert_eq!(h.vcpu_load(vm, v0), Err(HypError::NoEntry));
+    ok(&h, Hypercall::VcpuCreate { vm, vcpu: v0 });
+    let loaded = h.vcpu_load(vm, v0).unwrap();
+    assert_eq!(loaded.vttbr >> 48, u64::from(vm.index()) + 1);
+    assert_eq!(loaded.vttbr & ((1 << 48) - 1), HOST0 << 12);
+    assert_eq!(h.vcpu_load(vm, v0), Err(HypError::Busy));
+    assert_eq!(h.vcpu_load(vm, v1), Err(HypError::NoEntry));
+    // Memory calls go on; teardown waits for the vCPU.
+    ok(&h, share(vm, HOST0 + 50, 0, 1));
+    refused(&h, Hypercall::TeardownStart { vm }, HypError::Busy);
+    h.vcpu_put(&loaded, 3);
+    let c = runtime_counters(&h, vm);
+    assert_eq!((c.vcpu_runs, c.faults), (1, 3));
+    ok(&h, Hypercall::TeardownStart { vm });
+    assert_eq!(h.vcpu_load(vm, v0), Err(HypError::Busy));
+    teardown_rest(&h, vm);
+    assert_eq!(h.vcpu_load(vm, v0), Err(HypError::NoEntry));
+}
+
+/// Reclaims and finalizes a dying VM.
+fn teardown_rest(h: &FakeHyp, vm: VmHandle) {
+    while let Reply::Teardown(t) = ok(h, Hypercall::TeardownReclaim { vm }) {
+        if !t.more {
+            break;
+        }
+    }
+    ok(h, Hypercall::TeardownFinalize { vm });
+}
+
+#[test]
 fn lifecycle() {
     let h = hyp();
     let vm = vm_with_memcache(&h);

@@ -126,6 +126,8 @@ pub struct Vm<P: Platform> {
     pub nr_vcpus: u16,
     /// The state page of each created vCPU (index < `nr_vcpus`).
     pub vcpus: Vec<Option<Pfn>>,
+    /// Bit `i` set while vCPU `i` is loaded on a CPU ([`super::Hyp::vcpu_load`]).
+    pub running: u64,
     /// Its stage-2; table memory is its memcache.
     pub s2: GuestStage2<P>,
     /// Counters.
