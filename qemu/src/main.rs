@@ -16,6 +16,7 @@ mod assets;
 mod bench;
 mod boot;
 mod conformance;
+mod fuzz;
 mod initramfs;
 mod install;
 mod modules;

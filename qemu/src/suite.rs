@@ -193,6 +193,15 @@ fn host(root: &Path, tally: &mut Tally) {
         &["doc", "--no-deps", "-p", "hypercalls", "-p", "stage2"],
         &[("RUSTDOCFLAGS", "-D warnings")],
     );
+
+    progress("host: fuzz the EL2 dispatcher (bounded cargo-fuzz run, fuzz/README.md)");
+    match crate::fuzz::run_bounded(root) {
+        Ok(summary) => {
+            println!("{summary}");
+            tally.check("fuzz host_call (bounded)", true, "");
+        }
+        Err(e) => tally.check("fuzz host_call (bounded)", false, &e),
+    }
 }
 
 /// The boot suite: QEMU boots, each assertion one check (see `boot::suite`).
