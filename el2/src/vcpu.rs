@@ -618,7 +618,11 @@ impl GuestExit {
                 ..
             } => VcpuExit::UnhandledTrap { esr: 0, far: 0 },
             Self::MemFault { ipa, access } => match hypercalls::Gfn::new(ipa >> 12) {
-                Some(gfn) => VcpuExit::MemFault { gfn, access },
+                Some(gfn) => VcpuExit::MemFault {
+                    gfn,
+                    access,
+                    kind: hypercalls::FaultKind::Unmapped,
+                },
                 None => VcpuExit::UnhandledTrap { esr: 0, far: ipa },
             },
             Self::Mmio(m) => VcpuExit::UnhandledTrap {
@@ -1065,7 +1069,8 @@ mod tests {
             exit.complete(&mut ctx, 0),
             Resume::Host(VcpuExit::MemFault {
                 gfn: Gfn::new(0x40100).unwrap(),
-                access: Access::Write
+                access: Access::Write,
+                kind: hypercalls::FaultKind::Unmapped,
             })
         );
         assert_eq!(ctx.pc, 0x4000_0000, "retried after the host maps it");

@@ -18,7 +18,7 @@
 
 /* ABI version (HYP_VERSION returns it) */
 #define HYP_ABI_VERSION_MAJOR                   0 /* incompatible changes */
-#define HYP_ABI_VERSION_MINOR                   1 /* compatible additions */
+#define HYP_ABI_VERSION_MINOR                   2 /* compatible additions */
 
 /* SMCCC function id layout (ABI.md 2.1) */
 #define HYP_SMCCC_FN_BASE                       0xC6000000U /* fast call, SMC64, owner 6 (vendor hyp) */
@@ -30,9 +30,9 @@
 #define HYP_FEATURES                            0xC6000001U /* x1=function_id -> x1=supported(0|1) */
 #define HYP_MEMCACHE_TOPUP                      0xC6000010U /* x1=vm x2=pfn x3=nr_pages -> */
 #define HYP_MEMCACHE_RECLAIM                    0xC6000011U /* x1=vm -> x1=count x2..x7=pfns */
-#define HYP_VM_CREATE                           0xC6000020U /* x1=ipa_bits x2=nr_vcpus x3=root_pfn -> x1=vm */
-#define HYP_VCPU_CREATE                         0xC6000021U /* x1=vm x2=vcpu -> */
-#define HYP_VCPU_RUN                            0xC6000022U /* x1=vm x2=vcpu -> x1=exit_reason x2..x4=exit_info */
+#define HYP_VM_CREATE                           0xC6000020U /* x1=ipa_bits x2=nr_vcpus x3=root_pfn x4=mem_gfn x5=mem_pages -> x1=vm */
+#define HYP_VCPU_CREATE                         0xC6000021U /* x1=vm x2=vcpu x3=entry_ipa x4=entry_x0 x5=flags -> */
+#define HYP_VCPU_RUN                            0xC6000022U /* x1=vm x2=vcpu x3=mmio_read_data -> x1=exit_reason x2..x5=exit_info */
 #define HYP_SHARE                               0xC6000030U /* x1=vm x2=pfn x3=gfn x4=nr_pages x5=prot -> */
 #define HYP_UNSHARE                             0xC6000031U /* x1=vm x2=pfn x3=gfn x4=nr_pages -> */
 #define HYP_DONATE                              0xC6000032U /* x1=vm x2=pfn x3=gfn x4=nr_pages x5=prot -> */
@@ -91,15 +91,24 @@
 
 /* HYP_VCPU_RUN exit reasons in x1 (ABI.md 5) */
 #define HYP_EXIT_INTERRUPTED                    0 /* no info; run again */
-#define HYP_EXIT_MEM_FAULT                      1 /* x2=gfn x3=access (HYP_ACCESS_*) */
+#define HYP_EXIT_MEM_FAULT                      1 /* x2=gfn x3=access (HYP_ACCESS_*) x4=kind (HYP_FAULT_*) */
 #define HYP_EXIT_CONSOLE                        2 /* x2=len (1..16) x3=bytes 0..7 x4=bytes 8..15 (little-endian) */
 #define HYP_EXIT_SHARE_REQUEST                  3 /* x2=gfn x3=nr_pages */
 #define HYP_EXIT_UNSHARE_REQUEST                4 /* x2=gfn x3=nr_pages */
 #define HYP_EXIT_SHUTDOWN                       5 /* no info */
 #define HYP_EXIT_UNHANDLED_TRAP                 6 /* x2=ESR_EL2 x3=FAR_EL2 */
+#define HYP_EXIT_MMIO                           7 /* x2=IPA x3=size (1,2,4,8) x4=write (0|1) x5=data written (0 for a read) */
+#define HYP_EXIT_WFX                            8 /* x2=wfe (0 WFI, 1 WFE); run again */
+#define HYP_EXIT_SYSTEM_OFF                     9 /* x2=reset (0 SYSTEM_OFF, 1 SYSTEM_RESET) */
+#define HYP_EXIT_POWERED_OFF                    10 /* no info; run again after a guest PSCI CPU_ON */
 #define HYP_ACCESS_READ                         0 /* HYP_EXIT_MEM_FAULT x3: data read */
 #define HYP_ACCESS_WRITE                        1 /* HYP_EXIT_MEM_FAULT x3: data write */
 #define HYP_ACCESS_EXEC                         2 /* HYP_EXIT_MEM_FAULT x3: instruction fetch */
+#define HYP_FAULT_UNMAPPED                      0 /* HYP_EXIT_MEM_FAULT x4: nothing mapped at gfn */
+#define HYP_FAULT_PERMISSION                    1 /* HYP_EXIT_MEM_FAULT x4: mapped without the needed permission */
+
+/* HYP_VCPU_CREATE start flags (x5, ABI.md 3.6) */
+#define HYP_VCPU_START_OFF                      1 /* powered off until a guest PSCI CPU_ON; x3, x4 zero */
 
 /* HYP_VM_COUNTERS groups (x2) and the register of each counter (ABI.md 3.18) */
 #define HYP_COUNTERS_STAGE2                     0 /* group 0 */
@@ -115,6 +124,9 @@
 #define HYP_CTR_RT_VCPU_RUNS                    2 /* group 1 x2: guest entries */
 #define HYP_CTR_RT_MEMCACHE_PAGES               3 /* group 1 x3: free memcache pages (gauge) */
 #define HYP_CTR_RT_TABLE_PAGES                  4 /* group 1 x4: stage-2 table pages (gauge) */
+#define HYP_CTR_RT_HOST_EXITS                   5 /* group 1 x5: exits returned to the host */
+#define HYP_CTR_RT_HYP_EXITS                    6 /* group 1 x6: exits answered by the hypervisor */
+#define HYP_CTR_RT_IRQ_EXITS                    7 /* group 1 x7: runs ended by a physical interrupt */
 
 /* Page-state queries (ABI.md 2.5, 3.19, 3.20) */
 #define HYP_OWNER_HOST                          0 /* HYP_HOST_PAGE_STATE x1 */

@@ -5,6 +5,65 @@ use crate::ids::{canonical_id, HostFunction};
 use crate::regs::{build, Reader, Regs};
 use crate::types::{Gfn, IpaBits, PageCount, Pfn, Prot, VcpuCount, VcpuIndex, VmHandle};
 
+/// `HYP_VCPU_CREATE` x5 bit 0: the vCPU starts powered off and waits for a
+/// guest PSCI `CPU_ON` (`docs/ABI.md` §3.6).
+pub const VCPU_START_OFF: u64 = 1;
+
+/// Entry addresses of a vCPU are below this (52-bit IPAs).
+pub const VCPU_ENTRY_LIMIT: u64 = 1 << 52;
+
+/// How a vCPU starts (`HYP_VCPU_CREATE` x3..x5, `docs/ABI.md` §3.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VcpuStart {
+    /// Powered on: its first `HYP_VCPU_RUN` enters the guest at `entry` (an
+    /// IPA, MMU off, EL1h, DAIF masked) with x0 = `arg`.
+    On {
+        /// Entry IPA: 4-byte aligned, below [`VCPU_ENTRY_LIMIT`].
+        entry: u64,
+        /// The guest's x0 at entry.
+        arg: u64,
+    },
+    /// Powered off until another vCPU of the VM starts it with PSCI `CPU_ON`.
+    Off,
+}
+
+/// The guest's memory in its IPA space (`HYP_VM_CREATE` x4, x5): a
+/// stage-2 fault inside `[gfn, gfn + pages)` is a memory fault, outside it
+/// an MMIO access (`docs/ABI.md` §3.5, §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GuestMemory {
+    gfn: Gfn,
+    pages: u64,
+}
+
+impl GuestMemory {
+    /// `[gfn, gfn + pages)`, or `None` if empty or beyond an IPA space of `ipa_bits`.
+    #[must_use]
+    pub fn new(ipa_bits: IpaBits, gfn: Gfn, pages: u64) -> Option<Self> {
+        let limit = 1u64 << (ipa_bits.get() - 12);
+        let end = gfn.raw().checked_add(pages)?;
+        (pages != 0 && end <= limit).then_some(Self { gfn, pages })
+    }
+
+    /// First guest frame.
+    #[must_use]
+    pub const fn gfn(&self) -> Gfn {
+        self.gfn
+    }
+
+    /// Number of pages.
+    #[must_use]
+    pub const fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Whether the guest frame `gfn` is inside.
+    #[must_use]
+    pub const fn contains(&self, gfn: u64) -> bool {
+        gfn >= self.gfn.raw() && gfn - self.gfn.raw() < self.pages
+    }
+}
+
 /// A group of per-VM counters read by `HYP_VM_COUNTERS` (`docs/ABI.md` §3.18).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -66,6 +125,9 @@ pub enum Hypercall {
         nr_vcpus: VcpuCount,
         /// First of `ipa_bits.root_table_pages()` host frames; a multiple of that count.
         root: Pfn,
+        /// The guest's memory (RAM) in its IPA space: a stage-2 fault inside
+        /// it is a memory fault, outside it MMIO. `None`: all of it is RAM.
+        memory: Option<GuestMemory>,
     },
     /// §3.6: create vCPU `vcpu` of `vm`.
     VcpuCreate {
@@ -73,6 +135,8 @@ pub enum Hypercall {
         vm: VmHandle,
         /// The vCPU.
         vcpu: VcpuIndex,
+        /// How it starts.
+        start: VcpuStart,
     },
     /// §3.7: run vCPU `vcpu` of `vm` until it exits.
     VcpuRun {
@@ -80,6 +144,9 @@ pub enum Hypercall {
         vm: VmHandle,
         /// The vCPU.
         vcpu: VcpuIndex,
+        /// The value an MMIO read returns, if the previous run ended with
+        /// [`VcpuExit::Mmio`](crate::VcpuExit::Mmio) of a read; ignored otherwise.
+        mmio_data: u64,
     },
     /// §3.8: share host `[pfn, pfn + nr)` at guest `[gfn, gfn + nr)`.
     Share {
@@ -219,19 +286,36 @@ impl Hypercall {
                 let nr_vcpus = r.map(|v| VcpuCount::new(u16::try_from(v).ok()?))?;
                 let align = u64::from(ipa_bits.root_table_pages());
                 let root = r.map(|v| Pfn::new(v).filter(|p| p.raw() % align == 0))?;
+                let gfn = r.gfn()?;
+                let pages = r.raw()?;
+                let memory = if pages == 0 && gfn.raw() == 0 {
+                    None
+                } else {
+                    Some(GuestMemory::new(ipa_bits, gfn, pages).ok_or(HypError::InvalidArgument)?)
+                };
                 Self::VmCreate {
                     ipa_bits,
                     nr_vcpus,
                     root,
+                    memory,
                 }
             }
-            HostFunction::VcpuCreate => Self::VcpuCreate {
-                vm: r.vm()?,
-                vcpu: r.vcpu()?,
-            },
+            HostFunction::VcpuCreate => {
+                let vm = r.vm()?;
+                let vcpu = r.vcpu()?;
+                let entry = r.raw()?;
+                let arg = r.raw()?;
+                let start = match r.raw()? {
+                    0 if entry & 3 == 0 && entry < VCPU_ENTRY_LIMIT => VcpuStart::On { entry, arg },
+                    VCPU_START_OFF if entry == 0 && arg == 0 => VcpuStart::Off,
+                    _ => return Err(HypError::InvalidArgument),
+                };
+                Self::VcpuCreate { vm, vcpu, start }
+            }
             HostFunction::VcpuRun => Self::VcpuRun {
                 vm: r.vm()?,
                 vcpu: r.vcpu()?,
+                mmio_data: r.raw()?,
             },
             HostFunction::Share => Self::Share {
                 vm: r.vm()?,
@@ -363,17 +447,32 @@ impl Hypercall {
                 ipa_bits,
                 nr_vcpus,
                 root,
-            } => build(
-                id,
-                &[
-                    u64::from(ipa_bits.get()),
-                    u64::from(nr_vcpus.get()),
-                    root.raw(),
-                ],
-            ),
-            Self::VcpuCreate { vm: h, vcpu } | Self::VcpuRun { vm: h, vcpu } => {
-                build(id, &[vm(h), u64::from(vcpu.get())])
+                memory,
+            } => {
+                let (gfn, pages) = memory.map_or((0, 0), |m| (m.gfn().raw(), m.pages()));
+                build(
+                    id,
+                    &[
+                        u64::from(ipa_bits.get()),
+                        u64::from(nr_vcpus.get()),
+                        root.raw(),
+                        gfn,
+                        pages,
+                    ],
+                )
             }
+            Self::VcpuCreate { vm: h, vcpu, start } => {
+                let [entry, arg, flags] = match start {
+                    VcpuStart::On { entry, arg } => [entry, arg, 0],
+                    VcpuStart::Off => [0, 0, VCPU_START_OFF],
+                };
+                build(id, &[vm(h), u64::from(vcpu.get()), entry, arg, flags])
+            }
+            Self::VcpuRun {
+                vm: h,
+                vcpu,
+                mmio_data,
+            } => build(id, &[vm(h), u64::from(vcpu.get()), mmio_data]),
             Self::Share {
                 vm: h,
                 pfn,

@@ -8,11 +8,12 @@
 
 use core::fmt::{self, Write};
 
-use crate::call::CounterGroup;
+use crate::call::{CounterGroup, VCPU_START_OFF};
 use crate::error::HypError;
 use crate::ids::{GuestFunction, HostFunction, HYP_FN_BASE, SMCCC_FUNC_MASK, SMCCC_SVE_HINT};
 use crate::reply::{
-    Access, ExitReason, OwnerState, PageState, OWNER_HOST, OWNER_HYP, OWNER_VM, PAGE_STATE_NONE,
+    Access, ExitReason, FaultKind, OwnerState, PageState, OWNER_HOST, OWNER_HYP, OWNER_VM,
+    PAGE_STATE_NONE,
 };
 use crate::types::{Pfn, Prot, VM_HANDLE_GEN_SHIFT, VM_HANDLE_INDEX_MASK};
 use crate::{
@@ -236,6 +237,26 @@ pub fn c_defines<E>(mut f: impl FnMut(CDefine) -> Result<(), E>) -> Result<(), E
         dec(Access::Exec as u64),
         "HYP_EXIT_MEM_FAULT x3: instruction fetch",
     )?;
+    def(
+        s,
+        "HYP_FAULT_UNMAPPED",
+        dec(FaultKind::Unmapped as u64),
+        "HYP_EXIT_MEM_FAULT x4: nothing mapped at gfn",
+    )?;
+    def(
+        s,
+        "HYP_FAULT_PERMISSION",
+        dec(FaultKind::Permission as u64),
+        "HYP_EXIT_MEM_FAULT x4: mapped without the needed permission",
+    )?;
+
+    let s = "HYP_VCPU_CREATE start flags (x5, ABI.md 3.6)";
+    def(
+        s,
+        "HYP_VCPU_START_OFF",
+        dec(VCPU_START_OFF),
+        "powered off until a guest PSCI CPU_ON; x3, x4 zero",
+    )?;
 
     let s = "HYP_VM_COUNTERS groups (x2) and the register of each counter (ABI.md 3.18)";
     def(
@@ -290,6 +311,24 @@ pub fn c_defines<E>(mut f: impl FnMut(CDefine) -> Result<(), E>) -> Result<(), E
         "HYP_CTR_RT_TABLE_PAGES",
         dec(4),
         "group 1 x4: stage-2 table pages (gauge)",
+    )?;
+    def(
+        s,
+        "HYP_CTR_RT_HOST_EXITS",
+        dec(5),
+        "group 1 x5: exits returned to the host",
+    )?;
+    def(
+        s,
+        "HYP_CTR_RT_HYP_EXITS",
+        dec(6),
+        "group 1 x6: exits answered by the hypervisor",
+    )?;
+    def(
+        s,
+        "HYP_CTR_RT_IRQ_EXITS",
+        dec(7),
+        "group 1 x7: runs ended by a physical interrupt",
     )?;
 
     let s = "Page-state queries (ABI.md 2.5, 3.19, 3.20)";

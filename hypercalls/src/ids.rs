@@ -118,13 +118,13 @@ functions! {
             "x1=vm -> x1=count x2..x7=pfns";
         /// Create a VM.
         VmCreate = 0x0020, "HYP_VM_CREATE", "3.5",
-            "x1=ipa_bits x2=nr_vcpus x3=root_pfn -> x1=vm";
+            "x1=ipa_bits x2=nr_vcpus x3=root_pfn x4=mem_gfn x5=mem_pages -> x1=vm";
         /// Create a vCPU.
         VcpuCreate = 0x0021, "HYP_VCPU_CREATE", "3.6",
-            "x1=vm x2=vcpu ->";
+            "x1=vm x2=vcpu x3=entry_ipa x4=entry_x0 x5=flags ->";
         /// Run a vCPU until it exits.
         VcpuRun = 0x0022, "HYP_VCPU_RUN", "3.7",
-            "x1=vm x2=vcpu -> x1=exit_reason x2..x4=exit_info";
+            "x1=vm x2=vcpu x3=mmio_read_data -> x1=exit_reason x2..x5=exit_info";
         /// Share host pages with a guest (the host keeps access).
         Share = 0x0030, "HYP_SHARE", "3.8",
             "x1=vm x2=pfn x3=gfn x4=nr_pages x5=prot ->";

@@ -36,7 +36,7 @@ mod regs;
 mod reply;
 mod types;
 
-pub use call::{CounterGroup, Hypercall};
+pub use call::{CounterGroup, GuestMemory, Hypercall, VcpuStart, VCPU_ENTRY_LIMIT, VCPU_START_OFF};
 pub use error::HypError;
 pub use guest::GuestCall;
 #[cfg(feature = "alloc")]
@@ -47,9 +47,9 @@ pub use header::{
 pub use ids::{hyp_fn, GuestFunction, HostFunction};
 pub use regs::Regs;
 pub use reply::{
-    encode_result, AbiVersion, Access, ConsoleBytes, Counters, ExitReason, GuestPage, HostPageInfo,
-    Owner, OwnerState, PageState, ReclaimedPages, Reply, ReplyError, RuntimeCounters,
-    Stage2Counters, TeardownProgress, VcpuExit,
+    encode_result, AbiVersion, Access, ConsoleBytes, Counters, ExitReason, FaultKind, GuestPage,
+    HostPageInfo, MmioSize, Owner, OwnerState, PageState, ReclaimedPages, Reply, ReplyError,
+    RuntimeCounters, Stage2Counters, TeardownProgress, VcpuExit,
 };
 pub use types::{
     Gfn, IpaBits, PageCount, Pfn, Prot, VcpuCount, VcpuIndex, VmHandle, VM_HANDLE_GEN_SHIFT,
@@ -59,7 +59,7 @@ pub use types::{
 /// ABI major version: incremented on incompatible changes.
 pub const ABI_VERSION_MAJOR: u16 = 0;
 /// ABI minor version: incremented on compatible additions.
-pub const ABI_VERSION_MINOR: u16 = 1;
+pub const ABI_VERSION_MINOR: u16 = 2;
 
 /// Log2 of the page size the ABI counts in (4 KiB).
 pub const PAGE_SHIFT: u32 = 12;

@@ -179,13 +179,69 @@ impl Access {
     }
 }
 
+/// What kind of stage-2 fault a [`VcpuExit::MemFault`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FaultKind {
+    /// Nothing is mapped at the frame: share or donate a page there.
+    Unmapped = 0,
+    /// The frame is mapped without the permission the access needs (for
+    /// example after `HYP_WRPROTECT`): relax its permissions.
+    Permission = 1,
+}
+
+impl FaultKind {
+    /// The kind for a raw value.
+    #[must_use]
+    pub const fn from_raw(v: u64) -> Option<Self> {
+        match v {
+            0 => Some(Self::Unmapped),
+            1 => Some(Self::Permission),
+            _ => None,
+        }
+    }
+}
+
+/// The size of an MMIO access in bytes (1, 2, 4 or 8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MmioSize(u8);
+
+impl MmioSize {
+    /// `bytes` if it is 1, 2, 4 or 8.
+    #[must_use]
+    pub const fn new(bytes: u8) -> Option<Self> {
+        match bytes {
+            1 | 2 | 4 | 8 => Some(Self(bytes)),
+            _ => None,
+        }
+    }
+
+    /// The size in bytes.
+    #[must_use]
+    pub const fn bytes(self) -> u8 {
+        self.0
+    }
+
+    /// The mask of the value bits an access of this size moves.
+    #[must_use]
+    pub const fn mask(self) -> u64 {
+        match self.0 {
+            8 => u64::MAX,
+            n => (1u64 << (n as u32 * 8)) - 1,
+        }
+    }
+}
+
+/// IPAs in exits are below this (52-bit IPAs).
+const IPA_LIMIT: u64 = 1 << 52;
+
 /// The exit reason codes of `HYP_VCPU_RUN` (x1), see §5.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum ExitReason {
     /// A host interrupt (or the time slice) ended the run; run again.
     Interrupted = 0,
-    /// A stage-2 fault on a guest frame that is not mapped.
+    /// A stage-2 fault on a guest frame of the VM's memory.
     MemFault = 1,
     /// The guest wrote to the console.
     Console = 2,
@@ -193,10 +249,18 @@ pub enum ExitReason {
     ShareRequest = 3,
     /// The guest asked for memory to be unshared.
     UnshareRequest = 4,
-    /// The guest asked to stop.
+    /// The guest asked to stop (`HYP_GUEST_SHUTDOWN`).
     Shutdown = 5,
     /// A trap the hypervisor does not handle.
     UnhandledTrap = 6,
+    /// A data access outside the VM's memory, for the host to emulate.
+    Mmio = 7,
+    /// The guest executed WFI or WFE.
+    Wfx = 8,
+    /// The guest called PSCI `SYSTEM_OFF` or `SYSTEM_RESET`.
+    SystemOff = 9,
+    /// The vCPU is powered off (never started, or PSCI `CPU_OFF`).
+    PoweredOff = 10,
 }
 
 impl ExitReason {
@@ -209,6 +273,10 @@ impl ExitReason {
         Self::UnshareRequest,
         Self::Shutdown,
         Self::UnhandledTrap,
+        Self::Mmio,
+        Self::Wfx,
+        Self::SystemOff,
+        Self::PoweredOff,
     ];
 
     /// The C macro name.
@@ -222,6 +290,10 @@ impl ExitReason {
             Self::UnshareRequest => "HYP_EXIT_UNSHARE_REQUEST",
             Self::Shutdown => "HYP_EXIT_SHUTDOWN",
             Self::UnhandledTrap => "HYP_EXIT_UNHANDLED_TRAP",
+            Self::Mmio => "HYP_EXIT_MMIO",
+            Self::Wfx => "HYP_EXIT_WFX",
+            Self::SystemOff => "HYP_EXIT_SYSTEM_OFF",
+            Self::PoweredOff => "HYP_EXIT_POWERED_OFF",
         }
     }
 
@@ -230,12 +302,16 @@ impl ExitReason {
     pub const fn layout(self) -> &'static str {
         match self {
             Self::Interrupted => "no info; run again",
-            Self::MemFault => "x2=gfn x3=access (HYP_ACCESS_*)",
+            Self::MemFault => "x2=gfn x3=access (HYP_ACCESS_*) x4=kind (HYP_FAULT_*)",
             Self::Console => "x2=len (1..16) x3=bytes 0..7 x4=bytes 8..15 (little-endian)",
             Self::ShareRequest => "x2=gfn x3=nr_pages",
             Self::UnshareRequest => "x2=gfn x3=nr_pages",
             Self::Shutdown => "no info",
             Self::UnhandledTrap => "x2=ESR_EL2 x3=FAR_EL2",
+            Self::Mmio => "x2=IPA x3=size (1,2,4,8) x4=write (0|1) x5=data written (0 for a read)",
+            Self::Wfx => "x2=wfe (0 WFI, 1 WFE); run again",
+            Self::SystemOff => "x2=reset (0 SYSTEM_OFF, 1 SYSTEM_RESET)",
+            Self::PoweredOff => "no info; run again after a guest PSCI CPU_ON",
         }
     }
 }
@@ -245,12 +321,15 @@ impl ExitReason {
 pub enum VcpuExit {
     /// A host interrupt ended the run; run again.
     Interrupted,
-    /// The guest touched `gfn`, which is not mapped; share or donate and run again.
+    /// The guest touched `gfn` of its memory, which is not mapped (or not
+    /// with the permission the access needs); map or relax and run again.
     MemFault {
         /// The faulting guest frame.
         gfn: Gfn,
         /// What the guest tried.
         access: Access,
+        /// Unmapped or a permission fault.
+        kind: FaultKind,
     },
     /// The guest wrote to the console (`HYP_GUEST_CONSOLE_WRITE`).
     Console(ConsoleBytes),
@@ -277,6 +356,31 @@ pub enum VcpuExit {
         /// `FAR_EL2` of the trap (0 where the architecture leaves it unknown).
         far: u64,
     },
+    /// A data access outside the VM's memory (§3.5). A write is complete
+    /// (the guest has moved on); a read completes on the next
+    /// `HYP_VCPU_RUN`, whose x3 is the value read.
+    Mmio {
+        /// The IPA accessed (byte address).
+        ipa: u64,
+        /// Access size.
+        size: MmioSize,
+        /// A store (`data` holds the value) rather than a load (`data` is 0).
+        write: bool,
+        /// The value stored, within `size`.
+        data: u64,
+    },
+    /// The guest executed WFI (or WFE); the instruction is complete.
+    Wfx {
+        /// WFE rather than WFI.
+        wfe: bool,
+    },
+    /// The guest called PSCI `SYSTEM_OFF` (or `SYSTEM_RESET`).
+    SystemOff {
+        /// `SYSTEM_RESET` rather than `SYSTEM_OFF`.
+        reset: bool,
+    },
+    /// The vCPU is powered off; it runs after another vCPU's PSCI `CPU_ON`.
+    PoweredOff,
 }
 
 impl VcpuExit {
@@ -291,22 +395,42 @@ impl VcpuExit {
             Self::UnshareRequest { .. } => ExitReason::UnshareRequest,
             Self::Shutdown => ExitReason::Shutdown,
             Self::UnhandledTrap { .. } => ExitReason::UnhandledTrap,
+            Self::Mmio { .. } => ExitReason::Mmio,
+            Self::Wfx { .. } => ExitReason::Wfx,
+            Self::SystemOff { .. } => ExitReason::SystemOff,
+            Self::PoweredOff => ExitReason::PoweredOff,
         }
     }
 
-    fn to_args(self) -> [u64; 4] {
+    fn to_args(self) -> [u64; 5] {
         let reason = self.reason() as u64;
         match self {
-            Self::Interrupted | Self::Shutdown => [reason, 0, 0, 0],
-            Self::MemFault { gfn, access } => [reason, gfn.raw(), access as u64, 0],
+            Self::Interrupted | Self::Shutdown | Self::PoweredOff => [reason, 0, 0, 0, 0],
+            Self::MemFault { gfn, access, kind } => {
+                [reason, gfn.raw(), access as u64, kind as u64, 0]
+            }
             Self::Console(c) => {
                 let [len, lo, hi] = c.to_regs();
-                [reason, len, lo, hi]
+                [reason, len, lo, hi, 0]
             }
             Self::ShareRequest { gfn, nr } | Self::UnshareRequest { gfn, nr } => {
-                [reason, gfn.raw(), u64::from(nr.get()), 0]
+                [reason, gfn.raw(), u64::from(nr.get()), 0, 0]
             }
-            Self::UnhandledTrap { esr, far } => [reason, esr, far, 0],
+            Self::UnhandledTrap { esr, far } => [reason, esr, far, 0, 0],
+            Self::Mmio {
+                ipa,
+                size,
+                write,
+                data,
+            } => [
+                reason,
+                ipa,
+                u64::from(size.bytes()),
+                u64::from(write),
+                if write { data & size.mask() } else { 0 },
+            ],
+            Self::Wfx { wfe } => [reason, u64::from(wfe), 0, 0, 0],
+            Self::SystemOff { reset } => [reason, u64::from(reset), 0, 0, 0],
         }
     }
 
@@ -316,6 +440,7 @@ impl VcpuExit {
             1 => Self::MemFault {
                 gfn: r.gfn()?,
                 access: r.map(Access::from_raw)?,
+                kind: r.map(FaultKind::from_raw)?,
             },
             2 => Self::Console(ConsoleBytes::read(r)?),
             3 => Self::ShareRequest {
@@ -331,6 +456,21 @@ impl VcpuExit {
                 esr: r.raw()?,
                 far: r.raw()?,
             },
+            7 => {
+                let ipa = r.map(|v| (v < IPA_LIMIT).then_some(v))?;
+                let size = r.map(|v| MmioSize::new(u8::try_from(v).ok()?))?;
+                let write = r.bool()?;
+                let data = r.map(|v| (v & !size.mask() == 0 && (write || v == 0)).then_some(v))?;
+                Self::Mmio {
+                    ipa,
+                    size,
+                    write,
+                    data,
+                }
+            }
+            8 => Self::Wfx { wfe: r.bool()? },
+            9 => Self::SystemOff { reset: r.bool()? },
+            10 => Self::PoweredOff,
             _ => return Err(HypError::InvalidArgument),
         })
     }
@@ -375,6 +515,13 @@ pub struct RuntimeCounters {
     pub memcache_pages: u64,
     /// Gauge: pages used now by the VM's stage-2 tables (root included).
     pub table_pages: u64,
+    /// `HYP_VCPU_RUN` calls that returned an exit to the host.
+    pub host_exits: u64,
+    /// Guest exits the hypervisor answered without the host (guest calls
+    /// such as `HYP_GUEST_VERSION` and errors, PSCI, access-flag faults).
+    pub hyp_exits: u64,
+    /// Guest runs ended by a physical interrupt (`HYP_EXIT_INTERRUPTED`).
+    pub irq_exits: u64,
 }
 
 /// The counters `HYP_VM_COUNTERS` returns.
@@ -486,7 +633,7 @@ pub enum Reply {
         /// The new VM.
         vm: VmHandle,
     },
-    /// `HYP_VCPU_RUN`: x1 = exit reason, x2..x4 = exit info.
+    /// `HYP_VCPU_RUN`: x1 = exit reason, x2..x5 = exit info.
     Exit(VcpuExit),
     /// `HYP_WRPROTECT`: x1 = pages whose permissions changed.
     WrProtected {
@@ -540,9 +687,18 @@ impl Reply {
                     c.reclaims,
                 ],
             ),
-            Self::Counters(Counters::Runtime(c)) => {
-                build(0, &[c.faults, c.vcpu_runs, c.memcache_pages, c.table_pages])
-            }
+            Self::Counters(Counters::Runtime(c)) => build(
+                0,
+                &[
+                    c.faults,
+                    c.vcpu_runs,
+                    c.memcache_pages,
+                    c.table_pages,
+                    c.host_exits,
+                    c.hyp_exits,
+                    c.irq_exits,
+                ],
+            ),
             Self::HostPage(info) => {
                 let (kind, vm) = match info.owner {
                     Owner::Host => (OWNER_HOST, 0),
@@ -657,6 +813,9 @@ fn read_payload(shape: Shape, r: &mut Reader<'_>) -> Result<Reply, HypError> {
                 vcpu_runs: r.raw()?,
                 memcache_pages: r.raw()?,
                 table_pages: r.raw()?,
+                host_exits: r.raw()?,
+                hyp_exits: r.raw()?,
+                irq_exits: r.raw()?,
             }))
         }
         Shape::HostPage => {

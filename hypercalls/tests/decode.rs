@@ -154,8 +154,14 @@ fn vm_create_arguments() {
             ipa_bits: IpaBits::new(40).unwrap(),
             nr_vcpus: hypercalls::VcpuCount::new(4).unwrap(),
             root: Pfn::new(0x8_0000).unwrap(),
+            memory: None,
         })
     );
+    let mem = |g, n| decode(HostFunction::VmCreate, &[32, 1, 0x8_0000, g, n]);
+    assert!(mem(0xC_0000, 0x4_0000).is_ok(), "RAM up to the IPA limit");
+    assert_eq!(mem(0xC_0000, 0x4_0001), EINVAL, "RAM beyond 4 GiB");
+    assert_eq!(mem(5, 0), EINVAL, "a base without pages");
+    assert_eq!(mem(u64::MAX, 1), EINVAL, "gfn beyond 40 bits");
     assert_eq!(create(31, 4, 0), EINVAL);
     assert_eq!(create(49, 4, 0), EINVAL);
     assert_eq!(create(40, 0, 0), EINVAL);
@@ -178,6 +184,18 @@ fn other_arguments() {
         "vcpu index >= MAX_VCPUS"
     );
     assert!(decode(HostFunction::VcpuRun, &[VM, 63]).is_ok());
+    assert!(
+        decode(HostFunction::VcpuRun, &[VM, 0, u64::MAX]).is_ok(),
+        "x3 is MMIO data"
+    );
+    let vcpu = |x3, x4, x5| decode(HostFunction::VcpuCreate, &[VM, 0, x3, x4, x5]);
+    assert!(vcpu(0x4008_0000, u64::MAX, 0).is_ok());
+    assert_eq!(vcpu(0x4008_0002, 0, 0), EINVAL, "misaligned entry");
+    assert_eq!(vcpu(1 << 52, 0, 0), EINVAL, "entry beyond 52 bits");
+    assert!(vcpu(0, 0, 1).is_ok(), "powered off");
+    assert_eq!(vcpu(4, 0, 1), EINVAL, "powered off with an entry");
+    assert_eq!(vcpu(0, 1, 1), EINVAL, "powered off with an x0");
+    assert_eq!(vcpu(0, 0, 2), EINVAL, "unknown flag");
     assert_eq!(
         decode(HostFunction::VmCounters, &[VM, 2]),
         EINVAL,
@@ -360,11 +378,32 @@ fn malformed_replies() {
     let run = Hypercall::VcpuRun {
         vm,
         vcpu: hypercalls::VcpuIndex::new(0).unwrap(),
+        mmio_data: 0,
     };
     assert_eq!(
-        run.decode_reply(&[0, 7, 0, 0, 0, 0, 0, 0]),
+        run.decode_reply(&[0, 11, 0, 0, 0, 0, 0, 0]),
         Err(ReplyError::Malformed),
-        "exit reason 7"
+        "exit reason 11"
+    );
+    assert_eq!(
+        run.decode_reply(&[0, 7, 0x900_0000, 2, 1, 0x1_0000, 0, 0]),
+        Err(ReplyError::Malformed),
+        "MMIO data wider than the access"
+    );
+    assert_eq!(
+        run.decode_reply(&[0, 7, 0x900_0000, 3, 1, 0, 0, 0]),
+        Err(ReplyError::Malformed),
+        "MMIO size 3"
+    );
+    assert_eq!(
+        run.decode_reply(&[0, 7, 0x900_0000, 4, 0, 5, 0, 0]),
+        Err(ReplyError::Malformed),
+        "MMIO read with data"
+    );
+    assert_eq!(
+        run.decode_reply(&[0, 1, 5, 1, 2, 0, 0, 0]),
+        Err(ReplyError::Malformed),
+        "fault kind 2"
     );
     assert_eq!(
         run.decode_reply(&[0, 1, 5, 3, 0, 0, 0, 0]),

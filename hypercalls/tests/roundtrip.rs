@@ -4,12 +4,12 @@
 
 use hypercalls::ids::SMCCC_SVE_HINT;
 use hypercalls::{
-    encode_result, AbiVersion, Access, ConsoleBytes, CounterGroup, Counters, GuestCall,
-    GuestFunction, GuestPage, HostFunction, HostPageInfo, HypError, Hypercall, IpaBits, Owner,
-    OwnerState, PageCount, PageState, Pfn, Prot, ReclaimedPages, Reply, ReplyError,
-    RuntimeCounters, Stage2Counters, TeardownProgress, VcpuCount, VcpuExit, VcpuIndex, VmHandle,
-    CONSOLE_MAX_BYTES, MAX_IPA_BITS, MAX_PAGES_PER_CALL, MAX_VCPUS, MEMCACHE_RECLAIM_MAX,
-    MIN_IPA_BITS, PFN_BITS, TEARDOWN_BATCH,
+    encode_result, AbiVersion, Access, ConsoleBytes, CounterGroup, Counters, FaultKind, GuestCall,
+    GuestFunction, GuestMemory, GuestPage, HostFunction, HostPageInfo, HypError, Hypercall,
+    IpaBits, MmioSize, Owner, OwnerState, PageCount, PageState, Pfn, Prot, ReclaimedPages, Reply,
+    ReplyError, RuntimeCounters, Stage2Counters, TeardownProgress, VcpuCount, VcpuExit, VcpuIndex,
+    VcpuStart, VmHandle, CONSOLE_MAX_BYTES, MAX_IPA_BITS, MAX_PAGES_PER_CALL, MAX_VCPUS,
+    MEMCACHE_RECLAIM_MAX, MIN_IPA_BITS, PFN_BITS, TEARDOWN_BATCH, VCPU_ENTRY_LIMIT,
 };
 use hypercalls::{Gfn, Regs};
 use proptest::prelude::*;
@@ -57,16 +57,33 @@ fn vm_create() -> impl Strategy<Value = Hypercall> {
         MIN_IPA_BITS..=MAX_IPA_BITS,
         1..=MAX_VCPUS,
         0..(1u64 << PFN_BITS),
+        any::<bool>(),
+        any::<u64>(),
+        any::<u64>(),
     )
-        .prop_map(|(bits, n, root)| {
+        .prop_map(|(bits, n, root, has_mem, a, b)| {
             let ipa_bits = IpaBits::new(bits).unwrap();
             let align = u64::from(ipa_bits.root_table_pages());
+            let frames = 1u64 << (bits - 12);
+            let start = a % frames;
+            let pages = 1 + b % (frames - start);
+            let memory = has_mem
+                .then(|| GuestMemory::new(ipa_bits, Gfn::new(start).unwrap(), pages).unwrap());
             Hypercall::VmCreate {
                 ipa_bits,
                 nr_vcpus: VcpuCount::new(n).unwrap(),
                 root: Pfn::new(root / align * align).unwrap(),
+                memory,
             }
         })
+}
+
+fn vcpu_start() -> impl Strategy<Value = VcpuStart> {
+    prop_oneof![
+        Just(VcpuStart::Off),
+        (0..VCPU_ENTRY_LIMIT / 4, any::<u64>())
+            .prop_map(|(e, arg)| VcpuStart::On { entry: e * 4, arg }),
+    ]
 }
 
 fn hypercall() -> impl Strategy<Value = Hypercall> {
@@ -77,8 +94,16 @@ fn hypercall() -> impl Strategy<Value = Hypercall> {
         (vm(), pfn(), count()).prop_map(|(vm, pfn, nr)| H::MemcacheTopup { vm, pfn, nr }),
         vm().prop_map(|vm| H::MemcacheReclaim { vm }),
         vm_create(),
-        (vm(), vcpu()).prop_map(|(vm, vcpu)| H::VcpuCreate { vm, vcpu }),
-        (vm(), vcpu()).prop_map(|(vm, vcpu)| H::VcpuRun { vm, vcpu }),
+        (vm(), vcpu(), vcpu_start()).prop_map(|(vm, vcpu, start)| H::VcpuCreate {
+            vm,
+            vcpu,
+            start
+        }),
+        (vm(), vcpu(), any::<u64>()).prop_map(|(vm, vcpu, mmio_data)| H::VcpuRun {
+            vm,
+            vcpu,
+            mmio_data
+        }),
         (vm(), pfn(), gfn(), count(), prot_with_r()).prop_map(|(vm, pfn, gfn, nr, prot)| {
             H::Share {
                 vm,
@@ -140,12 +165,36 @@ fn exit() -> impl Strategy<Value = VcpuExit> {
     let access = prop_oneof![Just(Access::Read), Just(Access::Write), Just(Access::Exec)];
     prop_oneof![
         Just(VcpuExit::Interrupted),
-        (gfn(), access).prop_map(|(gfn, access)| VcpuExit::MemFault { gfn, access }),
+        (gfn(), access.clone(), any::<bool>()).prop_map(|(gfn, access, perm)| {
+            VcpuExit::MemFault {
+                gfn,
+                access,
+                kind: if perm {
+                    FaultKind::Permission
+                } else {
+                    FaultKind::Unmapped
+                },
+            }
+        }),
         console().prop_map(VcpuExit::Console),
         (gfn(), count()).prop_map(|(gfn, nr)| VcpuExit::ShareRequest { gfn, nr }),
         (gfn(), count()).prop_map(|(gfn, nr)| VcpuExit::UnshareRequest { gfn, nr }),
         Just(VcpuExit::Shutdown),
         (any::<u64>(), any::<u64>()).prop_map(|(esr, far)| VcpuExit::UnhandledTrap { esr, far }),
+        (0..(1u64 << 52), 0..4u32, any::<bool>(), any::<u64>()).prop_map(
+            |(ipa, log, write, data)| {
+                let size = MmioSize::new(1 << log).unwrap();
+                VcpuExit::Mmio {
+                    ipa,
+                    size,
+                    write,
+                    data: if write { data & size.mask() } else { 0 },
+                }
+            }
+        ),
+        any::<bool>().prop_map(|wfe| VcpuExit::Wfx { wfe }),
+        any::<bool>().prop_map(|reset| VcpuExit::SystemOff { reset }),
+        Just(VcpuExit::PoweredOff),
     ]
 }
 
@@ -193,13 +242,16 @@ fn reply_for(call: Hypercall) -> BoxedStrategy<Reply> {
         Hypercall::VmCounters {
             group: CounterGroup::Runtime,
             ..
-        } => any::<[u64; 4]>()
+        } => any::<[u64; 7]>()
             .prop_map(|c| {
                 Reply::Counters(Counters::Runtime(RuntimeCounters {
                     faults: c[0],
                     vcpu_runs: c[1],
                     memcache_pages: c[2],
                     table_pages: c[3],
+                    host_exits: c[4],
+                    hyp_exits: c[5],
+                    irq_exits: c[6],
                 }))
             })
             .boxed(),
@@ -370,10 +422,10 @@ fn used_args(f: HostFunction) -> usize {
         | F::TeardownReclaim
         | F::TeardownFinalize
         | F::HostPageState => 1,
-        F::VcpuCreate | F::VcpuRun | F::VmCounters | F::GuestPageState => 2,
-        F::MemcacheTopup | F::VmCreate | F::WrProtect | F::RelaxPerms | F::TestClearYoung => 3,
+        F::VmCounters | F::GuestPageState => 2,
+        F::MemcacheTopup | F::VcpuRun | F::WrProtect | F::RelaxPerms | F::TestClearYoung => 3,
         F::Unshare | F::Reclaim => 4,
-        F::Share | F::Donate => 5,
+        F::Share | F::Donate | F::VmCreate | F::VcpuCreate => 5,
     }
 }
 

@@ -287,8 +287,9 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
                 ipa_bits,
                 nr_vcpus,
                 root,
+                ..
             } => self.vm_create(ipa_bits, nr_vcpus, root),
-            Hypercall::VcpuCreate { vm, vcpu } => self.vcpu_create(vm, vcpu),
+            Hypercall::VcpuCreate { vm, vcpu, .. } => self.vcpu_create(vm, vcpu),
             Hypercall::VcpuRun { .. } => Err(HypError::NotSupported),
             Hypercall::Share {
                 vm,

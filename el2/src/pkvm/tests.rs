@@ -76,6 +76,7 @@ pub(super) fn create(h: &FakeHyp, ipa_bits: u8, root: u64) -> VmHandle {
             ipa_bits: IpaBits::new(ipa_bits).unwrap(),
             nr_vcpus: VcpuCount::new(2).unwrap(),
             root: pfn(root),
+            memory: None,
         },
     ) {
         Reply::VmCreated { vm } => vm,
@@ -235,6 +236,7 @@ fn version_and_features() {
         Hypercall::VcpuRun {
             vm,
             vcpu: VcpuIndex::new(0).unwrap(),
+            mmio_data: 0,
         },
         HypError::NotSupported,
     );
@@ -271,6 +273,7 @@ fn vm_create_and_refusals() {
         ipa_bits: IpaBits::new(bits).unwrap(),
         nr_vcpus: VcpuCount::new(1).unwrap(),
         root: pfn(root),
+        memory: None,
     };
     // Not RAM: the hole, a range running into the hole, far away.
     refused(&h, make(48, HOLE), HypError::OutOfRange);
@@ -625,6 +628,7 @@ fn vcpu_create() {
     let vcpu = |i: u16| Hypercall::VcpuCreate {
         vm,
         vcpu: VcpuIndex::new(i).unwrap(),
+        start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
     };
     refused(&h, vcpu(2), HypError::OutOfRange);
     refused(&h, vcpu(0), HypError::NoMemory);
@@ -647,7 +651,14 @@ fn vcpu_load_and_put() {
     let v0 = VcpuIndex::new(0).unwrap();
     let v1 = VcpuIndex::new(1).unwrap();
     assert_eq!(h.vcpu_load(vm, v0), Err(HypError::NoEntry));
-    ok(&h, Hypercall::VcpuCreate { vm, vcpu: v0 });
+    ok(
+        &h,
+        Hypercall::VcpuCreate {
+            vm,
+            vcpu: v0,
+            start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
+        },
+    );
     let loaded = h.vcpu_load(vm, v0).unwrap();
     assert_eq!(loaded.vttbr >> 48, u64::from(vm.index()) + 1);
     assert_eq!(loaded.vttbr & ((1 << 48) - 1), HOST0 << 12);
@@ -684,6 +695,7 @@ fn lifecycle() {
         Hypercall::VcpuCreate {
             vm,
             vcpu: VcpuIndex::new(0).unwrap(),
+            start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
         },
     );
     ok(&h, donate(vm, HOST0 + 100, 0, 3));
@@ -713,6 +725,7 @@ fn lifecycle() {
         Hypercall::VcpuCreate {
             vm,
             vcpu: VcpuIndex::new(1).unwrap(),
+            start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
         },
         HypError::Busy,
     );

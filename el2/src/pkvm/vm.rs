@@ -82,8 +82,14 @@ pub struct Counts {
     pub reclaims: u64,
     /// Stage-2 faults taken from the VM.
     pub faults: u64,
-    /// Guest entries.
+    /// Successful `HYP_VCPU_RUN` calls.
     pub vcpu_runs: u64,
+    /// Exits returned to the host.
+    pub host_exits: u64,
+    /// Guest exits the hypervisor answered itself.
+    pub hyp_exits: u64,
+    /// Runs ended by a physical interrupt.
+    pub irq_exits: u64,
 }
 
 fn add(c: &mut u64, n: u64) {
@@ -180,6 +186,9 @@ impl<P: Platform> Vm<P> {
             vcpu_runs: self.counts.vcpu_runs,
             memcache_pages: self.memcache().free_pages() as u64,
             table_pages: self.memcache().table_pages() as u64,
+            host_exits: self.counts.host_exits,
+            hyp_exits: self.counts.hyp_exits,
+            irq_exits: self.counts.irq_exits,
         }
     }
 }

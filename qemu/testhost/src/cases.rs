@@ -334,6 +334,7 @@ fn create_root(c: &mut Ctx) -> R {
         ipa_bits: hypercalls::IpaBits::new(IPA).expect("valid"),
         nr_vcpus: hypercalls::VcpuCount::new(1).expect("valid"),
         root: pfn(r),
+        memory: None,
     };
     c.fails(call(root), Denied)?;
     c.ok(unshare(a, root, 0x100, 1))?;
@@ -361,6 +362,7 @@ fn no_memcache(c: &mut Ctx) -> R {
         Hypercall::VcpuCreate {
             vm,
             vcpu: VcpuIndex::new(0).expect("valid"),
+            start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
         },
         NoMemory,
     )?;
@@ -469,8 +471,16 @@ fn stale_handle(c: &mut Ctx) -> R {
         donate(vm, p, 0x100, 1),
         topup(vm, p, 1),
         Hypercall::MemcacheReclaim { vm },
-        Hypercall::VcpuCreate { vm, vcpu: v0 },
-        Hypercall::VcpuRun { vm, vcpu: v0 },
+        Hypercall::VcpuCreate {
+            vm,
+            vcpu: v0,
+            start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
+        },
+        Hypercall::VcpuRun {
+            vm,
+            vcpu: v0,
+            mmio_data: 0,
+        },
         Hypercall::TeardownStart { vm },
         Hypercall::TeardownReclaim { vm },
         Hypercall::TeardownFinalize { vm },
@@ -557,6 +567,7 @@ fn vcpus(c: &mut Ctx) -> R {
     let v = |i| Hypercall::VcpuCreate {
         vm,
         vcpu: VcpuIndex::new(i).expect("valid"),
+        start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
     };
     c.fails(v(2), OutOfRange)?;
     c.ok(v(1))?;
@@ -565,6 +576,7 @@ fn vcpus(c: &mut Ctx) -> R {
         Hypercall::VcpuRun {
             vm,
             vcpu: VcpuIndex::new(0).expect("valid"),
+            mmio_data: 0,
         },
         NoEntry,
     )?;
@@ -746,7 +758,11 @@ fn dying_calls(c: &mut Ctx) -> R {
         unshare(vm, p, 0x100, 1),
         reclaim(vm, p + 1, 0x101, 1),
         topup(vm, p + 3, 1),
-        Hypercall::VcpuCreate { vm, vcpu: v0 },
+        Hypercall::VcpuCreate {
+            vm,
+            vcpu: v0,
+            start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
+        },
         Hypercall::WrProtect {
             vm,
             gfn: gfn(0x100),
@@ -785,6 +801,7 @@ fn teardown_everything_back(c: &mut Ctx) -> R {
         c.ok(Hypercall::VcpuCreate {
             vm,
             vcpu: VcpuIndex::new(i).expect("valid"),
+            start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
         })?;
     }
     // destroy: every guest page, table page, vCPU page, memcache page and

@@ -248,6 +248,7 @@ impl Ctx {
             ipa_bits: bits,
             nr_vcpus: VcpuCount::new(nr_vcpus).ok_or("bad nr_vcpus")?,
             root: pfn(root),
+            memory: None,
         })? {
             Reply::VmCreated { vm } => vm,
             r => return Err(format!("VM_CREATE replied {r:?}")),

@@ -392,7 +392,7 @@ impl Model {
                 }
                 Succeed
             }
-            Hypercall::VcpuCreate { vm, vcpu } => {
+            Hypercall::VcpuCreate { vm, vcpu, .. } => {
                 let v = self.live_vm(vm)?;
                 if vcpu.get() >= v.nr_vcpus {
                     return Err(HypError::OutOfRange);
@@ -402,7 +402,7 @@ impl Model {
                 }
                 Self::memory(v)
             }
-            Hypercall::VcpuRun { vm, vcpu } => {
+            Hypercall::VcpuRun { vm, vcpu, .. } => {
                 let v = self.vm(vm)?;
                 if vcpu.get() >= v.nr_vcpus || v.vcpus & (1 << vcpu.get()) == 0 {
                     return Err(HypError::NoEntry);
@@ -625,6 +625,7 @@ impl Model {
                     ipa_bits,
                     nr_vcpus,
                     root,
+                    memory: None,
                 },
                 Reply::VmCreated { vm },
             ) => {
@@ -650,7 +651,14 @@ impl Model {
                     counts: PageCounts::default(),
                 });
             }
-            (Hypercall::VcpuCreate { vm, vcpu }, Reply::Done) => {
+            (
+                Hypercall::VcpuCreate {
+                    vm,
+                    vcpu,
+                    start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
+                },
+                Reply::Done,
+            ) => {
                 if let Some(v) = self.vm_mut(vm) {
                     v.vcpus |= 1 << vcpu.get();
                     v.used_memcache = true;
@@ -949,6 +957,7 @@ mod tests {
             ipa_bits: IpaBits::new(40).unwrap(),
             nr_vcpus: VcpuCount::new(2).unwrap(),
             root: Pfn::new(root).unwrap(),
+            memory: None,
         };
         m.step(&call, &Ok(Reply::VmCreated { vm: h })).unwrap();
         h

@@ -232,6 +232,7 @@ fn random_calls(cpu: usize) -> Result<u64, (u64, String)> {
                         vm,
                         vcpu: VcpuIndex::new(rng.below(3) as u16)
                             .unwrap_or(VcpuIndex::new(0).expect("valid")),
+                        start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
                     }
                 } else {
                     Hypercall::MemcacheTopup { vm, pfn: p, nr }

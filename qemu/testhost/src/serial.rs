@@ -63,6 +63,7 @@ mod tests {
                 ipa_bits: IpaBits::new(40).unwrap(),
                 nr_vcpus: VcpuCount::new(1).unwrap(),
                 root: Pfn::new(0x80000).unwrap(),
+                memory: None,
             },
             &Ok(Reply::VmCreated { vm }),
         )

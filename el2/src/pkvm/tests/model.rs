@@ -294,6 +294,7 @@ fn to_call(m: &Model, op: &Op) -> Hypercall {
             ipa_bits: IpaBits::new(*bits).unwrap(),
             nr_vcpus: VcpuCount::new(2).unwrap(),
             root: pfn(*root),
+            memory: None,
         },
         Op::Topup { vm, pfn: p, n } => Hypercall::MemcacheTopup {
             vm: h(vm),
@@ -304,6 +305,7 @@ fn to_call(m: &Model, op: &Op) -> Hypercall {
         Op::Vcpu { vm, i } => Hypercall::VcpuCreate {
             vm: h(vm),
             vcpu: VcpuIndex::new(*i).unwrap(),
+            start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
         },
         Op::Share {
             vm,
@@ -532,7 +534,7 @@ fn expect(h: &FakeHyp, m: &Model, call: &Hypercall) -> Result<Expect, String> {
             Err(e) => err(e),
             Ok(_) => Expect::Success { may_nomem: false },
         },
-        Hypercall::VcpuCreate { vm, vcpu } => {
+        Hypercall::VcpuCreate { vm, vcpu, .. } => {
             let i = match m.live(vm) {
                 Ok(i) => i,
                 Err(e) => return Ok(err(e)),
@@ -762,6 +764,7 @@ fn apply(h: &FakeHyp, m: &mut Model, call: &Hypercall, reply: &Reply) -> Result<
             ipa_bits,
             nr_vcpus,
             root,
+            ..
         } => {
             let Reply::VmCreated { vm } = *reply else {
                 unreachable!()
@@ -828,7 +831,7 @@ fn apply(h: &FakeHyp, m: &mut Model, call: &Hypercall, reply: &Reply) -> Result<
                 }
             }
         }
-        Hypercall::VcpuCreate { vm, vcpu } => {
+        Hypercall::VcpuCreate { vm, vcpu, .. } => {
             let i = m.slot_of(vm).unwrap();
             m.vm_mut(i).vcpus.insert(vcpu.get());
         }
