@@ -16,6 +16,14 @@
 //!   checks its half of N MiB, vCPU 1 then signals through memory and
 //!   calls PSCI CPU_OFF, and vCPU 0 checks both halves (what the other
 //!   vCPU wrote, possibly from another physical CPU) and powers off.
+//! - [`Mode::Poke`]: one [`Op`] on one guest page (read, write a pattern,
+//!   read then write, spin until the page goes away), each step reported
+//!   over the console, so that the VMM can change the page between steps
+//!   (the conformance cases of the test host's `guests.rs`).
+//! - [`Mode::Hostile`]: malformed guest calls, each of which must fail
+//!   with the right error (or exit and come back), never hurt the host.
+//! - [`Mode::Bench`]: counts generic-timer ticks around 2^k null guest
+//!   calls and 2^k first touches of fresh pages (`cargo xtask bench hvc`).
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -63,6 +71,33 @@ pub enum Mode {
     /// Touch something the hypervisor must not let a guest touch (N
     /// selects it, [`Probe`]); the VM is expected to end there.
     Probe,
+    /// One [`Op`] on the page at [`Arg::gfn`].
+    Poke,
+    /// Malformed guest calls.
+    Hostile,
+    /// Tick counts of null calls and first touches (from [`Arg::gfn`]).
+    Bench,
+}
+
+/// What [`Mode::Poke`] does with its page (IPA `gfn << 12`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// `count` times: read word 0, report `guest: read <value>`.
+    Read = 0,
+    /// Write [`pattern`] to every word of the page, report `guest: wrote`.
+    Write = 1,
+    /// Read word 0 and report it, then write [`pattern`] to word 0 and
+    /// report `guest: wrote`.
+    ReadWrite = 2,
+    /// Read word 0 of the page in a loop, storing the loop count in word 0
+    /// of the next page (`gfn + 1`), for at most 2^`count` loops; if the
+    /// loop ends without a fault, report `guest: spin ended after <n>`.
+    Spin = 3,
+}
+
+impl Op {
+    /// Every op, in number order.
+    pub const ALL: [Self; 4] = [Self::Read, Self::Write, Self::ReadWrite, Self::Spin];
 }
 
 /// What [`Mode::Probe`] touches (the argument's N).
@@ -107,6 +142,14 @@ impl Probe {
 /// | 47:32 | touch: reports before shutdown (0 = run forever) |
 /// | 55:48 | touch: log2 of passes per report |
 ///
+/// Modes 6 (poke), 7 (hostile) and 8 (bench) use the bits differently:
+///
+/// | bits | field |
+/// |---|---|
+/// | 7:4 | poke: the [`Op`] |
+/// | 15:8 | poke: [`Arg::count`] (reads, or log2 of spin loops); bench: log2 of iterations (at most 24) |
+/// | 55:16 | poke, bench: [`Arg::gfn`] |
+///
 /// Other bits must be zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Arg {
@@ -118,6 +161,12 @@ pub struct Arg {
     pub reports: u16,
     /// Touch: log2 of passes per report (at most 31).
     pub passes_log2: u8,
+    /// Poke: the operation.
+    pub op: Op,
+    /// Poke: reads, or log2 of spin loops; bench: log2 of iterations.
+    pub count: u8,
+    /// Poke, bench: the guest frame (IPA >> 12).
+    pub gfn: u64,
 }
 
 /// Why an argument was refused.
@@ -131,6 +180,10 @@ pub enum ArgError {
     Passes(u64),
     /// Reserved bits set.
     Reserved(u64),
+    /// Unknown poke operation.
+    Op(u64),
+    /// Bench: log2 of iterations above 24.
+    Iterations(u64),
 }
 
 impl Arg {
@@ -138,6 +191,12 @@ impl Arg {
 
     /// Decodes x0.
     pub fn decode(x0: u64) -> Result<Self, ArgError> {
+        match x0 & 0xf {
+            6 => return Self::decode_poke(x0, Mode::Poke),
+            7 => return Self::decode_poke(x0, Mode::Hostile),
+            8 => return Self::decode_poke(x0, Mode::Bench),
+            _ => {}
+        }
         if x0 & Self::RESERVED != 0 {
             return Err(ArgError::Reserved(x0 & Self::RESERVED));
         }
@@ -162,7 +221,64 @@ impl Arg {
             mib,
             reports: ((x0 >> 32) & 0xffff) as u16,
             passes_log2,
+            ..Self::new(mode)
         })
+    }
+
+    /// An argument of `mode` with every field zero (MiB 1).
+    #[must_use]
+    pub const fn new(mode: Mode) -> Self {
+        Self {
+            mode,
+            mib: 1,
+            reports: 0,
+            passes_log2: 0,
+            op: Op::Read,
+            count: 0,
+            gfn: 0,
+        }
+    }
+
+    /// Poke `op` on `gfn` (`count`: reads, or log2 of spin loops).
+    #[must_use]
+    pub const fn poke(op: Op, gfn: u64, count: u8) -> Self {
+        let mut a = Self::new(Mode::Poke);
+        a.op = op;
+        a.gfn = gfn;
+        a.count = count;
+        a
+    }
+
+    /// Bench: 2^`log2` iterations, fresh pages from `gfn`.
+    #[must_use]
+    pub const fn bench(gfn: u64, log2: u8) -> Self {
+        let mut a = Self::new(Mode::Bench);
+        a.gfn = gfn;
+        a.count = log2;
+        a
+    }
+
+    fn decode_poke(x0: u64, mode: Mode) -> Result<Self, ArgError> {
+        const GFN_MASK: u64 = (1 << 40) - 1;
+        let reserved = match mode {
+            Mode::Poke => 0xff00_0000_0000_0000,
+            Mode::Bench => 0xff00_0000_0000_00f0,
+            _ => !0xf,
+        };
+        if x0 & reserved != 0 {
+            return Err(ArgError::Reserved(x0 & reserved));
+        }
+        let mut a = Self::new(mode);
+        a.gfn = (x0 >> 16) & GFN_MASK;
+        a.count = ((x0 >> 8) & 0xff) as u8;
+        if mode == Mode::Poke {
+            let op = (x0 >> 4) & 0xf;
+            a.op = *Op::ALL.get(op as usize).ok_or(ArgError::Op(op))?;
+        }
+        if mode == Mode::Bench && a.count > 24 {
+            return Err(ArgError::Iterations(u64::from(a.count)));
+        }
+        Ok(a)
     }
 
     /// Encodes into x0.
@@ -174,7 +290,23 @@ impl Arg {
             Mode::Exits => 3,
             Mode::Smp => 4,
             Mode::Probe => 5,
+            Mode::Poke => 6,
+            Mode::Hostile => 7,
+            Mode::Bench => 8,
         };
+        match self.mode {
+            Mode::Poke => {
+                return mode
+                    | (self.op as u64) << 4
+                    | u64::from(self.count) << 8
+                    | (self.gfn & ((1 << 40) - 1)) << 16
+            }
+            Mode::Bench => {
+                return mode | u64::from(self.count) << 8 | (self.gfn & ((1 << 40) - 1)) << 16
+            }
+            Mode::Hostile => return mode,
+            _ => {}
+        }
         mode | u64::from(self.mib) << 16
             | u64::from(self.reports) << 32
             | u64::from(self.passes_log2) << 48
@@ -315,10 +447,10 @@ mod tests {
     #[test]
     fn arg_round_trip_and_errors() {
         let a = Arg {
-            mode: Mode::Touch,
             mib: 64,
             reports: 3,
             passes_log2: 4,
+            ..Arg::new(Mode::Touch)
         };
         assert_eq!(Arg::decode(a.encode()), Ok(a));
         assert_eq!(a.encode(), 2 | 64 << 16 | 3 << 32 | 4 << 48);
@@ -328,7 +460,8 @@ mod tests {
         assert_eq!(Arg::decode(3 | 4 << 16).map(|a| a.mode), Ok(Mode::Exits));
         assert_eq!(Arg::decode(4 | 4 << 16).map(|a| a.mode), Ok(Mode::Smp));
         assert_eq!(Arg::decode(5 | 4 << 16).map(|a| a.mode), Ok(Mode::Probe));
-        assert_eq!(Arg::decode(6 | 4 << 16), Err(ArgError::Mode(6)));
+        assert_eq!(Arg::decode(9 | 4 << 16), Err(ArgError::Mode(9)));
+        assert_eq!(Arg::decode(0), Err(ArgError::Mode(0)));
         assert_eq!(Probe::from_n(3), Some(Probe::Sve));
         assert_eq!(Probe::from_n(0), None);
         assert_eq!(Probe::from_n(6), None);
@@ -346,6 +479,31 @@ mod tests {
             Arg::decode(1 | 1 << 16 | 1 << 60),
             Err(ArgError::Reserved(_))
         ));
+    }
+
+    #[test]
+    fn poke_hostile_bench_round_trip() {
+        for op in Op::ALL {
+            let a = Arg::poke(op, (1 << 40) - 1, 0xff);
+            assert_eq!(Arg::decode(a.encode()), Ok(a));
+        }
+        let a = Arg::poke(Op::Spin, 0x40300, 20);
+        assert_eq!(a.encode(), 6 | 3 << 4 | 20 << 8 | 0x40300 << 16);
+        assert_eq!(Arg::decode(6 | 4 << 4), Err(ArgError::Op(4)));
+        assert_eq!(Arg::decode(6 | 1 << 60), Err(ArgError::Reserved(1 << 60)));
+        let h = Arg::new(Mode::Hostile);
+        assert_eq!(h.encode(), 7);
+        assert_eq!(Arg::decode(7), Ok(h));
+        assert_eq!(Arg::decode(7 | 1 << 16), Err(ArgError::Reserved(1 << 16)));
+        let b = Arg::bench(0x48000, 10);
+        assert_eq!(Arg::decode(b.encode()), Ok(b));
+        assert_eq!(Arg::decode(8 | 25 << 8), Err(ArgError::Iterations(25)));
+        assert_eq!(Arg::decode(8 | 1 << 4), Err(ArgError::Reserved(1 << 4)));
+        // The older modes keep their encoding.
+        assert_eq!(
+            Arg::decode(1 | 64 << 16).map(|a| a.encode()),
+            Ok(1 | 64 << 16)
+        );
     }
 
     #[test]

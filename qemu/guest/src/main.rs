@@ -7,13 +7,15 @@
 mod arch;
 #[cfg(target_os = "none")]
 mod exits;
+#[cfg(target_os = "none")]
+mod hostile;
 
 #[cfg(target_os = "none")]
 mod run {
     use core::fmt::Write;
     use core::sync::atomic::{AtomicU64, Ordering};
 
-    use guest::{Arg, Console, Mode, TEST_ALIGN};
+    use guest::{Arg, Console, Mode, Op, TEST_ALIGN};
     use hypercalls::GuestCall;
 
     use crate::arch;
@@ -97,8 +99,22 @@ mod run {
         };
         // For vCPUs started later (SMP mode, or touch mode on more vCPUs).
         ARG.store(arg.encode(), Ordering::SeqCst);
-        if arg.mode == Mode::Smp {
-            smp_primary(&arg, &mut out);
+        match arg.mode {
+            Mode::Smp => smp_primary(&arg, &mut out),
+            Mode::Poke => {
+                poke(&arg, &mut out);
+                shutdown()
+            }
+            Mode::Hostile => {
+                let (pass, fail) = crate::hostile::run(&mut out);
+                let _ = writeln!(out, "guest: hostile: {pass} passed, {fail} failed");
+                shutdown()
+            }
+            Mode::Bench => {
+                bench(&arg, &mut out);
+                shutdown()
+            }
+            _ => {}
         }
         let (base, words) = memory(&arg);
         match arg.mode {
@@ -123,7 +139,7 @@ mod run {
                 let _ = writeln!(out, "guest: touch {} MiB at {base:#x}", arg.mib);
                 touch_loop(&arg, words, &mut out, 0);
             }
-            Mode::Smp => {}
+            Mode::Smp | Mode::Poke | Mode::Hostile | Mode::Bench => {}
             Mode::Probe => {
                 if let Some(p) = guest::Probe::from_n(arg.mib) {
                     let _ = writeln!(out, "guest: probe {p:?}");
@@ -169,6 +185,61 @@ mod run {
                 }
             }
         }
+    }
+
+    /// Mode 6: one operation on the page at `arg.gfn`, each step reported.
+    fn poke(arg: &Arg, out: &mut Console<impl FnMut(GuestCall)>) {
+        let base = arg.gfn << 12;
+        match arg.op {
+            Op::Read => {
+                for _ in 0..arg.count.max(1) {
+                    let v = arch::read_word(base);
+                    let _ = writeln!(out, "guest: read {v:#x}");
+                }
+            }
+            Op::Write => {
+                for i in 0..512 {
+                    let a = base + 8 * i;
+                    arch::write_word(a, guest::pattern(a));
+                }
+                let _ = writeln!(out, "guest: wrote");
+            }
+            Op::ReadWrite => {
+                let v = arch::read_word(base);
+                let _ = writeln!(out, "guest: read {v:#x}");
+                arch::write_word(base, guest::pattern(base));
+                let _ = writeln!(out, "guest: wrote");
+            }
+            Op::Spin => {
+                let limit = 1u64 << arg.count.min(40);
+                let counter = base + 4096;
+                let mut n = 0;
+                while n < limit {
+                    let _ = arch::read_word(base);
+                    n += 1;
+                    arch::write_word(counter, n);
+                }
+                let _ = writeln!(out, "guest: spin ended after {n}");
+            }
+        }
+    }
+
+    /// Mode 8: counter ticks around 2^k null calls and 2^k first touches.
+    fn bench(arg: &Arg, out: &mut Console<impl FnMut(GuestCall)>) {
+        let n = 1u64 << arg.count;
+        let t0 = arch::counters().0;
+        for _ in 0..n {
+            arch::call(GuestCall::Version);
+        }
+        let t1 = arch::counters().0;
+        let _ = writeln!(out, "guest: bench null {n} {}", t1 - t0);
+        let base = arg.gfn << 12;
+        let t0 = arch::counters().0;
+        for i in 0..n {
+            arch::write_word(base + i * 4096, i);
+        }
+        let t1 = arch::counters().0;
+        let _ = writeln!(out, "guest: bench fault {n} {}", t1 - t0);
     }
 
     fn smp_primary(arg: &Arg, out: &mut Console<impl FnMut(GuestCall)>) -> ! {

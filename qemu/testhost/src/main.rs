@@ -12,9 +12,13 @@ extern crate alloc;
 #[cfg(target_os = "none")]
 mod arch;
 #[cfg(target_os = "none")]
+mod bench;
+#[cfg(target_os = "none")]
 mod cases;
 #[cfg(target_os = "none")]
 mod console;
+#[cfg(target_os = "none")]
+mod guests;
 #[cfg(target_os = "none")]
 mod harness;
 #[cfg(target_os = "none")]
@@ -23,6 +27,8 @@ mod hv;
 mod random;
 #[cfg(target_os = "none")]
 mod rt;
+#[cfg(target_os = "none")]
+mod vmm;
 
 /// On the build machine the binary does nothing; `cargo test -p testhost`
 /// tests the library.

@@ -246,3 +246,22 @@ pub fn probe(probe: guest::Probe) -> u64 {
     }
     v
 }
+
+/// Reads the word at `addr` (a volatile load: each call is one access).
+pub fn read_word(addr: u64) -> u64 {
+    let v: u64;
+    // SAFETY: `addr` is in the normal-memory part of the identity map;
+    // what the VMM put there (or did not: a fault ends in an exit) is only
+    // read.
+    unsafe {
+        asm!("ldr {v}, [{a}]", a = in(reg) addr & !7, v = out(reg) v, options(nostack, readonly))
+    };
+    v
+}
+
+/// Writes `v` to the word at `addr` (one store).
+pub fn write_word(addr: u64, v: u64) {
+    // SAFETY: `addr` is a page the VMM gave for poking (test modes), never
+    // this program's own image or stacks.
+    unsafe { asm!("str {v}, [{a}]", a = in(reg) addr & !7, v = in(reg) v, options(nostack)) };
+}

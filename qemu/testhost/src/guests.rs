@@ -1,0 +1,636 @@
+//! The guest cases (`cargo xtask test guest`): the test host plays VMM
+//! (`vmm.rs`) for the guest payload (`qemu/guest`) and checks what guests
+//! and the host see of each other (`docs/ABI.md` §2.5, §3.7-§3.12, §4, §5).
+//! Same output protocol as the conformance cases (`harness.rs`).
+
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use guest::{Arg, Mode, Op};
+use hypercalls::{Access, FaultKind, HypError, Hypercall, Prot, Reply, VcpuExit};
+use spin::Mutex;
+
+use crate::harness::{self, ensure, gfn, pfn, Case, Ctx, R};
+use crate::vmm::{self, is_fault, is_fault_at, End, Event, Flow, Frames, Vm, TEST_IPA};
+use crate::{arch, hv, rt, say};
+
+/// IPA size of the test VMs.
+const IPA: u8 = 40;
+/// The first frame of the payload's test memory.
+const TEST_GFN: u64 = TEST_IPA >> 12;
+/// The payload, found at boot.
+static IMAGE: Mutex<Option<&'static [u8]>> = Mutex::new(None);
+
+fn image() -> Result<&'static [u8], String> {
+    IMAGE.lock().ok_or_else(|| "no payload".into())
+}
+
+fn arg_fill(mib: u16) -> u64 {
+    let mut a = Arg::new(Mode::Fill);
+    a.mib = mib;
+    a.encode()
+}
+
+/// The hypervisor still answers (HYP_VERSION).
+fn alive() -> R {
+    match hv::call(&Hypercall::Version).result {
+        Ok(Reply::Version(_)) => Ok(()),
+        r => Err(format!("HYP_VERSION after the guest: {r:?}")),
+    }
+}
+
+/// Parses `guest: read 0x...`.
+fn read_value(line: &str) -> Option<u64> {
+    let v = line.strip_prefix("guest: read 0x")?;
+    u64::from_str_radix(v.trim(), 16).ok()
+}
+
+// ---- one vCPU ----
+
+fn fill_one(_: &mut Ctx) -> R {
+    let vm = Vm::new(IPA, 1, 4, arg_fill(4), image()?)?;
+    vm.run_to_end()?;
+    let lines = vm.lines(0);
+    let want = guest::expected_checksum(TEST_IPA, (4 << 20) / 8);
+    let line = format!("guest: checksum {want:#018x} PASS");
+    ensure(lines.contains(&line), || {
+        format!("expected `{line}`, console: {lines:?}")
+    })?;
+    let faults = vm.faults[0].load(Ordering::SeqCst);
+    ensure(faults == 1024, || {
+        format!("{faults} demand faults for 4 MiB, expected 1024")
+    })?;
+    let c = vm.runtime()?;
+    ensure(c.faults >= 1024 && c.vcpu_runs >= 1024, || {
+        format!("runtime counters {c:?}")
+    })
+}
+
+// ---- the "done when": 2 vCPUs, 64 MiB, two physical CPUs ----
+
+const SMP_MIB: u16 = 64;
+
+struct SmpJob {
+    vm: Arc<Vm>,
+    /// vCPU 0 is done (SYSTEM_OFF or shutdown).
+    done0: AtomicBool,
+    /// Per CPU: (first entry, last exit) in counter ticks, and the result.
+    span: [[AtomicU64; 2]; 2],
+    result: Mutex<[Option<Result<End, String>>; 2]>,
+}
+
+static SMP: Mutex<Option<Arc<SmpJob>>> = Mutex::new(None);
+
+fn smp_cpu(cpu: usize) {
+    let Some(job) = SMP.lock().clone() else {
+        return;
+    };
+    let r = smp_serve(&job, cpu);
+    if cpu == 0 {
+        job.done0.store(true, Ordering::SeqCst);
+    }
+    let mut results = job.result.lock();
+    if let Some(slot) = results.get_mut(cpu) {
+        *slot = Some(r);
+    }
+}
+
+fn smp_serve(job: &SmpJob, cpu: usize) -> Result<End, String> {
+    let (t0, f) = arch::timer();
+    let mut ran = false;
+    loop {
+        let r = job.vm.serve(cpu, &mut |_, ev| {
+            if !ran {
+                ran = true;
+                job.span[cpu][0].store(arch::timer().0, Ordering::SeqCst);
+            }
+            let _ = ev;
+            Flow::Default
+        });
+        job.span[cpu][1].store(arch::timer().0, Ordering::SeqCst);
+        match r? {
+            End::PoweredOff if !ran => {
+                // vCPU 1 waits for vCPU 0's CPU_ON.
+                if job.done0.load(Ordering::SeqCst) {
+                    return Err("vCPU 0 finished and vCPU 1 never ran".into());
+                }
+                if arch::timer().0 - t0 > 60 * f {
+                    return Err("vCPU 1 not started within 60 s".into());
+                }
+                for _ in 0..1000 {
+                    core::hint::spin_loop();
+                }
+            }
+            end => return Ok(end),
+        }
+    }
+}
+
+fn smp_64(_: &mut Ctx) -> R {
+    ensure(rt::online() >= 2, || "needs 2 CPUs".into())?;
+    let mut a = Arg::new(Mode::Smp);
+    a.mib = SMP_MIB;
+    let vm = Arc::new(Vm::new(IPA, 2, u64::from(SMP_MIB), a.encode(), image()?)?);
+    let job = Arc::new(SmpJob {
+        vm: vm.clone(),
+        done0: AtomicBool::new(false),
+        span: [const { [AtomicU64::new(0), AtomicU64::new(0)] }; 2],
+        result: Mutex::new([None, None]),
+    });
+    *SMP.lock() = Some(job.clone());
+    let (t0, f) = arch::timer();
+    rt::run_on(2, smp_cpu);
+    let ms = (arch::timer().0 - t0) * 1000 / f;
+    *SMP.lock() = None;
+    let results = job.result.lock().clone();
+    let [r0, r1] = results;
+    let r0 = r0.ok_or("CPU 0 did not report")??;
+    let r1 = r1.ok_or("CPU 1 did not report")??;
+    ensure(r0 == End::Done, || format!("vCPU 0 ended with {r0:?}"))?;
+    ensure(r1 == End::PoweredOff, || {
+        format!("vCPU 1 ended with {r1:?}, expected powered off (PSCI CPU_OFF)")
+    })?;
+    let want = guest::expected_checksum(TEST_IPA, (usize::from(SMP_MIB) << 20) / 8);
+    let line = format!("guest: vcpu0: vcpu1 said 1, both halves checksum {want:#018x} PASS");
+    let l0 = vm.lines(0);
+    ensure(l0.contains(&line), || {
+        format!("expected `{line}`, vCPU 0 console: {l0:?}")
+    })?;
+    let l1 = vm.lines(1);
+    ensure(l1.iter().any(|l| l.ends_with(" PASS")), || {
+        format!("vCPU 1 console: {l1:?}")
+    })?;
+    // Every page of the 64 MiB arrived through a memory-fault exit, served
+    // by the CPU running the vCPU that touched it.
+    let (f0, f1) = (
+        vm.faults[0].load(Ordering::SeqCst),
+        vm.faults[1].load(Ordering::SeqCst),
+    );
+    let pages = u64::from(SMP_MIB) << 8;
+    ensure(f0 + f1 == pages && f0 > 0 && f1 > 0, || {
+        format!("demand faults: vCPU 0 {f0}, vCPU 1 {f1}; expected {pages} in all, both > 0")
+    })?;
+    // Both vCPUs ran at the same time, on CPU 0 and CPU 1.
+    let s = |c: usize, i: usize| job.span[c][i].load(Ordering::SeqCst);
+    let overlap = s(0, 1).min(s(1, 1)).saturating_sub(s(0, 0).max(s(1, 0)));
+    ensure(overlap > 0, || {
+        format!(
+            "the vCPUs' run intervals do not overlap: CPU 0 {}..{}, CPU 1 {}..{}",
+            s(0, 0),
+            s(0, 1),
+            s(1, 0),
+            s(1, 1)
+        )
+    })?;
+    let c = vm.runtime()?;
+    say!(
+        "  smp: {SMP_MIB} MiB, faults vCPU0/CPU0 {f0}, vCPU1/CPU1 {f1}, overlap {} ms, total {ms} ms, runtime {c:?}",
+        overlap * 1000 / f
+    );
+    ensure(c.faults >= pages, || format!("runtime counters {c:?}"))?;
+    vm.destroy()
+}
+
+// ---- isolation and exits ----
+
+fn beyond_shared(_: &mut Ctx) -> R {
+    let img = image()?;
+    // 1. Inside the VM's memory, past what the host gave: a memory fault
+    //    at that frame, which the host declines.
+    let g = TEST_GFN + 5;
+    let vm = Vm::new(IPA, 1, 1, Arg::poke(Op::Read, g, 1).encode(), img)?;
+    let end = vm.serve(0, &mut |_, ev| match ev {
+        Event::Exit(e) if is_fault_at(e, g) => Flow::Stop,
+        _ => Flow::Default,
+    })?;
+    ensure(
+        matches!(&end, End::Exit(e) if is_fault(e, g, Access::Read, FaultKind::Unmapped)),
+        || format!("read past the shared pages: {end:?}"),
+    )?;
+    vm.destroy()?;
+    alive()?;
+    // 2. Outside its memory, inside the IPA space: an MMIO exit.
+    let ipa = 0x8000_0000;
+    let vm = Vm::new(IPA, 1, 1, Arg::poke(Op::Read, ipa >> 12, 1).encode(), img)?;
+    let end = vm.serve(0, &mut |_, _| Flow::Default)?;
+    ensure(
+        matches!(&end, End::Exit(VcpuExit::Mmio { ipa: i, write: false, .. }) if *i == ipa),
+        || format!("read outside the memory: {end:?}"),
+    )?;
+    vm.destroy()?;
+    alive()?;
+    // 3. Beyond the IPA size (32 bits): the guest cannot go on.
+    let far = 0x2_0000_0000u64;
+    let vm = Vm::new(32, 1, 1, Arg::poke(Op::Read, far >> 12, 1).encode(), img)?;
+    let end = vm.serve(0, &mut |_, _| Flow::Default)?;
+    ensure(
+        matches!(
+            &end,
+            End::Exit(VcpuExit::UnhandledTrap { .. }) | End::Exit(VcpuExit::Mmio { .. })
+        ),
+        || format!("read beyond the IPA size: {end:?}"),
+    )?;
+    vm.destroy()?;
+    alive()
+}
+
+fn unshare_faults_again(_: &mut Ctx) -> R {
+    let g = TEST_GFN + 3;
+    let vm = Vm::new(IPA, 1, 1, Arg::poke(Op::Read, g, 2).encode(), image()?)?;
+    let pages = [Frames::alloc(1, 1)?, Frames::alloc(1, 1)?];
+    vmm::poke_frame(pages[0], 0, 0x1111_aaaa);
+    vmm::poke_frame(pages[1], 0, 0x2222_bbbb);
+    let mut faults = 0usize;
+    let mut err = None;
+    let end = vm.serve(0, &mut |vm, ev| match ev {
+        Event::Exit(e) if is_fault_at(e, g) => {
+            if !is_fault(e, g, Access::Read, FaultKind::Unmapped) || faults >= 2 {
+                return Flow::Stop;
+            }
+            if let Err(e) = vm.share(pages[faults], g, Prot::RW) {
+                err = Some(e);
+                return Flow::Stop;
+            }
+            faults += 1;
+            Flow::Continue
+        }
+        Event::Line(l) if read_value(l) == Some(0x1111_aaaa) => {
+            // The guest read the first page: take it away.
+            if let Err(e) = vm.unshare(pages[0], g) {
+                err = Some(e);
+                return Flow::Stop;
+            }
+            Flow::Continue
+        }
+        _ => Flow::Default,
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    ensure(end == End::Done && faults == 2, || {
+        format!("ended {end:?} after {faults} faults at gfn {g:#x}")
+    })?;
+    let reads: Vec<u64> = vm.lines(0).iter().filter_map(|l| read_value(l)).collect();
+    ensure(reads == [0x1111_aaaa, 0x2222_bbbb], || {
+        format!("guest reads {reads:x?}, expected the first page then (after unshare and a fault) the second")
+    })?;
+    vm.destroy()
+}
+
+fn wrprotect_write_faults(_: &mut Ctx) -> R {
+    let g = TEST_GFN + 7;
+    let vm = Vm::new(IPA, 1, 1, Arg::poke(Op::ReadWrite, g, 1).encode(), image()?)?;
+    let p = Frames::alloc(1, 1)?;
+    vmm::poke_frame(p, 0, 0x3333_cccc);
+    vm.share(p, g, Prot::RW)?;
+    match vmm::ok(Hypercall::WrProtect {
+        vm: vm.handle,
+        gfn: gfn(g),
+        nr: harness::count(1),
+    })? {
+        Reply::WrProtected { pages: 1 } => {}
+        r => return Err(format!("WRPROTECT replied {r:?}")),
+    }
+    let mut read_before_fault = None;
+    let mut perm_faults = 0;
+    let mut err = None;
+    let end = vm.serve(0, &mut |vm, ev| match ev {
+        Event::Line(l) if read_value(l).is_some() => {
+            read_before_fault = Some((read_value(l), perm_faults));
+            Flow::Continue
+        }
+        Event::Exit(e) if is_fault_at(e, g) => {
+            if !is_fault(e, g, Access::Write, FaultKind::Permission) || perm_faults > 0 {
+                return Flow::Stop;
+            }
+            perm_faults += 1;
+            if let Err(e) = vm.with_memcache(Hypercall::RelaxPerms {
+                vm: vm.handle,
+                gfn: gfn(g),
+                prot: Prot::W,
+            }) {
+                err = Some(e);
+                return Flow::Stop;
+            }
+            Flow::Continue
+        }
+        _ => Flow::Default,
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    ensure(end == End::Done, || format!("ended {end:?}"))?;
+    ensure(read_before_fault == Some((Some(0x3333_cccc), 0)), || {
+        format!("read of the write-protected page: {read_before_fault:?} (value, permission faults before it)")
+    })?;
+    ensure(perm_faults == 1, || {
+        format!("{perm_faults} write permission faults")
+    })?;
+    let v = vmm::peek_frame(p, 0).map_err(|f| format!("{f:x?}"))?;
+    ensure(v == guest::pattern(g << 12), || {
+        format!("after relax the write landed as {v:#x}")
+    })?;
+    vm.destroy()
+}
+
+fn writes_land(_: &mut Ctx) -> R {
+    let g = TEST_GFN + 9;
+    let vm = Vm::new(IPA, 1, 1, Arg::poke(Op::Write, g, 1).encode(), image()?)?;
+    let p = Frames::alloc(1, 1)?;
+    vm.share(p, g, Prot::RW)?;
+    vm.run_to_end()?;
+    for i in 0..512u64 {
+        let v = vmm::peek_frame(p, i * 8).map_err(|f| format!("{f:x?}"))?;
+        let want = guest::pattern((g << 12) + i * 8);
+        ensure(v == want, || {
+            format!("word {i} of the shared frame {p:#x}: {v:#x}, guest wrote {want:#x}")
+        })?;
+    }
+    vm.destroy()
+}
+
+fn donated_invisible(_: &mut Ctx) -> R {
+    let g = TEST_GFN + 11;
+    let vm = Vm::new(IPA, 1, 1, Arg::poke(Op::Write, g, 1).encode(), image()?)?;
+    let p = Frames::alloc(1, 1)?;
+    vm.donate(p, g)?;
+    vm.run_to_end()?;
+    ensure(vm.lines(0).iter().any(|l| l == "guest: wrote"), || {
+        format!("console {:?}", vm.lines(0))
+    })?;
+    for off in [0u64, 8, 0x800, 0xff8] {
+        match vmm::peek_frame(p, off) {
+            Ok(v) => {
+                return Err(format!(
+                    "host read of the donated frame {p:#x} + {off:#x} succeeded ({v:#x})"
+                ))
+            }
+            Err(f) => ensure(f.far == (p << 12) + off, || {
+                format!("abort FAR {:#x}", f.far)
+            })?,
+        }
+    }
+    vm.destroy()?;
+    // Reclaimed by teardown: the host may read it again, and it is zero.
+    match arch::page_is_zero(p) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("the reclaimed frame still holds the guest's data".into()),
+        Err(f) => Err(format!("the reclaimed frame still faults: {f:x?}")),
+    }
+}
+
+// ---- the spinning guest on the other CPU ----
+
+/// Largest number of loops the guest may make after HYP_UNSHARE returned.
+const SPIN_BOUND: u64 = 2;
+
+struct SpinJob {
+    vm: Arc<Vm>,
+    /// The page the guest spins on, its frame, and the counter frame.
+    g: u64,
+    p: u64,
+    c: u64,
+    /// CPU 1 is back from the vCPU.
+    back: AtomicBool,
+    end: Mutex<Option<Result<End, String>>>,
+    /// Host side: (counter before the unshare, counter when it returned).
+    host: Mutex<Option<Result<(u64, u64), String>>>,
+}
+
+static SPIN: Mutex<Option<Arc<SpinJob>>> = Mutex::new(None);
+
+fn spin_cpu(cpu: usize) {
+    let Some(job) = SPIN.lock().clone() else {
+        return;
+    };
+    let g = job.g;
+    match cpu {
+        1 => {
+            let r = job.vm.serve(0, &mut |_, ev| match ev {
+                Event::Exit(e) if is_fault_at(e, g) => Flow::Stop,
+                _ => Flow::Default,
+            });
+            *job.end.lock() = Some(r);
+            job.back.store(true, Ordering::SeqCst);
+        }
+        0 => {
+            let r = spin_host(&job);
+            *job.host.lock() = Some(r);
+        }
+        _ => {}
+    }
+}
+
+/// CPU 0: waits for the guest to spin, unshares the page under it.
+fn spin_host(job: &SpinJob) -> Result<(u64, u64), String> {
+    let counter = || vmm::peek_frame(job.c, 0).unwrap_or(0);
+    let (t0, f) = arch::timer();
+    while counter() < 1000 {
+        if job.back.load(Ordering::SeqCst) {
+            return Err("the vCPU came back before spinning".into());
+        }
+        if arch::timer().0 - t0 > 30 * f {
+            return Err("the guest did not start spinning within 30 s".into());
+        }
+        core::hint::spin_loop();
+    }
+    let before = counter();
+    job.vm.unshare(job.p, job.g)?;
+    Ok((before, counter()))
+}
+
+fn spin_sees_unshare(_: &mut Ctx) -> R {
+    ensure(rt::online() >= 2, || "needs 2 CPUs".into())?;
+    let g = TEST_GFN + 16;
+    let vm = Arc::new(Vm::new(
+        IPA,
+        1,
+        1,
+        Arg::poke(Op::Spin, g, 24).encode(),
+        image()?,
+    )?);
+    let (p, c) = (Frames::alloc(1, 1)?, Frames::alloc(1, 1)?);
+    vm.share(p, g, Prot::RW)?;
+    vm.share(c, g + 1, Prot::RW)?;
+    let job = Arc::new(SpinJob {
+        vm: vm.clone(),
+        g,
+        p,
+        c,
+        back: AtomicBool::new(false),
+        end: Mutex::new(None),
+        host: Mutex::new(None),
+    });
+    *SPIN.lock() = Some(job.clone());
+    // CPU 1 runs the vCPU, this CPU unshares the page under it.
+    rt::run_on(2, spin_cpu);
+    *SPIN.lock() = None;
+    let end = job.end.lock().take().ok_or("CPU 1 did not report")??;
+    let (before, after_unshare) = job.host.lock().take().ok_or("CPU 0 did not report")??;
+    ensure(
+        matches!(&end, End::Exit(e) if is_fault(e, g, Access::Read, FaultKind::Unmapped)),
+        || format!("the spinning guest ended with {end:?}"),
+    )?;
+    let last = vmm::peek_frame(c, 0).map_err(|f| format!("{f:x?}"))?;
+    let loops = last.saturating_sub(after_unshare);
+    say!(
+        "  spin: counter {before} before the unshare, {after_unshare} when it returned, {last} at the fault ({loops} after)"
+    );
+    ensure(loops <= SPIN_BOUND, || {
+        format!("the guest made {loops} loops after HYP_UNSHARE returned (bound {SPIN_BOUND})")
+    })?;
+    vm.destroy()
+}
+
+// ---- two VMs ----
+
+fn two_vms(_: &mut Ctx) -> R {
+    let img = image()?;
+    let g = TEST_GFN + 20;
+    // VM A owns a donated page at g and fills it.
+    let a = Vm::new(IPA, 1, 1, Arg::poke(Op::Write, g, 1).encode(), img)?;
+    let pa = Frames::alloc(1, 1)?;
+    a.donate(pa, g)?;
+    a.run_to_end()?;
+    // VM B reads the same IPA: it faults (nothing of A's is mapped in B),
+    // A's frame cannot be shared or donated to B, a fresh page reads zero.
+    let b = Vm::new(IPA, 1, 1, Arg::poke(Op::Read, g, 1).encode(), img)?;
+    let mut refused = Vec::new();
+    let mut err = None;
+    let end = b.serve(0, &mut |b, ev| match ev {
+        Event::Exit(e) if is_fault_at(e, g) => {
+            for c in [
+                Hypercall::Share {
+                    vm: b.handle,
+                    pfn: pfn(pa),
+                    gfn: gfn(g),
+                    nr: harness::count(1),
+                    prot: Prot::RW,
+                },
+                Hypercall::Donate {
+                    vm: b.handle,
+                    pfn: pfn(pa),
+                    gfn: gfn(g),
+                    nr: harness::count(1),
+                    prot: Prot::RW,
+                },
+            ] {
+                refused.push(b.try_call(c));
+            }
+            match Frames::alloc(1, 1).and_then(|p| b.share(p, g, Prot::RW)) {
+                Ok(()) => Flow::Continue,
+                Err(e) => {
+                    err = Some(e);
+                    Flow::Stop
+                }
+            }
+        }
+        _ => Flow::Default,
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    ensure(end == End::Done, || format!("VM B ended {end:?}"))?;
+    ensure(
+        refused == [Err(HypError::Denied), Err(HypError::Denied)],
+        || format!("sharing / donating VM A's frame to VM B: {refused:?}, expected EACCES twice"),
+    )?;
+    let reads: Vec<u64> = b.lines(0).iter().filter_map(|l| read_value(l)).collect();
+    ensure(reads == [0], || {
+        format!(
+            "VM B read {reads:x?} at the IPA where VM A wrote {:#x}",
+            guest::pattern(g << 12)
+        )
+    })?;
+    // And B's mapping is B's: A's gfn still maps A's frame.
+    ensure(a.mapped(g)? == Some(pa), || "VM A's page moved".into())?;
+    b.destroy()?;
+    a.destroy()
+}
+
+// ---- hostile guest calls ----
+
+fn hostile(_: &mut Ctx) -> R {
+    let vm = Vm::new(IPA, 1, 1, Arg::new(Mode::Hostile).encode(), image()?)?;
+    let mut requests = 0;
+    let end = vm.serve(0, &mut |_, ev| {
+        if let Event::Exit(VcpuExit::ShareRequest { .. } | VcpuExit::UnshareRequest { .. }) = ev {
+            requests += 1;
+        }
+        Flow::Default
+    })?;
+    ensure(end == End::Done, || format!("ended {end:?}"))?;
+    alive()?;
+    let lines = vm.lines(0);
+    let fails: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("guest: FAIL"))
+        .collect();
+    ensure(fails.is_empty(), || format!("{fails:?}"))?;
+    ensure(
+        lines
+            .iter()
+            .any(|l| l.starts_with("guest: hostile: ") && l.ends_with(" passed, 0 failed")),
+        || format!("no tally: {lines:?}"),
+    )?;
+    say!("  hostile: {requests} share/unshare requests reached the host");
+    vm.destroy()?;
+    // A fresh guest still runs.
+    let vm = Vm::new(IPA, 1, 1, arg_fill(1), image()?)?;
+    vm.run_to_end()?;
+    vm.destroy()
+}
+
+/// Every guest case.
+pub const CASES: &[Case] = &[
+    Case { name: "§3.7 guest: one vCPU fills 4 MiB, each page by a memory-fault exit; checksum right", run: fill_one },
+    Case { name: "§3.7 guest: 2 vCPUs on 2 physical CPUs at once, 64 MiB demand-faulted, checksums right", run: smp_64 },
+    Case { name: "§5 guest: access past the shared pages (memory fault), outside memory (MMIO), beyond the IPA size (trap) exit; the hypervisor still answers", run: beyond_shared },
+    Case { name: "§3.9 guest: after unshare, a guest access faults again", run: unshare_faults_again },
+    Case { name: "§3.12 guest: after write-protect a read works, a write takes a permission fault; relax lets it through", run: wrprotect_write_faults },
+    Case { name: "§3.8 guest: guest writes land in the host's shared page", run: writes_land },
+    Case { name: "§3.10 guest: a donated page the guest wrote is invisible to the host (abort), zero after teardown", run: donated_invisible },
+    Case { name: "§3.9 guest: a guest spinning on another CPU sees the unshare within 2 loops", run: spin_sees_unshare },
+    Case { name: "§2.5 guest: two VMs cannot reach each other's memory", run: two_vms },
+    Case { name: "§4 guest: hostile guest call arguments fail as the ABI says and never hurt the hypervisor", run: hostile },
+];
+
+/// Whether a payload is loaded (the test host then runs the guest cases).
+pub fn present() -> bool {
+    vmm::payload().is_some()
+}
+
+/// Runs the guest cases (or the benchmark); returns (passed, failed).
+pub fn run_all() -> (u32, u32) {
+    let Some(img) = vmm::payload() else {
+        say!("FAIL guest payload: none at {:#x}", vmm::PAYLOAD_ADDR);
+        return (0, 1);
+    };
+    *IMAGE.lock() = Some(img);
+    say!(
+        "testhost: guest payload of {} bytes at {:#x}",
+        img.len(),
+        vmm::PAYLOAD_ADDR
+    );
+    if let Err(e) = Frames::check() {
+        say!("FAIL guest frame pool: {e}");
+        return (0, 1);
+    }
+    let (mut passed, mut failed) = (0, 0);
+    if vmm::bench_requested() {
+        crate::bench::run(&mut passed, &mut failed);
+        return (passed, failed);
+    }
+    for case in CASES {
+        let before = failed;
+        harness::run(core::slice::from_ref(case), &mut passed, &mut failed);
+        if failed == before {
+            // Every VM of the case is gone: its frames are the host's again.
+            Frames::reset();
+        }
+    }
+    (passed, failed)
+}
