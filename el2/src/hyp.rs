@@ -164,6 +164,25 @@ fn cpu_index(mpidr: u64) -> Option<usize> {
         .position(|&m| m == (mpidr & 0xff_00ff_ffff))
 }
 
+/// The index of the calling CPU in the device tree's CPU list (`None`
+/// before the platform is parsed, or for a CPU beyond [`MAX_CPUS`]).
+pub fn this_cpu() -> Option<usize> {
+    PLATFORM.get()?;
+    cpu_index(arch::mpidr())
+}
+
+/// Finds the calling CPU's GIC redistributor once, for guest runs on it.
+fn find_own_redistributor(cpu: usize) {
+    let sgi = platform()
+        .gic
+        .get(1)
+        .and_then(|r| arch::vcpu::find_redistributor(r.base, r.size));
+    if sgi.is_none() {
+        warn!("CPU {cpu}: no GICv3 redistributor found; the host's timer cannot end guest runs");
+    }
+    crate::machine::set_redistributor(cpu, sgi);
+}
+
 fn fatal(msg: core::fmt::Arguments<'_>) -> ! {
     error!("{msg}");
     arch::park()
@@ -288,6 +307,7 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
         .unwrap_or(0);
     PLATFORM.call_once(|| plat);
     CPU_STATE[boot_cpu.min(MAX_CPUS - 1)].store(CPU_ON, Ordering::SeqCst);
+    find_own_redistributor(boot_cpu);
 
     arch::init_host_regs(regs);
     info!("entering the host kernel at {HOST_KERNEL_ADDR:#x} (EL1)");
@@ -311,6 +331,7 @@ extern "C" fn secondary_main(index: u64) -> ! {
         arch::park();
     }
     arch::init_host_regs(*regs);
+    find_own_redistributor(i);
     CPU_STATE[i].store(CPU_ON, Ordering::SeqCst);
     arch::run_host(
         CPU_CONTEXT[i].load(Ordering::SeqCst),

@@ -1,19 +1,54 @@
 //! The machine services the dispatcher (`el2::pkvm`) needs, at EL2: table
-//! pages reached through the identity map, guest TLB maintenance, zeroing.
+//! pages reached through the identity map, guest TLB maintenance, zeroing,
+//! vCPU contexts in their state pages and guest entry.
 //! This and `arch` are the only places that turn physical addresses into
 //! pointers.
 
 use core::arch::asm;
+use core::sync::atomic::{AtomicU64, Ordering};
 
-use aarch64_cpu::registers::{Readable, Writeable, VTTBR_EL2};
-use el2::pkvm::platform::{PageAccess, Platform};
+use aarch64_cpu::registers::{
+    Readable, Writeable, CNTPCT_EL0, ID_AA64MMFR0_EL1, ID_AA64MMFR1_EL1, VTTBR_EL2,
+};
+use el2::layout::MAX_CPUS;
+use el2::pkvm::platform::{GuestEntry, PageAccess, Platform};
+use el2::vcpu::{RawExit, VcpuContext};
+
+use crate::arch::vcpu::{run_vcpu, VcpuRun};
 use stage2::mm::Table;
 use stage2::tlb::TlbMaintenance;
 use stage2::{Ipa, Pfn, Vmid, PAGE_SHIFT, PAGE_SIZE};
 
-/// The EL2 platform: stateless, everything goes through the identity map.
+/// The EL2 platform: stateless, everything goes through the identity map
+/// (the per-CPU redistributor addresses are in [`GICR_SGI`]).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct El2Platform;
+
+/// The SGI/PPI frame of each CPU's GIC redistributor (0: not found), set
+/// once per CPU when it comes up ([`set_redistributor`]).
+static GICR_SGI: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+/// Records CPU `cpu`'s redistributor SGI frame (from
+/// `arch::vcpu::find_redistributor`), which guest runs on it use to let
+/// the host's timer end them.
+pub fn set_redistributor(cpu: usize, sgi: Option<u64>) {
+    if let Some(slot) = GICR_SGI.get(cpu) {
+        slot.store(sgi.unwrap_or(0), Ordering::Relaxed);
+    }
+}
+
+/// VTCR_EL2.HA: hardware sets the stage-2 access flag (no access-flag
+/// faults after `HYP_TEST_CLEAR_YOUNG`).
+const VTCR_HA: u64 = 1 << 21;
+
+/// VTCR_EL2 for a guest stage-2 with this geometry on this CPU, or `None`
+/// if the CPU's physical addresses are too small for it.
+fn guest_vtcr(ipa: stage2::pgtable::IpaConfig) -> Option<u64> {
+    let pa_range = (ID_AA64MMFR0_EL1.get() & 0xf) as u8;
+    let vtcr = stage2::vtcr::vtcr_el2(ipa, pa_range.min(5)).ok()?;
+    let hafdbs = ID_AA64MMFR1_EL1.get() & 0xf;
+    Some(if hafdbs != 0 { vtcr | VTCR_HA } else { vtcr })
+}
 
 /// A VM's memcache pages, reached through the EL2 identity map.
 #[derive(Debug, Default)]
@@ -112,5 +147,50 @@ impl Platform for El2Platform {
             core::ptr::write_bytes(page_ptr(pfn), 0, PAGE_SIZE as usize);
             asm!("dsb ish", options(nostack));
         }
+    }
+
+    fn cpu_index(&self) -> usize {
+        crate::hyp::this_cpu().unwrap_or(usize::MAX)
+    }
+
+    fn counter(&self) -> u64 {
+        CNTPCT_EL0.get()
+    }
+
+    fn with_vcpu<R>(&self, state: Pfn, f: impl FnOnce(&mut VcpuContext) -> R) -> R {
+        const _: () = assert!(core::mem::size_of::<VcpuContext>() <= PAGE_SIZE as usize);
+        const _: () = assert!(core::mem::align_of::<VcpuContext>() <= PAGE_SIZE as usize);
+        // SAFETY: `state` is the state page of a vCPU the dispatcher has
+        // loaded on this CPU (its running bit is set, so no other CPU
+        // passes it here, and teardown cannot return it to the host
+        // meanwhile); it is hypervisor-owned RAM, identity-mapped as normal
+        // memory, page aligned (enough for VcpuContext's 16), and a whole
+        // page holds a VcpuContext. Every bit pattern is a valid
+        // VcpuContext (integers only); the page was zeroed at creation.
+        let ctx = unsafe { &mut *(page_ptr(state) as *mut VcpuContext) };
+        f(ctx)
+    }
+
+    fn enter_guest(&self, ctx: &mut VcpuContext, entry: &GuestEntry) -> RawExit {
+        let Some(vtcr) = guest_vtcr(entry.ipa) else {
+            // The VM's IPA size exceeds this CPU's PA size: an unhandled exit.
+            return RawExit {
+                vector: u64::MAX,
+                ..RawExit::default()
+            };
+        };
+        let gicr_sgi = GICR_SGI
+            .get(self.cpu_index())
+            .map(|s| s.load(Ordering::Relaxed))
+            .filter(|&s| s != 0);
+        run_vcpu(
+            ctx,
+            &VcpuRun {
+                vttbr: entry.vttbr,
+                vtcr,
+                flush_local_tlb: entry.flush_local_tlb,
+                gicr_sgi,
+            },
+        )
     }
 }

@@ -36,7 +36,7 @@
 //! the CPU it left, and stage-2 changes are invalidated with broadcast
 //! `tlbi ipas2e1is` by VMID.
 
-use hypercalls::{Access, GuestCall, HypError, VcpuExit};
+use hypercalls::{Access, FaultKind, GuestCall, HypError, MmioSize, VcpuExit};
 
 use crate::exception::{fault_ipa, Esr, ExceptionClass, Vector};
 use crate::layout::MAX_CPUS;
@@ -459,13 +459,15 @@ pub enum GuestExit {
     },
     /// An SMC that is not PSCI: resume with x0 = `NOT_SUPPORTED`.
     UnknownSmc,
-    /// A stage-2 fault inside the VM's memory: the page is not mapped (or
-    /// not with the needed permission) yet.
+    /// A stage-2 fault inside the VM's memory (the page is not mapped
+    /// yet), or a permission fault on a mapped page anywhere.
     MemFault {
         /// The faulting IPA.
         ipa: u64,
         /// What was tried.
         access: Access,
+        /// Unmapped or a permission fault.
+        kind: FaultKind,
     },
     /// A data access outside the VM's memory that the VMM may emulate.
     Mmio(MmioAccess),
@@ -540,24 +542,30 @@ fn decode_abort(raw: &RawExit, esr: Esr, in_memory: impl Fn(u64) -> bool) -> Gue
         esr: raw.esr,
         far: raw.far,
     };
-    let resolvable =
-        esr.is_translation_fault() || esr.is_permission_fault() || esr.is_access_flag_fault();
-    if !resolvable {
-        // Address size faults (beyond the IPA size), external aborts, ...
+    // Access-flag faults do not reach here when the platform enables
+    // hardware AF updates (VTCR_EL2.HA); without them the stage-2 code has
+    // no way to set the flag, so they stay unhandled, as address size
+    // faults (beyond the IPA size), external aborts, ... do.
+    let kind = if esr.is_translation_fault() {
+        FaultKind::Unmapped
+    } else if esr.is_permission_fault() {
+        FaultKind::Permission
+    } else {
         return unhandled;
-    }
+    };
     let exec = esr.class() == ExceptionClass::InstructionAbortLower;
-    if in_memory(ipa) {
+    // A permission fault means a page is mapped there: memory, wherever it is.
+    if in_memory(ipa) || kind == FaultKind::Permission {
         let access = if exec {
             Access::Exec
         } else if esr.is_write() && !esr.s1ptw() {
             Access::Write
         } else {
-            // A stage-1 walk reads its tables (hardware AF/dirty updates
-            // are not enabled for guests).
+            // A stage-1 walk reads its tables (hardware dirty-state
+            // updates are not enabled for guests).
             Access::Read
         };
-        return GuestExit::MemFault { ipa, access };
+        return GuestExit::MemFault { ipa, access, kind };
     }
     // Outside memory: only a data access with a full syndrome can be emulated.
     if exec || esr.s1ptw() || raw.esr & ISS_ISV == 0 || !esr.is_translation_fault() {
@@ -588,46 +596,58 @@ impl GuestExit {
     /// answers itself (a guest call error, `Version`, an unknown SMC, PSCI
     /// queries).
     ///
-    /// Mapping onto ABI §5, which has no reason of its own for MMIO and WFx
-    /// yet: WFx is `Interrupted` (the host may schedule, then run again),
-    /// MMIO is `UnhandledTrap` with ESR and the IPA in place of FAR (the
-    /// host has no MMIO emulation yet), PSCI SYSTEM_OFF/RESET is
-    /// `Shutdown`, CPU_ON/CPU_OFF are `UnhandledTrap` until SMP guests
-    /// are wired into the VM bookkeeping.
+    /// Mapping onto ABI §5: an MMIO write's data is not known here (it is
+    /// in the context: [`Self::complete`] fills it in), PSCI CPU_OFF is
+    /// `PoweredOff`, and PSCI CPU_ON and AFFINITY_INFO, which need the
+    /// VM's bookkeeping, are answered by the dispatcher before this (here
+    /// they are `UnhandledTrap`).
     #[must_use]
     pub fn host_exit(&self) -> Option<VcpuExit> {
         Some(match *self {
-            Self::Interrupted | Self::Wfx { .. } => VcpuExit::Interrupted,
+            Self::Interrupted => VcpuExit::Interrupted,
+            Self::Wfx { wfe } => VcpuExit::Wfx { wfe },
             Self::Call(GuestCall::Version) | Self::CallError(_) | Self::UnknownSmc => return None,
             Self::Call(GuestCall::ConsoleWrite(bytes)) => VcpuExit::Console(bytes),
             Self::Call(GuestCall::ShareRequest { gfn, nr }) => VcpuExit::ShareRequest { gfn, nr },
             Self::Call(GuestCall::UnshareRequest { gfn, nr }) => {
                 VcpuExit::UnshareRequest { gfn, nr }
             }
-            Self::Call(GuestCall::Shutdown)
-            | Self::Psci {
-                call: GuestPsci::SystemOff | GuestPsci::SystemReset,
+            Self::Call(GuestCall::Shutdown) => VcpuExit::Shutdown,
+            Self::Psci {
+                call: GuestPsci::SystemOff,
                 ..
-            } => VcpuExit::Shutdown,
+            } => VcpuExit::SystemOff { reset: false },
+            Self::Psci {
+                call: GuestPsci::SystemReset,
+                ..
+            } => VcpuExit::SystemOff { reset: true },
+            Self::Psci {
+                call: GuestPsci::CpuOff,
+                ..
+            } => VcpuExit::PoweredOff,
             Self::Psci {
                 call: GuestPsci::Version | GuestPsci::Features(_) | GuestPsci::Other(_),
                 ..
             } => return None,
             Self::Psci {
-                call: GuestPsci::CpuOn { .. } | GuestPsci::CpuOff | GuestPsci::AffinityInfo(_),
+                call: GuestPsci::CpuOn { .. } | GuestPsci::AffinityInfo(_),
                 ..
             } => VcpuExit::UnhandledTrap { esr: 0, far: 0 },
-            Self::MemFault { ipa, access } => match hypercalls::Gfn::new(ipa >> 12) {
-                Some(gfn) => VcpuExit::MemFault {
-                    gfn,
-                    access,
-                    kind: hypercalls::FaultKind::Unmapped,
-                },
+            Self::MemFault { ipa, access, kind } => match hypercalls::Gfn::new(ipa >> 12) {
+                Some(gfn) => VcpuExit::MemFault { gfn, access, kind },
                 None => VcpuExit::UnhandledTrap { esr: 0, far: ipa },
             },
-            Self::Mmio(m) => VcpuExit::UnhandledTrap {
-                esr: 0x24 << 26,
-                far: m.ipa,
+            Self::Mmio(m) => match MmioSize::new(m.size) {
+                Some(size) => VcpuExit::Mmio {
+                    ipa: m.ipa,
+                    size,
+                    write: m.write,
+                    data: 0,
+                },
+                None => VcpuExit::UnhandledTrap {
+                    esr: 0x24 << 26,
+                    far: m.ipa,
+                },
             },
             Self::Unhandled { esr, far } => VcpuExit::UnhandledTrap { esr, far },
         })
@@ -636,9 +656,11 @@ impl GuestExit {
     /// Completes the exit in the guest's registers (x0 result, PC step) and
     /// says where to go next. Guest calls that go to the host get x0 = 0
     /// (ABI §4); a trapped SMC or WFx is stepped over (an HVC's return
-    /// address is already the next instruction); faults, MMIO and
-    /// unhandled traps are left for the host to resolve, so the guest
-    /// retries the instruction.
+    /// address is already the next instruction), and so is an MMIO write
+    /// (its data goes into the exit); faults, MMIO reads and unhandled
+    /// traps are left for the host to resolve, so the guest retries the
+    /// instruction (an MMIO read is completed by
+    /// [`MmioAccess::complete_read`] with the host's value).
     pub fn complete(&self, ctx: &mut VcpuContext, psci_version: u64) -> Resume {
         let result = |ctx: &mut VcpuContext, regs: [u64; 8]| ctx.set_results(&regs);
         match *self {
@@ -690,9 +712,25 @@ impl GuestExit {
                     (None, None) => Resume::Guest,
                 }
             }
-            Self::Wfx { .. } => {
+            Self::Wfx { wfe } => {
                 ctx.skip_instruction();
-                Resume::Host(VcpuExit::Interrupted)
+                Resume::Host(VcpuExit::Wfx { wfe })
+            }
+            Self::Mmio(m) if m.write => {
+                let data = m.write_data(ctx);
+                ctx.skip_instruction();
+                match self.host_exit() {
+                    Some(VcpuExit::Mmio {
+                        ipa, size, write, ..
+                    }) => Resume::Host(VcpuExit::Mmio {
+                        ipa,
+                        size,
+                        write,
+                        data,
+                    }),
+                    Some(e) => Resume::Host(e),
+                    None => Resume::Guest,
+                }
             }
             Self::Call(_) => {
                 result(ctx, [0; 8]);
@@ -939,7 +977,10 @@ mod tests {
                 }
             );
             let mut ctx = VcpuContext::new(0x2000, 0, 0, 0);
-            assert_eq!(exit.complete(&mut ctx, 0), Resume::Host(VcpuExit::Shutdown));
+            assert_eq!(
+                exit.complete(&mut ctx, 0),
+                Resume::Host(VcpuExit::SystemOff { reset: false })
+            );
             assert_eq!(ctx.pc, if smc { 0x2004 } else { 0x2000 });
         }
         regs[0] = u64::from(psci_id::CPU_ON_64);
@@ -1039,7 +1080,7 @@ mod tests {
         let mut ctx = VcpuContext::new(0x5000, 0, 0, 0);
         assert_eq!(
             wfi.complete(&mut ctx, 0),
-            Resume::Host(VcpuExit::Interrupted)
+            Resume::Host(VcpuExit::Wfx { wfe: false })
         );
         assert_eq!(ctx.pc, 0x5004);
     }
@@ -1061,7 +1102,8 @@ mod tests {
             exit,
             GuestExit::MemFault {
                 ipa: 0x4010_0123,
-                access: Access::Write
+                access: Access::Write,
+                kind: FaultKind::Unmapped,
             }
         );
         let mut ctx = VcpuContext::new(0x4000_0000, 0, 0, 0);
@@ -1079,15 +1121,32 @@ mod tests {
             decode(&abort(0x9200_000f, 0x4000_0000), [0; 8]),
             GuestExit::MemFault {
                 ipa: 0x4000_0000,
-                access: Access::Read
+                access: Access::Read,
+                kind: FaultKind::Permission,
             }
         );
+        // A permission fault outside the memory map is still a memory
+        // fault: something is mapped there.
+        assert_eq!(
+            decode(&abort(0x9200_004f, 0x0900_0000), [0; 8]),
+            GuestExit::MemFault {
+                ipa: 0x0900_0000,
+                access: Access::Write,
+                kind: FaultKind::Permission,
+            }
+        );
+        // An access-flag fault (no hardware AF update) cannot be resolved.
+        assert!(matches!(
+            decode(&abort(0x9200_000b, 0x4000_0000), [0; 8]),
+            GuestExit::Unhandled { .. }
+        ));
         // Instruction abort, translation fault level 3.
         assert_eq!(
             decode(&abort(0x8200_0007, 0x4000_2000), [0; 8]),
             GuestExit::MemFault {
                 ipa: 0x4000_2000,
-                access: Access::Exec
+                access: Access::Exec,
+                kind: FaultKind::Unmapped,
             }
         );
         // Stage-1 walk (S1PTW) with WnR: a read of the table.
@@ -1095,7 +1154,8 @@ mod tests {
             decode(&abort(0x9200_00c7, 0x4000_3000), [0; 8]),
             GuestExit::MemFault {
                 ipa: 0x4000_3000,
-                access: Access::Read
+                access: Access::Read,
+                kind: FaultKind::Unmapped,
             }
         );
     }
@@ -1116,13 +1176,19 @@ mod tests {
                 sixty_four: false
             })
         );
+        let mut ctx = VcpuContext::new(0x4000_0000, 0, 0, 0);
+        ctx.x[1] = 0xdead_beef_1234_5678;
         assert_eq!(
-            exit.host_exit(),
-            Some(VcpuExit::UnhandledTrap {
-                esr: 0x24 << 26,
-                far: 0x0900_0004
-            })
+            exit.complete(&mut ctx, 0),
+            Resume::Host(VcpuExit::Mmio {
+                ipa: 0x0900_0004,
+                size: MmioSize::new(4).unwrap(),
+                write: true,
+                data: 0x1234_5678,
+            }),
+            "a write carries its data and is complete"
         );
+        assert_eq!(ctx.pc, 0x4000_0004);
         // ldrsh x3, [..]: SSE, SF, SAS = 1.
         let esr = 0x9200_0000 | (1 << 24) | (1 << 22) | (1 << 21) | (3 << 16) | (1 << 15) | 0x06;
         assert_eq!(

@@ -5,9 +5,9 @@
 use alloc::vec::Vec;
 
 use hypercalls::{
-    CounterGroup, Counters, GuestPage, HostPageInfo, HypError, IpaBits, OwnerState, PageCount,
-    PageState as AbiPageState, Prot, ReclaimedPages, Reply, TeardownProgress, VcpuCount, VcpuIndex,
-    VmHandle, MEMCACHE_RECLAIM_MAX, TEARDOWN_BATCH,
+    CounterGroup, Counters, GuestMemory, GuestPage, HostPageInfo, HypError, IpaBits, OwnerState,
+    PageCount, PageState as AbiPageState, Prot, ReclaimedPages, Reply, TeardownProgress, VcpuCount,
+    VcpuIndex, VcpuStart, VmHandle, MEMCACHE_RECLAIM_MAX, TEARDOWN_BATCH,
 };
 use stage2::mm::TableMemory;
 use stage2::owner::{Owner, PageView, VmId};
@@ -18,8 +18,9 @@ use stage2::{Gfn, Ipa, Pfn, Vmid, PAGE_SHIFT, PAGE_SIZE};
 
 use super::memcache::Memcache;
 use super::platform::Platform;
-use super::vm::{CountingTlb, Counts, Life, Vm};
+use super::vm::{CountingTlb, Counts, Life, Power, VcpuRun, Vm};
 use super::{vm_of, Hyp, MAX_VMS};
+use crate::vcpu::LastRan;
 
 fn perms(prot: Prot) -> Perms {
     Perms {
@@ -145,6 +146,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         ipa_bits: IpaBits,
         nr_vcpus: VcpuCount,
         root: hypercalls::Pfn,
+        memory: Option<GuestMemory>,
     ) -> Result<Reply, HypError> {
         let mut host = self.lock_host();
         // A free slot (one slot lock at a time; holding `host` keeps every
@@ -173,6 +175,17 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
             .try_reserve_exact(usize::from(nr_vcpus.get()))
             .map_err(|_| HypError::NoMemory)?;
         vcpus.resize(usize::from(nr_vcpus.get()), None);
+        let mut runs = Vec::new();
+        runs.try_reserve_exact(usize::from(nr_vcpus.get()))
+            .map_err(|_| HypError::NoMemory)?;
+        runs.resize(
+            usize::from(nr_vcpus.get()),
+            VcpuRun {
+                power: Power::Off,
+                mmio: None,
+                stopped: None,
+            },
+        );
         let root_pa = root.0 << PAGE_SHIFT;
         let vttbr = root_pa | (u64::from(vmid.0) << 48);
         let tlb = CountingTlb::new(self.platform.guest_tlb(vmid, vttbr));
@@ -202,6 +215,10 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
             life: Life::Live,
             nr_vcpus: nr_vcpus.get(),
             vcpus,
+            runs,
+            memory,
+            cntvoff: self.platform.counter(),
+            last_ran: LastRan::new(),
             running: 0,
             s2,
             counts: Counts::default(),
@@ -210,7 +227,12 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
     }
 
     /// §3.6 `HYP_VCPU_CREATE`.
-    pub(super) fn vcpu_create(&self, h: VmHandle, vcpu: VcpuIndex) -> Result<Reply, HypError> {
+    pub(super) fn vcpu_create(
+        &self,
+        h: VmHandle,
+        vcpu: VcpuIndex,
+        start: VcpuStart,
+    ) -> Result<Reply, HypError> {
         let mut slot = self.lock_vm(h)?;
         let vm = vm_of(&mut slot)?;
         live(vm)?;
@@ -223,6 +245,16 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         let page = vm.s2.mm_mut().take().ok_or(HypError::NoMemory)?;
         self.platform.zero_page(page);
         *state = Some(page);
+        if let Some(run) = vm.runs.get_mut(usize::from(vcpu.get())) {
+            *run = VcpuRun {
+                power: match start {
+                    VcpuStart::On { entry, arg } => Power::Start { entry, arg },
+                    VcpuStart::Off => Power::Off,
+                },
+                mmio: None,
+                stopped: None,
+            };
+        }
         Ok(Reply::Done)
     }
 
@@ -654,29 +686,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
     /// Every successful load must be followed by [`vcpu_put`](Self::vcpu_put).
     pub fn vcpu_load(&self, vm: VmHandle, vcpu: VcpuIndex) -> Result<LoadedVcpu, HypError> {
         let mut slot = self.lock_vm(vm)?;
-        let v = vm_of(&mut slot)?;
-        let i = vcpu.get();
-        let state = v
-            .vcpus
-            .get(usize::from(i))
-            .copied()
-            .flatten()
-            .ok_or(HypError::NoEntry)?;
-        live(v)?;
-        let bit = 1u64 << i;
-        if v.running & bit != 0 {
-            return Err(HypError::Busy);
-        }
-        v.running |= bit;
-        v.counts.vcpu_runs = v.counts.vcpu_runs.wrapping_add(1);
-        Ok(LoadedVcpu {
-            vm,
-            vcpu: i,
-            vmid: v.s2.vmid(),
-            vttbr: v.s2.vttbr(),
-            ipa: v.s2.config(),
-            state,
-        })
+        load(vm_of(&mut slot)?, vm, vcpu)
     }
 
     /// The vCPU `loaded` stopped running on this CPU; `faults` stage-2
@@ -689,6 +699,36 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
             }
         }
     }
+}
+
+/// Loads vCPU `vcpu` of the locked VM `v` (handle `vm`): see [`Hyp::vcpu_load`].
+pub(super) fn load<P: Platform>(
+    v: &mut Vm<P>,
+    vm: VmHandle,
+    vcpu: VcpuIndex,
+) -> Result<LoadedVcpu, HypError> {
+    let i = vcpu.get();
+    let state = v
+        .vcpus
+        .get(usize::from(i))
+        .copied()
+        .flatten()
+        .ok_or(HypError::NoEntry)?;
+    live(v)?;
+    let bit = 1u64 << i;
+    if v.running & bit != 0 {
+        return Err(HypError::Busy);
+    }
+    v.running |= bit;
+    v.counts.vcpu_runs = v.counts.vcpu_runs.wrapping_add(1);
+    Ok(LoadedVcpu {
+        vm,
+        vcpu: i,
+        vmid: v.s2.vmid(),
+        vttbr: v.s2.vttbr(),
+        ipa: v.s2.config(),
+        state,
+    })
 }
 
 const _: () = assert!(MAX_VMS <= u16::MAX as usize);

@@ -9,18 +9,28 @@
 //!   zeroed shows up as garbage mappings.
 //! * The host stage-2 uses the stage2 crate's `ArenaMemory` and
 //!   `CountingTlb`.
+//! * Guests: vCPU contexts are kept per state page (a page zeroed by
+//!   [`Platform::zero_page`] starts from the default context again);
+//!   [`FakePlatform::script_exit`] queues what the next guest entries
+//!   return (each entry pops one: its registers go into x0..x7, as if the
+//!   guest had set them before trapping); with nothing queued an entry
+//!   ends by a physical IRQ. Every entry is logged
+//!   ([`FakePlatform::entries`]).
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use spin::Mutex;
 use stage2::mm::{ArenaMemory, Table, ENTRIES};
 use stage2::tlb::{CountingTlb, TlbMaintenance};
 use stage2::{Ipa, Pfn, Vmid};
 
-use super::platform::{PageAccess, Platform};
+use super::platform::{GuestEntry, PageAccess, Platform};
 use super::{Hyp, HypConfig, InitError};
 use crate::dtb::Region;
+use crate::vcpu::{RawExit, VcpuContext};
 
 /// What a never-written fake table page reads as.
 pub const POISON: u64 = u64::MAX;
@@ -31,7 +41,20 @@ static POISON_TABLE: Table = [POISON; ENTRIES];
 pub struct FakePlatform {
     ram: Mutex<BTreeMap<Pfn, u64>>,
     zeroed: Mutex<u64>,
+    contexts: Mutex<BTreeMap<Pfn, Box<VcpuContext>>>,
+    script: Mutex<VecDeque<(RawExit, [u64; 8])>>,
+    entries: Mutex<Vec<(GuestEntry, u64)>>,
+    cpu: AtomicUsize,
 }
+
+/// The EL2 vector slot of an IRQ from a lower EL
+/// ([`crate::exception::Vector::from_index`]).
+pub const VECTOR_LOWER_IRQ: u64 = 9;
+/// The slot of a synchronous exception from a lower EL.
+pub const VECTOR_LOWER_SYNC: u64 = 8;
+
+/// The fake physical counter's value.
+pub const FAKE_COUNTER: u64 = 0x1234_5678;
 
 impl FakePlatform {
     /// A machine whose RAM reads zero.
@@ -54,6 +77,38 @@ impl FakePlatform {
     #[must_use]
     pub fn read(&self, pfn: Pfn) -> u64 {
         self.ram.lock().get(&pfn).copied().unwrap_or(0)
+    }
+
+    /// Queues the exit the next guest entry returns, with the guest's
+    /// x0..x7 at that exit.
+    pub fn script_exit(&self, raw: RawExit, regs: [u64; 8]) {
+        self.script.lock().push_back((raw, regs));
+    }
+
+    /// Number of queued exits not consumed yet.
+    #[must_use]
+    pub fn scripted(&self) -> usize {
+        self.script.lock().len()
+    }
+
+    /// Every guest entry so far: its [`GuestEntry`] and the guest PC.
+    #[must_use]
+    pub fn entries(&self) -> Vec<(GuestEntry, u64)> {
+        self.entries.lock().clone()
+    }
+
+    /// Makes the calling "CPU" CPU `cpu` from now on.
+    pub fn set_cpu(&self, cpu: usize) {
+        self.cpu.store(cpu, Ordering::Relaxed);
+    }
+
+    /// A copy of the vCPU context kept for state page `state`.
+    #[must_use]
+    pub fn context(&self, state: Pfn) -> VcpuContext {
+        self.contexts
+            .lock()
+            .get(&state)
+            .map_or_else(VcpuContext::default, |c| c.as_ref().clone())
     }
 
     /// Number of [`Platform::zero_page`] calls so far.
@@ -132,7 +187,38 @@ impl Platform for FakePlatform {
 
     fn zero_page(&self, pfn: Pfn) {
         self.ram.lock().remove(&pfn);
+        self.contexts.lock().remove(&pfn);
         *self.zeroed.lock() += 1;
+    }
+
+    fn cpu_index(&self) -> usize {
+        self.cpu.load(Ordering::Relaxed)
+    }
+
+    fn counter(&self) -> u64 {
+        FAKE_COUNTER
+    }
+
+    fn with_vcpu<R>(&self, state: Pfn, f: impl FnOnce(&mut VcpuContext) -> R) -> R {
+        // Taken out while `f` runs, so no lock is held across it.
+        let mut ctx = self.contexts.lock().remove(&state).unwrap_or_default();
+        let r = f(&mut ctx);
+        self.contexts.lock().insert(state, ctx);
+        r
+    }
+
+    fn enter_guest(&self, ctx: &mut VcpuContext, entry: &GuestEntry) -> RawExit {
+        self.entries.lock().push((*entry, ctx.pc));
+        match self.script.lock().pop_front() {
+            Some((raw, regs)) => {
+                ctx.set_results(&regs);
+                raw
+            }
+            None => RawExit {
+                vector: VECTOR_LOWER_IRQ,
+                ..RawExit::default()
+            },
+        }
     }
 }
 

@@ -44,6 +44,7 @@ pub mod check;
 pub mod fake;
 pub mod memcache;
 pub mod platform;
+mod run;
 pub mod vm;
 
 #[cfg(test)]
@@ -72,7 +73,7 @@ use vm::{Slot, Vm};
 pub const MAX_VMS: usize = 16;
 
 /// The host calls this build implements; `HYP_FEATURES` answers from this
-/// list. `HYP_VCPU_RUN` arrives with guest execution (issue 5).
+/// list: every call of ABI §3.
 pub const SERVED: &[HostFunction] = &[
     HostFunction::Version,
     HostFunction::Features,
@@ -80,6 +81,7 @@ pub const SERVED: &[HostFunction] = &[
     HostFunction::MemcacheReclaim,
     HostFunction::VmCreate,
     HostFunction::VcpuCreate,
+    HostFunction::VcpuRun,
     HostFunction::Share,
     HostFunction::Unshare,
     HostFunction::Donate,
@@ -287,10 +289,14 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
                 ipa_bits,
                 nr_vcpus,
                 root,
-                ..
-            } => self.vm_create(ipa_bits, nr_vcpus, root),
-            Hypercall::VcpuCreate { vm, vcpu, .. } => self.vcpu_create(vm, vcpu),
-            Hypercall::VcpuRun { .. } => Err(HypError::NotSupported),
+                memory,
+            } => self.vm_create(ipa_bits, nr_vcpus, root, memory),
+            Hypercall::VcpuCreate { vm, vcpu, start } => self.vcpu_create(vm, vcpu, start),
+            Hypercall::VcpuRun {
+                vm,
+                vcpu,
+                mmio_data,
+            } => self.vcpu_run(vm, vcpu, mmio_data),
             Hypercall::Share {
                 vm,
                 pfn,

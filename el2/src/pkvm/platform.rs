@@ -5,8 +5,24 @@
 //! fuzzer use [`super::fake`].
 
 use stage2::mm::Table;
+use stage2::pgtable::IpaConfig;
 use stage2::tlb::TlbMaintenance;
 use stage2::{Pfn, Vmid};
+
+use crate::vcpu::{RawExit, VcpuContext};
+
+/// What [`Platform::enter_guest`] needs besides the vCPU context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestEntry {
+    /// `VTTBR_EL2` of the VM's stage-2 (root | VMID << 48).
+    pub vttbr: u64,
+    /// The VM's stage-2 geometry (the platform builds `VTCR_EL2` from it
+    /// and the CPU's physical address size).
+    pub ipa: IpaConfig,
+    /// Another vCPU of the VM ran on this CPU last: invalidate this CPU's
+    /// EL1 TLB entries of the VMID before entry.
+    pub flush_local_tlb: bool,
+}
 
 /// Access to the contents of hypervisor-owned pages used as a VM's stage-2
 /// tables (pages of that VM's memcache).
@@ -55,4 +71,26 @@ pub trait Platform: Sync {
     /// becomes vCPU state. At EL2: a store loop (or `dc zva`) through the
     /// identity map, followed by `dsb ish` before the host can map it.
     fn zero_page(&self, pfn: Pfn);
+
+    /// Index of the calling physical CPU, for the per-VM record of which
+    /// vCPU ran where last (any value at or beyond
+    /// [`crate::layout::MAX_CPUS`] means unknown: the local TLB is then
+    /// flushed at every entry).
+    fn cpu_index(&self) -> usize;
+
+    /// The physical counter now (`CNTPCT_EL0`): a new VM's virtual counter
+    /// offset, so its virtual counter starts near 0.
+    fn counter(&self) -> u64;
+
+    /// Runs `f` on the vCPU context kept in the vCPU state page `state`.
+    /// The dispatcher passes only the state page of a vCPU it has loaded
+    /// on the calling CPU (so nothing else touches the page meanwhile);
+    /// the page was zeroed when the vCPU was created. At EL2 the page is
+    /// the context (`VcpuContext` fits in 4 KiB); fakes keep a copy.
+    fn with_vcpu<R>(&self, state: Pfn, f: impl FnOnce(&mut VcpuContext) -> R) -> R;
+
+    /// Enters the guest once with `ctx` (loaded on the calling CPU) on the
+    /// stage-2 `entry` names, until its next exception to EL2, and returns
+    /// what the exit saved (the guest's registers are back in `ctx`).
+    fn enter_guest(&self, ctx: &mut VcpuContext, entry: &GuestEntry) -> RawExit;
 }

@@ -2,7 +2,7 @@
 
 use alloc::vec::Vec;
 
-use hypercalls::{RuntimeCounters, Stage2Counters, VmHandle};
+use hypercalls::{GuestMemory, RuntimeCounters, Stage2Counters, VcpuExit, VmHandle};
 use stage2::owner::VmId;
 use stage2::pgtable::Stage2;
 use stage2::tlb::TlbMaintenance;
@@ -11,6 +11,7 @@ use stage2::{Ipa, Pfn, Vmid};
 
 use super::memcache::Memcache;
 use super::platform::Platform;
+use crate::vcpu::{LastRan, MmioAccess};
 
 /// Counts the invalidations issued for a VM (`HYP_VM_COUNTERS` x3) and
 /// passes every operation on.
@@ -119,6 +120,35 @@ impl Counts {
     }
 }
 
+/// Whether a vCPU runs (PSCI power state, ABI §3.6, §4.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Power {
+    /// Off: `HYP_VCPU_RUN` returns `HYP_EXIT_POWERED_OFF`.
+    Off,
+    /// Started (created on, or by a guest `CPU_ON`): its next run resets
+    /// the context to enter at `entry` with x0 = `arg`.
+    Start {
+        /// Entry IPA.
+        entry: u64,
+        /// x0 at entry.
+        arg: u64,
+    },
+    /// Running its context.
+    On,
+}
+
+/// The run state of one created vCPU, beside its context page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcpuRun {
+    /// Power state.
+    pub power: Power,
+    /// An MMIO read the host has still to answer (x3 of the next run).
+    pub mmio: Option<MmioAccess>,
+    /// The vCPU called PSCI `SYSTEM_OFF`/`SYSTEM_RESET`: every run repeats
+    /// this exit.
+    pub stopped: Option<VcpuExit>,
+}
+
 /// A VM.
 #[derive(Debug)]
 pub struct Vm<P: Platform> {
@@ -132,6 +162,14 @@ pub struct Vm<P: Platform> {
     pub nr_vcpus: u16,
     /// The state page of each created vCPU (index < `nr_vcpus`).
     pub vcpus: Vec<Option<Pfn>>,
+    /// The run state of each vCPU (index < `nr_vcpus`; meaningful once created).
+    pub runs: Vec<VcpuRun>,
+    /// The guest's memory range (`HYP_VM_CREATE` x4, x5); `None`: all of the IPA space.
+    pub memory: Option<GuestMemory>,
+    /// The virtual counter offset of its vCPUs.
+    pub cntvoff: u64,
+    /// Which vCPU ran last on each physical CPU.
+    pub last_ran: LastRan,
     /// Bit `i` set while vCPU `i` is loaded on a CPU ([`super::Hyp::vcpu_load`]).
     pub running: u64,
     /// Its stage-2; table memory is its memcache.
