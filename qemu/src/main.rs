@@ -5,6 +5,7 @@
 //! cargo xtask test [SUITE...]     run test suites (default: all); ends with "N passed, N failed"
 //! cargo xtask bench stage2        instruction counts: our stage2 vs aarch64-paging (callgrind)
 //! cargo xtask bench boot          boot time with and without el2, 3 runs each
+//! cargo xtask bench hvc           guest instructions per hypercall round trip
 //! cargo xtask gen-header          regenerate host-driver/include/hyp_abi.h from the hypercalls crate
 //! cargo xtask install             install the toolchain pieces the project needs
 //! ```
@@ -17,6 +18,7 @@ mod bench;
 mod boot;
 mod conformance;
 mod fuzz;
+mod guest;
 mod initramfs;
 mod install;
 mod modules;
@@ -31,9 +33,10 @@ usage: cargo xtask <command> [args]
 
 commands:
   run [OPTIONS]        boot Debian's arm64 kernel at EL1 under el2 (`run --help` for options)
-  test [SUITE...]      run test suites (default: host, boot); also: conformance
+  test [SUITE...]      run test suites (default: host, boot); also: conformance, guest
   bench stage2         count instructions of stage2 vs aarch64-paging under callgrind
   bench boot           time boots to user space with and without el2 (3 runs each)
+  bench hvc            guest instructions per hypercall round trip (QEMU -icount)
   gen-header           regenerate host-driver/include/hyp_abi.h
   install              install rustup targets and components
   help                 this text";
@@ -51,8 +54,9 @@ fn main() -> ExitCode {
         "bench" => match rest {
             [what] if what == "stage2" => bench::stage2(&root),
             [what, more @ ..] if what == "boot" => boot::bench(&root, more),
+            [what] if what == "hvc" => guest::bench_hvc(&root),
             _ => Err(format!(
-                "usage: cargo xtask bench stage2|boot (got {rest:?}); other benchmarks arrive with later issues"
+                "usage: cargo xtask bench stage2|boot|hvc (got {rest:?}); other benchmarks arrive with later issues"
             )),
         },
         "gen-header" => gen_header(&root),
