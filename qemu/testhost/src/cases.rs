@@ -5,7 +5,8 @@
 use alloc::format;
 
 use hypercalls::{
-    AbiVersion, CounterGroup, HostFunction, HypError, Hypercall, Prot, Reply, VcpuIndex, VmHandle,
+    AbiVersion, Access, CounterGroup, FaultKind, HostFunction, HypError, Hypercall, Prot, Reply,
+    VcpuExit, VcpuIndex, VmHandle,
 };
 
 use crate::arch;
@@ -572,27 +573,44 @@ fn vcpus(c: &mut Ctx) -> R {
     c.fails(v(2), OutOfRange)?;
     c.ok(v(1))?;
     c.fails(v(1), Exists)?;
-    c.fails(
-        Hypercall::VcpuRun {
-            vm,
-            vcpu: VcpuIndex::new(0).expect("valid"),
-            mmio_data: 0,
-        },
-        NoEntry,
-    )?;
-    c.raw_fails(
-        [
-            id(HostFunction::VcpuCreate),
-            u64::from(vm.raw()),
-            64,
-            0,
-            0,
-            0,
-            0,
-            0,
-        ],
-        InvalidArgument,
-    )
+    let run = |i| Hypercall::VcpuRun {
+        vm,
+        vcpu: VcpuIndex::new(i).expect("valid"),
+        mmio_data: 0,
+    };
+    c.fails(run(0), NoEntry)?;
+    // vCPU 1 starts at IPA 0, where nothing is mapped: its first
+    // instruction fetch is a memory fault (no memory range: all of the IPA
+    // space is memory), reported again on every run until the host maps it.
+    let fetch = VcpuExit::MemFault {
+        gfn: gfn(0),
+        access: Access::Exec,
+        kind: FaultKind::Unmapped,
+    };
+    for _ in 0..2 {
+        let r = c.ok(run(1))?;
+        ensure(r == Reply::Exit(fetch), || format!("{r:?}"))?;
+    }
+    // vCPU 0 created powered off is never entered.
+    c.ok(Hypercall::VcpuCreate {
+        vm,
+        vcpu: VcpuIndex::new(0).expect("valid"),
+        start: hypercalls::VcpuStart::Off,
+    })?;
+    let r = c.ok(run(0))?;
+    ensure(r == Reply::Exit(VcpuExit::PoweredOff), || format!("{r:?}"))?;
+    let f = id(HostFunction::VcpuCreate);
+    let v = u64::from(vm.raw());
+    // Index 64; a misaligned entry; an unknown flag; off with an entry.
+    for regs in [
+        [f, v, 64, 0, 0, 0, 0, 0],
+        [f, v, 1, 2, 0, 0, 0, 0],
+        [f, v, 1, 0, 0, 2, 0, 0],
+        [f, v, 1, 4, 0, 1, 0, 0],
+    ] {
+        c.raw_fails(regs, InvalidArgument)?;
+    }
+    Ok(())
 }
 fn error_order(c: &mut Ctx) -> R {
     let vm = c.vm(IPA, 1, MC)?;

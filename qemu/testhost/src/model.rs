@@ -625,7 +625,7 @@ impl Model {
                     ipa_bits,
                     nr_vcpus,
                     root,
-                    memory: None,
+                    ..
                 },
                 Reply::VmCreated { vm },
             ) => {
@@ -651,14 +651,7 @@ impl Model {
                     counts: PageCounts::default(),
                 });
             }
-            (
-                Hypercall::VcpuCreate {
-                    vm,
-                    vcpu,
-                    start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
-                },
-                Reply::Done,
-            ) => {
+            (Hypercall::VcpuCreate { vm, vcpu, .. }, Reply::Done) => {
                 if let Some(v) = self.vm_mut(vm) {
                     v.vcpus |= 1 << vcpu.get();
                     v.used_memcache = true;
