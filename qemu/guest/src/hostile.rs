@@ -150,7 +150,7 @@ pub fn run(out: &mut Console<impl FnMut(GuestCall)>) -> (u32, u32) {
         (
             "guest call over SMC",
             regs(&[id(GuestFunction::Version)]),
-            &[NOT_SUPPORTED],
+            &[NOT_SUPPORTED, 0],
             true,
         ),
         (
@@ -160,9 +160,10 @@ pub fn run(out: &mut Console<impl FnMut(GuestCall)>) -> (u32, u32) {
             false,
         ),
         (
-            "PSCI AFFINITY_INFO of MPIDR 2^40",
-            regs(&[PSCI_AFFINITY_INFO_64, 1 << 40, 0]),
-            &[-2, -1],
+            // No vCPU has Aff3 = 0xff: OFF (as KVM) or INVALID_PARAMETERS.
+            "PSCI AFFINITY_INFO of an absent MPIDR",
+            regs(&[PSCI_AFFINITY_INFO_64, 0xff_0000_0000, 0]),
+            &[1, -2],
             false,
         ),
     ];

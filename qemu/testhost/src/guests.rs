@@ -103,11 +103,10 @@ fn smp_serve(job: &SmpJob, cpu: usize) -> Result<End, String> {
     let mut ran = false;
     loop {
         let r = job.vm.serve(cpu, &mut |_, ev| {
-            if !ran {
+            if !ran && !matches!(ev, Event::Exit(VcpuExit::PoweredOff)) {
                 ran = true;
                 job.span[cpu][0].store(arch::timer().0, Ordering::SeqCst);
             }
-            let _ = ev;
             Flow::Default
         });
         job.span[cpu][1].store(arch::timer().0, Ordering::SeqCst);
@@ -194,7 +193,59 @@ fn smp_64(_: &mut Ctx) -> R {
     vm.destroy()
 }
 
-// ---- isolation and exits ----
+// ---- every kind of exit ----
+
+fn exits(_: &mut Ctx) -> R {
+    let mut a = Arg::new(Mode::Exits);
+    a.mib = 1;
+    let vm = Vm::new(IPA, 1, 1, a.encode(), image()?)?;
+    let mut device = [None::<u64>; 512];
+    let (mut mmio, mut wfx) = (0, 0);
+    let end = vm.serve(0, &mut |_, ev| match ev {
+        Event::Exit(VcpuExit::Mmio {
+            ipa,
+            size,
+            write,
+            data,
+        }) if (guest::MMIO_TEST_BASE..guest::MMIO_TEST_BASE + 4096).contains(ipa) => {
+            mmio += 1;
+            let off = ipa - guest::MMIO_TEST_BASE;
+            let slot = &mut device[(off / 8) as usize];
+            if *write {
+                *slot = Some(*data);
+                Flow::Continue
+            } else {
+                Flow::Read(slot.unwrap_or(guest::mmio_test_value(off)) & size.mask())
+            }
+        }
+        Event::Exit(VcpuExit::Wfx { .. }) => {
+            wfx += 1;
+            Flow::Default
+        }
+        _ => Flow::Default,
+    })?;
+    let lines = vm.lines(0);
+    ensure(end == End::Done, || {
+        format!("ended {end:?}; console {lines:?}")
+    })?;
+    let fails: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("guest: FAIL"))
+        .collect();
+    ensure(fails.is_empty(), || format!("{fails:?}"))?;
+    ensure(
+        lines
+            .iter()
+            .any(|l| l.starts_with("guest: exits: ") && l.ends_with(" passed, 0 failed")),
+        || format!("no tally: {lines:?}"),
+    )?;
+    ensure(mmio == 3 && wfx >= 1, || {
+        format!("{mmio} MMIO exits (expected 3), {wfx} WFx exits")
+    })?;
+    vm.destroy()
+}
+
+// ---- isolation ----
 
 fn beyond_shared(_: &mut Ctx) -> R {
     let img = image()?;
@@ -222,9 +273,9 @@ fn beyond_shared(_: &mut Ctx) -> R {
     )?;
     vm.destroy()?;
     alive()?;
-    // 3. Beyond the IPA size (32 bits): the guest cannot go on.
-    let far = 0x2_0000_0000u64;
-    let vm = Vm::new(32, 1, 1, Arg::poke(Op::Read, far >> 12, 1).encode(), img)?;
+    // 3. Beyond the IPA size (37 bits; the guest's stage 1 outputs 40).
+    let far = 1u64 << 37;
+    let vm = Vm::new(37, 1, 1, Arg::poke(Op::Read, far >> 12, 1).encode(), img)?;
     let end = vm.serve(0, &mut |_, _| Flow::Default)?;
     ensure(
         matches!(
@@ -233,6 +284,7 @@ fn beyond_shared(_: &mut Ctx) -> R {
         ),
         || format!("read beyond the IPA size: {end:?}"),
     )?;
+    say!("  beyond the IPA size: {end:?}");
     vm.destroy()?;
     alive()
 }
@@ -588,6 +640,7 @@ fn hostile(_: &mut Ctx) -> R {
 pub const CASES: &[Case] = &[
     Case { name: "§3.7 guest: one vCPU fills 4 MiB, each page by a memory-fault exit; checksum right", run: fill_one },
     Case { name: "§3.7 guest: 2 vCPUs on 2 physical CPUs at once, 64 MiB demand-faulted, checksums right", run: smp_64 },
+    Case { name: "§5 guest: every kind of exit (guest calls, PSCI, MMIO emulated by the host, WFI), FP/SIMD and EL1 state kept", run: exits },
     Case { name: "§5 guest: access past the shared pages (memory fault), outside memory (MMIO), beyond the IPA size (trap) exit; the hypervisor still answers", run: beyond_shared },
     Case { name: "§3.9 guest: after unshare, a guest access faults again", run: unshare_faults_again },
     Case { name: "§3.12 guest: after write-protect a read works, a write takes a permission fault; relax lets it through", run: wrprotect_write_faults },

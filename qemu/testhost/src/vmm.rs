@@ -160,6 +160,8 @@ pub enum Flow {
     Continue,
     /// Stop and return this exit.
     Stop,
+    /// The hook emulated an MMIO read: run again with this value (x3).
+    Read(u64),
 }
 
 /// How a run loop ended.
@@ -372,18 +374,35 @@ impl Vm {
             unsafe {
                 core::ptr::copy_nonoverlapping(src.as_ptr(), (p << 12) as *mut u8, src.len())
             };
-            self.share(p, g, Prot::RWX)?;
+            self.share_racy(p, g)?;
             return Ok(true);
         }
         if !self.demand {
             return Ok(false);
         }
         let p = Frames::alloc(1, 1)?;
-        self.share(p, g, Prot::RWX)?;
-        if let Some(f) = self.faults.get(vcpu) {
-            f.fetch_add(1, Ordering::Relaxed);
+        if self.share_racy(p, g)? {
+            if let Some(f) = self.faults.get(vcpu) {
+                f.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Ok(true)
+    }
+
+    /// Shares `p` at `g`; another vCPU's CPU may have mapped `g` first
+    /// (EEXIST: then `p` stays unused). Returns whether `p` was mapped.
+    fn share_racy(&self, p: u64, g: u64) -> Result<bool, String> {
+        match self.try_call(Hypercall::Share {
+            vm: self.handle,
+            pfn: pfn(p),
+            gfn: gfn(g),
+            nr: PageCount::ONE,
+            prot: Prot::RWX,
+        }) {
+            Ok(_) => Ok(true),
+            Err(HypError::Exists) => Ok(false),
+            Err(e) => Err(format!("HYP_SHARE of frame {p:#x} at gfn {g:#x}: {e:?}")),
+        }
     }
 
     /// Console lines of `vcpu` so far.
@@ -420,17 +439,17 @@ impl Vm {
         hook: &mut dyn FnMut(&Self, Event<'_>) -> Flow,
     ) -> Result<End, String> {
         let mut exits = 0u64;
-        let mmio = 0;
+        let mut mmio = 0;
         while exits < MAX_EXITS {
             exits += 1;
             let e = self
                 .run_once(vcpu, mmio)
                 .map_err(|e| format!("VCPU_RUN of vCPU {vcpu} failed: {e:?}"))?;
+            mmio = 0;
             if let VcpuExit::Console(bytes) = e {
                 if let Some(line) = self.console(vcpu, bytes.as_bytes()) {
-                    match hook(self, Event::Line(&line)) {
-                        Flow::Stop => return Ok(End::Line(line)),
-                        Flow::Default | Flow::Continue => {}
+                    if hook(self, Event::Line(&line)) == Flow::Stop {
+                        return Ok(End::Line(line));
                     }
                 }
                 continue;
@@ -438,6 +457,10 @@ impl Vm {
             match hook(self, Event::Exit(&e)) {
                 Flow::Stop => return Ok(End::Exit(e)),
                 Flow::Continue => continue,
+                Flow::Read(v) => {
+                    mmio = v;
+                    continue;
+                }
                 Flow::Default => {}
             }
             match e {

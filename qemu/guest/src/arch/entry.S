@@ -12,7 +12,7 @@
 /* MAIR_EL1: attr0 = Device-nGnRE, attr1 = Normal WB RA WA. */
 .equ MAIR_VALUE, 0xff04
 /* TCR_EL1: EPD1, TG0 = 4K, SH0 = inner, ORGN0/IRGN0 = WB WA, T0SZ = 25 (39-bit VA), IPS = 40 bits. */
-.equ TCR_VALUE, 0x2000803519
+.equ TCR_VALUE, 0x200803519
 /* SCTLR_EL1: RES1 bits | I | SA | C | M. */
 .equ SCTLR_VALUE, 0x30d0180d
 
