@@ -220,6 +220,8 @@ pub struct Bench {
     pub calib_insns_per_tick: f64,
     /// (name, iterations, counter ticks) per measurement.
     pub rows: Vec<(String, u64, u64)>,
+    /// Remarks the run printed (`BENCH info <text>`).
+    pub info: Vec<String>,
 }
 
 /// Parses `BENCH freq F`, `BENCH calib INSNS TICKS` and
@@ -234,7 +236,9 @@ pub fn parse_bench(lines: &[String]) -> Result<Bench, String> {
             }
             continue;
         };
-        if let Some(f) = rest.strip_prefix("freq ") {
+        if let Some(i) = rest.strip_prefix("info ") {
+            b.info.push(i.trim().to_string());
+        } else if let Some(f) = rest.strip_prefix("freq ") {
             b.freq = f.trim().parse().map_err(|_| format!("bad line `{l}`"))?;
         } else if let Some(c) = rest.strip_prefix("calib ") {
             let v: Vec<u64> = c
@@ -280,6 +284,7 @@ fn insns_per_tick(freq: u64) -> f64 {
 pub fn bench_section(b: &Bench) -> String {
     let ipt = insns_per_tick(b.freq);
     let mut rows = String::new();
+    let info: String = b.info.iter().map(|i| format!("- {i}.\n")).collect();
     for (name, n, ticks) in &b.rows {
         rows.push_str(&format!(
             "| {name} | {n} | {ticks} | {:.0} |\n",
@@ -302,7 +307,7 @@ pub fn bench_section(b: &Bench) -> String {
          - *share + unshare*: the host calls `HYP_SHARE` then `HYP_UNSHARE` of one page.\n\
          - *stage-2 fault, share, resume*: the guest writes one word to a fresh page;\n  \
            the stage-2 fault exits `HYP_VCPU_RUN`, the host calls `HYP_SHARE` and runs\n  \
-           the vCPU again, which retries the store.\n\n\
+           the vCPU again, which retries the store.\n{info}\n\
          Counts under TCG are instruction counts, not time: exception entry/exit and\n\
          TLB maintenance cost one instruction each here.\n{END}\n",
         b.freq, ipt, b.calib_insns_per_tick, ipt, ipt
@@ -346,7 +351,8 @@ mod tests {
     fn bench_lines_parse_and_render() {
         let b = parse_bench(&lines(
             "noise\nBENCH freq 62500000\nBENCH calib 2000000 125000\n\
-             BENCH row null hypercall|1024|2048\nBENCH row share + unshare|256|4096\n",
+             BENCH row null hypercall|1024|2048\nBENCH row share + unshare|256|4096\n\
+             BENCH info the loop returned 16 times\n",
         ))
         .unwrap();
         assert_eq!(b.freq, 62_500_000);
@@ -357,6 +363,7 @@ mod tests {
         // 2048 ticks * 16 / 1024 = 32; 4096 * 16 / 256 = 256.
         assert!(s.contains("| null hypercall | 1024 | 2048 | 32 |"), "{s}");
         assert!(s.contains("| share + unshare | 256 | 4096 | 256 |"), "{s}");
+        assert!(s.contains("\n- the loop returned 16 times.\n"), "{s}");
     }
 
     #[test]
