@@ -7,7 +7,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use guest::{Arg, Mode, Op};
 use hypercalls::{Access, FaultKind, HypError, Hypercall, Prot, Reply, VcpuExit};
@@ -489,6 +489,17 @@ fn spin_host(job: &SpinJob) -> Result<(u64, u64), String> {
         }
         core::hint::spin_loop();
     }
+    // While it runs on CPU 1, the vCPU is busy for everyone else (§3.7)
+    // and its VM cannot start teardown (§3.15).
+    let run = job.vm.run_once(0, 0);
+    let td = hv::call(&Hypercall::TeardownStart { vm: job.vm.handle }).result;
+    if run != Err(HypError::Busy) || td != Err(HypError::Busy) {
+        // Take the page away anyway so that CPU 1 comes back.
+        let _ = job.vm.unshare(job.p, job.g);
+        return Err(format!(
+            "while the vCPU runs on CPU 1: VCPU_RUN from CPU 0 gave {run:?}, TEARDOWN_START {td:?}; expected EBUSY twice"
+        ));
+    }
     let before = counter();
     job.vm.unshare(job.p, job.g)?;
     Ok((before, counter()))
@@ -501,7 +512,7 @@ fn spin_sees_unshare(_: &mut Ctx) -> R {
         IPA,
         1,
         1,
-        Arg::poke(Op::Spin, g, 24).encode(),
+        Arg::poke(Op::Spin, g, 27).encode(),
         image()?,
     )?);
     let (p, c) = (Frames::alloc(1, 1)?, Frames::alloc(1, 1)?);
@@ -533,6 +544,108 @@ fn spin_sees_unshare(_: &mut Ctx) -> R {
     );
     ensure(loops <= SPIN_BOUND, || {
         format!("the guest made {loops} loops after HYP_UNSHARE returned (bound {SPIN_BOUND})")
+    })?;
+    vm.destroy()
+}
+
+// ---- a vCPU moving between physical CPUs ----
+
+const MIG_DONE: usize = 2;
+const MIG_EXITS: u64 = 128;
+
+struct MigJob {
+    vm: Arc<Vm>,
+    /// Whose turn it is: CPU 0, CPU 1, or MIG_DONE.
+    turn: AtomicUsize,
+    moves: AtomicU64,
+    exits: [AtomicU64; 2],
+    end: Mutex<Option<Result<End, String>>>,
+}
+
+static MIG: Mutex<Option<Arc<MigJob>>> = Mutex::new(None);
+
+fn mig_cpu(cpu: usize) {
+    if cpu > 1 {
+        return;
+    }
+    let Some(job) = MIG.lock().clone() else {
+        return;
+    };
+    let (t0, f) = arch::timer();
+    loop {
+        match job.turn.load(Ordering::SeqCst) {
+            MIG_DONE => return,
+            t if t != cpu => {
+                if arch::timer().0 - t0 > 120 * f {
+                    *job.end.lock() = Some(Err("no end within 120 s".into()));
+                    job.turn.store(MIG_DONE, Ordering::SeqCst);
+                    return;
+                }
+                core::hint::spin_loop();
+                continue;
+            }
+            _ => {}
+        }
+        let mut n = 0u64;
+        let r = job.vm.serve(0, &mut |_, ev| match ev {
+            Event::Exit(_) => {
+                n += 1;
+                if n >= MIG_EXITS {
+                    Flow::Stop
+                } else {
+                    Flow::Default
+                }
+            }
+            Event::Line(_) => Flow::Default,
+        });
+        job.exits[cpu].fetch_add(n, Ordering::SeqCst);
+        match r {
+            // Our stop: the exit is left unserved; the other CPU runs the
+            // vCPU next, which repeats the faulting access there.
+            Ok(End::Exit(_)) if n >= MIG_EXITS => {
+                job.moves.fetch_add(1, Ordering::SeqCst);
+                job.turn.store(1 - cpu, Ordering::SeqCst);
+            }
+            other => {
+                *job.end.lock() = Some(other);
+                job.turn.store(MIG_DONE, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+}
+
+fn migrate(_: &mut Ctx) -> R {
+    ensure(rt::online() >= 2, || "needs 2 CPUs".into())?;
+    let vm = Arc::new(Vm::new(IPA, 1, 8, arg_fill(8), image()?)?);
+    let job = Arc::new(MigJob {
+        vm: vm.clone(),
+        turn: AtomicUsize::new(0),
+        moves: AtomicU64::new(0),
+        exits: [AtomicU64::new(0), AtomicU64::new(0)],
+        end: Mutex::new(None),
+    });
+    *MIG.lock() = Some(job.clone());
+    rt::run_on(2, mig_cpu);
+    *MIG.lock() = None;
+    let end = job.end.lock().take().ok_or("no result")??;
+    let lines = vm.lines(0);
+    ensure(end == End::Done, || {
+        format!("ended {end:?}; console {lines:?}")
+    })?;
+    let want = guest::expected_checksum(TEST_IPA, (8 << 20) / 8);
+    let line = format!("guest: checksum {want:#018x} PASS");
+    ensure(lines.contains(&line), || {
+        format!("expected `{line}`, console: {lines:?}")
+    })?;
+    let moves = job.moves.load(Ordering::SeqCst);
+    let (e0, e1) = (
+        job.exits[0].load(Ordering::SeqCst),
+        job.exits[1].load(Ordering::SeqCst),
+    );
+    say!("  migrate: {moves} moves, exits on CPU 0 {e0}, on CPU 1 {e1}");
+    ensure(moves >= 8 && e0 > 0 && e1 > 0, || {
+        format!("{moves} moves, exits {e0} / {e1}")
     })?;
     vm.destroy()
 }
@@ -646,7 +759,8 @@ pub const CASES: &[Case] = &[
     Case { name: "§3.12 guest: after write-protect a read works, a write takes a permission fault; relax lets it through", run: wrprotect_write_faults },
     Case { name: "§3.8 guest: guest writes land in the host's shared page", run: writes_land },
     Case { name: "§3.10 guest: a donated page the guest wrote is invisible to the host (abort), zero after teardown", run: donated_invisible },
-    Case { name: "§3.9 guest: a guest spinning on another CPU sees the unshare within 2 loops", run: spin_sees_unshare },
+    Case { name: "§3.9 guest: a guest spinning on another CPU sees the unshare within 2 loops; meanwhile its vCPU and VM are EBUSY (§3.7, §3.15)", run: spin_sees_unshare },
+    Case { name: "§3.7 guest: a vCPU moved between two physical CPUs every 128 exits fills 8 MiB, checksum right", run: migrate },
     Case { name: "§2.5 guest: two VMs cannot reach each other's memory", run: two_vms },
     Case { name: "§4 guest: hostile guest call arguments fail as the ABI says and never hurt the hypervisor", run: hostile },
 ];
