@@ -27,7 +27,7 @@ use crate::qemu;
 use crate::util::{capture, progress};
 
 /// Hard limit on the guest suite boot.
-pub const TIMEOUT: Duration = Duration::from_secs(150);
+pub const TIMEOUT: Duration = Duration::from_secs(120);
 /// Hard limit on the benchmark boot.
 pub const BENCH_TIMEOUT: Duration = Duration::from_secs(150);
 /// Host RAM where QEMU's loader puts the payload (testhost `guests.rs`

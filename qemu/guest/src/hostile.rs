@@ -169,6 +169,15 @@ pub fn run(out: &mut Console<impl FnMut(GuestCall)>) -> (u32, u32) {
     ];
     let mut pass = 0;
     let mut fail = 0;
+    // HVC #1: a guest call with a non-zero immediate (§4).
+    let got = arch::hvc1(&GuestCall::Version.encode())[0] as i64;
+    if got == NOT_SUPPORTED {
+        pass += 1;
+        let _ = writeln!(out, "guest: PASS HVC #1");
+    } else {
+        fail += 1;
+        let _ = writeln!(out, "guest: FAIL HVC #1: x0 = {got}");
+    }
     for (what, r, want, smc) in cases {
         let got = if smc { arch::smc(&r) } else { arch::hvc(&r) };
         let x0 = got[0] as i64;

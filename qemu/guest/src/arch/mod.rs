@@ -72,6 +72,21 @@ pub fn hvc(regs: &Regs) -> Regs {
     r
 }
 
+/// `HVC #1` (a non-zero immediate, which the ABI refuses) with x0..x7.
+pub fn hvc1(regs: &Regs) -> Regs {
+    let mut r = *regs;
+    // SAFETY: as `hvc`.
+    unsafe {
+        asm!(
+            "hvc #1",
+            inout("x0") r[0], inout("x1") r[1], inout("x2") r[2], inout("x3") r[3],
+            inout("x4") r[4], inout("x5") r[5], inout("x6") r[6], inout("x7") r[7],
+            options(nostack)
+        );
+    }
+    r
+}
+
 /// Makes a guest call.
 pub fn call(c: GuestCall) -> Regs {
     hvc(&c.encode())
