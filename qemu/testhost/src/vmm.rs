@@ -522,9 +522,14 @@ impl Vm {
         let mut partial = self.partial.lock();
         let buf = partial.get_mut(vcpu)?;
         buf.extend_from_slice(bytes);
-        let nl = buf.iter().position(|&b| b == b'\n')?;
-        let line: String = String::from_utf8_lossy(&buf[..nl]).into_owned();
-        buf.drain(..=nl);
+        // A guest that never ends its line gets it cut at 200 bytes.
+        let (end, skip) = match buf.iter().position(|&b| b == b'\n') {
+            Some(nl) => (nl, 1),
+            None if buf.len() >= 200 => (buf.len(), 0),
+            None => return None,
+        };
+        let line: String = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end + skip);
         drop(partial);
         say!("  vm{}.{vcpu}| {line}", self.tag);
         self.lines.lock().push((vcpu, line.clone()));
