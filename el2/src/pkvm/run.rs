@@ -86,8 +86,15 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         let (loaded, start, pending, memory, cntvoff, flush) = {
             let mut slot = self.lock_vm(h)?;
             let v = vm_of(&mut slot)?;
+            if v.runs.get(i).is_none() {
+                return Err(HypError::NoEntry);
+            }
             let loaded = load(v, h, vcpu)?;
-            let run = v.runs.get_mut(i).ok_or(HypError::NoEntry)?;
+            let Some(run) = v.runs.get_mut(i) else {
+                // Checked above; never leave the vCPU loaded.
+                v.running &= !(1u64 << i);
+                return Err(HypError::NoEntry);
+            };
             let early = match (run.stopped, run.power) {
                 (Some(e), _) => Some(e),
                 (None, Power::Off) => Some(VcpuExit::PoweredOff),
