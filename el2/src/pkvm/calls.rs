@@ -178,14 +178,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         let mut runs = Vec::new();
         runs.try_reserve_exact(usize::from(nr_vcpus.get()))
             .map_err(|_| HypError::NoMemory)?;
-        runs.resize(
-            usize::from(nr_vcpus.get()),
-            VcpuRun {
-                power: Power::Off,
-                mmio: None,
-                stopped: None,
-            },
-        );
+        runs.resize(usize::from(nr_vcpus.get()), VcpuRun::IDLE);
         let root_pa = root.0 << PAGE_SHIFT;
         let vttbr = root_pa | (u64::from(vmid.0) << 48);
         let tlb = CountingTlb::new(self.platform.guest_tlb(vmid, vttbr));
@@ -527,7 +520,12 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
                 ) {
                     Ok(()) => {
                         match vcpu.and_then(|i| vm.vcpus.get_mut(i)) {
-                            Some(state) => *state = None,
+                            Some(state) => {
+                                *state = None;
+                                if let Some(run) = vcpu.and_then(|i| vm.runs.get_mut(i)) {
+                                    *run = VcpuRun::IDLE;
+                                }
+                            }
                             None => {
                                 vm.s2.mm_mut().take();
                             }

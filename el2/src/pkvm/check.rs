@@ -15,7 +15,7 @@ use stage2::tlb::TlbMaintenance;
 use stage2::{Ipa, Pfn, PAGE_SHIFT, PAGE_SIZE};
 
 use super::platform::Platform;
-use super::vm::{Counts, Life};
+use super::vm::{Counts, Life, Power, VcpuRun};
 use super::Hyp;
 
 /// Everything a call may change, in comparable form.
@@ -33,6 +33,7 @@ pub struct VmSnapshot {
     handle: VmHandle,
     life: Life,
     vcpus: Vec<Option<Pfn>>,
+    runs: Vec<VcpuRun>,
     running: u64,
     leaves: Vec<Leaf>,
     free: Vec<Pfn>,
@@ -62,6 +63,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
                     handle: vm.handle,
                     life: vm.life,
                     vcpus: vm.vcpus.clone(),
+                    runs: vm.runs.clone(),
                     running: vm.running,
                     leaves: leaves(&vm.s2),
                     free: vm.memcache().free_list().to_vec(),
@@ -114,6 +116,20 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
                 || vm.handle.generation() != slot.generation
             {
                 return Err(format!("slot {i}: handle {:?} id {:?}", vm.handle, vm.id));
+            }
+            let n = usize::from(vm.nr_vcpus);
+            if vm.vcpus.len() != n || vm.runs.len() != n || vm.running >> n.min(63) > 1 {
+                return Err(format!("vm {i}: vCPU tables for {n} vCPUs"));
+            }
+            for (k, (page, run)) in vm.vcpus.iter().zip(&vm.runs).enumerate() {
+                let idle = VcpuRun::IDLE;
+                let loaded = vm.running & (1u64 << k) != 0;
+                if page.is_none() && (loaded || *run != idle) {
+                    return Err(format!("vm {i}: vCPU {k} not created but {run:?}"));
+                }
+                if run.mmio.is_some() && run.power != Power::On {
+                    return Err(format!("vm {i}: vCPU {k}: MMIO read pending while {run:?}"));
+                }
             }
             for leaf in leaves(&vm.s2) {
                 let pfn = Pfn(leaf.hpa.raw() >> PAGE_SHIFT);

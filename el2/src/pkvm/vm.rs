@@ -149,6 +149,15 @@ pub struct VcpuRun {
     pub stopped: Option<VcpuExit>,
 }
 
+impl VcpuRun {
+    /// A vCPU that is not created (or whose state page went back to the host).
+    pub const IDLE: Self = Self {
+        power: Power::Off,
+        mmio: None,
+        stopped: None,
+    };
+}
+
 /// A VM.
 #[derive(Debug)]
 pub struct Vm<P: Platform> {
