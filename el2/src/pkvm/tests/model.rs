@@ -54,6 +54,8 @@ struct MVm {
     ipa_bits: u8,
     nr_vcpus: u16,
     vcpus: BTreeSet<u16>,
+    /// Created with `HYP_VCPU_START_OFF` (never started: no guest PSCI here).
+    off: BTreeSet<u16>,
     dying: bool,
     /// `HYP_TEARDOWN_RECLAIM` has returned `more = 0`.
     reclaimed: bool,
@@ -160,6 +162,11 @@ enum Op {
     Vcpu {
         vm: u8,
         i: u16,
+        off: bool,
+    },
+    Run {
+        vm: u8,
+        i: u16,
     },
     Share {
         vm: u8,
@@ -250,7 +257,8 @@ fn op_s() -> impl Strategy<Value = Op> {
             }),
         3 => (vm, pfn_s(), 1u32..4).prop_map(|(vm, pfn, n)| Op::Topup { vm, pfn, n }),
         1 => vm.prop_map(|vm| Op::McReclaim { vm }),
-        1 => (vm, 0u16..3).prop_map(|(vm, i)| Op::Vcpu { vm, i }),
+        1 => (vm, 0u16..3, any::<bool>()).prop_map(|(vm, i, off)| Op::Vcpu { vm, i, off }),
+        2 => (vm, 0u16..3).prop_map(|(vm, i)| Op::Run { vm, i }),
         5 => (vm, pfn_s(), gfn_s(), 1u32..4, prop_oneof![Just(1u64), Just(3), Just(7)])
             .prop_map(|(vm, pfn, gfn, n, prot)| Op::Share { vm, pfn, gfn, n, prot }),
         4 => (vm, pfn_s(), gfn_s(), 1u32..4)
@@ -302,10 +310,22 @@ fn to_call(m: &Model, op: &Op) -> Hypercall {
             nr: count(*n),
         },
         Op::McReclaim { vm } => Hypercall::MemcacheReclaim { vm: h(vm) },
-        Op::Vcpu { vm, i } => Hypercall::VcpuCreate {
+        Op::Vcpu { vm, i, off } => Hypercall::VcpuCreate {
             vm: h(vm),
             vcpu: VcpuIndex::new(*i).unwrap(),
-            start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
+            start: if *off {
+                hypercalls::VcpuStart::Off
+            } else {
+                hypercalls::VcpuStart::On {
+                    entry: 0x4008_0000,
+                    arg: 0,
+                }
+            },
+        },
+        Op::Run { vm, i } => Hypercall::VcpuRun {
+            vm: h(vm),
+            vcpu: VcpuIndex::new(*i).unwrap(),
+            mmio_data: 0,
         },
         Op::Share {
             vm,
@@ -419,6 +439,8 @@ enum Expect {
     /// Success (checked and applied by the closure-free code in `step`),
     /// or `HYP_ENOMEM` if `may_nomem`.
     Success { may_nomem: bool },
+    /// One of these errors (the model does not know which).
+    OneOf(&'static [HypError]),
 }
 
 fn err(e: HypError) -> Expect {
@@ -454,6 +476,9 @@ fn step(h: &FakeHyp, m: &mut Model, op: &Op) -> Result<(), String> {
         (Expect::Success { may_nomem: true }, Err(HypError::NoMemory)) => {}
         (Expect::Success { .. }, Err(e)) => {
             return Err(format!("{call:?}: want success, got {e:?}"))
+        }
+        (Expect::OneOf(errs), got) if !errs.iter().any(|e| *got == Err(*e)) => {
+            return Err(format!("{call:?}: want one of {errs:?}, got {got:?}"))
         }
         _ => {}
     }
@@ -534,6 +559,26 @@ fn expect(h: &FakeHyp, m: &Model, call: &Hypercall) -> Result<Expect, String> {
             Err(e) => err(e),
             Ok(_) => Expect::Success { may_nomem: false },
         },
+        Hypercall::VcpuRun { vm, vcpu, .. } => {
+            let i = match m.slot_of(vm) {
+                Ok(i) => i,
+                Err(e) => return Ok(err(e)),
+            };
+            let v = m.vm(i);
+            if !v.vcpus.contains(&vcpu.get()) {
+                err(HypError::NoEntry)
+            } else if v.dying {
+                // ENOENT once teardown has returned the vCPU's state page.
+                Expect::OneOf(&[HypError::Busy, HypError::NoEntry])
+            } else {
+                // Nothing is scripted: an IRQ ends the first entry.
+                Expect::Exactly(Ok(Reply::Exit(if v.off.contains(&vcpu.get()) {
+                    hypercalls::VcpuExit::PoweredOff
+                } else {
+                    hypercalls::VcpuExit::Interrupted
+                })))
+            }
+        }
         Hypercall::VcpuCreate { vm, vcpu, .. } => {
             let i = match m.live(vm) {
                 Ok(i) => i,
@@ -787,6 +832,7 @@ fn apply(h: &FakeHyp, m: &mut Model, call: &Hypercall, reply: &Reply) -> Result<
                 ipa_bits: ipa_bits.get(),
                 nr_vcpus: nr_vcpus.get(),
                 vcpus: BTreeSet::new(),
+                off: BTreeSet::new(),
                 dying: false,
                 reclaimed: false,
                 map: BTreeMap::new(),
@@ -831,9 +877,12 @@ fn apply(h: &FakeHyp, m: &mut Model, call: &Hypercall, reply: &Reply) -> Result<
                 }
             }
         }
-        Hypercall::VcpuCreate { vm, vcpu, .. } => {
+        Hypercall::VcpuCreate { vm, vcpu, start } => {
             let i = m.slot_of(vm).unwrap();
             m.vm_mut(i).vcpus.insert(vcpu.get());
+            if start == hypercalls::VcpuStart::Off {
+                m.vm_mut(i).off.insert(vcpu.get());
+            }
         }
         Hypercall::Share {
             vm,
