@@ -476,7 +476,8 @@ fn run(
         }
         match exit.complete(ctx, PSCI_VERSION) {
             Resume::Guest => stats.hyp_handled += 1,
-            Resume::Host(VcpuExit::Interrupted) => stats.interrupts += 1,
+            // WFx: nothing to wait for here (no virtual interrupts); run again.
+            Resume::Host(VcpuExit::Interrupted | VcpuExit::Wfx { .. }) => stats.interrupts += 1,
             Resume::Host(VcpuExit::MemFault { gfn, .. }) => {
                 stats.faults += 1;
                 if !vm.lock().fault_in(gfn.raw() << 12) {
@@ -493,7 +494,7 @@ fn run(
                     }
                 }
             }
-            Resume::Host(VcpuExit::Shutdown) => break End::Shutdown,
+            Resume::Host(VcpuExit::Shutdown | VcpuExit::SystemOff { .. }) => break End::Shutdown,
             Resume::Host(other) => {
                 if let GuestExit::Unhandled { esr, far } = exit {
                     info!(
