@@ -13,6 +13,7 @@ use guest::{Arg, Mode, Op};
 use hypercalls::{Access, FaultKind, HypError, Hypercall, Prot, Reply, VcpuExit};
 use spin::Mutex;
 
+use crate::gic::Gic;
 use crate::harness::{self, ensure, gfn, pfn, Case, Ctx, R};
 use crate::vmm::{self, is_fault, is_fault_at, End, Event, Flow, Frames, Vm, TEST_IPA};
 use crate::{arch, hv, rt, say};
@@ -749,6 +750,143 @@ fn hostile(_: &mut Ctx) -> R {
     vm.destroy()
 }
 
+// ---- the host's timer ends a guest run ----
+
+/// The EL2 physical timer's PPI, which carries the host's deadline while a
+/// guest runs (el2 `arch::vcpu::HYP_TIMER_PPI`).
+const HYP_TIMER_PPI: u32 = 26;
+/// The host's deadline, set again at every exit before the interrupt, so
+/// that it can only expire during a long run: the guest's spin.
+const TIMER_MS: u64 = 20;
+/// Bound on the INTERRUPTED exit's lateness after the deadline.
+const IRQ_LATE_MS: u64 = 2000;
+/// Bound on the exits before it (the payload's pages fault in first).
+const IRQ_EXITS: u64 = 64;
+/// log2 of the guest's spin loops: it outlasts [`TIMER_MS`] many times.
+const IRQ_SPIN_LOG2: u8 = 25;
+
+/// What the INTERRUPTED exit came with.
+struct Hit {
+    /// Exits before it.
+    exits: u64,
+    /// Virtual count at the exit minus the deadline (ticks, signed).
+    late: i64,
+    /// The guest's loop counter then.
+    counter: u64,
+    /// PPI 26 enabled at this CPU's redistributor then (el2's doing).
+    ppi_enabled: bool,
+}
+
+fn host_timer_interrupts(_: &mut Ctx) -> R {
+    let gic = Gic::init(HYP_TIMER_PPI)?;
+    let r = timer_case(&gic);
+    arch::vtimer_off();
+    gic.off(HYP_TIMER_PPI);
+    r
+}
+
+fn timer_case(gic: &Gic) -> R {
+    let g = TEST_GFN + 24;
+    let limit = 1u64 << IRQ_SPIN_LOG2;
+    let vm = Vm::new(
+        IPA,
+        1,
+        1,
+        Arg::poke(Op::Spin, g, IRQ_SPIN_LOG2).encode(),
+        image()?,
+    )?;
+    let (p, c) = (Frames::alloc(1, 1)?, Frames::alloc(1, 1)?);
+    vm.share(p, g, Prot::RW)?;
+    vm.share(c, g + 1, Prot::RW)?;
+    // Nobody enabled PPI 26: el2 must, for the run.
+    ensure(!gic.enabled(HYP_TIMER_PPI), || {
+        "PPI 26 enabled before the case".into()
+    })?;
+    let before = vm.runtime()?;
+    let f = arch::timer().1;
+    let ticks = TIMER_MS * f / 1000;
+    let mut cval = arch::vcount() + ticks;
+    arch::vtimer_arm(cval);
+    let mut exits = 0u64;
+    let mut hit: Option<Hit> = None;
+    // INTERRUPTED exits after the timer was disarmed.
+    let mut after = 0u64;
+    let end = vm.serve(0, &mut |_, ev| {
+        if hit.is_some() {
+            if let Event::Exit(VcpuExit::Interrupted) = ev {
+                after += 1;
+            }
+            return Flow::Default;
+        }
+        exits += 1;
+        if let Event::Exit(VcpuExit::Interrupted) = ev {
+            let now = arch::vcount();
+            arch::vtimer_off();
+            hit = Some(Hit {
+                exits,
+                late: now.wrapping_sub(cval) as i64,
+                counter: vmm::peek_frame(c, 0).unwrap_or(u64::MAX),
+                ppi_enabled: gic.enabled(HYP_TIMER_PPI),
+            });
+            // Resume the guest, with the host's timer off.
+            return Flow::Continue;
+        }
+        cval = arch::vcount() + ticks;
+        arch::vtimer_arm(cval);
+        Flow::Default
+    });
+    arch::vtimer_off();
+    let end = end?;
+    let counter = vmm::peek_frame(c, 0).map_err(|f| format!("{f:x?}"))?;
+    let hit = hit.ok_or_else(|| {
+        format!(
+            "no INTERRUPTED exit: the guest spun {counter} of {limit} loops to its end ({end:?}) with the host's timer armed {TIMER_MS} ms ahead"
+        )
+    })?;
+    let after_c = vm.runtime()?;
+    say!(
+        "  timer: INTERRUPTED after {} exits, {} us past the deadline, guest counter {} then (PPI 26 enabled: {}); {after} INTERRUPTED exits after disarming, counter {counter} at the end; runtime {after_c:?}",
+        hit.exits,
+        hit.late.max(0) as u64 * 1_000_000 / f,
+        hit.counter,
+        hit.ppi_enabled
+    );
+    ensure(hit.exits <= IRQ_EXITS, || {
+        format!("INTERRUPTED only after {} exits", hit.exits)
+    })?;
+    ensure(
+        hit.late >= 0 && (hit.late as u64) <= IRQ_LATE_MS * f / 1000,
+        || {
+            format!(
+                "INTERRUPTED {} ticks from the deadline (bound 0..{IRQ_LATE_MS} ms)",
+                hit.late
+            )
+        },
+    )?;
+    ensure(hit.counter > 0 && hit.counter < limit, || {
+        format!(
+            "the guest's counter was {:#x} at the INTERRUPTED exit: not interrupted mid-spin",
+            hit.counter
+        )
+    })?;
+    // Resumed where it was, and finished cleanly.
+    let line = format!("guest: spin ended after {limit}");
+    let lines = vm.lines(0);
+    ensure(
+        end == End::Done && lines.contains(&line) && counter == limit,
+        || format!("after the interrupt: ended {end:?}, counter {counter}, console {lines:?}"),
+    )?;
+    ensure(after == 0, || {
+        format!("{after} INTERRUPTED exits with the host's timer off")
+    })?;
+    let irqs = after_c.irq_exits - before.irq_exits;
+    ensure(irqs == 1, || {
+        format!("runtime counters: {irqs} runs ended by an interrupt, expected 1")
+    })?;
+    alive()?;
+    vm.destroy()
+}
+
 /// Every guest case.
 pub const CASES: &[Case] = &[
     Case { name: "§3.7 guest: one vCPU fills 4 MiB, each page by a memory-fault exit; checksum right", run: fill_one },
@@ -763,6 +901,7 @@ pub const CASES: &[Case] = &[
     Case { name: "§3.7 guest: a vCPU moved between two physical CPUs every 128 exits fills 8 MiB, checksum right", run: migrate },
     Case { name: "§2.5 guest: two VMs cannot reach each other's memory", run: two_vms },
     Case { name: "§4 guest: hostile guest call arguments fail as the ABI says and never hurt the hypervisor", run: hostile },
+    Case { name: "§5 guest: the host's timer interrupt ends a guest run (INTERRUPTED), the guest resumes and finishes", run: host_timer_interrupts },
 ];
 
 /// Whether a payload is loaded (the test host then runs the guest cases).

@@ -18,6 +18,8 @@ mod cases;
 #[cfg(target_os = "none")]
 mod console;
 #[cfg(target_os = "none")]
+mod gic;
+#[cfg(target_os = "none")]
 mod guests;
 #[cfg(target_os = "none")]
 mod harness;

@@ -32,6 +32,17 @@ pub struct Platform {
     pub ram: Vec<(u64, u64)>,
     /// MPIDR of every CPU, boot CPU first.
     pub cpus: Vec<u64>,
+    /// The GICv3, if the device tree has one.
+    pub gic: Option<GicRegions>,
+}
+
+/// Where a GICv3's registers are: `(base, size)` of each region.
+#[derive(Clone, Copy, Debug)]
+pub struct GicRegions {
+    /// The distributor.
+    pub gicd: (u64, u64),
+    /// The redistributors (RD and SGI frames, 128 KiB per CPU).
+    pub gicr: (u64, u64),
 }
 
 static PLATFORM: Once<Platform> = Once::new();
@@ -80,7 +91,18 @@ fn parse_dtb(dtb: u64) -> Option<Platform> {
     if let Some(i) = cpus.iter().position(|&m| m == me) {
         cpus.swap(0, i);
     }
-    Some(Platform { ram, cpus })
+    let gic = fdt.find_compatible(&["arm,gic-v3"]).and_then(|n| {
+        let mut reg = n.reg()?;
+        let mut next = || {
+            let r = reg.next()?;
+            Some((r.starting_address as u64, r.size? as u64))
+        };
+        Some(GicRegions {
+            gicd: next()?,
+            gicr: next()?,
+        })
+    });
+    Some(Platform { ram, cpus, gic })
 }
 
 static TASK: Mutex<Option<fn(usize)>> = Mutex::new(None);

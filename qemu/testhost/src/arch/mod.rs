@@ -264,3 +264,38 @@ pub fn timer() -> (u64, u64) {
     }
     (c, f.max(1))
 }
+
+/// CNTV_CTL_EL0.ENABLE (IMASK clear: the timer's interrupt is signalled).
+const CNTV_CTL_ENABLE: u64 = 1 << 0;
+
+/// Arms this CPU's EL1 virtual timer for virtual count `cval`, its
+/// interrupt unmasked at the timer (PSTATE.I stays set: the test host
+/// takes no interrupt; el2 moves the deadline to CNTHP while a guest runs).
+pub fn vtimer_arm(cval: u64) {
+    // SAFETY: the test host's own timer; it has no interrupt handler and
+    // keeps IRQs masked, so an expiry changes only the timer's status.
+    unsafe {
+        asm!(
+            "msr cntv_cval_el0, {cval}",
+            "msr cntv_ctl_el0, {ctl}",
+            "isb",
+            cval = in(reg) cval,
+            ctl = in(reg) CNTV_CTL_ENABLE,
+            options(nomem, nostack)
+        )
+    };
+}
+
+/// Disarms this CPU's EL1 virtual timer.
+pub fn vtimer_off() {
+    // SAFETY: as vtimer_arm.
+    unsafe { asm!("msr cntv_ctl_el0, xzr", "isb", options(nomem, nostack)) };
+}
+
+/// The virtual count (CNTVCT_EL0).
+pub fn vcount() -> u64 {
+    let c: u64;
+    // SAFETY: reading the counter has no side effects.
+    unsafe { asm!("isb", "mrs {}, cntvct_el0", out(reg) c, options(nomem, nostack)) };
+    c
+}
