@@ -691,6 +691,11 @@ impl GuestExit {
                             fid,
                             psci_id::VERSION
                                 | psci_id::FEATURES
+                                | psci_id::CPU_ON_32
+                                | psci_id::CPU_ON_64
+                                | psci_id::CPU_OFF
+                                | psci_id::AFFINITY_INFO_32
+                                | psci_id::AFFINITY_INFO_64
                                 | psci_id::SYSTEM_OFF
                                 | psci_id::SYSTEM_RESET
                         ) {
@@ -1028,7 +1033,11 @@ mod tests {
         ctx.x[0] = u64::from(psci_id::FEATURES);
         ctx.x[1] = u64::from(psci_id::CPU_ON_64);
         decode(&sync(HVC0), ctx.args()).complete(&mut ctx, 0);
-        assert_eq!(ctx.x[0] as i64, -1, "CPU_ON not offered yet");
+        assert_eq!(ctx.x[0], 0, "CPU_ON is served");
+        ctx.x[0] = u64::from(psci_id::FEATURES);
+        ctx.x[1] = u64::from(smccc::psci::PSCI_SYSTEM_SUSPEND_64);
+        decode(&sync(HVC0), ctx.args()).complete(&mut ctx, 0);
+        assert_eq!(ctx.x[0] as i64, -1, "SYSTEM_SUSPEND is not");
         ctx.x[0] = 0x8400_0011; // a PSCI id we do not know
         let exit = decode(&sync(HVC0), ctx.args());
         assert_eq!(

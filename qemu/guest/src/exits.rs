@@ -57,12 +57,7 @@ pub fn run(out: &mut Console<impl FnMut(GuestCall)>) -> (u32, u32) {
     let r = arch::smc(&regs(PSCI_VERSION, 0));
     check(out, "PSCI_VERSION over SMC", r[0] >> 16 == 1, r[0]);
     let r = arch::hvc(&regs(PSCI_FEATURES, PSCI_CPU_ON_64));
-    check(
-        out,
-        "PSCI_FEATURES(CPU_ON) not supported",
-        r[0] == NOT_SUPPORTED,
-        r[0],
-    );
+    check(out, "PSCI_FEATURES(CPU_ON) supported", r[0] == 0, r[0]);
     let r = arch::smc(&regs(0x8200_0000, 0));
     check(
         out,
