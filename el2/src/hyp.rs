@@ -183,8 +183,12 @@ fn find_own_redistributor(cpu: usize) {
     crate::machine::set_redistributor(cpu, sgi);
 }
 
+/// A boot the hypervisor cannot complete: say why, then power the machine
+/// off (PSCI SYSTEM_OFF) rather than hang; park if even that fails.
 fn fatal(msg: core::fmt::Arguments<'_>) -> ! {
     error!("{msg}");
+    error!("cannot boot the host: powering off");
+    let _ = arch::smc([u64::from(smccc::psci::PSCI_SYSTEM_OFF), 0, 0, 0]);
     arch::park()
 }
 
