@@ -107,7 +107,7 @@ options (`--opt VALUE` or `--opt=VALUE`):
   --exec 'CMD'        run CMD in the host (sh), print its output, exit with its status
   --smp N             CPUs, 1 to 64 (default 4)
   --mem SIZE          memory, e.g. 2G or 1536M; a bare number is MiB
-                      (default 2G; at least 1G under el2)
+                      (default 2G; 1G to 4G under el2)
   --numa N            1 or 2 NUMA nodes (CPUs and memory split in halves; 2 needs --smp 2+)
   --cpu MODEL         QEMU -cpu (default max,pauth-impdef=on)
   --add FILE[:/DEST]  put FILE into the host's initramfs (default /root/<name>); repeatable

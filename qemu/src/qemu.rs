@@ -20,6 +20,11 @@ pub const HOST_KERNEL_ADDR: u64 = 0x7000_0000;
 /// The smallest memory size that holds [`HOST_KERNEL_ADDR`] plus a kernel.
 pub const MIN_HYP_MEM_MIB: u64 = 1024;
 
+/// The largest memory size el2 boots with: its 32 MiB must hold the page
+/// tracker (8 bytes per 4 KiB page) and the host stage-2 pool (a table per
+/// 2 MiB); at 6 GiB they no longer fit and el2 powers off with an error.
+pub const MAX_HYP_MEM_MIB: u64 = 4096;
+
 /// The CPU model unless `--cpu` says otherwise (3x faster than plain `max`).
 pub const DEFAULT_CPU: &str = "max,pauth-impdef=on";
 
@@ -84,6 +89,8 @@ pub struct Launch {
 pub enum LaunchError {
     /// The hypervisor boot needs at least [`MIN_HYP_MEM_MIB`].
     MemTooSmall(u64),
+    /// The hypervisor boot takes at most [`MAX_HYP_MEM_MIB`].
+    MemTooLarge(u64),
     /// Two NUMA nodes need at least two CPUs.
     NumaNeedsTwoCpus,
     /// Only 1 or 2 NUMA nodes are supported.
@@ -99,6 +106,12 @@ impl std::fmt::Display for LaunchError {
                 f,
                 "--mem {m}M is too small for the hypervisor boot: the host kernel is loaded at \
                  {HOST_KERNEL_ADDR:#x}, so at least {MIN_HYP_MEM_MIB}M is needed"
+            ),
+            Self::MemTooLarge(m) => write!(
+                f,
+                "--mem {m}M is too large for the hypervisor boot: el2's 32 MiB holds the page \
+                 tracker and host stage-2 tables for at most {MAX_HYP_MEM_MIB}M (use --no-hyp \
+                 for more)"
             ),
             Self::NumaNeedsTwoCpus => write!(f, "--numa 2 needs --smp 2 or more"),
             Self::NumaNodes(n) => write!(f, "--numa {n}: only 1 or 2 nodes are supported"),
@@ -116,6 +129,9 @@ impl Machine {
         }
         if hyp && self.mem_mib < MIN_HYP_MEM_MIB {
             return Err(LaunchError::MemTooSmall(self.mem_mib));
+        }
+        if hyp && self.mem_mib > MAX_HYP_MEM_MIB {
+            return Err(LaunchError::MemTooLarge(self.mem_mib));
         }
         match self.numa_nodes {
             1 => Ok(()),
@@ -545,6 +561,12 @@ mod tests {
         assert_eq!(m(0, 2048, 1).check(false), Err(LaunchError::NoCpus));
         assert_eq!(m(1, 512, 1).check(true), Err(LaunchError::MemTooSmall(512)));
         assert_eq!(m(1, 512, 1).check(false), Ok(()));
+        assert_eq!(m(4, 4096, 1).check(true), Ok(()));
+        assert_eq!(
+            m(4, 6144, 1).check(true),
+            Err(LaunchError::MemTooLarge(6144))
+        );
+        assert_eq!(m(4, 6144, 1).check(false), Ok(()));
         assert_eq!(
             m(1, 2048, 2).check(false),
             Err(LaunchError::NumaNeedsTwoCpus)
