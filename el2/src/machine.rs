@@ -14,6 +14,7 @@ use el2::layout::MAX_CPUS;
 use el2::pkvm::platform::{GuestEntry, PageAccess, Platform};
 use el2::vcpu::{RawExit, VcpuContext};
 
+use crate::arch;
 use crate::arch::vcpu::{run_vcpu, VcpuRun};
 use stage2::mm::Table;
 use stage2::tlb::TlbMaintenance;
@@ -86,44 +87,25 @@ impl GuestTlb {
     fn with_guest_vttbr(&self, f: impl FnOnce()) {
         let saved = VTTBR_EL2.get();
         VTTBR_EL2.set(self.vttbr);
-        // SAFETY: a barrier; makes the VMID switch visible to the TLBI.
-        unsafe { asm!("isb", options(nostack)) };
+        // Makes the VMID switch visible to the TLBI.
+        arch::isb();
         f();
         VTTBR_EL2.set(saved);
-        // SAFETY: a barrier.
-        unsafe { asm!("isb", options(nostack)) };
+        arch::isb();
     }
 }
 
 impl TlbMaintenance for GuestTlb {
     fn sync_writes(&mut self) {
-        // SAFETY: a barrier.
-        unsafe { asm!("dsb ishst", options(nostack)) };
+        arch::tlbi::sync_writes();
     }
 
     fn invalidate_ipa(&mut self, _vmid: Vmid, ipa: Ipa, _level: u8) {
-        self.with_guest_vttbr(|| {
-            // SAFETY: TLB maintenance for the guest's VMID only (loaded
-            // above); the vmalle1is is what QEMU (and KVM on hardware) need
-            // to drop combined stage-1+2 entries.
-            unsafe {
-                asm!(
-                    "tlbi ipas2e1is, {}",
-                    "dsb ish",
-                    "tlbi vmalle1is",
-                    "dsb ish",
-                    in(reg) ipa.raw() >> 12,
-                    options(nostack)
-                )
-            }
-        });
+        self.with_guest_vttbr(|| arch::tlbi::ipa(ipa));
     }
 
     fn invalidate_vmid(&mut self, _vmid: Vmid) {
-        self.with_guest_vttbr(|| {
-            // SAFETY: TLB maintenance for the guest's VMID only.
-            unsafe { asm!("tlbi vmalls12e1is", "dsb ish", options(nostack)) }
-        });
+        self.with_guest_vttbr(arch::tlbi::vmid);
     }
 }
 

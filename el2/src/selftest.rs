@@ -181,8 +181,7 @@ impl SelftestTlb {
 
 impl TlbMaintenance for SelftestTlb {
     fn sync_writes(&mut self) {
-        // SAFETY: a barrier.
-        unsafe { asm!("dsb ishst", options(nostack)) };
+        crate::arch::tlbi::sync_writes();
     }
 
     fn invalidate_ipa(&mut self, _vmid: Vmid, _ipa: Ipa, _level: u8) {

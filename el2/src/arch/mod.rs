@@ -199,11 +199,42 @@ pub struct Tlb;
 
 impl TlbMaintenance for Tlb {
     fn sync_writes(&mut self) {
+        tlbi::sync_writes();
+    }
+
+    fn invalidate_ipa(&mut self, _vmid: Vmid, ipa: Ipa, _level: u8) {
+        tlbi::ipa(ipa);
+        isb();
+    }
+
+    fn invalidate_vmid(&mut self, _vmid: Vmid) {
+        tlbi::vmid();
+        isb();
+    }
+}
+
+/// An instruction synchronisation barrier.
+pub fn isb() {
+    // SAFETY: a barrier.
+    unsafe { asm!("isb", options(nostack)) };
+}
+
+/// The stage-2 TLB maintenance sequences, shared by the host's [`Tlb`] and
+/// `machine::GuestTlb`. The TLBIs act on the VMID currently in VTTBR_EL2
+/// (a guest's is loaded around them by its caller); none ends with an ISB,
+/// which the caller adds once it is done.
+pub mod tlbi {
+    use core::arch::asm;
+    use stage2::Ipa;
+
+    /// Makes the table writes so far visible to the table walkers.
+    pub fn sync_writes() {
         // SAFETY: a barrier.
         unsafe { asm!("dsb ishst", options(nostack)) };
     }
 
-    fn invalidate_ipa(&mut self, _vmid: Vmid, ipa: Ipa, _level: u8) {
+    /// Drops the current VMID's entries for the page at `ipa`.
+    pub fn ipa(ipa: Ipa) {
         // `tlbi ipas2e1is` alone does not drop combined stage-1+2 entries
         // (QEMU, and KVM on hardware, follow it with vmalle1is).
         // SAFETY: TLB maintenance for the current VMID only.
@@ -213,16 +244,16 @@ impl TlbMaintenance for Tlb {
                 "dsb ish",
                 "tlbi vmalle1is",
                 "dsb ish",
-                "isb",
                 in(reg) ipa.raw() >> 12,
                 options(nostack)
             )
         };
     }
 
-    fn invalidate_vmid(&mut self, _vmid: Vmid) {
+    /// Drops all of the current VMID's entries.
+    pub fn vmid() {
         // SAFETY: TLB maintenance for the current VMID only.
-        unsafe { asm!("tlbi vmalls12e1is", "dsb ish", "isb", options(nostack)) };
+        unsafe { asm!("tlbi vmalls12e1is", "dsb ish", options(nostack)) };
     }
 }
 
