@@ -9,7 +9,6 @@
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use crate::assets::{self, Debian};
@@ -293,46 +292,16 @@ pub fn build_el2(root: &Path) -> Result<PathBuf, String> {
              host under; {hint}"
         ));
     }
-    progress("building el2 (cargo build --release -p el2 --target aarch64-unknown-none-softfloat)");
-    crate::util::cargo(
-        root,
-        &[
-            "build",
-            "--release",
-            "-p",
-            "el2",
-            "--target",
-            "aarch64-unknown-none-softfloat",
-        ],
-    )
-    .map_err(|e| format!("building {no_el2} failed: {e}; {hint}"))?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|p| if p.is_absolute() { p } else { root.join(p) })
-        .unwrap_or_else(|| root.join("target"));
-    let elf = target_dir.join("aarch64-unknown-none-softfloat/release/el2");
+    crate::util::build_bare_metal(root, "el2", "el2")
+        .map_err(|e| format!("building {no_el2} failed: {e}; {hint}"))?;
+    let elf = crate::util::bare_metal_elf(root, "el2");
     if !elf.is_file() {
         return Err(format!(
             "{no_el2} built, but {} is missing; {hint}",
             elf.display()
         ));
     }
-    let bin = root.join("build").join("el2.bin");
-    std::fs::create_dir_all(root.join("build")).map_err(|e| format!("build/: {e}"))?;
-    crate::util::capture_ok(
-        Command::new("aarch64-linux-gnu-objcopy")
-            .args(["-O", "binary"])
-            .arg(&elf)
-            .arg(&bin),
-    )?;
-    let head = std::fs::read(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
-    if !assets::is_arm64_image(&head) {
-        return Err(format!(
-            "{} has no arm64 Image header (magic ARM\\x64 at offset 56), which the boot \
-             contract requires",
-            bin.display()
-        ));
-    }
+    let (bin, _) = crate::util::raw_image(root, "el2", "the boot contract")?;
     Ok(bin)
 }
 

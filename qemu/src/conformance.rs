@@ -11,11 +11,10 @@
 //! console tail, and so is a case that started but never finished.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use crate::qemu::{self, HOST_KERNEL_ADDR};
-use crate::util::{capture, progress};
+use crate::util::{self, progress};
 
 /// Hard limit on the whole conformance boot.
 pub const TIMEOUT: Duration = Duration::from_secs(110);
@@ -114,45 +113,8 @@ pub fn qemu_args(el2: &Path, host: &Path) -> Vec<String> {
 
 /// Builds the test host and writes `build/testhost.bin`.
 pub fn build_testhost(root: &Path) -> Result<PathBuf, String> {
-    progress("building the test host (cargo build --release -p testhost --target aarch64-unknown-none-softfloat)");
-    crate::util::cargo(
-        root,
-        &[
-            "build",
-            "--release",
-            "-p",
-            "testhost",
-            "--target",
-            "aarch64-unknown-none-softfloat",
-        ],
-    )?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|p| if p.is_absolute() { p } else { root.join(p) })
-        .unwrap_or_else(|| root.join("target"));
-    let elf = target_dir.join("aarch64-unknown-none-softfloat/release/testhost");
-    let bin = root.join("build").join("testhost.bin");
-    std::fs::create_dir_all(root.join("build")).map_err(|e| format!("build/: {e}"))?;
-    let out = capture(
-        Command::new("aarch64-linux-gnu-objcopy")
-            .args(["-O", "binary"])
-            .arg(&elf)
-            .arg(&bin),
-    )?;
-    if !out.status.success() {
-        return Err(format!(
-            "aarch64-linux-gnu-objcopy -O binary {} failed: {}",
-            elf.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let head = std::fs::read(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
-    if head.get(56..60) != Some(b"ARM\x64".as_slice()) {
-        return Err(format!(
-            "{} has no arm64 Image header, which el2 requires",
-            bin.display()
-        ));
-    }
+    util::build_bare_metal(root, "testhost", "the test host")?;
+    let (bin, _) = util::raw_image(root, "testhost", "el2")?;
     Ok(bin)
 }
 

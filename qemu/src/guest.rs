@@ -19,12 +19,11 @@
 //! with a loop of known length and reports instructions per round trip.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use crate::conformance;
 use crate::qemu;
-use crate::util::{capture, progress};
+use crate::util::{self, progress};
 
 /// Hard limit on the guest suite boot.
 pub const TIMEOUT: Duration = Duration::from_secs(120);
@@ -165,42 +164,8 @@ pub fn qemu_args(el2: &Path, host: &Path, guest: &Path, bench: bool) -> Vec<Stri
 
 /// Builds the payload and writes `build/guest.bin`.
 pub fn build_guest(root: &Path) -> Result<PathBuf, String> {
-    progress("building the guest payload (cargo build --release -p guest --target aarch64-unknown-none-softfloat)");
-    crate::util::cargo(
-        root,
-        &[
-            "build",
-            "--release",
-            "-p",
-            "guest",
-            "--target",
-            "aarch64-unknown-none-softfloat",
-        ],
-    )?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|p| if p.is_absolute() { p } else { root.join(p) })
-        .unwrap_or_else(|| root.join("target"));
-    let elf = target_dir.join("aarch64-unknown-none-softfloat/release/guest");
-    let bin = root.join("build").join("guest.bin");
-    std::fs::create_dir_all(root.join("build")).map_err(|e| format!("build/: {e}"))?;
-    let out = capture(
-        Command::new("aarch64-linux-gnu-objcopy")
-            .args(["-O", "binary"])
-            .arg(&elf)
-            .arg(&bin),
-    )?;
-    if !out.status.success() {
-        return Err(format!(
-            "aarch64-linux-gnu-objcopy -O binary {} failed: {}",
-            elf.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let img = std::fs::read(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
-    if img.get(56..60) != Some(b"ARM\x64".as_slice()) {
-        return Err(format!("{} has no arm64 Image header", bin.display()));
-    }
+    util::build_bare_metal(root, "guest", "the guest payload")?;
+    let (bin, img) = util::raw_image(root, "guest", "the test host")?;
     if img.len() as u64 > PAYLOAD_MAX {
         return Err(format!(
             "{} is {} bytes; the test host takes at most {PAYLOAD_MAX}",

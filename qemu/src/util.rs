@@ -86,6 +86,70 @@ fn failure(line: &str, out: &Output) -> String {
     }
 }
 
+/// The target the bare-metal programs (el2, the test host, the guest
+/// payload) are built for.
+pub const BARE_METAL_TARGET: &str = "aarch64-unknown-none-softfloat";
+
+/// Builds `package` in release for [`BARE_METAL_TARGET`], announced as
+/// `building <what>`.
+pub fn build_bare_metal(root: &Path, package: &str, what: &str) -> Result<(), String> {
+    progress(&format!(
+        "building {what} (cargo build --release -p {package} --target {BARE_METAL_TARGET})"
+    ));
+    cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "-p",
+            package,
+            "--target",
+            BARE_METAL_TARGET,
+        ],
+    )
+}
+
+/// Where [`build_bare_metal`] leaves `package`'s ELF: under
+/// `$CARGO_TARGET_DIR` (taken relative to `root`) or `root/target`.
+pub fn bare_metal_elf(root: &Path, package: &str) -> PathBuf {
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| if p.is_absolute() { p } else { root.join(p) })
+        .unwrap_or_else(|| root.join("target"));
+    target_dir
+        .join(BARE_METAL_TARGET)
+        .join("release")
+        .join(package)
+}
+
+/// Writes `package`'s ELF as a raw image, `build/<package>.bin`, and
+/// returns its path and contents; fails unless it starts with an arm64
+/// `Image` header, which `needed_by` requires.
+pub fn raw_image(
+    root: &Path,
+    package: &str,
+    needed_by: &str,
+) -> Result<(PathBuf, Vec<u8>), String> {
+    let elf = bare_metal_elf(root, package);
+    let bin = root.join("build").join(format!("{package}.bin"));
+    std::fs::create_dir_all(root.join("build")).map_err(|e| format!("build/: {e}"))?;
+    capture_ok(
+        Command::new("aarch64-linux-gnu-objcopy")
+            .args(["-O", "binary"])
+            .arg(&elf)
+            .arg(&bin),
+    )?;
+    let image = std::fs::read(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
+    if !crate::assets::is_arm64_image(&image) {
+        return Err(format!(
+            "{} has no arm64 Image header (magic ARM\\x64 at offset 56), which {needed_by} \
+             requires",
+            bin.display()
+        ));
+    }
+    Ok((bin, image))
+}
+
 /// Whether `prog` is found on PATH.
 pub fn on_path(prog: &str) -> bool {
     std::env::var_os("PATH")
