@@ -10,7 +10,7 @@ use hypercalls::{
     VcpuIndex, VcpuStart, VmHandle, MEMCACHE_RECLAIM_MAX, TEARDOWN_BATCH,
 };
 use stage2::mm::TableMemory;
-use stage2::owner::{Owner, PageView, VmId};
+use stage2::owner::{self, Owner, PageView, VmId};
 use stage2::pgtable::{Perms, Stage2};
 use stage2::tlb::TlbMaintenance;
 use stage2::transition::{self, map_tables_bound, PageRange, Teardown};
@@ -19,7 +19,7 @@ use stage2::{Gfn, Ipa, Pfn, Vmid, PAGE_SHIFT, PAGE_SIZE};
 use super::memcache::Memcache;
 use super::platform::Platform;
 use super::vm::{CountingTlb, Counts, Life, Power, VcpuRun, Vm};
-use super::{vm_of, Hyp, MAX_VMS};
+use super::{vm_of, Host, Hyp, MAX_VMS};
 use crate::vcpu::LastRan;
 
 fn perms(prot: Prot) -> Perms {
@@ -251,6 +251,31 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         Ok(Reply::Done)
     }
 
+    /// The common part of §3.8–§3.11: with the host and then the VM
+    /// locked, checks that the VM is live and the `n` frames from `pfn` are
+    /// RAM, applies `change` to the host, the VM and the range, and once it
+    /// succeeded `count`s the `n` pages in the VM's counters.
+    fn host_vm_pages(
+        &self,
+        h: VmHandle,
+        pfn: hypercalls::Pfn,
+        gfn: hypercalls::Gfn,
+        n: PageCount,
+        change: impl FnOnce(&mut Host<HM, HT>, &mut Vm<P>, PageRange) -> Result<(), owner::Error>,
+        count: fn(&mut Counts, u64),
+    ) -> Result<Reply, HypError> {
+        let mut host = self.lock_host();
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        live(vm)?;
+        let n = nr(n);
+        let pfn = self.ram_range(pfn, n)?;
+        let r = PageRange::new(pfn, Gfn(gfn.raw()), n);
+        change(&mut host, vm, r).map_err(|e| self.err(e))?;
+        count(&mut vm.counts, n);
+        Ok(Reply::Done)
+    }
+
     /// §3.8 `HYP_SHARE`.
     pub(super) fn share(
         &self,
@@ -260,17 +285,14 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         n: PageCount,
         prot: Prot,
     ) -> Result<Reply, HypError> {
-        let mut host = self.lock_host();
-        let mut slot = self.lock_vm(h)?;
-        let vm = vm_of(&mut slot)?;
-        live(vm)?;
-        let n = nr(n);
-        let pfn = self.ram_range(pfn, n)?;
-        let r = PageRange::new(pfn, Gfn(gfn.raw()), n);
-        transition::share(&mut host.tracker, &mut vm.s2, r, perms(prot))
-            .map_err(|e| self.err(e))?;
-        vm.counts.shared(n);
-        Ok(Reply::Done)
+        self.host_vm_pages(
+            h,
+            pfn,
+            gfn,
+            n,
+            |host, vm, r| transition::share(&mut host.tracker, &mut vm.s2, r, perms(prot)),
+            Counts::shared,
+        )
     }
 
     /// §3.9 `HYP_UNSHARE`.
@@ -281,16 +303,14 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         gfn: hypercalls::Gfn,
         n: PageCount,
     ) -> Result<Reply, HypError> {
-        let mut host = self.lock_host();
-        let mut slot = self.lock_vm(h)?;
-        let vm = vm_of(&mut slot)?;
-        live(vm)?;
-        let n = nr(n);
-        let pfn = self.ram_range(pfn, n)?;
-        let r = PageRange::new(pfn, Gfn(gfn.raw()), n);
-        transition::unshare(&mut host.tracker, &mut vm.s2, r).map_err(|e| self.err(e))?;
-        vm.counts.unshared(n);
-        Ok(Reply::Done)
+        self.host_vm_pages(
+            h,
+            pfn,
+            gfn,
+            n,
+            |host, vm, r| transition::unshare(&mut host.tracker, &mut vm.s2, r),
+            Counts::unshared,
+        )
     }
 
     /// §3.10 `HYP_DONATE`.
@@ -302,25 +322,23 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         n: PageCount,
         prot: Prot,
     ) -> Result<Reply, HypError> {
-        let mut host = self.lock_host();
-        let mut slot = self.lock_vm(h)?;
-        let vm = vm_of(&mut slot)?;
-        live(vm)?;
-        let n = nr(n);
-        let pfn = self.ram_range(pfn, n)?;
-        let r = PageRange::new(pfn, Gfn(gfn.raw()), n);
-        let host = &mut *host;
-        transition::donate(
-            &mut host.tracker,
-            &mut host.s2,
-            vm.id,
-            &mut vm.s2,
-            r,
-            perms(prot),
+        self.host_vm_pages(
+            h,
+            pfn,
+            gfn,
+            n,
+            |host, vm, r| {
+                transition::donate(
+                    &mut host.tracker,
+                    &mut host.s2,
+                    vm.id,
+                    &mut vm.s2,
+                    r,
+                    perms(prot),
+                )
+            },
+            Counts::donated,
         )
-        .map_err(|e| self.err(e))?;
-        vm.counts.donated(n);
-        Ok(Reply::Done)
     }
 
     /// §3.11 `HYP_RECLAIM`.
@@ -331,25 +349,23 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         gfn: hypercalls::Gfn,
         n: PageCount,
     ) -> Result<Reply, HypError> {
-        let mut host = self.lock_host();
-        let mut slot = self.lock_vm(h)?;
-        let vm = vm_of(&mut slot)?;
-        live(vm)?;
-        let n = nr(n);
-        let pfn = self.ram_range(pfn, n)?;
-        let r = PageRange::new(pfn, Gfn(gfn.raw()), n);
-        let host = &mut *host;
-        transition::reclaim(
-            &mut host.tracker,
-            &mut host.s2,
-            vm.id,
-            &mut vm.s2,
-            r,
-            self.zero(),
+        self.host_vm_pages(
+            h,
+            pfn,
+            gfn,
+            n,
+            |host, vm, r| {
+                transition::reclaim(
+                    &mut host.tracker,
+                    &mut host.s2,
+                    vm.id,
+                    &mut vm.s2,
+                    r,
+                    self.zero(),
+                )
+            },
+            Counts::reclaimed,
         )
-        .map_err(|e| self.err(e))?;
-        vm.counts.reclaimed(n);
-        Ok(Reply::Done)
     }
 
     /// §3.12 `HYP_WRPROTECT`.
