@@ -36,7 +36,7 @@ static inline bool s2pin_kernel_at_el1(void)
 	return read_sysreg(CurrentEL) == CurrentEL_EL1;
 }
 
-/* The outcome of HYP_VERSION. */
+/* The outcome of HYP_VERSION, for hyp_isolation_test.ko (s2pin.ko decodes in Rust). */
 struct s2pin_version {
 	/* x0: HYP_SUCCESS, or an ABI error code (HYP_NOT_SUPPORTED, ...). */
 	long err;
@@ -54,6 +54,25 @@ static inline struct arm_smccc_1_2_regs s2pin_hvc1(unsigned long fn, unsigned lo
 	return res;
 }
 
+/*
+ * Issues one call (x0 = @fn, x1 = @a1, x2..x7 = 0) and stores the result
+ * registers x0..x7 in @x, for the Rust decoders of s2pin_core.h. Only call
+ * it when s2pin_kernel_at_el1().
+ */
+static inline void s2pin_hvc_regs(unsigned long fn, unsigned long a1, u64 x[8])
+{
+	struct arm_smccc_1_2_regs res = s2pin_hvc1(fn, a1);
+
+	x[0] = res.a0;
+	x[1] = res.a1;
+	x[2] = res.a2;
+	x[3] = res.a3;
+	x[4] = res.a4;
+	x[5] = res.a5;
+	x[6] = res.a6;
+	x[7] = res.a7;
+}
+
 /* Issues HYP_VERSION. Only call it when s2pin_kernel_at_el1(). */
 static inline struct s2pin_version s2pin_hvc_version(void)
 {
@@ -64,20 +83,6 @@ static inline struct s2pin_version s2pin_hvc_version(void)
 	v.major = res.a1;
 	v.minor = res.a2;
 	return v;
-}
-
-/*
- * Issues HYP_FEATURES for function id @fn. Returns HYP_SUCCESS and sets
- * *supported (0 or 1), or returns the ABI error code from x0. Only call it
- * when s2pin_kernel_at_el1().
- */
-static inline long s2pin_hvc_features(unsigned long fn, unsigned long *supported)
-{
-	struct arm_smccc_1_2_regs res = s2pin_hvc1(HYP_FEATURES, fn);
-
-	if ((long)res.a0 == HYP_SUCCESS)
-		*supported = res.a1;
-	return (long)res.a0;
 }
 
 #endif /* S2PIN_HVC_H */

@@ -17,6 +17,19 @@
 //!
 //! The kernel is the one the runner boots (`assets::debian` finds it); every
 //! built module's `vermagic` is checked against its release.
+//!
+//! `s2pin.ko` links in its logic written in Rust (`host-driver/rust`, crate
+//! `s2pin-core`): before `make`, [`build_rust_part`] builds that crate as a
+//! `staticlib` for `aarch64-unknown-none-softfloat` (the kernel's
+//! `-mgeneral-regs-only`: no FP/SIMD) with the workspace's `kmod` profile
+//! (`panic = "abort"`, LTO) and `-C relocation-model=static -C
+//! code-model=small -C force-unwind-tables=no`, in its own target dir
+//! `build/kmod-rust/` so these flags touch no other build. It merges the
+//! archive into one relocatable object with `ld -r --gc-sections -u <entry
+//! symbols>`, strips it (debug info, `.llvmbc`, `.llvmcmd`, `.comment`,
+//! `.eh_frame`; every symbol but the entry points made local), checks that
+//! only relocation types the arm64 module loader takes remain, and stages it
+//! as `kmod/s2pin_rust.o_shipped`, which Kbuild copies to `s2pin_rust.o`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -24,7 +37,7 @@ use std::process::Command;
 
 use crate::assets::{deb_file_name, download, multiarch, unpack};
 use crate::install::apt_for;
-use crate::util::capture_ok;
+use crate::util::{capture_ok, cargo_bin, progress, BARE_METAL_TARGET};
 
 /// The prefix of every cross tool; the headers' Makefile appends `gcc-12`.
 const CROSS_COMPILE: &str = "aarch64-linux-gnu-";
@@ -83,6 +96,7 @@ pub fn build_modules_for(
     }
     let headers = headers(&build.join("kernel-headers"), &kernel)?;
     let kmod = stage_sources(root, &build.join("modules"))?;
+    build_rust_part(root, &build.join("kmod-rust"), &kmod)?;
 
     capture_ok(
         Command::new("make")
@@ -117,6 +131,149 @@ pub fn build_modules_for(
         return Err(format!("{} lists no module", order.display()));
     }
     Ok(kos)
+}
+
+/// The crate holding `s2pin.ko`'s logic (`host-driver/rust`).
+const RUST_PACKAGE: &str = "s2pin-core";
+/// The cargo profile it is built with (workspace `Cargo.toml`).
+const RUST_PROFILE: &str = "kmod";
+/// Code generation for code linked into a kernel module: absolute
+/// addressing resolved by the module loader, no unwind tables.
+const RUST_FLAGS: &str = "-C relocation-model=static -C code-model=small -C force-unwind-tables=no";
+/// The functions the C glue calls (`host-driver/kmod/s2pin_core.h`): the
+/// roots of `--gc-sections`, and the only global symbols left defined.
+const RUST_ENTRY_SYMBOLS: &[&str] = &[
+    "s2pin_format_version",
+    "s2pin_format_version_log",
+    "s2pin_version_check",
+    "s2pin_host_call_count",
+    "s2pin_host_call_id",
+    "s2pin_format_feature",
+    "s2pin_format_supported_name",
+];
+/// What Kbuild copies to `s2pin_rust.o` (`host-driver/kmod/Kbuild`).
+const RUST_SHIPPED: &str = "s2pin_rust.o_shipped";
+/// Sections the merged object must not carry: LLVM bitcode and its command
+/// line (LTO leftovers; they also make GNU nm abort), the compiler banner,
+/// and unwind tables the kernel never uses.
+const RUST_STRIP_SECTIONS: &[&str] = &[
+    ".llvmbc",
+    ".llvmcmd",
+    ".comment",
+    ".eh_frame",
+    ".rela.eh_frame",
+];
+/// The relocation types the merged object may hold: those PLATFORM.md
+/// found after the recipe above, plus the load/store page offsets that
+/// `arch/arm64/kernel/module.c` also applies (code reading a static).
+const RUST_RELOCATIONS: &[&str] = &[
+    "R_AARCH64_ABS64",
+    "R_AARCH64_ADR_PREL_PG_HI21",
+    "R_AARCH64_ADD_ABS_LO12_NC",
+    "R_AARCH64_CALL26",
+    "R_AARCH64_JUMP26",
+    "R_AARCH64_LDST8_ABS_LO12_NC",
+    "R_AARCH64_LDST16_ABS_LO12_NC",
+    "R_AARCH64_LDST32_ABS_LO12_NC",
+    "R_AARCH64_LDST64_ABS_LO12_NC",
+    "R_AARCH64_LDST128_ABS_LO12_NC",
+];
+
+/// Builds the Rust part of `s2pin.ko` under `out` and stages it as
+/// `<kmod>/s2pin_rust.o_shipped` (rewritten only when it changed, so make
+/// relinks only then). Cargo rebuilds the crate only when needed; the merge
+/// runs only when the archive is newer than the merged object.
+fn build_rust_part(root: &Path, out: &Path, kmod: &Path) -> Result<(), String> {
+    let ld = format!("{CROSS_COMPILE}ld");
+    let objcopy = format!("{CROSS_COMPILE}objcopy");
+    let objdump = format!("{CROSS_COMPILE}objdump");
+    for tool in [&ld, &objcopy, &objdump] {
+        apt_for(tool, &["binutils-aarch64-linux-gnu"])?;
+    }
+    fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let target_dir = out.join("target");
+    let mut cargo = Command::new(cargo_bin());
+    cargo
+        .current_dir(root)
+        .args(["build", "-p", RUST_PACKAGE, "--target", BARE_METAL_TARGET])
+        .args(["--profile", RUST_PROFILE])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        // RUSTFLAGS applies to this build only; an inherited encoded form
+        // would take precedence over it.
+        .env("RUSTFLAGS", RUST_FLAGS)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    capture_ok(&mut cargo).map_err(|e| {
+        format!(
+            "building the Rust part of s2pin.ko failed (is the {BARE_METAL_TARGET} target \
+             installed? `rustup target add {BARE_METAL_TARGET}`): {e}"
+        )
+    })?;
+    let archive = target_dir
+        .join(BARE_METAL_TARGET)
+        .join(RUST_PROFILE)
+        .join(format!("lib{}.a", RUST_PACKAGE.replace('-', "_")));
+    let merged = out.join("s2pin_rust.o");
+    if newer(&archive, &merged)? {
+        progress(&format!("linking {RUST_PACKAGE} into {RUST_SHIPPED}"));
+        let linked = out.join("s2pin_rust.ld-r.o");
+        let mut link = Command::new(&ld);
+        link.args(["-r", "--gc-sections"]);
+        for sym in RUST_ENTRY_SYMBOLS {
+            link.args(["-u", sym]);
+        }
+        link.arg("-o").arg(&linked).arg(&archive);
+        capture_ok(&mut link)?;
+        let mut strip = Command::new(&objcopy);
+        strip.arg("--strip-debug");
+        for sec in RUST_STRIP_SECTIONS {
+            strip.arg(format!("--remove-section={sec}"));
+        }
+        for sym in RUST_ENTRY_SYMBOLS {
+            strip.arg(format!("--keep-global-symbol={sym}"));
+        }
+        // Into a temporary name first: a failed step leaves no object that
+        // looks up to date.
+        let tmp = out.join("s2pin_rust.o.tmp");
+        strip.arg(&linked).arg(&tmp);
+        capture_ok(&mut strip)?;
+        let dump = capture_ok(Command::new(&objdump).arg("-r").arg(&tmp))?;
+        let odd = unexpected_relocations(&String::from_utf8_lossy(&dump.stdout));
+        if !odd.is_empty() {
+            return Err(format!(
+                "{}: relocation types the kernel module loader may not take: {} \
+                 (see PLATFORM.md and RUST_RELOCATIONS in qemu/src/modules.rs)",
+                tmp.display(),
+                odd.join(" ")
+            ));
+        }
+        fs::rename(&tmp, &merged).map_err(|e| format!("{}: {e}", merged.display()))?;
+    }
+    copy_if_changed(&merged, &kmod.join(RUST_SHIPPED))
+}
+
+/// Whether `src` was modified after `dst` (true when `dst` does not exist).
+fn newer(src: &Path, dst: &Path) -> Result<bool, String> {
+    let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified());
+    let s = mtime(src).map_err(|e| format!("{}: {e}", src.display()))?;
+    Ok(match mtime(dst) {
+        Ok(d) => s > d,
+        Err(_) => true,
+    })
+}
+
+/// The relocation types in `objdump -r` output that are not in
+/// [`RUST_RELOCATIONS`], each once, in order of appearance.
+fn unexpected_relocations(objdump: &str) -> Vec<String> {
+    let mut odd: Vec<String> = Vec::new();
+    for ty in objdump
+        .split_whitespace()
+        .filter(|w| w.starts_with("R_AARCH64_"))
+    {
+        if !RUST_RELOCATIONS.contains(&ty) && !odd.iter().any(|o| o == ty) {
+            odd.push(ty.to_string());
+        }
+    }
+    odd
 }
 
 /// Downloads and unpacks the three header packages for `kernel` under
@@ -286,6 +443,52 @@ mod tests {
         );
         // Already relocated (or some other Makefile): nothing to do is an error.
         assert_eq!(relocate_includes(&fixed, Path::new("/x")), None);
+    }
+
+    #[test]
+    fn only_loader_relocations_pass() {
+        let dump = "RELOCATION RECORDS FOR [.text.s2pin_format_version]:\n\
+                    OFFSET           TYPE              VALUE\n\
+                    0000000000000010 R_AARCH64_CALL26  foo\n\
+                    0000000000000014 R_AARCH64_ADR_PREL_PG_HI21  .rodata\n\
+                    0000000000000018 R_AARCH64_ABS32   .debug_info\n\
+                    000000000000001c R_AARCH64_PREL32  bar\n\
+                    0000000000000020 R_AARCH64_ABS32   .debug_info\n";
+        assert_eq!(
+            unexpected_relocations(dump),
+            vec![
+                "R_AARCH64_ABS32".to_string(),
+                "R_AARCH64_PREL32".to_string()
+            ]
+        );
+        assert!(unexpected_relocations("R_AARCH64_JUMP26 R_AARCH64_ABS64").is_empty());
+    }
+
+    #[test]
+    fn rust_entry_symbols_match_the_crate_and_the_header() {
+        let lib = include_str!("../../host-driver/rust/src/lib.rs");
+        let header = include_str!("../../host-driver/kmod/s2pin_core.h");
+        // Every exported function of the crate is a gc root, and only those.
+        let mut exported = Vec::new();
+        let mut lines = lib.lines();
+        while let Some(line) = lines.next() {
+            if line.trim() == "#[unsafe(no_mangle)]" {
+                let def = lines.next().unwrap_or("");
+                let name = def
+                    .split("fn ")
+                    .nth(1)
+                    .and_then(|r| r.split('(').next())
+                    .unwrap_or(def);
+                exported.push(name.trim().to_string());
+            }
+        }
+        let mut want: Vec<String> = RUST_ENTRY_SYMBOLS.iter().map(|s| s.to_string()).collect();
+        exported.sort();
+        want.sort();
+        assert_eq!(exported, want);
+        for sym in RUST_ENTRY_SYMBOLS {
+            assert!(header.contains(&format!(" {sym}(")), "{sym} not declared");
+        }
     }
 
     #[test]

@@ -1,0 +1,265 @@
+//! The logic of the `s2pin` host kernel module, in Rust.
+//!
+//! `host-driver/kmod/s2pin_glue.c` is a thin C layer: it reads `CurrentEL`,
+//! issues the HVCs (`arm_smccc_1_2_hvc`) and does the sysfs plumbing. It
+//! hands the eight result registers x0..x7 of every call to the functions
+//! here, which decode them with the [`hypercalls`] crate (the one source of
+//! the ABI) and format what the module shows. Their C declarations are
+//! `host-driver/kmod/s2pin_core.h`.
+//!
+//! The xtask (`qemu/src/modules.rs`) builds this crate as a `staticlib` for
+//! `aarch64-unknown-none-softfloat` (no FP/SIMD, like the kernel's
+//! `-mgeneral-regs-only`) with the workspace's `kmod` profile, merges it into
+//! one relocatable object and links that into `s2pin.ko`. On the host it is
+//! an ordinary library (with `std`, for the tests).
+//!
+//! Nothing here panics on any register values or buffer length: errors are
+//! returned as negative Linux errno values. A panic handler still has to
+//! exist; in the kernel it calls `s2pin_rust_panic()` (C), which calls
+//! `panic()`.
+
+#![no_std]
+
+// On the host the crate links std (its panic runtime and the test harness);
+// the code itself uses only `core`.
+#[cfg(not(target_os = "none"))]
+extern crate std;
+
+pub mod format;
+
+use core::ffi::c_int;
+
+use hypercalls::Regs;
+
+pub use format::{
+    check_version, feature_line, host_call, host_call_count, supported_name, version_line,
+    version_log_line, Error, VersionCheck,
+};
+
+/// Linux `EINVAL`: a null pointer or an unknown host call index.
+pub const EINVAL: isize = 22;
+/// Linux `ENOSPC`: the output buffer is too small.
+pub const ENOSPC: isize = 28;
+/// Linux `EIO`: the `HYP_FEATURES` call failed.
+pub const EIO: isize = 5;
+
+/// The negative errno for an [`Error`].
+#[must_use]
+pub const fn errno(e: Error) -> isize {
+    match e {
+        Error::NoRoom => -ENOSPC,
+        Error::NoSuchCall => -EINVAL,
+        Error::CallFailed => -EIO,
+    }
+}
+
+/// Reads x0..x7 from `x`.
+///
+/// # Safety
+/// `x` is null or points to eight readable `u64`s.
+unsafe fn regs_at(x: *const u64) -> Option<Regs> {
+    if x.is_null() {
+        return None;
+    }
+    // SAFETY: the caller promises eight readable u64s at a non-null `x`;
+    // read_unaligned asks for no alignment.
+    Some(unsafe { x.cast::<Regs>().read_unaligned() })
+}
+
+/// Runs `f` on the registers at `x` and the `len` bytes at `buf`, and turns
+/// its result into a byte count or a negative errno.
+///
+/// # Safety
+/// `x` is null or points to eight readable `u64`s; `buf` is null or points
+/// to `len` writable bytes that nothing else accesses during the call.
+unsafe fn with_out(
+    x: *const u64,
+    buf: *mut u8,
+    len: usize,
+    f: impl FnOnce(&Regs, &mut [u8]) -> Result<usize, Error>,
+) -> isize {
+    // SAFETY: forwarded from the caller.
+    let Some(regs) = (unsafe { regs_at(x) }) else {
+        return -EINVAL;
+    };
+    if buf.is_null() || len > isize::MAX as usize {
+        return -EINVAL;
+    }
+    // SAFETY: the caller promises `len` writable bytes at the non-null `buf`,
+    // not aliased during the call; `len` fits an isize as a slice needs.
+    let out = unsafe { core::slice::from_raw_parts_mut(buf, len) };
+    match f(&regs, out) {
+        // A count is at most `len`, which fits an isize.
+        Ok(n) => isize::try_from(n).unwrap_or(-EINVAL),
+        Err(e) => errno(e),
+    }
+}
+
+/// Writes the content of `/sys/kernel/s2pin/version` for the registers
+/// x0..x7 that `HYP_VERSION` returned: `"<major>.<minor>\n"`,
+/// `"error <x0>\n"` or `"malformed reply (x0 <x0>)\n"` (no NUL). Returns the
+/// number of bytes written, or `-ENOSPC` (buffer too small), `-EINVAL`
+/// (null pointer).
+///
+/// # Safety
+/// `x` is null or points to eight readable `u64`s; `buf` is null or points
+/// to `len` writable bytes that nothing else accesses during the call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_format_version(x: *const u64, buf: *mut u8, len: usize) -> isize {
+    // SAFETY: forwarded from the caller.
+    unsafe { with_out(x, buf, len, version_line) }
+}
+
+/// Writes the line the module logs at load for the registers `HYP_VERSION`
+/// returned (ending in `\n`, no NUL). Returns like [`s2pin_format_version`].
+///
+/// # Safety
+/// As for [`s2pin_format_version`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_format_version_log(
+    x: *const u64,
+    buf: *mut u8,
+    len: usize,
+) -> isize {
+    // SAFETY: forwarded from the caller.
+    unsafe { with_out(x, buf, len, version_log_line) }
+}
+
+/// Judges the registers `HYP_VERSION` returned: 0 when the hypervisor's ABI
+/// major is the module's, 1 when it is another (incompatible), -1 when the
+/// call failed, its reply is malformed or `x` is null.
+///
+/// # Safety
+/// `x` is null or points to eight readable `u64`s.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_version_check(x: *const u64) -> c_int {
+    // SAFETY: forwarded from the caller.
+    match unsafe { regs_at(x) }.map(|regs| check_version(&regs)) {
+        Some(VersionCheck::Compatible(_)) => 0,
+        Some(VersionCheck::Incompatible(_)) => 1,
+        Some(VersionCheck::Failed(_)) | None => -1,
+    }
+}
+
+/// The number of host calls the `features` file lists.
+#[unsafe(no_mangle)]
+pub extern "C" fn s2pin_host_call_count() -> usize {
+    host_call_count()
+}
+
+/// The function id of host call `index` (`0 <= index <
+/// s2pin_host_call_count()`), to pass to `HYP_FEATURES`; 0 for any other
+/// index.
+#[unsafe(no_mangle)]
+pub extern "C" fn s2pin_host_call_id(index: usize) -> u64 {
+    host_call(index).map_or(0, |f| u64::from(f.id()))
+}
+
+/// Writes the line of `/sys/kernel/s2pin/features` for host call `index` and
+/// the registers `HYP_FEATURES(s2pin_host_call_id(index))` returned:
+/// `"<NAME> 0x<id> <0|1>\n"` or `"<NAME> 0x<id> error <x0>\n"` (no NUL).
+/// Returns the number of bytes written, or `-ENOSPC`, `-EINVAL` (null
+/// pointer, unknown index).
+///
+/// # Safety
+/// As for [`s2pin_format_version`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_format_feature(
+    index: usize,
+    x: *const u64,
+    buf: *mut u8,
+    len: usize,
+) -> isize {
+    // SAFETY: forwarded from the caller.
+    unsafe { with_out(x, buf, len, |regs, out| feature_line(index, regs, out)) }
+}
+
+/// For the load-time list of supported calls: writes `" <NAME>"` when host
+/// call `index` is supported according to the registers
+/// `HYP_FEATURES(s2pin_host_call_id(index))` returned, nothing when it is
+/// not. Returns the number of bytes written (0 for unsupported), `-EIO` when
+/// the call failed, or `-ENOSPC`, `-EINVAL`.
+///
+/// # Safety
+/// As for [`s2pin_format_version`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_format_supported_name(
+    index: usize,
+    x: *const u64,
+    buf: *mut u8,
+    len: usize,
+) -> isize {
+    // SAFETY: forwarded from the caller.
+    unsafe { with_out(x, buf, len, |regs, out| supported_name(index, regs, out)) }
+}
+
+#[cfg(target_os = "none")]
+mod kernel {
+    extern "C" {
+        /// `host-driver/kmod/s2pin_glue.c`: calls `panic()` with the
+        /// location. Never returns.
+        fn s2pin_rust_panic(file: *const u8, file_len: usize, line: u32) -> !;
+    }
+
+    /// Unreachable by design (nothing here panics); if it ever runs, the
+    /// kernel panics with the location rather than continuing in an
+    /// unknown state.
+    #[panic_handler]
+    fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+        let (file, line) = info.location().map_or(("?", 0), |l| (l.file(), l.line()));
+        // SAFETY: `file` is a valid &str for the call; the C function reads
+        // `file_len` bytes of it and does not keep the pointer.
+        unsafe { s2pin_rust_panic(file.as_ptr(), file.len(), line) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::ptr;
+    use hypercalls::{encode_result, AbiVersion, HypError, Reply};
+
+    #[test]
+    fn the_c_entry_points_write_and_count() {
+        let cur = AbiVersion::CURRENT;
+        let regs = encode_result(&Ok(Reply::Version(cur)));
+        let mut buf = [0u8; 32];
+        // SAFETY: regs is eight u64s, buf is 32 writable bytes.
+        let n = unsafe { s2pin_format_version(regs.as_ptr(), buf.as_mut_ptr(), buf.len()) };
+        let want = std::format!("{}.{}\n", cur.major, cur.minor);
+        assert_eq!(n, want.len() as isize);
+        assert_eq!(&buf[..want.len()], want.as_bytes());
+        // SAFETY: as above.
+        assert_eq!(unsafe { s2pin_version_check(regs.as_ptr()) }, 0);
+        let failed = HypError::NotSupported.encode();
+        // SAFETY: as above.
+        assert_eq!(unsafe { s2pin_version_check(failed.as_ptr()) }, -1);
+        // SAFETY: a null `x` is allowed.
+        assert_eq!(unsafe { s2pin_version_check(ptr::null()) }, -1);
+        // SAFETY: buf is 32 writable bytes; only 2 are offered.
+        let short = unsafe { s2pin_format_version(regs.as_ptr(), buf.as_mut_ptr(), 2) };
+        assert_eq!(short, -ENOSPC);
+        // SAFETY: a null `buf` is allowed.
+        let null = unsafe { s2pin_format_version(regs.as_ptr(), ptr::null_mut(), 8) };
+        assert_eq!(null, -EINVAL);
+    }
+
+    #[test]
+    fn the_c_feature_entry_points() {
+        assert_eq!(s2pin_host_call_count(), hypercalls::HostFunction::ALL.len());
+        assert_eq!(s2pin_host_call_id(0), 0xc600_0000);
+        assert_eq!(s2pin_host_call_id(s2pin_host_call_count()), 0);
+        let yes = encode_result(&Ok(Reply::Features { supported: true }));
+        let mut buf = [0u8; 64];
+        // SAFETY: yes is eight u64s, buf is 64 writable bytes.
+        let n = unsafe { s2pin_format_feature(1, yes.as_ptr(), buf.as_mut_ptr(), buf.len()) };
+        assert_eq!(&buf[..n as usize], b"HYP_FEATURES 0xc6000001 1\n");
+        let failed = HypError::NotSupported.encode();
+        // SAFETY: as above.
+        let e = unsafe { s2pin_format_supported_name(1, failed.as_ptr(), buf.as_mut_ptr(), 64) };
+        assert_eq!(e, -EIO);
+        // SAFETY: as above.
+        let e = unsafe { s2pin_format_feature(999, yes.as_ptr(), buf.as_mut_ptr(), 64) };
+        assert_eq!(e, -EINVAL);
+    }
+}
