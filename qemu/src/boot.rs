@@ -627,7 +627,8 @@ impl SuiteMode {
 }
 
 /// The host module whose `/sys/kernel/s2pin/version` issues HYP_VERSION on
-/// every read (`host-driver/kmod/s2pin.c`), built by `modules.rs`.
+/// every read (`host-driver/kmod/s2pin_glue.c` with its logic in
+/// `host-driver/rust`), built by `modules.rs`.
 pub const HOST_MODULE: &str = "s2pin.ko";
 
 /// The ABI version el2 must report, from the one source of the ABI.

@@ -156,15 +156,21 @@ fn host(root: &Path, tally: &mut Tally) {
         &[],
     );
 
-    progress("host: clippy el2 (aarch64-unknown-none-softfloat, the hypervisor's target)");
+    progress("host: clippy of the bare-metal programs and the module's Rust (aarch64-unknown-none-softfloat)");
     run_check(
         root,
         tally,
-        "clippy el2 aarch64-unknown-none-softfloat",
+        "clippy el2, testhost, guest, s2pin-core aarch64-unknown-none-softfloat",
         &[
             "clippy",
             "-p",
             "el2",
+            "-p",
+            "testhost",
+            "-p",
+            "guest",
+            "-p",
+            "s2pin-core",
             "--target",
             "aarch64-unknown-none-softfloat",
             "--",
