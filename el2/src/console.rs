@@ -6,45 +6,21 @@
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use baremetal::pl011::Pl011;
 use spin::Mutex;
 
 use el2::layout::EARLY_UART;
 
-/// PL011 registers: data, flags, flag "transmit FIFO full".
-const UARTDR: u64 = 0x000;
-const UARTFR: u64 = 0x018;
-const FR_TXFF: u32 = 1 << 5;
-
 static BASE: AtomicU64 = AtomicU64::new(EARLY_UART);
 static LOCK: Mutex<()> = Mutex::new(());
 
-struct Pl011(u64);
-
-impl Pl011 {
-    fn putc(&self, c: u8) {
-        // SAFETY: `self.0` is the PL011 base from the device tree (or QEMU
-        // virt's fixed address before it is parsed), identity-mapped as device
-        // memory in the EL2 stage-1 table; UARTFR and UARTDR are 32-bit
-        // registers at these offsets, and the console lock serialises access.
-        unsafe {
-            let fr = (self.0 + UARTFR) as *const u32;
-            let dr = (self.0 + UARTDR) as *mut u32;
-            while fr.read_volatile() & FR_TXFF != 0 {}
-            dr.write_volatile(u32::from(c));
-        }
-    }
-}
-
-impl Write for Pl011 {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        for b in s.bytes() {
-            if b == b'\n' {
-                self.putc(b'\r');
-            }
-            self.putc(b);
-        }
-        Ok(())
-    }
+/// The console UART.
+fn uart() -> Pl011 {
+    // SAFETY: BASE is the PL011 base from the device tree (or QEMU virt's
+    // fixed address before it is parsed), identity-mapped as device memory
+    // in the EL2 stage-1 table; writers hold the console lock, except on the
+    // panic path (`print_line_unlocked`), where interleaving is accepted.
+    unsafe { Pl011::new(BASE.load(Ordering::Relaxed)) }
 }
 
 /// Switches the console to the UART the device tree names.
@@ -55,15 +31,13 @@ pub fn set_base(base: u64) {
 /// Prints one line, prefixed with `el2: `.
 pub fn print_line(args: fmt::Arguments<'_>) {
     let _guard = LOCK.lock();
-    let mut uart = Pl011(BASE.load(Ordering::Relaxed));
-    let _ = writeln!(uart, "el2: {args}");
+    let _ = writeln!(uart(), "el2: {args}");
 }
 
 /// Prints one line without taking the lock: for the panic path, where the
 /// lock may be held by the CPU that panicked.
 pub fn print_line_unlocked(args: fmt::Arguments<'_>) {
-    let mut uart = Pl011(BASE.load(Ordering::Relaxed));
-    let _ = writeln!(uart, "el2: {args}");
+    let _ = writeln!(uart(), "el2: {args}");
 }
 
 struct Logger;

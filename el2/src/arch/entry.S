@@ -20,17 +20,8 @@
 .section .text.head, "ax"
 .global _start
 _start:
-    /* arm64 Image header (Documentation/arch/arm64/booting.rst). */
-    b       primary_entry
-    .long   0
-    .quad   0x80000              /* text_offset */
-    .quad   __image_size         /* image_size */
-    .quad   0x2                  /* flags: little endian, 4K pages */
-    .quad   0
-    .quad   0
-    .quad   0
-    .ascii  "ARM\x64"
-    .long   0
+    /* arm64 Image header (qemu/baremetal/src/image_header.S). */
+    arm64_image_header primary_entry, 0x80000
 
 primary_entry:
     mov     x19, x0              /* DTB */

@@ -11,7 +11,10 @@ use stage2::{Ipa, Vmid};
 
 use el2::layout::{MAX_CPUS, STACK_SIZE};
 
-global_asm!(include_str!("entry.S"));
+global_asm!(
+    include_str!("../../../qemu/baremetal/src/image_header.S"),
+    include_str!("entry.S")
+);
 
 // Used by the boot self-test until HYP_VCPU_RUN is wired to it.
 #[cfg_attr(not(feature = "selftest-guest"), allow(dead_code))]

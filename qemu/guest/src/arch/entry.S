@@ -19,16 +19,9 @@
 .section .text.head, "ax"
 .global _start
 _start:
-    b       entry
-    .long   0
-    .quad   0x80000              /* text_offset */
-    .quad   __image_size
-    .quad   0x2                  /* little endian, 4K pages */
-    .quad   0
-    .quad   0
-    .quad   secondary_entry - _start /* res4: this payload's secondary vCPU entry offset */
-    .ascii  "ARM\x64"
-    .long   0
+    /* arm64 Image header (qemu/baremetal/src/image_header.S); res4 = this
+     * payload's secondary vCPU entry offset. */
+    arm64_image_header entry, 0x80000, (secondary_entry - _start)
 
 entry:
     mov     x19, x0              /* the argument */

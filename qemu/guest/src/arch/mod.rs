@@ -5,7 +5,10 @@ use core::cell::UnsafeCell;
 
 use hypercalls::{GuestCall, Regs};
 
-global_asm!(include_str!("entry.S"));
+global_asm!(
+    include_str!("../../../baremetal/src/image_header.S"),
+    include_str!("entry.S")
+);
 
 /// Entries of the level-1 table (39-bit VA, 1 GiB blocks).
 const ENTRIES: usize = 512;

@@ -21,17 +21,8 @@
 .section .text.head, "ax"
 .global _start
 _start:
-    /* arm64 Image header: el2 checks the magic. */
-    b       primary_entry
-    .long   0
-    .quad   0                    /* text_offset */
-    .quad   __image_size
-    .quad   0x2                  /* little endian, 4K pages */
-    .quad   0
-    .quad   0
-    .quad   0
-    .ascii  "ARM\x64"
-    .long   0
+    /* arm64 Image header (qemu/baremetal/src/image_header.S): el2 checks the magic. */
+    arm64_image_header primary_entry, 0
 
 primary_entry:
     mov     x20, x0              /* DTB */

@@ -6,7 +6,10 @@ use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-global_asm!(include_str!("entry.S"));
+global_asm!(
+    include_str!("../../../baremetal/src/image_header.S"),
+    include_str!("entry.S")
+);
 
 /// Most CPUs the test host drives.
 pub const MAX_CPUS: usize = 8;
