@@ -160,7 +160,7 @@ fn host(root: &Path, tally: &mut Tally) {
     run_check(
         root,
         tally,
-        "clippy el2, testhost, guest, s2pin-core aarch64-unknown-none-softfloat",
+        "clippy el2, testhost, guest, s2pin-core, baremetal aarch64-unknown-none-softfloat",
         &[
             "clippy",
             "-p",
@@ -171,6 +171,8 @@ fn host(root: &Path, tally: &mut Tally) {
             "guest",
             "-p",
             "s2pin-core",
+            "-p",
+            "baremetal",
             "--target",
             "aarch64-unknown-none-softfloat",
             "--",
