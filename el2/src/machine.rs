@@ -1,8 +1,9 @@
 //! The machine services the dispatcher (`el2::pkvm`) needs, at EL2: table
 //! pages reached through the identity map, guest TLB maintenance, zeroing,
 //! vCPU contexts in their state pages and guest entry.
-//! This and `arch` are the only places that turn physical addresses into
-//! pointers.
+//! Physical addresses become pointers only in the binary: here, in `arch`,
+//! in `hyp.rs` (the host stage-2 pool, the device trees, the host kernel's
+//! header) and in the `selftest-guest` feature's own pool.
 
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
