@@ -202,7 +202,16 @@ fn host(root: &Path, tally: &mut Tally) {
         root,
         tally,
         "rustdoc",
-        &["doc", "--no-deps", "-p", "hypercalls", "-p", "stage2"],
+        &[
+            "doc",
+            "--no-deps",
+            "-p",
+            "hypercalls",
+            "-p",
+            "stage2",
+            "-p",
+            "el2",
+        ],
         &[("RUSTDOCFLAGS", "-D warnings")],
     );
 

@@ -8,7 +8,7 @@
 //! [`Hyp::host_abort`] for every host stage-2 abort. Hardware is reached
 //! through [`platform::Platform`] (table pages of VMs, guest TLB
 //! maintenance, page zeroing), the host stage-2's `TableMemory` and
-//! `TlbMaintenance` type parameters; [`fake`] has host implementations.
+//! `TlbMaintenance` type parameters; `fake` (tests and the `fake` feature) has host implementations.
 //!
 //! # Locks and their order
 //!

@@ -2,7 +2,7 @@
 //!
 //! At EL2 the binary implements these with the identity map and the TLB
 //! instructions (it is the only place with `unsafe`); host tests and the
-//! fuzzer use [`super::fake`].
+//! fuzzer use `super::fake`.
 
 use stage2::mm::Table;
 use stage2::pgtable::IpaConfig;
