@@ -6,7 +6,7 @@
 //! cargo xtask bench stage2        instruction counts: our stage2 vs aarch64-paging (callgrind)
 //! cargo xtask bench boot          boot time with and without el2, 3 runs each
 //! cargo xtask bench hvc           guest instructions per hypercall round trip
-//! cargo xtask gen-header          regenerate host-driver/include/hyp_abi.h from the hypercalls crate
+//! cargo xtask gen-header          regenerate host-driver/include/hyp_abi.h and s2pin_uapi.h from hypercalls and s2pin-uapi
 //! cargo xtask install             install the toolchain pieces the project needs
 //! ```
 //!
@@ -37,7 +37,7 @@ commands:
   bench stage2         count instructions of stage2 vs aarch64-paging under callgrind
   bench boot           time boots to user space with and without el2 (3 runs each)
   bench hvc            guest instructions per hypercall round trip (QEMU -icount)
-  gen-header           regenerate host-driver/include/hyp_abi.h
+  gen-header           regenerate host-driver/include/hyp_abi.h and s2pin_uapi.h
   install              install rustup targets and components
   help                 this text";
 
@@ -83,12 +83,16 @@ fn run(root: &std::path::Path, args: &[String]) -> Result<(), String> {
 }
 
 fn gen_header(root: &std::path::Path) -> Result<(), String> {
-    let path = root.join(hypercalls::C_HEADER_PATH);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (rel, text) in [
+        (hypercalls::C_HEADER_PATH, hypercalls::c_header()),
+        (s2pin_uapi::C_HEADER_PATH, s2pin_uapi::c_header()),
+    ] {
+        let path = root.join(rel);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
     }
-    std::fs::write(&path, hypercalls::c_header())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    println!("wrote {}", path.display());
     Ok(())
 }

@@ -147,6 +147,8 @@ fn host(root: &Path, tally: &mut Tally) {
             "hypercalls",
             "-p",
             "stage2",
+            "-p",
+            "s2pin-uapi",
             "--target",
             "aarch64-unknown-none",
             "--",
@@ -211,6 +213,8 @@ fn host(root: &Path, tally: &mut Tally) {
             "stage2",
             "-p",
             "el2",
+            "-p",
+            "s2pin-uapi",
         ],
         &[("RUSTDOCFLAGS", "-D warnings")],
     );
