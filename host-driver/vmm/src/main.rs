@@ -1,0 +1,48 @@
+//! `s2vmm`: see the library's documentation and `host-driver/vmm/README.md`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use s2vmm::args::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Some(Command::Hostile { image }) => run_hostile(image),
+        None => match cli.config() {
+            Ok(cfg) => run_guest(&cfg),
+            Err(e) => {
+                eprintln!("s2vmm: error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match result {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(u8::try_from(code.clamp(1, 255)).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("s2vmm: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn run_guest(cfg: &s2vmm::args::Config) -> anyhow::Result<i32> {
+    s2vmm::guest_run::run(cfg)
+}
+
+#[cfg(target_os = "linux")]
+fn run_hostile(image: &std::path::Path) -> anyhow::Result<i32> {
+    s2vmm::hostile::run(image)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn run_guest(_: &s2vmm::args::Config) -> anyhow::Result<i32> {
+    anyhow::bail!("s2vmm runs on Linux only")
+}
+
+#[cfg(not(target_os = "linux"))]
+fn run_hostile(_: &std::path::Path) -> anyhow::Result<i32> {
+    anyhow::bail!("s2vmm runs on Linux only")
+}
