@@ -102,6 +102,9 @@ usage: cargo xtask run [options]
   /root/s2pin.ko and /root/hyp_isolation_test.ko (if the build fails, the boot
   goes on without them):
     insmod /root/s2pin.ko; cat /sys/kernel/s2pin/version
+  and the VMM at /usr/bin/s2vmm with the guest payload at /root/guest.bin (s2vmm
+  loads /root/s2pin.ko itself when /dev/s2pin is missing):
+    s2vmm --image /root/guest.bin --mem 64M --vcpus 2 --policy confirm --stats
 options (`--opt VALUE` or `--opt=VALUE`):
   --exec 'CMD'        run CMD in the host (sh), print its output, exit with its status
   --smp N             CPUs, 1 to 64 (default 4)
@@ -378,6 +381,13 @@ pub fn run(root: &Path, args: &[String]) -> Result<(), String> {
                 "warning: booting without the host modules, their build failed: {e}"
             )),
         }
+    }
+    // s2vmm and the guest payload it runs, next to the modules.
+    match crate::vmm::extras(root) {
+        Ok(e) => extras.extend(e),
+        Err(e) => progress(&format!(
+            "warning: booting without s2vmm and /root/guest.bin, their build failed: {e}"
+        )),
     }
     extras.extend(o.add.iter().cloned());
     let cmdline = kernel_cmdline(o.verbose, &o.append);

@@ -25,6 +25,7 @@ mod modules;
 mod qemu;
 mod suite;
 mod util;
+mod vmm;
 
 use std::process::ExitCode;
 

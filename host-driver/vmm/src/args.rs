@@ -70,6 +70,7 @@ pub enum Prot {
 #[command(
     name = "s2vmm",
     version,
+    color = clap::ColorChoice::Never,
     about = "Run the pinned-s2 guest payload on /dev/s2pin",
     long_about = "Runs the bare-metal guest payload (qemu/guest) in a VM of the s2pin host module: \
                   one thread per vCPU, the payload's console and MMIO test device emulated, the \

@@ -6,7 +6,17 @@ use clap::Parser;
 use s2vmm::args::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            // One line: what is wrong (clap adds a usage hint below it).
+            let msg = e.to_string();
+            eprintln!("s2vmm: {}", msg.lines().next().unwrap_or("bad arguments"));
+            return ExitCode::from(2);
+        }
+        // --help, --version.
+        Err(e) => e.exit(),
+    };
     let result = match &cli.command {
         Some(Command::Hostile { image }) => run_hostile(image),
         None => match cli.config() {
