@@ -524,7 +524,7 @@ impl ExecRun {
 
 /// Boots a prepared `--exec` launch. With `echo`, the command's output (or
 /// with `verbose` the whole console) is printed as it arrives.
-fn exec_with(
+pub fn exec_with(
     p: &Prepared,
     timeout: Duration,
     verbose: bool,

@@ -23,6 +23,7 @@ mod initramfs;
 mod install;
 mod modules;
 mod qemu;
+mod shim;
 mod suite;
 mod util;
 mod vmm;

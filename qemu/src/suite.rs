@@ -32,7 +32,10 @@ const SUITES: &[(&str, &str)] = &[
 
 /// Suites that exist but are not in the default run yet: `cargo xtask test
 /// NAME` runs one; moving its line into [`SUITES`] enables it by default.
-const OPT_IN: &[(&str, &str)] = &[];
+const OPT_IN: &[(&str, &str)] = &[(
+    "shim",
+    "Debian under el2 with s2pin.ko and s2vmm: pinning, hooks, policies under NUMA balancing, kill -9, hostile user space (2 boots)",
+)];
 
 #[derive(Default)]
 struct Tally {
@@ -83,6 +86,12 @@ pub fn test(root: &Path, args: &[String]) -> Result<(), String> {
             "guest" => {
                 progress("guest: el2 + the EL1 test host running guests in QEMU (one boot, with a timeout)");
                 for (name, ok, detail) in crate::guest::suite(root) {
+                    tally.check(&name, ok, &detail);
+                }
+            }
+            "shim" => {
+                progress("shim: Debian under el2 with s2pin.ko and s2vmm (two boots, each with a timeout)");
+                for (name, ok, detail) in crate::shim::suite(root) {
                     tally.check(&name, ok, &detail);
                 }
             }
@@ -184,6 +193,24 @@ fn host(root: &Path, tally: &mut Tally) {
         &[],
     );
 
+    progress("host: clippy of s2vmm for the host it runs on (aarch64-unknown-linux-musl)");
+    run_check(
+        root,
+        tally,
+        "clippy s2vmm aarch64-unknown-linux-musl",
+        &[
+            "clippy",
+            "-p",
+            "s2vmm",
+            "--target",
+            "aarch64-unknown-linux-musl",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    );
+
     progress("host: build for aarch64-unknown-none-softfloat (the kernel module's Rust)");
     run_check(
         root,
@@ -215,6 +242,8 @@ fn host(root: &Path, tally: &mut Tally) {
             "el2",
             "-p",
             "s2pin-uapi",
+            "-p",
+            "s2vmm",
         ],
         &[("RUSTDOCFLAGS", "-D warnings")],
     );

@@ -1,0 +1,638 @@
+//! The `shim` suite: Debian's kernel under el2 with `s2pin.ko` and `s2vmm`,
+//! each case checking the module's counters and the host's page states,
+//! not only exit codes (issue 9, part 6).
+//!
+//! Two boots, each under a hard timeout, each ending with a dmesg check
+//! (no Oops, BUG, WARNING, lockdep report or call trace):
+//!
+//! 1. one NUMA node: the 2-vCPU 64 MiB fill; `MADV_DONTNEED`, `munmap` and
+//!    `mprotect` (read-only, `PROT_NONE`) of guest memory while the guest
+//!    runs, under the policies where they differ; `s2vmm hostile`; `kill -9`
+//!    of s2vmm in the middle of a run, then every frame the VM had is
+//!    host-owned and unshared again (`HYP_HOST_PAGE_STATE` through the
+//!    module's debugfs file), nothing is pinned and MemFree is back;
+//! 2. two NUMA nodes with NUMA balancing's scan made tight: a touch guest
+//!    under each policy, on 4 KiB anonymous memory and on THP.
+//!
+//! The script prints `== CASE <name>` before each case and `CHECK
+//! <key>=<value>` lines; [`Section`] collects, per case, s2vmm's counter
+//! lines (`  <name>  <value>  <description>`), its hook line (`d_<counter>=`
+//! deltas) and the CHECK values.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::boot::{self, ExecRun};
+use crate::initramfs::{Extra, Mode};
+use crate::qemu::{Console, Machine};
+use crate::util::progress;
+
+/// Hard limit on each boot of the suite.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
+
+/// Pages of the 2-vCPU fill's tested memory (64 MiB).
+const FILL_PAGES: u64 = 64 << 8;
+/// Pages of the hook range in the hook cases (1 MiB at offset 4 MiB).
+const HOOK_PAGES: u64 = 256;
+/// Pages of a huge page.
+const HUGE_PAGES: u64 = 512;
+
+/// What one case printed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Section {
+    /// s2vmm's counter lines.
+    pub stats: BTreeMap<String, i64>,
+    /// The hook's deltas (`d_<name>=<n>`), by counter name.
+    pub hook: BTreeMap<String, i64>,
+    /// `CHECK <case>.<key>=<value>` values, by key.
+    pub checks: BTreeMap<String, String>,
+    /// Every line.
+    pub lines: Vec<String>,
+}
+
+impl Section {
+    /// A counter, 0 if missing.
+    fn stat(&self, k: &str) -> i64 {
+        self.stats.get(k).copied().unwrap_or(0)
+    }
+
+    /// A hook delta, 0 if missing.
+    fn delta(&self, k: &str) -> i64 {
+        self.hook.get(k).copied().unwrap_or(0)
+    }
+
+    /// A CHECK value.
+    fn check(&self, k: &str) -> Option<&str> {
+        self.checks.get(k).map(String::as_str)
+    }
+
+    fn check_num(&self, k: &str) -> Option<i64> {
+        self.check(k)?.trim().parse().ok()
+    }
+
+    fn has_line(&self, needle: &str) -> bool {
+        self.lines.iter().any(|l| l.contains(needle))
+    }
+
+    fn text(&self) -> String {
+        self.lines.join("\n")
+    }
+}
+
+/// Splits the script's output into cases.
+#[must_use]
+pub fn sections(output: &[String]) -> BTreeMap<String, Section> {
+    let mut out: BTreeMap<String, Section> = BTreeMap::new();
+    let mut cur = String::from("setup");
+    for raw in output {
+        let l = raw.trim_end();
+        if let Some(name) = l.trim().strip_prefix("== CASE ") {
+            cur = name.trim().to_string();
+            continue;
+        }
+        let s = out.entry(cur.clone()).or_default();
+        s.lines.push(l.to_string());
+        if let Some(rest) = l.trim().strip_prefix("CHECK ") {
+            if let Some((k, v)) = rest.split_once('=') {
+                let key = k.rsplit('.').next().unwrap_or(k).to_string();
+                s.checks.insert(key, v.trim().to_string());
+            }
+            continue;
+        }
+        if l.starts_with("s2vmm: hook ") {
+            for w in l.split_whitespace() {
+                if let Some((k, v)) = w.strip_prefix("d_").and_then(|w| w.split_once('=')) {
+                    if let Ok(n) = v.parse() {
+                        s.hook.insert(k.to_string(), n);
+                    }
+                }
+            }
+            continue;
+        }
+        // "  <name>  <value>  <description>": two leading spaces, a name
+        // of lower-case letters, digits and '_', then a number.
+        if let Some(rest) = l.strip_prefix("  ") {
+            let mut w = rest.split_whitespace();
+            if let (Some(name), Some(val)) = (w.next(), w.next()) {
+                let is_name = !name.is_empty()
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                if let (true, Ok(n)) = (is_name, val.parse::<i64>()) {
+                    s.stats.insert(name.to_string(), n);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The lines of a case: a marker, the command, its status, the module's
+/// global counts afterwards.
+fn case(name: &str, cmd: &str) -> String {
+    format!(
+        "echo '== CASE {name}'\n{cmd}\necho \"CHECK {name}.rc=$?\"\n\
+         echo \"CHECK {name}.pinned=$(cat /sys/kernel/debug/s2pin/pinned)\"\n\
+         echo \"CHECK {name}.vms=$(cat /sys/kernel/debug/s2pin/vms)\"\n"
+    )
+}
+
+const DMESG_BAD: &str = "Oops|BUG:|WARNING:|Kernel panic|Unable to handle|Call trace|lockdep|circular locking|soft lockup|hung_task|blocked for more than";
+
+fn preamble() -> String {
+    "echo '== CASE setup'\n\
+     insmod /root/s2pin.ko; echo \"CHECK setup.insmod=$?\"\n\
+     echo \"CHECK setup.dev=$(ls /dev/s2pin)\"\n"
+        .to_string()
+}
+
+fn dmesg_check() -> String {
+    format!(
+        "echo '== CASE dmesg'\n\
+         echo \"CHECK dmesg.bad=$(dmesg | grep -cE '{DMESG_BAD}')\"\n\
+         dmesg | grep -E -A12 '{DMESG_BAD}' | head -60\n"
+    )
+}
+
+/// A touch guest with a hook on 1 MiB at 4 MiB, after its 2nd of 6 reports.
+fn hook_cmd(policy: &str, hook: &str) -> String {
+    format!(
+        "s2vmm --mode touch --mem 16M --reports 6 --passes-log2 1 --hook-at 2 --policy {policy} {hook} --stats"
+    )
+}
+
+/// The script of boot 1 (one node).
+fn script_one_node() -> String {
+    let mut s = preamble();
+    s.push_str(&case(
+        "fill",
+        "s2vmm --image /root/guest.bin --mem 64M --vcpus 2 --policy confirm --stats",
+    ));
+    for (name, policy, hook) in [
+        ("dontneed", "confirm", "--madvise-dontneed 4M+1M"),
+        ("munmap", "confirm", "--munmap 4M+1M"),
+        ("ro_confirm", "confirm", "--mprotect 4M+1M:ro"),
+        ("ro_eager", "eager", "--mprotect 4M+1M:ro"),
+        ("none_confirm", "confirm", "--mprotect 4M+1M:none"),
+        ("none_keep", "keep", "--mprotect 4M+1M:none"),
+        ("none_eager", "eager", "--mprotect 4M+1M:none"),
+    ] {
+        s.push_str(&case(name, &hook_cmd(policy, hook)));
+    }
+    s.push_str(&case("hostile", "s2vmm hostile"));
+    // kill -9 in the middle of a run: wait for the pfn dump (after the
+    // guest's first report), note the state, kill, then check every frame.
+    s.push_str(&case(
+        "kill",
+        "free0=$(awk '/MemFree/ {print $2}' /proc/meminfo)\n\
+         rm -f /tmp/pfns\n\
+         s2vmm --mode touch --mem 32M --reports 0 --seconds 600 --passes-log2 0 --hook-at 1 --dump-pfns /tmp/pfns > /tmp/kill.out 2>&1 &\n\
+         pid=$!\n\
+         n=0; while [ ! -s /tmp/pfns ] && [ $n -lt 120 ]; do sleep 1; n=$((n+1)); done\n\
+         sleep 1\n\
+         echo \"CHECK kill.pinned_live=$(cat /sys/kernel/debug/s2pin/pinned)\"\n\
+         echo \"CHECK kill.vmlck_kib=$(awk '/VmLck/ {print $2}' /proc/$pid/status)\"\n\
+         echo \"CHECK kill.pfns=$(wc -l < /tmp/pfns)\"\n\
+         kill -9 $pid; wait $pid; echo \"CHECK kill.status=$?\"\n\
+         sleep 1\n\
+         bad=0; n=0\n\
+         for p in $(cat /tmp/pfns); do\n\
+           echo $p > /sys/kernel/debug/s2pin/host_page_state\n\
+           st=$(cat /sys/kernel/debug/s2pin/host_page_state)\n\
+           case \"$st\" in *owner=host*state=owned*count=0*) ;; *) bad=$((bad+1)); [ $bad -le 3 ] && echo \"page state: $st\";; esac\n\
+           n=$((n+1))\n\
+         done\n\
+         echo \"CHECK kill.checked=$n\"\n\
+         echo \"CHECK kill.not_host=$bad\"\n\
+         free1=$(awk '/MemFree/ {print $2}' /proc/meminfo)\n\
+         echo \"CHECK kill.memfree_drop_kib=$((free0 - free1))\"\n\
+         cat /tmp/kill.out | head -20\n\
+         true",
+    ));
+    s.push_str(&dmesg_check());
+    s
+}
+
+/// The script of boot 2 (two nodes, tight NUMA scanning).
+fn script_numa() -> String {
+    let mut s = preamble();
+    s.push_str(
+        "echo 1 > /proc/sys/kernel/numa_balancing\n\
+         cd /sys/kernel/debug/sched/numa_balancing && echo 0 > scan_delay_ms && echo 100 > scan_period_min_ms \
+         && echo 100 > scan_period_max_ms && echo 256 > scan_size_mb; echo \"CHECK setup.knobs=$?\"; cd /root\n",
+    );
+    for (name, policy, backing) in [
+        ("numa_anon_eager", "eager", "anon"),
+        ("numa_anon_confirm", "confirm", "anon"),
+        ("numa_anon_keep", "keep", "anon"),
+        ("numa_thp_confirm", "confirm", "thp"),
+        ("numa_thp_keep", "keep", "thp"),
+    ] {
+        s.push_str(&case(
+            name,
+            &format!(
+                "s2vmm --mode touch --mem 64M --reports 0 --seconds 15 --passes-log2 0 --policy {policy} --backing {backing} --stats"
+            ),
+        ));
+    }
+    s.push_str(&dmesg_check());
+    s
+}
+
+/// One named result.
+pub type Outcome = (String, bool, String);
+
+fn boot_script(
+    root: &Path,
+    ing: &boot::Ingredients,
+    machine: &Machine,
+    script: &str,
+    extras: &[Extra],
+) -> Result<ExecRun, String> {
+    let p = boot::prepare(
+        root,
+        ing,
+        machine,
+        Mode::Exec {
+            script: script.to_string(),
+            quiet: true,
+        },
+        extras,
+        Console::Captured,
+        boot::kernel_cmdline(false, &[]),
+    )?;
+    boot::exec_with(&p, BOOT_TIMEOUT, false, false)
+}
+
+/// Runs the suite.
+pub fn suite(root: &Path) -> Vec<Outcome> {
+    let mut out: Vec<Outcome> = Vec::new();
+    let prep = (|| -> Result<_, String> {
+        let ing = boot::ingredients(root, false)?;
+        let mut extras = boot::host_modules(root, &ing.debian)?;
+        extras.extend(crate::vmm::extras(root)?);
+        Ok((ing, extras))
+    })();
+    let (ing, extras) = match prep {
+        Ok(x) => x,
+        Err(e) => return vec![("shim: build el2, the modules and s2vmm".into(), false, e)],
+    };
+    let one = Machine {
+        smp: 4,
+        mem_mib: 2048,
+        numa_nodes: 1,
+        cpu: crate::qemu::DEFAULT_CPU.into(),
+    };
+    progress(&format!(
+        "shim boot 1/2: s2pin.ko + s2vmm cases, one node (timeout {} s)",
+        BOOT_TIMEOUT.as_secs()
+    ));
+    match boot_script(root, &ing, &one, &script_one_node(), &extras) {
+        Ok(r) => {
+            out.extend(boot_checks("shim boot 1", &r));
+            out.extend(one_node_checks(&sections(&r.output)));
+        }
+        Err(e) => out.push(("shim boot 1".into(), false, e)),
+    }
+    let two = Machine {
+        smp: 2,
+        numa_nodes: 2,
+        ..one
+    };
+    progress(&format!(
+        "shim boot 2/2: NUMA balancing over pinned guest memory, two nodes (timeout {} s)",
+        BOOT_TIMEOUT.as_secs()
+    ));
+    match boot_script(root, &ing, &two, &script_numa(), &extras) {
+        Ok(r) => {
+            out.extend(boot_checks("shim boot 2", &r));
+            out.extend(numa_checks(&sections(&r.output)));
+        }
+        Err(e) => out.push(("shim boot 2".into(), false, e)),
+    }
+    out
+}
+
+fn boot_checks(what: &str, r: &ExecRun) -> Vec<Outcome> {
+    let s = sections(&r.output);
+    let setup = s.get("setup").cloned().unwrap_or_default();
+    let dmesg = s.get("dmesg").cloned().unwrap_or_default();
+    vec![
+        (
+            format!("{what}: the script ends before the timeout"),
+            r.status.is_some() && !r.captured.timed_out,
+            format!(
+                "status {:?}, timed out {}\n{}",
+                r.status,
+                r.captured.timed_out,
+                r.captured.tail(40)
+            ),
+        ),
+        (
+            format!("{what}: s2pin.ko loads and /dev/s2pin exists"),
+            setup.check("insmod") == Some("0") && setup.check("dev") == Some("/dev/s2pin"),
+            setup.text(),
+        ),
+        (
+            format!("{what}: no Oops, BUG, WARNING, lockdep report or hung task in dmesg"),
+            dmesg.check("bad") == Some("0"),
+            dmesg.text(),
+        ),
+    ]
+}
+
+/// Whether the case ran to a clean end: status 0, nothing pinned and no VM
+/// left afterwards.
+fn clean(s: &Section) -> bool {
+    s.check("rc") == Some("0") && s.check("pinned") == Some("0") && s.check("vms") == Some("0")
+}
+
+fn one_node_checks(all: &BTreeMap<String, Section>) -> Vec<Outcome> {
+    let mut out = Vec::new();
+    let empty = Section::default();
+    let get = |n: &str| all.get(n).unwrap_or(&empty);
+    let mut check = |name: &str, ok: bool, s: &Section| {
+        out.push((format!("shim: {name}"), ok, s.text()));
+    };
+
+    let f = get("fill");
+    check(
+        "2-vCPU 64 MiB fill passes, checksums printed, nothing left pinned after exit",
+        clean(f) && f.has_line("both halves checksum") && f.has_line("PASS"),
+        f,
+    );
+    let pins = f.stat("pins");
+    check(
+        "fill: pins = distinct pages faulted (pins = faults = pinned_now, 64 MiB + at most the 2 MiB image area)",
+        pins == f.stat("faults")
+            && pins == f.stat("pinned_now")
+            && pins >= FILL_PAGES as i64
+            && pins <= FILL_PAGES as i64 + 512
+            && f.stat("unpins") == 0,
+        f,
+    );
+    check(
+        "fill: locked_vm accounts every pinned page (VmLck = 4 KiB x pinned_now)",
+        f.stat("locked_vm_kib") == 4 * f.stat("pinned_now") && pins > 0,
+        f,
+    );
+    check(
+        "fill: every page pinned was shared at EL2 and mapped once",
+        pins > 0 && f.stat("shares") == pins && f.stat("el2_s2_maps") >= pins,
+        f,
+    );
+
+    for (name, what) in [("dontneed", "MADV_DONTNEED"), ("munmap", "munmap")] {
+        let s = get(name);
+        check(
+            &format!("{what} of 1 MiB while the guest runs: exactly those 256 pages unshared and unpinned"),
+            clean(s)
+                && s.delta("unshares") == HOOK_PAGES as i64
+                && s.delta("unpins") == HOOK_PAGES as i64
+                && s.delta("unmapped_invalidate") == HOOK_PAGES as i64,
+            s,
+        );
+        check(
+            &format!("{what}: the guest re-faults them and sees zeros (its counters restarted there), nothing else changed"),
+            s.has_line("s2vmm: memory check PASS")
+                && s.stat("unpins") == HOOK_PAGES as i64
+                && s.stat("pins") == s.stat("pinned_now") + HOOK_PAGES as i64,
+            s,
+        );
+    }
+
+    let ro = get("ro_confirm");
+    check(
+        "mprotect(PROT_READ), confirm: 256 pages write-protected at EL2, none unmapped",
+        clean(ro)
+            && s_eq(ro.delta("wrprotected_lost_write"), HOOK_PAGES)
+            && ro.delta("unshares") == 0,
+        ro,
+    );
+    check(
+        "mprotect(PROT_READ): guest reads go on, its write exits to the VMM, restoring write lets it proceed",
+        ro.has_line("fault at gpa") && ro.has_line("restored read-write") && ro.has_line("s2vmm: memory check PASS"),
+        ro,
+    );
+    let roe = get("ro_eager");
+    check(
+        "mprotect(PROT_READ), eager: the 256 pages are unmapped and the guest proceeds after the restore",
+        clean(roe)
+            && s_eq(roe.delta("unshares"), HOOK_PAGES)
+            && roe.has_line("s2vmm: memory check PASS"),
+        roe,
+    );
+    for (name, policy) in [
+        ("none_confirm", "confirm"),
+        ("none_keep", "keep"),
+        ("none_eager", "eager"),
+    ] {
+        let s = get(name);
+        check(
+            &format!("mprotect(PROT_NONE), {policy}: exactly the 256 pages unmapped and unpinned; the guest proceeds after the restore"),
+            clean(s)
+                && s_eq(s.delta("unshares"), HOOK_PAGES)
+                && s_eq(s.delta("unpins"), HOOK_PAGES)
+                && s.has_line("restored read-write")
+                && s.has_line("s2vmm: memory check PASS"),
+            s,
+        );
+    }
+
+    let h = get("hostile");
+    for l in &h.lines {
+        let l = l.trim();
+        if let Some(name) = l.strip_prefix("PASS ") {
+            out.push((format!("shim: hostile: {name}"), true, String::new()));
+        } else if let Some(name) = l.strip_prefix("FAIL ") {
+            out.push((format!("shim: hostile: {name}"), false, h.text()));
+        }
+    }
+    out.push((
+        "shim: hostile user space: every case gets its errno, s2vmm exits 0, nothing left".into(),
+        clean(h) && h.has_line("s2vmm hostile:") && h.has_line(" 0 failed"),
+        h.text(),
+    ));
+
+    let k = get("kill");
+    let pinned_live = k.check_num("pinned_live").unwrap_or(0);
+    out.push((
+        "shim: kill -9 mid-run: the VM had pinned its memory and accounted it in locked_vm".into(),
+        pinned_live >= (32 << 8) && k.check_num("vmlck_kib") == Some(4 * pinned_live),
+        k.text(),
+    ));
+    out.push((
+        "shim: kill -9 mid-run: afterwards nothing pinned, no VM, every frame it had host-owned and unshared (HYP_HOST_PAGE_STATE)".into(),
+        k.check("pinned") == Some("0")
+            && k.check("vms") == Some("0")
+            && k.check_num("checked").unwrap_or(0) >= (32 << 8)
+            && k.check("not_host") == Some("0"),
+        k.text(),
+    ));
+    out.push((
+        "shim: kill -9 mid-run: MemFree is back (within 8 MiB of before the run)".into(),
+        k.check_num("memfree_drop_kib").is_some_and(|d| d < 8 << 10),
+        k.text(),
+    ));
+    out
+}
+
+fn s_eq(v: i64, want: u64) -> bool {
+    v == want as i64
+}
+
+fn numa_checks(all: &BTreeMap<String, Section>) -> Vec<Outcome> {
+    let mut out = Vec::new();
+    let empty = Section::default();
+    let get = |n: &str| all.get(n).unwrap_or(&empty);
+    let mut check = |name: &str, ok: bool, s: &Section| {
+        out.push((format!("shim: {name}"), ok, s.text()));
+    };
+    let scanned = |s: &Section| s.stat("range_start_protection_vma") > 0;
+
+    let e = get("numa_anon_eager");
+    check(
+        "NUMA pass over pinned 4K anonymous memory, eager: > 0 pages unmapped",
+        clean(e) && scanned(e) && e.stat("unmapped_eager") > 0,
+        e,
+    );
+    for (name, policy) in [("numa_anon_confirm", "confirm"), ("numa_anon_keep", "keep")] {
+        let s = get(name);
+        check(
+            &format!("NUMA pass over pinned 4K anonymous memory, {policy}: 0 pages unmapped, the pinned pages kept"),
+            clean(s)
+                && scanned(s)
+                && s.stat("unmapped_eager") == 0
+                && s.stat("unmapped_protnone") == 0
+                && s.stat("unshares") == 0
+                && s.stat("kept") > 0,
+            s,
+        );
+    }
+    let t = get("numa_thp_confirm");
+    let huge = t.stat("vmstat_numa_huge_pte_updates");
+    let unmapped = t.stat("unmapped_protnone");
+    check(
+        "NUMA pass over pinned THP, confirm: unmaps exactly whole huge pages made PROT_NONE (512 x PMDs, at most numa_huge_pte_updates of them)",
+        clean(t)
+            && scanned(t)
+            && huge > 0
+            && unmapped > 0
+            && unmapped % HUGE_PAGES as i64 == 0
+            && unmapped <= huge * HUGE_PAGES as i64
+            && t.stat("unmapped_eager") == 0,
+        t,
+    );
+    let k = get("numa_thp_keep");
+    check(
+        "NUMA pass over pinned THP, keep: 0 pages unmapped although PMDs became PROT_NONE",
+        clean(k)
+            && scanned(k)
+            && k.stat("vmstat_numa_huge_pte_updates") > 0
+            && k.stat("unmapped_protnone") == 0
+            && k.stat("unmapped_eager") == 0
+            && k.stat("unshares") == 0,
+        k,
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(s: &str) -> Vec<String> {
+        s.lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn output_splits_into_cases() {
+        let out = lines(
+            "== CASE setup\nCHECK setup.insmod=0\n== CASE fill\n\
+             guest: vcpu0: vcpu1 said 1, both halves checksum 0x1 PASS\n\
+             s2vmm: counters policy=confirm\n  pinned_now                   16400  pages pinned now\n\
+             \x20 pins 16400  x\n  locked_vm_kib 65600 y\n  vmstat_numa_pte_updates -3 z\n\
+             s2vmm: hook madvise-dontneed 0x400000+0x100000 (256 pages) after report 2: d_unshares=256 d_pinned_now=-12\n\
+             CHECK fill.rc=0\nCHECK fill.pinned=0\n",
+        );
+        let s = sections(&out);
+        assert_eq!(s["setup"].check("insmod"), Some("0"));
+        let f = &s["fill"];
+        assert_eq!(f.stat("pinned_now"), 16400);
+        assert_eq!(f.stat("pins"), 16400);
+        assert_eq!(f.stat("locked_vm_kib"), 65600);
+        assert_eq!(f.stat("vmstat_numa_pte_updates"), -3);
+        assert_eq!(f.delta("unshares"), 256);
+        assert_eq!(f.delta("pinned_now"), -12);
+        assert_eq!(f.check("rc"), Some("0"));
+        assert!(f.has_line("both halves"));
+        // Guest lines with two leading spaces but no number are not stats.
+        assert!(!f.stats.contains_key("s2vmm:"));
+    }
+
+    #[test]
+    fn checks_fail_without_evidence() {
+        // An empty run fails every case: nothing is assumed.
+        let none = BTreeMap::new();
+        for (n, ok, _) in one_node_checks(&none) {
+            assert!(!ok, "{n}");
+        }
+        for (n, ok, _) in numa_checks(&none) {
+            assert!(!ok, "{n}");
+        }
+    }
+
+    #[test]
+    fn a_good_fill_passes_and_a_leak_fails() {
+        let mut f = Section::default();
+        for (k, v) in [
+            ("pins", 16400),
+            ("faults", 16400),
+            ("pinned_now", 16400),
+            ("shares", 16400),
+            ("el2_s2_maps", 16400),
+            ("locked_vm_kib", 65600),
+        ] {
+            f.stats.insert(k.into(), v);
+        }
+        for (k, v) in [("rc", "0"), ("pinned", "0"), ("vms", "0")] {
+            f.checks.insert(k.into(), v.into());
+        }
+        f.lines
+            .push("guest: vcpu0: vcpu1 said 1, both halves checksum 0x1 PASS".into());
+        let mut all = BTreeMap::new();
+        all.insert("fill".to_string(), f.clone());
+        let r = one_node_checks(&all);
+        let fill: Vec<_> = r.iter().filter(|(n, ..)| n.contains("fill")).collect();
+        assert_eq!(fill.len(), 4);
+        assert!(fill.iter().all(|(_, ok, _)| *ok), "{fill:?}");
+        f.checks.insert("pinned".into(), "3".into());
+        all.insert("fill".to_string(), f);
+        let r = one_node_checks(&all);
+        assert!(!r[0].1);
+    }
+
+    #[test]
+    fn scripts_have_every_case_and_a_dmesg_check() {
+        let one = script_one_node();
+        for c in [
+            "fill",
+            "dontneed",
+            "munmap",
+            "ro_confirm",
+            "ro_eager",
+            "none_confirm",
+            "none_keep",
+            "none_eager",
+            "hostile",
+            "kill",
+            "dmesg",
+        ] {
+            assert!(one.contains(&format!("== CASE {c}'")), "{c}");
+        }
+        let two = script_numa();
+        assert!(two.contains("scan_period_min_ms") && two.contains("== CASE dmesg'"));
+        assert!(two.contains("--backing thp") && two.contains("--policy eager"));
+    }
+}
