@@ -112,7 +112,7 @@ pub fn sections(output: &[String]) -> BTreeMap<String, Section> {
         }
         // "  <name>  <value>  <description>": two leading spaces, a name
         // of lower-case letters, digits and '_', then a number.
-        if let Some(rest) = l.strip_prefix("  ") {
+        if let Some(rest) = l.strip_prefix("  ").filter(|r| !r.starts_with(' ')) {
             let mut w = rest.split_whitespace();
             if let (Some(name), Some(val)) = (w.next(), w.next()) {
                 let is_name = !name.is_empty()

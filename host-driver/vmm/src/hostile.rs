@@ -282,6 +282,7 @@ pub fn run(image_path: &std::path::Path) -> anyhow::Result<i32> {
     other_process(&dev, &image, &mut t)?;
     two_threads_one_vcpu(&dev, &image, &mut t)?;
     close_vm_while_running(&dev, &image, &mut t)?;
+    memlock_limit(&image, &mut t)?;
 
     // Nothing leaked: every VM of this process is gone.
     drop(dev);
@@ -584,5 +585,113 @@ fn close_vm_while_running(dev: &S2pin, image: &[u8], t: &mut Tally) -> anyhow::R
         ),
     }
     drop(mem);
+    Ok(())
+}
+
+/// Drops CAP_IPC_LOCK from this process's effective and permitted sets (so
+/// that RLIMIT_MEMLOCK applies to it, as to an unprivileged VMM).
+fn drop_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    const VERSION_3: u32 = 0x2008_0522;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut h = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut d = [Data::default(); 2];
+    // SAFETY: capget with a version-3 header and room for its two data words.
+    if unsafe { libc::syscall(libc::SYS_capget, &raw mut h, d.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    d[0].effective &= !(1 << CAP_IPC_LOCK);
+    d[0].permitted &= !(1 << CAP_IPC_LOCK);
+    // SAFETY: capset with the same header and the sets just read, minus one bit.
+    unsafe { libc::syscall(libc::SYS_capset, &raw mut h, d.as_ptr()) == 0 }
+}
+
+/// A VMM without CAP_IPC_LOCK and a 1 MiB RLIMIT_MEMLOCK runs a guest that
+/// touches 4 MiB: RUN fails with ENOMEM once the limit is reached (a clear
+/// error), and nothing stays pinned when the process ends.
+fn memlock_limit(image: &[u8], t: &mut Tally) -> anyhow::Result<()> {
+    // SAFETY: no other thread runs now; the child only makes system calls
+    // (and allocates, which is safe after fork in a process whose other
+    // threads have all been joined) and exits.
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            let code = (|| -> anyhow::Result<i32> {
+                if !drop_ipc_lock() {
+                    return Ok(20);
+                }
+                let lim = libc::rlimit {
+                    rlim_cur: 1 << 20,
+                    rlim_max: 1 << 20,
+                };
+                // SAFETY: setrlimit with a valid struct.
+                if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const lim) } != 0 {
+                    return Ok(21);
+                }
+                let dev = S2pin::open()?;
+                let plan = Plan {
+                    mode: crate::args::GuestMode::Fill,
+                    vcpus: 1,
+                    mem: 4 << 20,
+                    reports: 0,
+                    passes_log2: 0,
+                };
+                let g = guest(&dev, image, &plan)?;
+                let mut v = g.vm.create_vcpu(
+                    0,
+                    VcpuStart::On {
+                        entry: g.image.entry(),
+                        x0: plan.arg(),
+                    },
+                )?;
+                let t0 = Instant::now();
+                while t0.elapsed() < Duration::from_secs(60) {
+                    match v.run() {
+                        Ok(Exit::SystemEvent(_)) => return Ok(22),
+                        Ok(_) => {}
+                        Err(e) if e.errno() == Some(libc::ENOMEM) => return Ok(0),
+                        Err(e) => return Ok(30 + e.errno().unwrap_or(0).clamp(0, 60)),
+                    }
+                }
+                Ok(23)
+            })()
+            .unwrap_or(99);
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(code) };
+        }
+        ForkResult::Parent { child } => {
+            let st = waitpid(child, None)?;
+            let what = match st {
+                WaitStatus::Exited(_, 0) => "RUN failed with ENOMEM at the limit".to_string(),
+                WaitStatus::Exited(_, 20) => "could not drop CAP_IPC_LOCK".to_string(),
+                WaitStatus::Exited(_, 22) => {
+                    "the guest filled 4 MiB despite a 1 MiB limit".to_string()
+                }
+                WaitStatus::Exited(_, 23) => "no error within 60 s".to_string(),
+                WaitStatus::Exited(_, c) if (30..=90).contains(&c) => {
+                    format!("RUN failed with errno {}", c - 30)
+                }
+                s => format!("child {s:?}"),
+            };
+            t.check(
+                "RLIMIT_MEMLOCK of 1 MiB without CAP_IPC_LOCK: a 4 MiB guest's RUN fails with ENOMEM",
+                matches!(st, WaitStatus::Exited(_, 0)),
+                &what,
+            );
+        }
+    }
     Ok(())
 }

@@ -62,6 +62,19 @@ pub fn parse_vmstat(text: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// `name value` lines as a JSON object, if every line is one.
+fn name_values(text: &str) -> Option<Value> {
+    let mut m = Map::new();
+    for l in text.lines() {
+        let mut w = l.split_whitespace();
+        let (k, v, None) = (w.next()?, w.next()?, w.next()) else {
+            return None;
+        };
+        m.insert(k.to_string(), json!(v.parse::<u64>().ok()?));
+    }
+    Some(Value::Object(m))
+}
+
 /// Everything printed at the end of a run.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
@@ -108,8 +121,15 @@ impl Report {
         if let Some((dir, files)) = &self.debugfs {
             s.push_str(&format!("s2vmm: debugfs {dir}\n"));
             for (name, content) in files {
-                let one = content.trim().replace('\n', "; ");
-                s.push_str(&format!("  {name:<28} {one}\n"));
+                let lines: Vec<&str> = content.trim().lines().collect();
+                if let [one] = lines.as_slice() {
+                    s.push_str(&format!("    {name}: {one}\n"));
+                } else {
+                    s.push_str(&format!("    {name}:\n"));
+                    for l in lines {
+                        s.push_str(&format!("      {l}\n"));
+                    }
+                }
             }
         }
         s
@@ -126,7 +146,9 @@ impl Report {
             let mut m = Map::new();
             for (name, content) in files {
                 let c = content.trim();
-                let v = c.parse::<u64>().map_or_else(|_| json!(c), |n| json!(n));
+                let v = c
+                    .parse::<u64>()
+                    .map_or_else(|_| name_values(c).unwrap_or_else(|| json!(c)), |n| json!(n));
                 m.insert(name.clone(), v);
             }
             json!({ "dir": dir, "files": m })
@@ -178,7 +200,13 @@ mod tests {
         let r = Report {
             config: vec![("policy", "confirm".into())],
             vm: stats(16896, 16900),
-            debugfs: Some(("123-0".into(), vec![("pinned".into(), "16896\n".into())])),
+            debugfs: Some((
+                "123-0".into(),
+                vec![
+                    ("pinned".into(), "16896\n".into()),
+                    ("stats".into(), "pins 3\nfaults 4\n".into()),
+                ],
+            )),
             locked_vm_kib: Some(67584),
             vmstat: vec![("numa_pte_updates", 5)],
             guest: vec![("status", json!(0))],
@@ -208,6 +236,11 @@ mod tests {
         );
         assert_eq!(j["locked_vm_kib"], 67584);
         assert_eq!(j["debugfs"]["files"]["pinned"], 16896);
+        assert_eq!(j["debugfs"]["files"]["stats"]["faults"], 4);
+        assert!(
+            t.contains("    stats:\n      pins 3\n      faults 4\n"),
+            "{t}"
+        );
         assert_eq!(j["vmstat_delta"]["numa_pte_updates"], 5);
         assert_eq!(j["config"]["policy"], "confirm");
         assert_eq!(j["hook"]["munmap"]["pages"], 2);
