@@ -461,6 +461,46 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
         attrs: Attrs,
         granule: Granule,
     ) -> Result<(), Error> {
+        let (a, b, plan) = self.map_plan(ipa, hpa, size, attrs, granule)?;
+        let needed = self.map_needed(a, b, &plan)?;
+        if self.mm.available() < needed {
+            return Err(Error::NoMemory);
+        }
+        let rl = self.config.start_level;
+        let tspan = self.root_table_span();
+        for k in a / tspan..=(b - 1) / tspan {
+            let tbase = k * tspan;
+            let (ta, tb) = (a.max(tbase), b.min(tbase + tspan));
+            self.map_commit(rl, self.root_table(k), tbase, ta, tb, &plan)?;
+        }
+        Ok(())
+    }
+
+    /// The table pages [`Self::map`] with the same arguments would take
+    /// from the table memory now (exact: tables that already exist cost
+    /// nothing). Changes nothing. Errors as [`Self::map`], but never
+    /// [`Error::NoMemory`].
+    pub fn map_tables_needed(
+        &self,
+        ipa: Ipa,
+        hpa: Hpa,
+        size: u64,
+        attrs: Attrs,
+        granule: Granule,
+    ) -> Result<usize, Error> {
+        let (a, b, plan) = self.map_plan(ipa, hpa, size, attrs, granule)?;
+        self.map_needed(a, b, &plan)
+    }
+
+    /// Checks a map's arguments: the IPA range `[a, b)` and its plan.
+    fn map_plan(
+        &self,
+        ipa: Ipa,
+        hpa: Hpa,
+        size: u64,
+        attrs: Attrs,
+        granule: Granule,
+    ) -> Result<(u64, u64, MapPlan), Error> {
         if !hpa.is_page_aligned() {
             return Err(Error::Misaligned);
         }
@@ -474,24 +514,20 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
             min_level: granule.min_level(),
             bits: leaf_attr_bits(attrs),
         };
+        Ok((a, b, plan))
+    }
+
+    /// Tables needed to map `[a, b)` under every root table it touches.
+    fn map_needed(&self, a: u64, b: u64, plan: &MapPlan) -> Result<usize, Error> {
         let rl = self.config.start_level;
         let tspan = self.root_table_span();
-        let (k0, k1) = (a / tspan, (b - 1) / tspan);
         let mut needed = 0;
-        for k in k0..=k1 {
+        for k in a / tspan..=(b - 1) / tspan {
             let tbase = k * tspan;
             let (ta, tb) = (a.max(tbase), b.min(tbase + tspan));
-            needed += self.map_prepare(rl, self.root_table(k), tbase, ta, tb, &plan)?;
+            needed += self.map_prepare(rl, self.root_table(k), tbase, ta, tb, plan)?;
         }
-        if self.mm.available() < needed {
-            return Err(Error::NoMemory);
-        }
-        for k in k0..=k1 {
-            let tbase = k * tspan;
-            let (ta, tb) = (a.max(tbase), b.min(tbase + tspan));
-            self.map_commit(rl, self.root_table(k), tbase, ta, tb, &plan)?;
-        }
-        Ok(())
+        Ok(needed)
     }
 
     /// Read-only: tables needed to map `[a, b)` into `table`, or

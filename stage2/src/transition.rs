@@ -327,8 +327,18 @@ where
     check_unmapped(guest, gipa, size)?;
     let hipa = host_ipa(r.pfn);
     check_host_owned(host, hipa, size)?;
-    // The guest map comes second; with this much memory it cannot fail.
-    ensure_map_memory(guest, gipa, size)?;
+    // The guest map comes second; with this much memory it cannot fail
+    // (exactly the tables it will add: the host unmap does not touch the
+    // guest's tables or memory).
+    let attrs = Attrs {
+        perms,
+        mem: MemType::Normal,
+        state: PageState::Owned,
+    };
+    let needed = guest.map_tables_needed(gipa, host_pa(r.pfn), size, attrs, Granule::Page)?;
+    if guest.mm().available() < needed {
+        return Err(Error::NoMemory);
+    }
 
     // Commit. The host loses access before the guest gains it, so no
     // instant has both able to write the page.
@@ -336,15 +346,10 @@ where
     // 1. Host unmap: may need memory to split a host block at the range's
     //    edges; if it fails, nothing changed.
     host.unmap(hipa, size)?;
-    // 2. Guest map: needs at most map_tables_bound tables, which the guest
-    //    memory had above, and the host unmap did not touch the guest's
-    //    memory. So this cannot fail; should it anyway (a broken bound), give
-    //    the host its pages back and report the inconsistency.
-    let attrs = Attrs {
-        perms,
-        mem: MemType::Normal,
-        state: PageState::Owned,
-    };
+    // 2. Guest map: needs the tables counted above, which the guest memory
+    //    had, and the host unmap did not touch the guest's tables or memory.
+    //    So this cannot fail; should it anyway (a broken count), give the
+    //    host its pages back and report the inconsistency.
     if guest
         .map(gipa, host_pa(r.pfn), size, attrs, Granule::Page)
         .is_err()

@@ -448,6 +448,24 @@ fn no_memory_changes_nothing() {
     no_memory_then_ok(&mut w, 0, 0, |w| w.return_from_hyp(P + 4, 1));
 }
 
+/// A donate needs exactly the guest tables it adds, like a share: none next
+/// to a page already mapped in the same 2 MiB (ABI §2.4: ENOMEM means too
+/// few pages for the tables the call needs).
+#[test]
+fn donate_needs_only_the_tables_it_adds() {
+    let mut w = World::new(1, u32::MAX);
+    w.share(0, P, G, 1, Perms::R).unwrap();
+    let live = w.guests[0].mm().live();
+    w.guests[0].mm_mut().set_limit(live);
+    assert_eq!(w.share(0, P + 1, G - 1, 1, Perms::R), Ok(()));
+    assert_eq!(w.donate(0, P + 2, G - 2, 1, Perms::R), Ok(()));
+    // A gfn in another 2 MiB still needs its level-3 table.
+    let before = w.snapshot();
+    assert_eq!(w.donate(0, P + 3, G + 1, 1, Perms::R), Err(Error::NoMemory));
+    assert_eq!(w.snapshot(), before);
+    w.check_invariants();
+}
+
 /// A world whose RAM is one 2 MiB block in the host's stage-2, so that
 /// taking a page away from the host needs a table to split the block.
 #[test]
