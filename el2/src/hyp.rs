@@ -172,6 +172,30 @@ pub fn this_cpu() -> Option<usize> {
 }
 
 /// Finds the calling CPU's GIC redistributor once, for guest runs on it.
+/// Says what the CPU lets a guest reach (docs/DESIGN.md §8): the features
+/// whose registers are switched, and any EL1 state neither switched nor
+/// trapped (none on the CPUs the project runs on; the boot suite checks).
+fn log_guest_isolation() {
+    let f = arch::vcpu::features();
+    info!(
+        "guest registers: sme={} ras={} lor={} mte={} pauth={} gic lrs={} aprs={}",
+        u8::from(f.sme),
+        u8::from(f.ras),
+        u8::from(f.lor),
+        u8::from(f.mte),
+        u8::from(f.pauth),
+        f.nr_lrs,
+        f.nr_aprs
+    );
+    if f.uncovered == 0 {
+        info!("guest registers: every EL1 register is switched or trapped");
+    } else {
+        for name in f.uncovered_names() {
+            warn!("guest registers: {name} state is neither switched nor trapped");
+        }
+    }
+}
+
 fn find_own_redistributor(cpu: usize) {
     let sgi = platform()
         .gic
@@ -314,6 +338,8 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
     find_own_redistributor(boot_cpu);
 
     arch::init_host_regs(regs);
+    // After ICC_SRE_EL2 is set: ICH_VTR_EL2 is read here first.
+    log_guest_isolation();
     info!("entering the host kernel at {HOST_KERNEL_ADDR:#x} (EL1)");
     log::set_max_level(log::LevelFilter::Warn);
     arch::run_host(HOST_DTB_ADDR, HOST_KERNEL_ADDR)

@@ -11,6 +11,7 @@ extern crate std;
 
 pub mod dtb;
 pub mod exception;
+pub mod features;
 pub mod inject;
 pub mod layout;
 pub mod pkvm;

@@ -118,6 +118,30 @@ pub struct El1Sysregs {
     /// The pointer-authentication keys, `[lo, hi]` each: APIA, APIB, APDA,
     /// APDB, APGA. Switched only when the CPU has pointer authentication.
     pub pauth: [[u64; 2]; 5],
+    /// TPIDR2_EL0 (SME's thread register). Switched only when the CPU has
+    /// SME.
+    pub tpidr2_el0: u64,
+}
+
+/// A vCPU's GIC virtual CPU interface: what its `ICC_*_EL1` accesses reach
+/// while `HCR_EL2.IMO/FMO` are set (they become `ICV_*` accesses to these
+/// EL2 registers). All zero for a fresh vCPU: priority mask 0, both groups
+/// off, EOImode 0, no active priorities, no list register in use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct GicCpuIf {
+    /// ICH_HCR_EL2 (the virtual interface's enable and maintenance
+    /// interrupt controls; 0: off, as long as there is no virtual GIC).
+    pub hcr: u64,
+    /// ICH_VMCR_EL2: the guest's PMR, binary points, group enables,
+    /// EOImode, CBPR.
+    pub vmcr: u64,
+    /// ICH_AP0R0..3_EL2 (only the implemented ones are switched).
+    pub ap0r: [u64; crate::features::MAX_APRS],
+    /// ICH_AP1R0..3_EL2.
+    pub ap1r: [u64; crate::features::MAX_APRS],
+    /// ICH_LR0..15_EL2 (only the implemented ones are switched).
+    pub lr: [u64; crate::features::MAX_LRS],
 }
 
 /// A vCPU's whole saved state. It fits in the one page the VM bookkeeping
@@ -139,6 +163,11 @@ pub struct VcpuContext {
     pub cntvoff: u64,
     /// VMPIDR_EL2: what the guest reads as MPIDR_EL1.
     pub vmpidr: u64,
+    /// VDISR_EL2: the guest's `DISR_EL1` (with `HCR_EL2.AMO` set, the
+    /// guest's accesses reach this register). Switched only with FEAT_RAS.
+    pub vdisr: u64,
+    /// The GIC virtual CPU interface.
+    pub gic: GicCpuIf,
     /// FP/SIMD registers (the guest sees FP/SIMD only, no SVE/SME).
     pub fp: FpState,
 }
@@ -247,6 +276,10 @@ pub mod hcr {
     pub const TSW: u64 = 1 << 22;
     /// EL1 is AArch64.
     pub const RW: u64 = 1 << 31;
+    /// LORegion registers trap (FEAT_LOR; RES0 without it).
+    pub const TLOR: u64 = 1 << 35;
+    /// RAS error-record registers trap (FEAT_RAS; RES0 without it).
+    pub const TERR: u64 = 1 << 36;
     /// Pointer-auth key registers do not trap.
     pub const APK: u64 = 1 << 40;
     /// Pointer-auth instructions do not trap.
@@ -269,6 +302,13 @@ pub mod hcr {
 ///   not switched, so the guest may not touch them.
 /// - `RW | API | APK`: AArch64 EL1, pointer authentication usable without
 ///   traps (its keys are switched).
+///
+/// - `TLOR | TERR` (LORegions, RAS error records) are added where the CPU
+///   has them ([`CpuFeatures::guest_hcr`](crate::features::CpuFeatures::guest_hcr)):
+///   they are RES0 otherwise.
+/// - Never set: `ATA` (so the MTE tag registers trap and no tag check
+///   happens at EL1/EL0), `EnSCXT` (so `SCXTNUM_EL0/EL1` trap), `TGE`,
+///   `E2H`. docs/DESIGN.md §8 lists every register and how it is kept.
 ///
 /// ID registers are not trapped (no `TID3`): the guest sees the CPU's,
 /// including SVE/SME, which `CPTR_EL2` traps; a guest that uses them gets

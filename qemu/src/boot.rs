@@ -802,6 +802,16 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
                     banner,
                     tail.clone(),
                 );
+                // docs/DESIGN.md §8: on the CPUs we boot, nothing a guest
+                // reaches is left neither switched nor trapped.
+                let covered = r.captured.lines.iter().any(|l| {
+                    l.contains("guest registers: every EL1 register is switched or trapped")
+                });
+                check(
+                    "el2 switches or traps every EL1 register a guest can reach on this CPU",
+                    covered,
+                    tail.clone(),
+                );
             }
             let want = format!("CPU: All CPU(s) started at {el}");
             check(

@@ -10,11 +10,22 @@
 //!
 //! # What the caller must know
 //!
-//! - **FP/SIMD and SVE.** The guest sees FP/SIMD only: `CPTR_EL2.TZ/TSM`
-//!   trap SVE and SME. The host's V0..V31/FPSR/FPCR are saved and
-//!   restored, but the parts of its Z/P/FFR registers beyond the low 128
-//!   bits, and any SME state, are not: the host must treat `HYP_VCPU_RUN`
-//!   as clobbering them, as after `kernel_neon_begin()`.
+//! - **FP/SIMD, SVE and SME.** The guest sees FP/SIMD only: `CPTR_EL2.TZ/TSM`
+//!   trap SVE and SME (and `ZCR_EL1`, `SMCR_EL1`, `SVCR`). The host's
+//!   V0..V31/FPSR/FPCR and `TPIDR2_EL0` are saved and restored. The
+//!   host's Z registers beyond their low 128 bits are not (the guest's FP
+//!   writes zero them), and if the host calls in streaming mode or with ZA
+//!   on, both are turned off (SMSTOP) first: the host must treat
+//!   `HYP_VCPU_RUN` as clobbering that state, as after
+//!   `kernel_neon_begin()` (ABI §3.7). P0..P15, FFR and the ZA contents
+//!   of a host that left ZA off are untouched (the guest cannot reach them).
+//! - **The GIC virtual CPU interface** (`ICH_VMCR_EL2`, `ICH_AP{0,1}R<n>_EL2`,
+//!   `ICH_LR<n>_EL2`, `ICH_HCR_EL2`), which the guest's `ICC_*_EL1`
+//!   accesses reach, and `VDISR_EL2` (its `DISR_EL1`) are per vCPU: loaded
+//!   before entry, saved after exit, and the interface is turned off
+//!   (`ICH_HCR_EL2 = 0`) while the host runs. `ICC_SRE_EL2.Enable` is
+//!   cleared while the guest runs so `ICC_SRE_EL1` traps where it is not
+//!   constant. docs/DESIGN.md §8 is the inventory of every register.
 //! - **The host's timer.** The host (Linux at EL1) uses the virtual
 //!   timer, whose registers belong to the guest while it runs. The host's
 //!   deadline is therefore copied to the EL2 physical timer (CNTHP, PPI 26)
@@ -39,7 +50,8 @@
 use core::arch::{asm, global_asm};
 
 use aarch64_cpu::registers::*;
-use el2::vcpu::{El1Sysregs, FpState, RawExit, VcpuContext, HCR_GUEST};
+use el2::features::{CpuFeatures, IdRegs};
+use el2::vcpu::{El1Sysregs, FpState, GicCpuIf, RawExit, VcpuContext};
 
 global_asm!(include_str!("vcpu.S"));
 
@@ -103,16 +115,12 @@ pub fn find_redistributor(base: u64, size: u64) -> Option<u64> {
     None
 }
 
-/// CPTR_EL2 bits (nVHE layout).
-const CPTR_TZ: u64 = 1 << 8;
-const CPTR_TSM: u64 = 1 << 12;
 /// CNTHCTL_EL2: EL1 may read the physical counter; the physical timer traps.
 const CNTHCTL_GUEST: u64 = 1 << 0;
-/// MDCR_EL2 for guests: PMU (TPM, TPMCR) and debug registers (TDA,
-/// TDOSA, TDRA) trap, so a guest neither reads nor changes the host's
-/// counters, breakpoints and watchpoints (they are not switched). HPMN
-/// stays the host's.
-const MDCR_GUEST_TRAPS: u64 = (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11);
+/// ICC_SRE_EL2.Enable: EL1 may access ICC_SRE_EL1. Cleared while a guest
+/// runs, so the guest cannot change the SRE/DFB/DIB bits the host relies on
+/// (the bit may be RAO/WI, as on QEMU, where ICC_SRE_EL1 is constant).
+const ICC_SRE_EL2_ENABLE: u64 = 1 << 3;
 const CNTV_CTL_ENABLE: u64 = 1 << 0;
 const CNTV_CTL_IMASK: u64 = 1 << 1;
 
@@ -182,12 +190,143 @@ fn load_timer(r: &El1Sysregs) {
     write_sysreg!("cntv_ctl_el0", r.cntv_ctl);
 }
 
-/// Whether the CPU has pointer authentication (so the key registers exist).
-fn has_pauth() -> bool {
-    let isar1 = ID_AA64ISAR1_EL1.get();
-    let isar2 = read_sysreg!("S3_0_C0_C6_2"); // ID_AA64ISAR2_EL1, RAZ before v8.7
-                                              // APA (7:4), API (11:8), GPA (27:24), GPI (31:28); ISAR2 APA3 (15:12), GPA3 (11:8).
-    isar1 & 0xff00_0ff0 != 0 || isar2 & 0xff00 != 0
+static FEATURES: spin::Once<CpuFeatures> = spin::Once::new();
+
+/// What this CPU has (all CPUs of the machine are assumed alike: read once,
+/// on the first call).
+pub fn features() -> &'static CpuFeatures {
+    FEATURES.call_once(|| {
+        let pfr0 = ID_AA64PFR0_EL1.get();
+        let gic_sysregs = (pfr0 >> 24) & 0xf != 0;
+        CpuFeatures::decode(&IdRegs {
+            pfr0,
+            pfr1: ID_AA64PFR1_EL1.get(),
+            dfr0: ID_AA64DFR0_EL1.get(),
+            mmfr1: ID_AA64MMFR1_EL1.get(),
+            mmfr2: ID_AA64MMFR2_EL1.get(),
+            mmfr3: read_sysreg!("S3_0_C0_C7_3"), // ID_AA64MMFR3_EL1, RAZ before v8.9
+            isar1: ID_AA64ISAR1_EL1.get(),
+            isar2: read_sysreg!("S3_0_C0_C6_2"), // ID_AA64ISAR2_EL1, RAZ before v8.7
+            ich_vtr: if gic_sysregs {
+                read_sysreg!("S3_4_C12_C11_1") // ICH_VTR_EL2
+            } else {
+                0
+            },
+        })
+    })
+}
+
+/// TPIDR2_EL0 (FEAT_SME).
+fn tpidr2() -> u64 {
+    read_sysreg!("S3_3_C13_C0_5")
+}
+
+fn set_tpidr2(v: u64) {
+    write_sysreg!("S3_3_C13_C0_5", v);
+}
+
+/// Leaves streaming mode and turns ZA off if the host left either on
+/// (FEAT_SME; ABI §3.7: the host saves that state first, as
+/// `kernel_neon_begin()` does). A guest must not start in the host's
+/// streaming mode, and the FP/SIMD switch below is not valid in it.
+fn sme_stop_if_on() {
+    let svcr = read_sysreg!("S3_3_C4_C2_2"); // SVCR
+    if svcr & 0b11 != 0 {
+        // SAFETY: SMSTOP (MSR SVCRSMZA, #0): ends streaming mode and
+        // disables ZA, zeroing their state, which the host already saved.
+        unsafe { asm!(".inst 0xd503467f", options(nomem, nostack)) };
+    }
+}
+
+/// Loads `g` into the GIC virtual CPU interface (`f.nr_lrs` list registers,
+/// `f.nr_aprs` active-priority registers per group).
+fn gic_load(g: &GicCpuIf, f: &CpuFeatures) {
+    write_sysreg!("S3_4_C12_C11_7", g.vmcr); // ICH_VMCR_EL2
+    for_each_apr(f.nr_aprs, |n, ap0, ap1| {
+        ap0.write(g.ap0r[n]);
+        ap1.write(g.ap1r[n]);
+    });
+    for_each_lr(f.nr_lrs, |n, lr| lr.write(g.lr[n]));
+    write_sysreg!("S3_4_C12_C11_0", g.hcr); // ICH_HCR_EL2
+}
+
+/// Saves the GIC virtual CPU interface into `g` and turns it off
+/// (ICH_HCR_EL2 = 0: no maintenance interrupt for the host).
+fn gic_save(g: &mut GicCpuIf, f: &CpuFeatures) {
+    g.hcr = read_sysreg!("S3_4_C12_C11_0");
+    write_sysreg!("S3_4_C12_C11_0", 0);
+    g.vmcr = read_sysreg!("S3_4_C12_C11_7");
+    for_each_apr(f.nr_aprs, |n, ap0, ap1| {
+        g.ap0r[n] = ap0.read();
+        g.ap1r[n] = ap1.read();
+    });
+    for_each_lr(f.nr_lrs, |n, lr| g.lr[n] = lr.read());
+}
+
+/// One EL2 system register named at compile time, read or written at run
+/// time (the GIC's numbered registers need an `mrs`/`msr` each).
+struct SysReg {
+    read: fn() -> u64,
+    write: fn(u64),
+}
+
+impl SysReg {
+    fn read(&self) -> u64 {
+        (self.read)()
+    }
+    fn write(&self, v: u64) {
+        (self.write)(v);
+    }
+}
+
+macro_rules! sysregs {
+    ($($name:literal),* $(,)?) => {
+        [$(SysReg { read: || read_sysreg!($name), write: |v| write_sysreg!($name, v) }),*]
+    };
+}
+
+/// ICH_AP0R<n>_EL2 and ICH_AP1R<n>_EL2 for n < `count` (at most 4).
+fn for_each_apr(count: usize, mut f: impl FnMut(usize, &SysReg, &SysReg)) {
+    let ap0 = sysregs![
+        "S3_4_C12_C8_0",
+        "S3_4_C12_C8_1",
+        "S3_4_C12_C8_2",
+        "S3_4_C12_C8_3"
+    ];
+    let ap1 = sysregs![
+        "S3_4_C12_C9_0",
+        "S3_4_C12_C9_1",
+        "S3_4_C12_C9_2",
+        "S3_4_C12_C9_3"
+    ];
+    for (n, (a0, a1)) in ap0.iter().zip(&ap1).take(count).enumerate() {
+        f(n, a0, a1);
+    }
+}
+
+/// ICH_LR<n>_EL2 for n < `count` (at most 16).
+fn for_each_lr(count: usize, mut f: impl FnMut(usize, &SysReg)) {
+    let lrs = sysregs![
+        "S3_4_C12_C12_0",
+        "S3_4_C12_C12_1",
+        "S3_4_C12_C12_2",
+        "S3_4_C12_C12_3",
+        "S3_4_C12_C12_4",
+        "S3_4_C12_C12_5",
+        "S3_4_C12_C12_6",
+        "S3_4_C12_C12_7",
+        "S3_4_C12_C13_0",
+        "S3_4_C12_C13_1",
+        "S3_4_C12_C13_2",
+        "S3_4_C12_C13_3",
+        "S3_4_C12_C13_4",
+        "S3_4_C12_C13_5",
+        "S3_4_C12_C13_6",
+        "S3_4_C12_C13_7",
+    ];
+    for (n, lr) in lrs.iter().take(count).enumerate() {
+        f(n, lr);
+    }
 }
 
 macro_rules! pauth_switch {
@@ -219,6 +358,7 @@ struct HostEl2 {
     cntvoff: u64,
     vmpidr: u64,
     mdcr: u64,
+    icc_sre: u64,
 }
 
 /// Stores this CPU's V0..V31, FPSR, FPCR to `fp`.
@@ -243,12 +383,16 @@ pub fn fp_load(fp: &FpState) {
 /// (the VM's vCPU "running" state) and must not hold locks another CPU
 /// could need while the guest runs.
 pub fn run_vcpu(ctx: &mut VcpuContext, run: &VcpuRun) -> RawExit {
-    let pauth = has_pauth();
-    let sve_sme_traps = CPTR_TZ | CPTR_TSM;
+    let f = features();
+    let pauth = f.pauth;
 
     // Host state.
     let mut host = El1Sysregs::default();
     let mut host_fp = FpState::default();
+    if f.sme {
+        sme_stop_if_on();
+        host.tpidr2_el0 = tpidr2();
+    }
     save_el1(&mut host);
     save_timer(&mut host);
     if pauth {
@@ -264,6 +408,7 @@ pub fn run_vcpu(ctx: &mut VcpuContext, run: &VcpuRun) -> RawExit {
         cntvoff: CNTVOFF_EL2.get(),
         vmpidr: VMPIDR_EL2.get(),
         mdcr: MDCR_EL2.get(),
+        icc_sre: ICC_SRE_EL2.get(),
     };
     ctx.sanitize_pstate();
 
@@ -288,14 +433,21 @@ pub fn run_vcpu(ctx: &mut VcpuContext, run: &VcpuRun) -> RawExit {
     write_sysreg!("cntv_ctl_el0", 0);
 
     // EL2 for the guest.
-    HCR_EL2.set(HCR_GUEST);
+    HCR_EL2.set(f.guest_hcr());
     VTCR_EL2.set(run.vtcr);
     VTTBR_EL2.set(run.vttbr);
-    CPTR_EL2.set(host_el2.cptr | sve_sme_traps);
+    CPTR_EL2.set(host_el2.cptr | f.guest_cptr());
     CNTHCTL_EL2.set(CNTHCTL_GUEST);
     CNTVOFF_EL2.set(ctx.cntvoff);
     VMPIDR_EL2.set(ctx.vmpidr);
-    MDCR_EL2.set(host_el2.mdcr | MDCR_GUEST_TRAPS);
+    MDCR_EL2.set(host_el2.mdcr | f.guest_mdcr());
+    if f.ras {
+        write_sysreg!("S3_4_C12_C1_1", ctx.vdisr); // VDISR_EL2
+    }
+    if f.gic_sysregs {
+        ICC_SRE_EL2.set(host_el2.icc_sre & !ICC_SRE_EL2_ENABLE);
+        gic_load(&ctx.gic, f);
+    }
     // SAFETY: barriers; the TLB/I-cache maintenance only affects this CPU's
     // entries of the VMID now in VTTBR_EL2 (the guest's).
     unsafe {
@@ -315,6 +467,9 @@ pub fn run_vcpu(ctx: &mut VcpuContext, run: &VcpuRun) -> RawExit {
     load_el1(&ctx.el1);
     if pauth {
         load_keys(&ctx.el1);
+    }
+    if f.sme {
+        set_tpidr2(ctx.el1.tpidr2_el0);
     }
     fp_load(&ctx.fp);
     load_timer(&ctx.el1);
@@ -337,8 +492,19 @@ pub fn run_vcpu(ctx: &mut VcpuContext, run: &VcpuRun) -> RawExit {
     if pauth {
         save_keys(&mut ctx.el1);
     }
+    if f.sme {
+        ctx.el1.tpidr2_el0 = tpidr2();
+    }
     fp_save(&mut ctx.fp);
     write_sysreg!("cntv_ctl_el0", 0);
+    if f.ras {
+        ctx.vdisr = read_sysreg!("S3_4_C12_C1_1");
+        write_sysreg!("S3_4_C12_C1_1", 0);
+    }
+    if f.gic_sysregs {
+        gic_save(&mut ctx.gic, f);
+        ICC_SRE_EL2.set(host_el2.icc_sre);
+    }
 
     // Host state back.
     HCR_EL2.set(host_el2.hcr);
@@ -355,6 +521,9 @@ pub fn run_vcpu(ctx: &mut VcpuContext, run: &VcpuRun) -> RawExit {
     load_el1(&host);
     if pauth {
         load_keys(&host);
+    }
+    if f.sme {
+        set_tpidr2(host.tpidr2_el0);
     }
     fp_load(&host_fp);
     load_timer(&host);

@@ -24,6 +24,10 @@
 //!   with the right error (or exit and come back), never hurt the host.
 //! - [`Mode::Bench`]: counts generic-timer ticks around 2^k null guest
 //!   calls and 2^k first touches of fresh pages (`cargo xtask bench hvc`).
+//! - [`Mode::Regs`]: reports the registers of [`Reg`] (what a fresh vCPU
+//!   sees), writes [`Reg::sentinel`] to each, says `guest: regs written`
+//!   (an exit: the host checks its own registers), then reads them back
+//!   and reports whether each kept its value (docs/DESIGN.md §8).
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -77,6 +81,157 @@ pub enum Mode {
     Hostile,
     /// Tick counts of null calls and first touches (from [`Arg::gfn`]).
     Bench,
+    /// Report, write and check the registers of [`Reg`].
+    Regs,
+}
+
+/// The registers [`Mode::Regs`] reports and writes: state a guest reaches
+/// without a trap, which must never carry another party's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reg {
+    /// TPIDR_EL0.
+    TpidrEl0,
+    /// TPIDRRO_EL0.
+    TpidrroEl0,
+    /// CONTEXTIDR_EL1.
+    Contextidr,
+    /// TPIDR2_EL0 (SME).
+    Tpidr2,
+    /// ICC_PMR_EL1 (the virtual interface's priority mask).
+    IccPmr,
+    /// ICC_BPR0_EL1.
+    IccBpr0,
+    /// ICC_BPR1_EL1.
+    IccBpr1,
+    /// ICC_IGRPEN0_EL1.
+    IccIgrpen0,
+    /// ICC_IGRPEN1_EL1.
+    IccIgrpen1,
+    /// ICC_CTLR_EL1 (CBPR and EOImode: the writable bits).
+    IccCtlr,
+    /// ICC_AP0R0_EL1.
+    IccAp0r0,
+    /// ICC_AP1R0_EL1.
+    IccAp1r0,
+    /// DISR_EL1 (RAS; VDISR_EL2 while the guest runs).
+    Disr,
+}
+
+/// The CPU feature a [`Reg`] needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Needs {
+    /// Every AArch64 CPU.
+    Nothing,
+    /// FEAT_SME (ID_AA64PFR1_EL1.SME).
+    Sme,
+    /// The GICv3 system-register interface (ID_AA64PFR0_EL1.GIC).
+    Gic,
+    /// FEAT_RAS (ID_AA64PFR0_EL1.RAS).
+    Ras,
+}
+
+impl Reg {
+    /// Every register, in report order.
+    pub const ALL: [Self; 13] = [
+        Self::TpidrEl0,
+        Self::TpidrroEl0,
+        Self::Contextidr,
+        Self::Tpidr2,
+        Self::IccPmr,
+        Self::IccBpr0,
+        Self::IccBpr1,
+        Self::IccIgrpen0,
+        Self::IccIgrpen1,
+        Self::IccCtlr,
+        Self::IccAp0r0,
+        Self::IccAp1r0,
+        Self::Disr,
+    ];
+
+    /// Its name in reports (`guest: reg <name> <value>`).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::TpidrEl0 => "tpidr_el0",
+            Self::TpidrroEl0 => "tpidrro_el0",
+            Self::Contextidr => "contextidr_el1",
+            Self::Tpidr2 => "tpidr2_el0",
+            Self::IccPmr => "icc_pmr_el1",
+            Self::IccBpr0 => "icc_bpr0_el1",
+            Self::IccBpr1 => "icc_bpr1_el1",
+            Self::IccIgrpen0 => "icc_igrpen0_el1",
+            Self::IccIgrpen1 => "icc_igrpen1_el1",
+            Self::IccCtlr => "icc_ctlr_el1",
+            Self::IccAp0r0 => "icc_ap0r0_el1",
+            Self::IccAp1r0 => "icc_ap1r0_el1",
+            Self::Disr => "disr_el1",
+        }
+    }
+
+    /// What it needs to exist.
+    #[must_use]
+    pub const fn needs(self) -> Needs {
+        match self {
+            Self::TpidrEl0 | Self::TpidrroEl0 | Self::Contextidr => Needs::Nothing,
+            Self::Tpidr2 => Needs::Sme,
+            Self::Disr => Needs::Ras,
+            _ => Needs::Gic,
+        }
+    }
+
+    /// The value [`Mode::Regs`] writes (within [`Reg::mask`]).
+    #[must_use]
+    pub const fn sentinel(self) -> u64 {
+        match self {
+            Self::TpidrEl0 => 0x7e57_0000_0000_0e10,
+            Self::TpidrroEl0 => 0x7e57_0000_0000_0e11,
+            Self::Contextidr => 0x7e57_c1d0,
+            Self::Tpidr2 => 0x7e57_0000_0000_7902,
+            Self::IccPmr => 0xa8,
+            Self::IccBpr0 => 3,
+            Self::IccBpr1 => 4,
+            Self::IccIgrpen0 | Self::IccIgrpen1 => 1,
+            Self::IccCtlr => 0b10,
+            Self::IccAp0r0 => 1,
+            Self::IccAp1r0 => 2,
+            Self::Disr => 0x11,
+        }
+    }
+
+    /// The bits that are guest state (the rest are read-only or RES0).
+    #[must_use]
+    pub const fn mask(self) -> u64 {
+        match self {
+            Self::Contextidr | Self::IccAp0r0 | Self::IccAp1r0 => 0xffff_ffff,
+            Self::IccPmr => 0xff,
+            Self::IccBpr0 | Self::IccBpr1 => 0x7,
+            Self::IccIgrpen0 | Self::IccIgrpen1 => 1,
+            Self::IccCtlr => 0b11,
+            Self::Disr => 0x81ff_ffff,
+            _ => u64::MAX,
+        }
+    }
+
+    /// The value a fresh vCPU must read (within [`Reg::mask`]), or `None`
+    /// where it depends on the CPU: the binary points read as at least the
+    /// implementation's minimum, whatever was written.
+    #[must_use]
+    pub const fn fresh(self) -> Option<u64> {
+        match self {
+            Self::IccBpr0 | Self::IccBpr1 => None,
+            _ => Some(0),
+        }
+    }
+
+    /// Parses a report line `guest: reg <name> <hex value>`.
+    #[must_use]
+    pub fn parse_report(line: &str) -> Option<(Self, u64)> {
+        let rest = line.strip_prefix("guest: reg ")?;
+        let (name, value) = rest.split_once(' ')?;
+        let reg = Self::ALL.into_iter().find(|r| r.name() == name)?;
+        let v = u64::from_str_radix(value.strip_prefix("0x")?, 16).ok()?;
+        Some((reg, v))
+    }
 }
 
 /// What [`Mode::Poke`] does with its page (IPA `gfn << 12`).
@@ -142,7 +297,8 @@ impl Probe {
 /// | 47:32 | touch: reports before shutdown (0 = run forever) |
 /// | 55:48 | touch: log2 of passes per report |
 ///
-/// Modes 6 (poke), 7 (hostile) and 8 (bench) use the bits differently:
+/// Modes 6 (poke), 7 (hostile), 8 (bench) and 9 (regs, no other bits) use
+/// the bits differently:
 ///
 /// | bits | field |
 /// |---|---|
@@ -195,6 +351,8 @@ impl Arg {
             6 => return Self::decode_poke(x0, Mode::Poke),
             7 => return Self::decode_poke(x0, Mode::Hostile),
             8 => return Self::decode_poke(x0, Mode::Bench),
+            9 if x0 == 9 => return Ok(Self::new(Mode::Regs)),
+            9 => return Err(ArgError::Reserved(x0 & !0xf)),
             _ => {}
         }
         if x0 & Self::RESERVED != 0 {
@@ -293,6 +451,7 @@ impl Arg {
             Mode::Poke => 6,
             Mode::Hostile => 7,
             Mode::Bench => 8,
+            Mode::Regs => 9,
         };
         match self.mode {
             Mode::Poke => {
@@ -304,7 +463,7 @@ impl Arg {
             Mode::Bench => {
                 return mode | u64::from(self.count) << 8 | (self.gfn & ((1 << 40) - 1)) << 16
             }
-            Mode::Hostile => return mode,
+            Mode::Hostile | Mode::Regs => return mode,
             _ => {}
         }
         mode | u64::from(self.mib) << 16
@@ -460,7 +619,10 @@ mod tests {
         assert_eq!(Arg::decode(3 | 4 << 16).map(|a| a.mode), Ok(Mode::Exits));
         assert_eq!(Arg::decode(4 | 4 << 16).map(|a| a.mode), Ok(Mode::Smp));
         assert_eq!(Arg::decode(5 | 4 << 16).map(|a| a.mode), Ok(Mode::Probe));
-        assert_eq!(Arg::decode(9 | 4 << 16), Err(ArgError::Mode(9)));
+        assert_eq!(Arg::decode(10 | 4 << 16), Err(ArgError::Mode(10)));
+        assert_eq!(Arg::decode(9 | 4 << 16), Err(ArgError::Reserved(4 << 16)));
+        let r = Arg::new(Mode::Regs);
+        assert_eq!((r.encode(), Arg::decode(9)), (9, Ok(r)));
         assert_eq!(Arg::decode(0), Err(ArgError::Mode(0)));
         assert_eq!(Probe::from_n(3), Some(Probe::Sve));
         assert_eq!(Probe::from_n(0), None);
@@ -479,6 +641,18 @@ mod tests {
             Arg::decode(1 | 1 << 16 | 1 << 60),
             Err(ArgError::Reserved(_))
         ));
+    }
+
+    #[test]
+    fn reg_reports_parse_and_sentinels_fit() {
+        for r in Reg::ALL {
+            let line = std::format!("guest: reg {} {:#x}", r.name(), r.sentinel());
+            assert_eq!(Reg::parse_report(&line), Some((r, r.sentinel())));
+            assert_eq!(r.sentinel() & r.mask(), r.sentinel(), "{r:?}");
+            assert_ne!(r.fresh(), Some(r.sentinel()), "{r:?}: a leak must show");
+        }
+        assert_eq!(Reg::parse_report("guest: reg nope 0x1"), None);
+        assert_eq!(Reg::parse_report("guest: reg tpidr_el0 12"), None);
     }
 
     #[test]

@@ -140,6 +140,7 @@ mod run {
                 touch_loop(&arg, words, &mut out, 0);
             }
             Mode::Smp | Mode::Poke | Mode::Hostile | Mode::Bench => {}
+            Mode::Regs => regs(&mut out),
             Mode::Probe => {
                 if let Some(p) = guest::Probe::from_n(arg.mib) {
                     let _ = writeln!(out, "guest: probe {p:?}");
@@ -157,6 +158,30 @@ mod run {
             }
         }
         shutdown()
+    }
+
+    /// Mode 9: report the registers a fresh vCPU sees, write sentinels,
+    /// exit to the host, then check that each kept its value.
+    fn regs(out: &mut Console<impl FnMut(GuestCall)>) {
+        let present = || guest::Reg::ALL.into_iter().filter(|r| arch::has(r.needs()));
+        for r in present() {
+            let _ = writeln!(out, "guest: reg {} {:#x}", r.name(), arch::reg_read(r));
+        }
+        for r in present() {
+            arch::reg_write(r, r.sentinel());
+        }
+        // The console exits below give the host its turn with these
+        // values in the vCPU.
+        let _ = writeln!(out, "guest: regs written");
+        let mut bad = 0;
+        for r in present() {
+            let v = arch::reg_read(r) & r.mask();
+            if v != r.sentinel() {
+                bad += 1;
+                let _ = writeln!(out, "guest: FAIL {} became {v:#x}", r.name());
+            }
+        }
+        let _ = writeln!(out, "guest: regs kept, {bad} changed");
     }
 
     /// Touches `words` pass after pass, reporting every 2^k passes, until

@@ -371,6 +371,20 @@ fn no_memcache(c: &mut Ctx) -> R {
     c.ok(topup(vm, mc, MC))?;
     c.ok(share(vm, p, 0x100, 1))?;
     c.ok(donate(vm, p + 1, 0x101, 1))?;
+    // With the memcache emptied again, a share or a donate next to those
+    // pages (same last-level table) needs no table and succeeds; one in
+    // another 2 MiB needs a table: ENOMEM (ABI §2.4, §2.7).
+    for _ in 0..MC {
+        match c.ok(Hypercall::MemcacheReclaim { vm })? {
+            Reply::MemcacheReclaimed(r) if r.as_slice().is_empty() => break,
+            _ => {}
+        }
+    }
+    let q = c.pages(4, 1)?;
+    c.ok(share(vm, q, 0x102, 1))?;
+    c.ok(donate(vm, q + 1, 0x103, 1))?;
+    c.fails(share(vm, q + 2, 0x300, 1), NoMemory)?;
+    c.fails(donate(vm, q + 3, 0x301, 1), NoMemory)?;
     Ok(())
 }
 fn atomic_share(c: &mut Ctx) -> R {
@@ -579,6 +593,9 @@ fn vcpus(c: &mut Ctx) -> R {
         mmio_data: 0,
     };
     c.fails(run(0), NoEntry)?;
+    // An index at or above nr_vcpus names no vCPU either (§2.4, §3.7).
+    c.fails(run(2), NoEntry)?;
+    c.fails(run(63), NoEntry)?;
     // vCPU 1 starts at IPA 0, where nothing is mapped: its first
     // instruction fetch is a memory fault (no memory range: all of the IPA
     // space is memory), reported again on every run until the host maps it.
@@ -804,6 +821,40 @@ fn dying_calls(c: &mut Ctx) -> R {
     c.ok(Hypercall::MemcacheReclaim { vm })?;
     Ok(())
 }
+/// §3.7 on a dying VM: EBUSY until teardown has returned the vCPU's state
+/// page, ENOENT after that (the vCPU no longer exists) and once the handle
+/// is stale.
+fn run_while_dying(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let v0 = VcpuIndex::new(0).expect("valid");
+    c.ok(Hypercall::VcpuCreate {
+        vm,
+        vcpu: v0,
+        start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
+    })?;
+    let run = Hypercall::VcpuRun {
+        vm,
+        vcpu: v0,
+        mmio_data: 0,
+    };
+    c.ok(Hypercall::TeardownStart { vm })?;
+    c.fails(run, Busy)?;
+    let mut done = false;
+    for _ in 0..100 {
+        if let Reply::Teardown(t) = c.ok(Hypercall::TeardownReclaim { vm })? {
+            if !t.more {
+                done = true;
+                break;
+            }
+        }
+    }
+    ensure(done, || "teardown never finished".into())?;
+    // Every page is back, the vCPU's state page included: no such vCPU.
+    c.fails(run, NoEntry)?;
+    c.ok(Hypercall::TeardownFinalize { vm })?;
+    c.fails(run, NoEntry)
+}
+
 fn teardown_everything_back(c: &mut Ctx) -> R {
     let vm = c.vm(48, 4, 24)?;
     let p = c.pages(12, 1)?;
@@ -863,7 +914,7 @@ pub const CASES: &[Case] = &[
     Case { name: "§3.5 vm create: root pages become Hyp-owned; a shared or used root is EACCES", run: create_root },
     Case { name: "§3.5 vm create: a misaligned root is EINVAL", run: create_misaligned },
     Case { name: "§2.2 vm create: ipa_bits outside 32..48 and nr_vcpus outside 1..64 are EINVAL", run: create_args },
-    Case { name: "§2.7 memcache: share, donate and vCPU create with an empty memcache are ENOMEM and change nothing", run: no_memcache },
+    Case { name: "§2.7 memcache: share, donate and vCPU create with an empty memcache are ENOMEM and change nothing; next to a mapped page they need no table", run: no_memcache },
     Case { name: "§2.1 atomicity: a range share failing on one page changes nothing", run: atomic_share },
     Case { name: "§2.1 atomicity: a range donate failing on one page changes nothing", run: atomic_donate },
     Case { name: "§2.2 pfn: frames beyond RAM or in MMIO (0x0900_0000) are ERANGE", run: pfn_not_ram },
@@ -875,7 +926,7 @@ pub const CASES: &[Case] = &[
     Case { name: "§2.2 prot: reserved bits, no R, empty relax are EINVAL", run: prot_bits },
     Case { name: "§2.1 reserved: a non-zero unused register is EINVAL", run: reserved_regs },
     Case { name: "§2.2 pfn/gfn bits above 39 are EINVAL", run: high_bits },
-    Case { name: "§3.6 vcpu create: index >= nr_vcpus ERANGE, twice EEXIST, 64 EINVAL; §3.7 run of none ENOENT", run: vcpus },
+    Case { name: "§3.6 vcpu create: index >= nr_vcpus ERANGE, twice EEXIST, 64 EINVAL; §3.7 run of none or of an index >= nr_vcpus ENOENT", run: vcpus },
     Case { name: "§2.4 error order: ENOENT before ERANGE, EBUSY before ERANGE", run: error_order },
     Case { name: "§3.18 counters: page counters match the calls; group 2 is EINVAL", run: counters },
     Case { name: "§3.12-§3.14 wrprotect counts changed pages, relax adds, young on holes is 0", run: wrprotect_relax_young },
@@ -885,6 +936,7 @@ pub const CASES: &[Case] = &[
     Case { name: "§3.3 isolation: host access to a memcache page takes an external abort", run: memcache_faults },
     Case { name: "§3.15 teardown: start twice is EBUSY, reclaim/finalize of a live VM EBUSY, stale after", run: teardown_twice },
     Case { name: "§2.6 dying: mapping, vCPU and permission calls are EBUSY; counters, state, memcache reclaim work", run: dying_calls },
+    Case { name: "§3.7 run of a dying VM is EBUSY until teardown returned the vCPU's state page, then ENOENT, and ENOENT once finalized", run: run_while_dying },
     Case { name: "§3.16/§3.17 teardown: every page (guest, table, vCPU, memcache, root) back with the host", run: teardown_everything_back },
 ];
 

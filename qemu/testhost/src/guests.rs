@@ -9,7 +9,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use guest::{Arg, Mode, Op};
+use guest::{Arg, Mode, Op, Reg};
 use hypercalls::{Access, FaultKind, HypError, Hypercall, Prot, Reply, VcpuExit};
 use spin::Mutex;
 
@@ -717,6 +717,134 @@ fn two_vms(_: &mut Ctx) -> R {
     a.destroy()
 }
 
+// ---- registers a guest reaches without a trap (docs/DESIGN.md §8) ----
+
+/// The registers of [`Reg`] this CPU has.
+fn present_regs() -> Vec<Reg> {
+    Reg::ALL
+        .into_iter()
+        .filter(|r| arch::has(r.needs()))
+        .collect()
+}
+
+/// The host sets a value of its own in these (software thread ids); the
+/// rest (its GIC CPU interface, DISR_EL1) it only watches.
+fn host_sets(r: Reg) -> bool {
+    matches!(
+        r,
+        Reg::TpidrEl0 | Reg::TpidrroEl0 | Reg::Contextidr | Reg::Tpidr2
+    )
+}
+
+/// Register values, in [`Reg::ALL`] order.
+type Values = Vec<(Reg, u64)>;
+
+/// The host's values of `regs` now.
+fn host_values(regs: &[Reg]) -> Values {
+    regs.iter()
+        .map(|&r| (r, arch::reg_read(r) & r.mask()))
+        .collect()
+}
+
+/// Runs a fresh one-vCPU VM in [`Mode::Regs`] on this CPU to its end:
+/// what the guest reported before writing its sentinels, and the host's
+/// values while the guest's sentinels were in its vCPU.
+fn regs_vm(regs: &[Reg]) -> Result<(Values, Values), String> {
+    let vm = Vm::new(IPA, 1, 1, Arg::new(Mode::Regs).encode(), image()?)?;
+    let mut seen = None;
+    let end = vm.serve(0, &mut |_, ev| {
+        if let Event::Line("guest: regs written") = ev {
+            seen = Some(host_values(regs));
+        }
+        Flow::Default
+    })?;
+    let lines = vm.lines(0);
+    ensure(end == End::Done, || format!("ended {end:?}: {lines:?}"))?;
+    ensure(
+        lines.iter().any(|l| l == "guest: regs kept, 0 changed"),
+        || format!("guest to guest: its own values did not survive its exits: {lines:?}"),
+    )?;
+    let fresh = lines.iter().filter_map(|l| Reg::parse_report(l)).collect();
+    vm.destroy()?;
+    Ok((fresh, seen.ok_or("no `regs written` line")?))
+}
+
+/// Checks what a fresh vCPU reported: every present register, each at its
+/// fresh value (ABI §3.6), the binary points as `reference` saw them.
+fn check_fresh(
+    who: &str,
+    regs: &[Reg],
+    fresh: &[(Reg, u64)],
+    reference: Option<&[(Reg, u64)]>,
+) -> R {
+    let names: Vec<Reg> = fresh.iter().map(|&(r, _)| r).collect();
+    ensure(names == regs, || {
+        format!("{who}: reported {names:?}, expected {regs:?}")
+    })?;
+    for &(r, v) in fresh {
+        let v = v & r.mask();
+        let ok = match r.fresh() {
+            Some(want) => v == want,
+            None => {
+                v != r.sentinel()
+                    && reference
+                        .is_none_or(|refs| refs.iter().any(|&(q, w)| q == r && w & r.mask() == v))
+            }
+        };
+        ensure(ok, || {
+            format!(
+                "{who}: a fresh vCPU reads {} = {v:#x} (expected {:#x?}; the sentinel is {:#x})",
+                r.name(),
+                r.fresh(),
+                r.sentinel()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+fn registers(_: &mut Ctx) -> R {
+    let regs = present_regs();
+    let saved: Vec<(Reg, u64)> = regs.iter().map(|&r| (r, arch::reg_read(r))).collect();
+    for &r in regs.iter().filter(|&&r| host_sets(r)) {
+        // The host's own value: not zero, not the guest's sentinel.
+        arch::reg_write(r, (r.sentinel() ^ 0x4857_0000_0000_4857) & r.mask());
+    }
+    let host = host_values(&regs);
+    let result = (|| {
+        // Host to guest: a fresh vCPU sees none of the host's values.
+        let (fresh_a, seen_a) = regs_vm(&regs)?;
+        check_fresh("host to guest (VM A)", &regs, &fresh_a, None)?;
+        // Guest to host: while VM A's sentinels are live, and after.
+        ensure(seen_a == host, || {
+            format!("guest to host: the host's registers were {seen_a:x?} while VM A ran, expected {host:x?}")
+        })?;
+        let after = host_values(&regs);
+        ensure(after == host, || {
+            format!("guest to host: after VM A, the host's registers are {after:x?}, expected {host:x?}")
+        })?;
+        // VM to VM on the same physical CPU: VM B's fresh vCPU sees what
+        // VM A's did, not VM A's sentinels.
+        let (fresh_b, seen_b) = regs_vm(&regs)?;
+        check_fresh(
+            "VM to VM (VM B after VM A)",
+            &regs,
+            &fresh_b,
+            Some(&fresh_a),
+        )?;
+        ensure(seen_b == host, || {
+            format!("guest to host (VM B): {seen_b:x?}")
+        })?;
+        Ok(())
+    })();
+    for &(r, v) in saved.iter().filter(|&&(r, _)| host_sets(r)) {
+        arch::reg_write(r, v);
+    }
+    let names: Vec<&str> = regs.iter().map(|r| r.name()).collect();
+    say!("  registers checked: {}", names.join(" "));
+    result
+}
+
 // ---- hostile guest calls ----
 
 fn hostile(_: &mut Ctx) -> R {
@@ -904,6 +1032,7 @@ pub const CASES: &[Case] = &[
     Case { name: "§3.9 guest: a guest spinning on another CPU sees the unshare within 2 loops; meanwhile its vCPU and VM are EBUSY (§3.7, §3.15)", run: spin_sees_unshare },
     Case { name: "§3.7 guest: a vCPU moved between two physical CPUs every 128 exits fills 8 MiB, checksum right", run: migrate },
     Case { name: "§2.5 guest: two VMs cannot reach each other's memory", run: two_vms },
+    Case { name: "§3.6 guest: registers a guest reaches without a trap (thread ids, TPIDR2, GIC CPU interface, DISR) never carry another party's value: host to guest, guest to host, VM to VM; a vCPU keeps its own", run: registers },
     Case { name: "§4 guest: hostile guest call arguments fail as the ABI says and never hurt the hypervisor", run: hostile },
     Case { name: "§5 guest: the host's timer interrupt ends a guest run (INTERRUPTED), the guest resumes and finishes", run: host_timer_interrupts },
 ];

@@ -408,7 +408,15 @@ impl Model {
                     return Err(HypError::NoEntry);
                 }
                 if v.dying {
-                    return Err(HypError::Busy);
+                    // Teardown returns the vCPU state pages after the guest
+                    // pages: once it has, the vCPU no longer exists (§3.7).
+                    return Ok(if v.drained {
+                        Fail(ErrSet::one(HypError::NoEntry))
+                    } else if v.teardown_updates > 0 {
+                        Fail(ErrSet::one(HypError::Busy).with(HypError::NoEntry))
+                    } else {
+                        Fail(ErrSet::one(HypError::Busy))
+                    });
                 }
                 // Running a guest is outside this model (no guest image).
                 Succeed

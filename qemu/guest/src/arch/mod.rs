@@ -283,3 +283,7 @@ pub fn write_word(addr: u64, v: u64) {
     // this program's own image or stacks.
     unsafe { asm!("str {v}, [{a}]", a = in(reg) addr & !7, v = in(reg) v, options(nostack)) };
 }
+
+// The registers of `guest::Reg`, also used by the test host (`#[path]`).
+mod regs;
+pub use regs::{has, reg_read, reg_write};

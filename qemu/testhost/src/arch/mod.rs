@@ -302,3 +302,9 @@ pub fn vcount() -> u64 {
     unsafe { asm!("isb", "mrs {}, cntvct_el0", out(reg) c, options(nomem, nostack)) };
     c
 }
+
+/// The registers of `guest::Reg`, read and written from the host's side
+/// (the same code as the guest payload's).
+#[path = "../../../guest/src/arch/regs.rs"]
+mod regs;
+pub use regs::{has, reg_read, reg_write};
