@@ -128,6 +128,10 @@ pub enum Needs {
     Gic,
     /// FEAT_RAS (ID_AA64PFR0_EL1.RAS).
     Ras,
+    /// FEAT_SVE (ID_AA64PFR0_EL1.SVE).
+    Sve,
+    /// FEAT_LOR (ID_AA64MMFR1_EL1.LO).
+    Lor,
 }
 
 impl Reg {
@@ -269,17 +273,44 @@ pub enum Probe {
     PhysTimer = 4,
     /// Read ACTLR_EL1 (trapped by HCR_EL2.TACR).
     Actlr = 5,
+    /// Read LORC_EL1 (FEAT_LOR; trapped by HCR_EL2.TLOR).
+    Lor = 6,
+    /// Read ERRIDR_EL1 (FEAT_RAS; trapped by HCR_EL2.TERR).
+    Ras = 7,
 }
 
 impl Probe {
     /// Every probe, in number order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 7] = [
         Self::Pmu,
         Self::Debug,
         Self::Sve,
         Self::PhysTimer,
         Self::Actlr,
+        Self::Lor,
+        Self::Ras,
     ];
+
+    /// What the probed register or instruction needs to exist.
+    #[must_use]
+    pub const fn needs(self) -> Needs {
+        match self {
+            Self::Sve => Needs::Sve,
+            Self::Lor => Needs::Lor,
+            Self::Ras => Needs::Ras,
+            Self::Pmu | Self::Debug | Self::PhysTimer | Self::Actlr => Needs::Nothing,
+        }
+    }
+
+    /// The exception class of the trap it must end in (ESR_EL2 bits
+    /// 31:26): a system-register trap, or an SVE trap.
+    #[must_use]
+    pub const fn trap_class(self) -> u64 {
+        match self {
+            Self::Sve => 0x19,
+            _ => 0x18,
+        }
+    }
 
     /// The probe for N.
     #[must_use]
@@ -626,7 +657,8 @@ mod tests {
         assert_eq!(Arg::decode(0), Err(ArgError::Mode(0)));
         assert_eq!(Probe::from_n(3), Some(Probe::Sve));
         assert_eq!(Probe::from_n(0), None);
-        assert_eq!(Probe::from_n(6), None);
+        assert_eq!(Probe::from_n(7), Some(Probe::Ras));
+        assert_eq!(Probe::from_n(8), None);
         assert_eq!(Arg::decode(1), Err(ArgError::Size(0)));
         assert_eq!(Arg::decode(1 | 1025 << 16), Err(ArgError::Size(1025)));
         assert_eq!(

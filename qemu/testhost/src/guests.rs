@@ -803,6 +803,35 @@ fn check_fresh(
     Ok(())
 }
 
+/// Registers a guest must not reach trap: each probe of [`guest::Probe`]
+/// the CPU has ends its VM with an unhandled-trap exit of the probe's
+/// class, and the guest never reports the value.
+fn trapped_registers(_: &mut Ctx) -> R {
+    let mut tried = Vec::new();
+    for p in guest::Probe::ALL {
+        if !arch::has(p.needs()) {
+            continue;
+        }
+        let mut a = Arg::new(Mode::Probe);
+        a.mib = p as u16;
+        let vm = Vm::new(IPA, 1, 1, a.encode(), image()?)?;
+        let end = vm.serve(0, &mut |_, _| Flow::Default)?;
+        let lines = vm.lines(0);
+        vm.destroy()?;
+        let trapped = matches!(
+            end,
+            End::Exit(VcpuExit::UnhandledTrap { esr, .. }) if esr >> 26 == p.trap_class()
+        );
+        ensure(
+            trapped && !lines.iter().any(|l| l.contains("allowed")),
+            || format!("probe {p:?}: ended {end:?}, console {lines:?}"),
+        )?;
+        tried.push(p);
+    }
+    say!("  trapped: {tried:?}");
+    Ok(())
+}
+
 fn registers(_: &mut Ctx) -> R {
     let regs = present_regs();
     let saved: Vec<(Reg, u64)> = regs.iter().map(|&r| (r, arch::reg_read(r))).collect();
@@ -1033,6 +1062,7 @@ pub const CASES: &[Case] = &[
     Case { name: "§3.7 guest: a vCPU moved between two physical CPUs every 128 exits fills 8 MiB, checksum right", run: migrate },
     Case { name: "§2.5 guest: two VMs cannot reach each other's memory", run: two_vms },
     Case { name: "§3.6 guest: registers a guest reaches without a trap (thread ids, TPIDR2, GIC CPU interface, DISR) never carry another party's value: host to guest, guest to host, VM to VM; a vCPU keeps its own", run: registers },
+    Case { name: "§3.6 guest: registers a guest must not reach trap (PMU, debug, SVE, physical timer, ACTLR, LORegions, RAS error records: each present one ends the run as an unhandled trap)", run: trapped_registers },
     Case { name: "§4 guest: hostile guest call arguments fail as the ABI says and never hurt the hypervisor", run: hostile },
     Case { name: "§5 guest: the host's timer interrupt ends a guest run (INTERRUPTED), the guest resumes and finishes", run: host_timer_interrupts },
 ];

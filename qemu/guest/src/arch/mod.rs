@@ -260,6 +260,8 @@ pub fn probe(probe: guest::Probe) -> u64 {
                 asm!("mrs {}, cntp_ctl_el0", out(reg) v, options(nostack, nomem))
             }
             guest::Probe::Actlr => asm!("mrs {}, actlr_el1", out(reg) v, options(nostack, nomem)),
+            guest::Probe::Lor => asm!("mrs {}, S3_0_C10_C4_3", out(reg) v, options(nostack, nomem)),
+            guest::Probe::Ras => asm!("mrs {}, S3_0_C5_C3_0", out(reg) v, options(nostack, nomem)),
         }
     }
     v

@@ -8,13 +8,14 @@ use core::arch::asm;
 /// Whether this CPU has what `needs` names (ID registers: the guest sees
 /// the CPU's, not trapped).
 pub fn has(needs: guest::Needs) -> bool {
-    let (pfr0, pfr1): (u64, u64);
+    let (pfr0, pfr1, mmfr1): (u64, u64, u64);
     // SAFETY: ID register reads.
     unsafe {
         asm!(
             "mrs {a}, id_aa64pfr0_el1",
             "mrs {b}, id_aa64pfr1_el1",
-            a = out(reg) pfr0, b = out(reg) pfr1,
+            "mrs {c}, id_aa64mmfr1_el1",
+            a = out(reg) pfr0, b = out(reg) pfr1, c = out(reg) mmfr1,
             options(nostack, nomem)
         )
     };
@@ -23,6 +24,8 @@ pub fn has(needs: guest::Needs) -> bool {
         guest::Needs::Sme => (pfr1 >> 24) & 0xf != 0,
         guest::Needs::Gic => (pfr0 >> 24) & 0xf != 0,
         guest::Needs::Ras => (pfr0 >> 28) & 0xf != 0,
+        guest::Needs::Sve => (pfr0 >> 32) & 0xf != 0,
+        guest::Needs::Lor => (mmfr1 >> 16) & 0xf != 0,
     }
 }
 
