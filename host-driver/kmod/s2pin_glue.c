@@ -25,7 +25,8 @@
  * Because every read issues the HVCs again, reading a file also proves the
  * hypervisor still answers (the isolation test relies on that).
  *
- * The pinning, sharing and MMU-notifier forwarding arrive with later issues.
+ * Under a compatible hypervisor it also registers /dev/s2pin (s2pin_shim.c):
+ * VMs whose guest memory is pinned on stage-2 faults and shared with EL2.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -36,6 +37,7 @@
 
 #include "s2pin_core.h"
 #include "s2pin_hvc.h"
+#include "s2pin_shim.h"
 
 static struct kobject *s2pin_kobj;
 
@@ -88,8 +90,11 @@ static const struct attribute_group s2pin_group = {
 	.attrs = s2pin_attrs,
 };
 
-/* Logs the version and the supported calls once, at load. */
-static void s2pin_log_hypervisor(void)
+/*
+ * Logs the version and the supported calls once, at load. Returns true when
+ * a hypervisor with a compatible ABI answers (so /dev/s2pin can work).
+ */
+static bool s2pin_log_hypervisor(void)
 {
 	char line[160], names[512];
 	size_t i, n = s2pin_host_call_count();
@@ -99,21 +104,21 @@ static void s2pin_log_hypervisor(void)
 
 	if (!s2pin_kernel_at_el1()) {
 		pr_info("kernel at EL2: no hypervisor, no HVC issued\n");
-		return;
+		return false;
 	}
 	s2pin_hvc_regs(HYP_VERSION, 0, x);
 	check = s2pin_version_check(x);
 	ret = s2pin_format_version_log(x, line, sizeof(line));
 	if (ret < 0) {
 		pr_err("formatting the version failed: %zd\n", ret);
-		return;
+		return false;
 	}
 	if (check > 0)
 		pr_warn("%.*s", (int)ret, line);
 	else
 		pr_info("%.*s", (int)ret, line);
 	if (check != 0)
-		return;
+		return false;
 	for (i = 0; i < n; i++) {
 		s2pin_hvc_regs(HYP_FEATURES, s2pin_host_call_id(i), x);
 		ret = s2pin_format_supported_name(i, x, names + len, sizeof(names) - len);
@@ -121,11 +126,11 @@ static void s2pin_log_hypervisor(void)
 			ret = s2pin_format_feature(i, x, line, sizeof(line));
 			if (ret > 0)
 				pr_info("HYP_FEATURES failed: %.*s", (int)ret, line);
-			return;
+			return false;
 		}
 		if (ret < 0) {
 			pr_err("formatting the features failed: %zd\n", ret);
-			return;
+			return false;
 		}
 		len += ret;
 	}
@@ -133,13 +138,15 @@ static void s2pin_log_hypervisor(void)
 		pr_info("hypervisor supports:%.*s\n", (int)len, names);
 	else
 		pr_info("hypervisor supports: (none)\n");
+	return true;
 }
 
 static int __init s2pin_init(void)
 {
+	bool hyp_ok;
 	int ret;
 
-	s2pin_log_hypervisor();
+	hyp_ok = s2pin_log_hypervisor();
 	s2pin_kobj = kobject_create_and_add("s2pin", kernel_kobj);
 	if (!s2pin_kobj)
 		return -ENOMEM;
@@ -148,16 +155,20 @@ static int __init s2pin_init(void)
 		kobject_put(s2pin_kobj);
 		return ret;
 	}
+	/* /dev/s2pin only under a compatible hypervisor; sysfs always. */
+	if (hyp_ok && s2pin_shim_init())
+		pr_err("/dev/s2pin is not available\n");
 	return 0;
 }
 
 static void __exit s2pin_exit(void)
 {
+	s2pin_shim_exit();
 	kobject_put(s2pin_kobj);
 }
 
 module_init(s2pin_init);
 module_exit(s2pin_exit);
 
-MODULE_DESCRIPTION("pinned-s2 host driver: hypervisor version and features over HVC");
+MODULE_DESCRIPTION("pinned-s2 host driver: /dev/s2pin (VMs with pinned, shared guest memory), hypervisor version and features");
 MODULE_LICENSE("Dual MIT/GPL");

@@ -150,6 +150,19 @@ const RUST_ENTRY_SYMBOLS: &[&str] = &[
     "s2pin_host_call_id",
     "s2pin_format_feature",
     "s2pin_format_supported_name",
+    "s2pin_create_vm_check",
+    "s2pin_memslot_check",
+    "s2pin_memslot_find",
+    "s2pin_inv_begin",
+    "s2pin_inv_finish",
+    "s2pin_inv_bump",
+    "s2pin_inv_may_map",
+    "s2pin_policy_at_start",
+    "s2pin_policy_walk_at_end",
+    "s2pin_policy_at_end",
+    "s2pin_handle_exit",
+    "s2pin_format_stats",
+    "s2pin_format_host_page_state",
 ];
 /// What Kbuild copies to `s2pin_rust.o` (`host-driver/kmod/Kbuild`).
 const RUST_SHIPPED: &str = "s2pin_rust.o_shipped";
@@ -213,7 +226,12 @@ fn build_rust_part(root: &Path, out: &Path, kmod: &Path) -> Result<(), String> {
         .join(RUST_PROFILE)
         .join(format!("lib{}.a", RUST_PACKAGE.replace('-', "_")));
     let merged = out.join("s2pin_rust.o");
-    if newer(&archive, &merged)? {
+    // The entry list is part of the merge's input: a changed list (a new
+    // function the C glue calls) re-merges even when the archive is older.
+    let syms_stamp = out.join("s2pin_rust.syms");
+    let syms = RUST_ENTRY_SYMBOLS.join("\n");
+    let syms_changed = fs::read_to_string(&syms_stamp).ok().as_deref() != Some(syms.as_str());
+    if syms_changed || newer(&archive, &merged)? {
         progress(&format!("linking {RUST_PACKAGE} into {RUST_SHIPPED}"));
         let linked = out.join("s2pin_rust.ld-r.o");
         let mut link = Command::new(&ld);
@@ -247,6 +265,7 @@ fn build_rust_part(root: &Path, out: &Path, kmod: &Path) -> Result<(), String> {
             ));
         }
         fs::rename(&tmp, &merged).map_err(|e| format!("{}: {e}", merged.display()))?;
+        fs::write(&syms_stamp, &syms).map_err(|e| format!("{}: {e}", syms_stamp.display()))?;
     }
     copy_if_changed(&merged, &kmod.join(RUST_SHIPPED))
 }
@@ -331,7 +350,7 @@ fn headers(base: &Path, kernel: &Kernel) -> Result<PathBuf, String> {
     Ok(src)
 }
 
-/// Copies `host-driver/kmod/*` to `<out>/kmod/` and `hyp_abi.h` to
+/// Copies `host-driver/kmod/*` to `<out>/kmod/` and `hyp_abi.h`, `s2pin_uapi.h` to
 /// `<out>/include/`, keeping the `../include` layout Kbuild expects. Files
 /// whose content did not change are not rewritten, so make stays incremental.
 /// Returns `<out>/kmod`.
@@ -344,6 +363,14 @@ fn stage_sources(root: &Path, out: &Path) -> Result<PathBuf, String> {
         ));
     }
     copy_if_changed(&header, &out.join("include/hyp_abi.h"))?;
+    let uapi = root.join("host-driver/include/s2pin_uapi.h");
+    if !uapi.is_file() {
+        return Err(format!(
+            "{} is missing; run `cargo xtask gen-header`",
+            uapi.display()
+        ));
+    }
+    copy_if_changed(&uapi, &out.join("include/s2pin_uapi.h"))?;
     let src = root.join("host-driver/kmod");
     let kmod = out.join("kmod");
     let entries = fs::read_dir(&src).map_err(|e| format!("{}: {e}", src.display()))?;

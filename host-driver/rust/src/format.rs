@@ -21,7 +21,7 @@ pub enum Error {
 /// Writes into a byte buffer, failing (never truncating silently, never
 /// panicking) when the buffer is full.
 #[derive(Debug)]
-struct Out<'a> {
+pub(crate) struct Out<'a> {
     buf: &'a mut [u8],
     len: usize,
 }
@@ -45,7 +45,7 @@ impl Write for Out<'_> {
 }
 
 /// Runs `f` on a writer over `buf` and returns the number of bytes written.
-fn format_into(
+pub(crate) fn format_into(
     buf: &mut [u8],
     f: impl FnOnce(&mut Out<'_>) -> fmt::Result,
 ) -> Result<usize, Error> {

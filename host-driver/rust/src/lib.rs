@@ -26,6 +26,7 @@
 extern crate std;
 
 pub mod format;
+pub mod shim;
 
 use core::ffi::c_int;
 
@@ -210,6 +211,270 @@ mod kernel {
         // SAFETY: `file` is a valid &str for the call; the C function reads
         // `file_len` bytes of it and does not keep the pointer.
         unsafe { s2pin_rust_panic(file.as_ptr(), file.len(), line) }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The shim (/dev/s2pin): decisions the C glue asks for. See `shim`.
+
+use s2pin_uapi::{Policy, S2pinCreateVm, S2pinRun, S2pinUserspaceMemoryRegion, STATS_COUNT};
+use shim::{ExitInfo, InvState, Memslot, PteState, RegionOp, Window};
+
+/// Validates `S2PIN_CREATE_VM`'s argument at `arg`; on success stores the
+/// IPA size (the default for 0) at `ipa_bits` and returns 0, else `-EINVAL`.
+///
+/// # Safety
+/// `arg` is null or points to a readable `struct s2pin_create_vm`;
+/// `ipa_bits` is null or points to a writable `u32`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_create_vm_check(
+    arg: *const S2pinCreateVm,
+    ipa_bits: *mut u32,
+) -> c_int {
+    if arg.is_null() || ipa_bits.is_null() {
+        return -22;
+    }
+    // SAFETY: non-null and readable, as the caller promises; read_unaligned
+    // asks for no alignment.
+    let a = unsafe { arg.read_unaligned() };
+    match shim::check_create_vm(&a) {
+        Ok((bits, _)) => {
+            // SAFETY: non-null and writable, as the caller promises.
+            unsafe { ipa_bits.write_unaligned(bits) };
+            0
+        }
+        Err(e) => -e,
+    }
+}
+
+/// Validates a `SET_USER_MEMORY_REGION` request `region` against the `n`
+/// slots at `slots` (indexed by slot id) and the RAM window. Returns 0 with
+/// the new slot stored at `out` (create), 1 (delete slot `region->slot`), or
+/// a negative errno (`-EINVAL`, `-EEXIST`).
+///
+/// # Safety
+/// `slots` points to `n` readable slots (or is null with `n` 0); `region`
+/// is null or readable; `out` is null or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_memslot_check(
+    slots: *const Memslot,
+    n: usize,
+    region: *const S2pinUserspaceMemoryRegion,
+    win_base_gfn: u64,
+    win_pages: u64,
+    out: *mut Memslot,
+) -> c_int {
+    if region.is_null() || out.is_null() || (slots.is_null() && n != 0) {
+        return -22;
+    }
+    // SAFETY: as the caller promises.
+    let slots = unsafe { slice_or_empty(slots, n) };
+    // SAFETY: non-null and readable, as the caller promises.
+    let r = unsafe { region.read_unaligned() };
+    let window = Window {
+        base_gfn: win_base_gfn,
+        pages: win_pages,
+    };
+    match shim::check_region(slots, &r, window) {
+        Ok(RegionOp::Create(s)) => {
+            // SAFETY: non-null and writable, as the caller promises.
+            unsafe { out.write_unaligned(s) };
+            0
+        }
+        Ok(RegionOp::Delete) => 1,
+        Err(e) => -e,
+    }
+}
+
+/// The index of the slot (among the `n` at `slots`) holding `gfn`, or -1.
+///
+/// # Safety
+/// `slots` points to `n` readable slots (or is null with `n` 0).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_memslot_find(slots: *const Memslot, n: usize, gfn: u64) -> c_int {
+    if slots.is_null() {
+        return -1;
+    }
+    // SAFETY: as the caller promises.
+    let slots = unsafe { slice_or_empty(slots, n) };
+    shim::find_slot(slots, gfn)
+        .and_then(|i| c_int::try_from(i).ok())
+        .unwrap_or(-1)
+}
+
+/// A slice of `n` items at `p`, empty for a null `p`.
+///
+/// # Safety
+/// `p` is null or points to `n` readable, initialised items not written
+/// during the returned borrow.
+unsafe fn slice_or_empty<'a, T>(p: *const T, n: usize) -> &'a [T] {
+    if p.is_null() {
+        &[]
+    } else {
+        // SAFETY: forwarded from the caller.
+        unsafe { core::slice::from_raw_parts(p, n) }
+    }
+}
+
+/// `invalidate_range_start` of host range `[start, end)` on `st`.
+///
+/// # Safety
+/// `st` is null or points to a writable `struct s2pin_inv` (VM lock held).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_inv_begin(st: *mut InvState, start: u64, end: u64) {
+    // SAFETY: as the caller promises.
+    if let Some(st) = unsafe { st.as_mut() } {
+        st.begin(start, end);
+    }
+}
+
+/// `invalidate_range_end` on `st`.
+///
+/// # Safety
+/// As [`s2pin_inv_begin`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_inv_finish(st: *mut InvState) {
+    // SAFETY: as the caller promises.
+    if let Some(st) = unsafe { st.as_mut() } {
+        st.finish();
+    }
+}
+
+/// Makes faults that started before now retry (a slot was deleted).
+///
+/// # Safety
+/// As [`s2pin_inv_begin`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_inv_bump(st: *mut InvState) {
+    // SAFETY: as the caller promises.
+    if let Some(st) = unsafe { st.as_mut() } {
+        st.bump();
+    }
+}
+
+/// 1 if a fault that read `snapshot` (of `st->seq`) before pinning the page
+/// at `hva` may map it now, else 0 (retry).
+///
+/// # Safety
+/// `st` is null or points to a readable `struct s2pin_inv` (VM lock held).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_inv_may_map(st: *const InvState, snapshot: u64, hva: u64) -> c_int {
+    // SAFETY: as the caller promises.
+    match unsafe { st.as_ref() } {
+        Some(st) => c_int::from(st.may_map(snapshot, hva)),
+        None => 0,
+    }
+}
+
+/// The policy with code `p`; an unknown code (never stored) acts as eager,
+/// which unmaps the most.
+fn policy(p: u32) -> Policy {
+    Policy::from_u32(p).unwrap_or(Policy::Eager)
+}
+
+/// What `invalidate_range_start` of event `ev` does under policy `p`:
+/// 0 nothing, 1 unmap (the event can change the frame), 2 unmap (eager).
+#[unsafe(no_mangle)]
+pub extern "C" fn s2pin_policy_at_start(p: u32, ev: u32) -> u32 {
+    shim::at_start(policy(p), ev) as u32
+}
+
+/// 1 if `invalidate_range_end` of event `ev` walks the host page tables
+/// under policy `p`.
+#[unsafe(no_mangle)]
+pub extern "C" fn s2pin_policy_walk_at_end(p: u32, ev: u32) -> c_int {
+    c_int::from(shim::walk_at_end(policy(p), ev))
+}
+
+/// What `invalidate_range_end` does with one pinned page in state `s` under
+/// policy `p`: 0 keep, 1 unmap (protnone), 2 unmap (frame changed),
+/// 3 write-protect. A null `s` gives 2.
+///
+/// # Safety
+/// `s` is null or points to a readable `struct s2pin_pte_state`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_policy_at_end(p: u32, s: *const PteState) -> u32 {
+    // SAFETY: as the caller promises.
+    match unsafe { s.as_ref() } {
+        Some(s) => shim::at_end(policy(p), s) as u32,
+        None => shim::PageAction::UnmapChanged as u32,
+    }
+}
+
+/// Decodes the registers `x` that `HYP_VCPU_RUN` returned; for exits user
+/// space handles, writes the whole `struct s2pin_run` at `run` (one volatile
+/// store of a kernel copy, user space may write the page meanwhile) except
+/// `immediate_exit`; fills `info`. Returns the next step (`S2PIN_ACT_*`).
+///
+/// # Safety
+/// `x` is null or points to eight readable `u64`s; `run` is null or points
+/// to a writable, 8-byte aligned `struct s2pin_run`; `info` is null or
+/// writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_handle_exit(
+    x: *const u64,
+    run: *mut S2pinRun,
+    info: *mut ExitInfo,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let Some(regs) = (unsafe { regs_at(x) }) else {
+        return shim::ExitAction::Malformed as c_int;
+    };
+    if run.is_null() || info.is_null() || !run.is_aligned() {
+        return shim::ExitAction::Malformed as c_int;
+    }
+    // SAFETY: non-null, aligned and readable (the caller promises); a
+    // volatile read of plain integers user space may be writing.
+    let mut local = unsafe { run.read_volatile() };
+    let mut inf = ExitInfo::default();
+    let action = shim::handle_exit(&regs, &mut local, &mut inf);
+    if action == shim::ExitAction::User {
+        // SAFETY: as above, writable.
+        unsafe { run.write_volatile(local) };
+    }
+    // SAFETY: non-null and writable, as the caller promises.
+    unsafe { info.write_unaligned(inf) };
+    action as c_int
+}
+
+/// Writes `"<name> <value>\n"` for each of the `S2PIN_STATS_COUNT` counters
+/// at `vals`. Returns the byte count or `-ENOSPC`/`-EINVAL`.
+///
+/// # Safety
+/// `vals` is null or points to `S2PIN_STATS_COUNT` readable `u64`s; `buf`
+/// is null or points to `len` writable bytes nothing else accesses.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_format_stats(vals: *const u64, buf: *mut u8, len: usize) -> isize {
+    if vals.is_null() || buf.is_null() || len > isize::MAX as usize {
+        return -EINVAL;
+    }
+    // SAFETY: as the caller promises.
+    let v = unsafe { vals.cast::<[u64; STATS_COUNT]>().read_unaligned() };
+    // SAFETY: as the caller promises.
+    let out = unsafe { core::slice::from_raw_parts_mut(buf, len) };
+    match shim::stats_text(&v, out) {
+        Ok(n) => isize::try_from(n).unwrap_or(-EINVAL),
+        Err(e) => errno(e),
+    }
+}
+
+/// The `host_page_state` line for `pfn` from the registers `x` that
+/// `HYP_HOST_PAGE_STATE(pfn)` returned. Returns like [`s2pin_format_version`].
+///
+/// # Safety
+/// As [`s2pin_format_version`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_format_host_page_state(
+    pfn: u64,
+    x: *const u64,
+    buf: *mut u8,
+    len: usize,
+) -> isize {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        with_out(x, buf, len, |regs, out| {
+            shim::host_page_state_line(pfn, regs, out)
+        })
     }
 }
 

@@ -1,0 +1,1436 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+/*
+ * s2pin: /dev/s2pin, a KVM-shaped device over the hypervisor's VM calls.
+ *
+ * The ioctl ABI is s2pin_uapi.h (generated from host-driver/uapi). The
+ * decisions (slot validation and lookup, the fault/invalidate sequence
+ * count, the notifier policies, decoding HYP_VCPU_RUN) are Rust
+ * (s2pin_core.h); this file does the kernel calls: pinning and locked_vm
+ * accounting, the MMU notifier, the host page-table walk, the HVCs, file
+ * descriptors and debugfs. docs/DESIGN.md ("The host shim") explains the
+ * rules and the lock order:
+ *
+ *   mmap_lock (held by the kernel around notifier callbacks, or taken by
+ *   the fault path for pin_user_pages only)
+ *     -> vm->slots_mutex (ioctls, never from a notifier)
+ *       -> vm->lock (spinlock: slots, pin table, sequence count, stats;
+ *          EL2 share/unshare/wrprotect are issued under it)
+ *         -> page-table locks (the range_end walk)
+ *
+ * account_locked_vm() takes mmap_lock itself: it is called only from the
+ * ioctl paths and teardown with no lock held, never from a notifier.
+ * Pages are never unpinned while EL2 maps them: every unpin follows a
+ * successful HYP_UNSHARE of the page (or teardown's reclaim of everything).
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/anon_inodes.h>
+#include <linux/debugfs.h>
+#include <linux/file.h>
+#include <linux/fs.h>
+#include <linux/kref.h>
+#include <linux/log2.h>
+#include <linux/miscdevice.h>
+#include <linux/mm.h>
+#include <linux/mmu_notifier.h>
+#include <linux/module.h>
+#include <linux/mutex.h>
+#include <linux/sched.h>
+#include <linux/sched/mm.h>
+#include <linux/sched/signal.h>
+#include <linux/slab.h>
+#include <linux/spinlock.h>
+#include <linux/uaccess.h>
+#include <linux/vmalloc.h>
+#include <asm/neon.h>
+#include <asm/pgtable.h>
+
+#include "s2pin_core.h"
+#include "s2pin_hvc.h"
+#include "s2pin_uapi.h"
+#include "s2pin_shim.h"
+
+static_assert(sizeof(struct s2pin_memslot) == 32);
+static_assert(sizeof(struct s2pin_inv) == 32);
+static_assert(sizeof(struct s2pin_pte_state) == 8);
+static_assert(sizeof(struct s2pin_exit_info) == 32);
+static_assert(sizeof(struct s2pin_vm_stats) == S2PIN_STATS_COUNT * 8);
+static_assert(sizeof(struct s2pin_run) <= PAGE_SIZE);
+static_assert(offsetof(struct s2pin_vm_stats, range_start_exclusive) ==
+	      offsetof(struct s2pin_vm_stats, range_start_unmap) + 7 * sizeof(u64));
+
+/* Pin table entry: the struct page pointer, bit 0 set when EL2 maps it read-only. */
+#define PIN_RO 1UL
+#define PIN_PAGE(e) ((struct page *)((e) & ~PIN_RO))
+
+/* Pages accounted in locked_vm at once, and the surplus returned. */
+#define ACCT_CHUNK 64
+/* Pages handled per lock hold in the notifier and slot deletion. */
+#define BATCH 32
+/* Memcache pages donated when EL2 says HYP_ENOMEM. */
+#define TOPUP_PAGES 8
+
+struct s2pin_vm {
+	struct kref ref;
+	struct mmu_notifier mn;
+	bool mn_registered;
+	struct mm_struct *mm;		/* the creator's; pinned by the notifier registration */
+	u32 handle;
+	u32 policy;
+	u32 ipa_bits;
+	pid_t pid;
+	u64 win_base_gfn, win_pages;	/* the guest RAM window */
+
+	spinlock_t lock;
+	struct s2pin_memslot slots[S2PIN_MAX_MEMSLOTS];
+	unsigned long *pins[S2PIN_MAX_MEMSLOTS];	/* per page of the slot */
+	u64 slot_gen[S2PIN_MAX_MEMSLOTS];
+	struct s2pin_inv inv;
+	struct s2pin_vm_stats stats;
+	long acct_credit;		/* accounted in locked_vm but not pinned */
+	bool dead;			/* no new mappings (teardown started) */
+	bool finalized;			/* the EL2 VM is gone */
+	struct s2pin_vm_stats el2_last;	/* EL2 counters before finalize */
+
+	struct mutex slots_mutex;	/* SET_USER_MEMORY_REGION, CREATE_VCPU */
+	struct mutex teardown_mutex;
+	DECLARE_BITMAP(vcpu_created, S2PIN_MAX_VCPUS);
+
+	spinlock_t donated_lock;
+	struct list_head donated;	/* memcache pages (page->lru), freed after finalize */
+	struct page *root;
+	unsigned int root_order;
+	bool leak;			/* EL2 refused teardown: never free what it may hold */
+
+	struct dentry *dbg;
+};
+
+struct s2pin_vcpu {
+	struct s2pin_vm *vm;
+	u32 index;
+	struct s2pin_run *run;		/* one zeroed page, mmap'd by user space */
+	struct mutex run_lock;
+	bool mmio_read_pending;
+};
+
+static atomic_long_t s2pin_pinned_pages = ATOMIC_LONG_INIT(0);
+static atomic_t s2pin_live_vms = ATOMIC_INIT(0);
+static struct dentry *s2pin_dbg_root;
+static bool s2pin_misc_registered;
+
+static struct arm_smccc_1_2_regs hvc6(unsigned long fn, u64 a1, u64 a2, u64 a3,
+				      u64 a4, u64 a5)
+{
+	struct arm_smccc_1_2_regs args = {
+		.a0 = fn, .a1 = a1, .a2 = a2, .a3 = a3, .a4 = a4, .a5 = a5,
+	};
+	struct arm_smccc_1_2_regs res;
+
+	arm_smccc_1_2_hvc(&args, &res);
+	return res;
+}
+
+static long hvc_err(unsigned long fn, u64 a1, u64 a2, u64 a3, u64 a4, u64 a5)
+{
+	return (long)hvc6(fn, a1, a2, a3, a4, a5).a0;
+}
+
+static int hyp_errno(long e)
+{
+	switch (e) {
+	case 0:
+		return 0;
+	case HYP_ENOMEM:
+		return -ENOMEM;
+	case HYP_ENOSPC:
+		return -ENOSPC;
+	case HYP_EEXIST:
+		return -EEXIST;
+	case HYP_EBUSY:
+		return -EBUSY;
+	case HYP_EINVAL:
+	case HYP_ERANGE:
+		return -EINVAL;
+	default:
+		return -EIO;
+	}
+}
+
+/* ---- memcache and locked_vm ------------------------------------------ */
+
+/* Donates @n zeroed pages to the VM's memcache. Sleeps; no lock held. */
+static int vm_topup(struct s2pin_vm *vm, unsigned int n)
+{
+	unsigned int i;
+
+	for (i = 0; i < n; i++) {
+		struct page *page = alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO);
+		long e;
+
+		if (!page)
+			return -ENOMEM;
+		e = hvc_err(HYP_MEMCACHE_TOPUP, vm->handle, page_to_pfn(page), 1, 0, 0);
+		if (e) {
+			__free_page(page);
+			return hyp_errno(e);
+		}
+		spin_lock(&vm->donated_lock);
+		list_add(&page->lru, &vm->donated);
+		spin_unlock(&vm->donated_lock);
+	}
+	return 0;
+}
+
+/*
+ * Takes one page of locked_vm credit for a pin, accounting a chunk (or one
+ * page, near the limit) when there is none. Never under a lock:
+ * account_locked_vm() takes mmap_lock. -ENOMEM past RLIMIT_MEMLOCK.
+ */
+static int vm_account_one(struct s2pin_vm *vm)
+{
+	int ret;
+
+	spin_lock(&vm->lock);
+	if (vm->acct_credit > 0) {
+		vm->acct_credit--;
+		spin_unlock(&vm->lock);
+		return 0;
+	}
+	spin_unlock(&vm->lock);
+	ret = account_locked_vm(vm->mm, ACCT_CHUNK, true);
+	if (!ret) {
+		spin_lock(&vm->lock);
+		vm->acct_credit += ACCT_CHUNK - 1;
+		spin_unlock(&vm->lock);
+		return 0;
+	}
+	return account_locked_vm(vm->mm, 1, true);
+}
+
+/* Returns credit above two chunks to locked_vm (RUN path, no lock held). */
+static void vm_settle_accounting(struct s2pin_vm *vm)
+{
+	long n = 0;
+
+	spin_lock(&vm->lock);
+	if (vm->acct_credit > 2 * ACCT_CHUNK) {
+		n = vm->acct_credit - ACCT_CHUNK;
+		vm->acct_credit -= n;
+	}
+	spin_unlock(&vm->lock);
+	if (n)
+		account_locked_vm(vm->mm, n, false);
+}
+
+/* ---- unsharing runs of pinned pages ---------------------------------- */
+
+/*
+ * Collects pinned pages whose EL2 mappings are removed in runs that are
+ * contiguous in both gfn and pfn (one HYP_UNSHARE per run). Used under
+ * vm->lock; the pages are unpinned after the lock is dropped.
+ */
+struct unshare_batch {
+	struct s2pin_vm *vm;
+	unsigned long *pins;	/* the slot's pin table */
+	u64 base_gfn;
+	struct page *pages[BATCH];
+	unsigned int n;
+	u64 run_gfn, run_pfn;
+	unsigned int run_len;
+	unsigned int failed;
+};
+
+static void batch_flush_run(struct unshare_batch *b)
+{
+	long e;
+	unsigned int i;
+
+	if (!b->run_len)
+		return;
+	e = hvc_err(HYP_UNSHARE, b->vm->handle, b->run_pfn, b->run_gfn, b->run_len, 0);
+	if (e) {
+		/*
+		 * EL2 may still map them: keep the pins (a leak, never a
+		 * use-after-free) and put them back in the table.
+		 */
+		pr_err_ratelimited("HYP_UNSHARE gfn %llx x%u failed: %ld; pages stay pinned\n",
+				   b->run_gfn, b->run_len, e);
+		for (i = 0; i < b->run_len; i++) {
+			struct page *p = b->pages[b->n - b->run_len + i];
+
+			b->pins[b->run_gfn + i - b->base_gfn] = (unsigned long)p;
+		}
+		b->n -= b->run_len;
+		b->failed += b->run_len;
+	}
+	b->run_len = 0;
+}
+
+/* Unmaps the pinned page at index @i of the slot (vm->lock held). */
+static void batch_add(struct unshare_batch *b, u64 i)
+{
+	unsigned long e = b->pins[i];
+	struct page *page = PIN_PAGE(e);
+	u64 gfn = b->base_gfn + i, pfn = page_to_pfn(page);
+
+	if (b->run_len && gfn == b->run_gfn + b->run_len &&
+	    pfn == b->run_pfn + b->run_len && b->run_len < HYP_MAX_PAGES_PER_CALL) {
+		b->run_len++;
+	} else {
+		batch_flush_run(b);
+		b->run_gfn = gfn;
+		b->run_pfn = pfn;
+		b->run_len = 1;
+	}
+	b->pins[i] = 0;
+	b->pages[b->n++] = page;
+}
+
+/*
+ * Ends a batch under vm->lock: flushes the last run and counts the
+ * unmapped pages (in @reason too, if given). Returns the pages to unpin.
+ */
+static unsigned int batch_close(struct unshare_batch *b, u64 *reason)
+{
+	struct s2pin_vm *vm = b->vm;
+
+	batch_flush_run(b);
+	vm->stats.unshares += b->n;
+	vm->stats.unpins += b->n;
+	vm->stats.pinned_now -= b->n;
+	if (reason)
+		*reason += b->n;
+	vm->acct_credit += b->n;
+	return b->n;
+}
+
+/* Unpins (dirty) pages EL2 no longer maps; no lock held. */
+static void unpin_pages(struct page **pages, unsigned int n, bool blockable)
+{
+	unsigned int i;
+
+	if (!n)
+		return;
+	if (blockable) {
+		unpin_user_pages_dirty_lock(pages, n, true);
+	} else {
+		for (i = 0; i < n; i++) {
+			set_page_dirty(pages[i]);
+			unpin_user_page(pages[i]);
+		}
+	}
+	atomic_long_sub(n, &s2pin_pinned_pages);
+}
+
+/*
+ * Unmaps and unpins every pinned page of the VM whose host address is in
+ * [start, end), counting them in @reason.
+ */
+static void vm_unmap_hva_range(struct s2pin_vm *vm, unsigned long start,
+			       unsigned long end, size_t reason_off, bool blockable)
+{
+	unsigned int id;
+
+	for (id = 0; id < S2PIN_MAX_MEMSLOTS; id++) {
+		u64 first, last, cur, gen;
+
+		spin_lock(&vm->lock);
+		if (!vm->slots[id].used || vm->dead) {
+			spin_unlock(&vm->lock);
+			continue;
+		}
+		{
+			struct s2pin_memslot s = vm->slots[id];
+			u64 s_end = s.uaddr + (s.npages << PAGE_SHIFT);
+
+			gen = vm->slot_gen[id];
+			if (end <= s.uaddr || start >= s_end) {
+				spin_unlock(&vm->lock);
+				continue;
+			}
+			first = start > s.uaddr ? (start - s.uaddr) >> PAGE_SHIFT : 0;
+			last = end < s_end ? (end - s.uaddr + PAGE_SIZE - 1) >> PAGE_SHIFT : s.npages;
+		}
+		spin_unlock(&vm->lock);
+
+		cur = first;
+		while (cur < last) {
+			struct unshare_batch b = { .vm = vm };
+			unsigned int n;
+
+			spin_lock(&vm->lock);
+			if (vm->dead || vm->slot_gen[id] != gen || !vm->pins[id]) {
+				spin_unlock(&vm->lock);
+				break;
+			}
+			b.pins = vm->pins[id];
+			b.base_gfn = vm->slots[id].base_gfn;
+			for (; cur < last && b.n < BATCH; cur++)
+				if (b.pins[cur])
+					batch_add(&b, cur);
+			n = batch_close(&b, (u64 *)((char *)&vm->stats + reason_off));
+			spin_unlock(&vm->lock);
+			unpin_pages(b.pages, n, blockable);
+			if (blockable)
+				cond_resched();
+		}
+	}
+}
+
+/* ---- host page-table walk (HOST-side facts in docs/DESIGN.md) -------- */
+
+/*
+ * Reads the PTE or huge PMD mapping @addr in @mm: presence, protnone,
+ * write, and the frame. Called from invalidate_range_end, where the
+ * caller holds mmap_lock; walk_page_range() is not exported, so by hand.
+ */
+static void host_walk(struct mm_struct *mm, unsigned long addr,
+		      struct s2pin_pte_state *st, unsigned long *pfn)
+{
+	pgd_t *pgd;
+	p4d_t *p4d;
+	pud_t *pudp, pud;
+	pmd_t *pmdp, pmd;
+	pte_t *ptep, pte;
+	spinlock_t *ptl;
+
+	memset(st, 0, sizeof(*st));
+	*pfn = 0;
+	pgd = pgd_offset(mm, addr);
+	if (pgd_none(READ_ONCE(*pgd)) || pgd_bad(READ_ONCE(*pgd)))
+		return;
+	p4d = p4d_offset(pgd, addr);
+	if (p4d_none(READ_ONCE(*p4d)) || p4d_bad(READ_ONCE(*p4d)))
+		return;
+	pudp = pud_offset(p4d, addr);
+	pud = READ_ONCE(*pudp);
+	if (pud_none(pud) || !pud_present(pud) || pud_bad(pud))
+		return;
+	pmdp = pmd_offset(pudp, addr);
+	pmd = READ_ONCE(*pmdp);
+	if (pmd_none(pmd))
+		return;
+	if (pmd_trans_huge(pmd)) {
+		ptl = pmd_lock(mm, pmdp);
+		pmd = READ_ONCE(*pmdp);
+		if (pmd_trans_huge(pmd)) {
+			st->present = pmd_present(pmd);
+			st->protnone = pmd_protnone(pmd);
+			st->writable = pmd_write(pmd);
+			*pfn = pmd_pfn(pmd) + ((addr & ~PMD_MASK) >> PAGE_SHIFT);
+			spin_unlock(ptl);
+			return;
+		}
+		spin_unlock(ptl);
+		pmd = READ_ONCE(*pmdp);
+		if (pmd_none(pmd))
+			return;
+	}
+	if (pmd_bad(pmd))
+		return;
+	ptep = pte_offset_map_lock(mm, pmdp, addr, &ptl);
+	pte = READ_ONCE(*ptep);
+	if (pte_present(pte)) {
+		st->present = 1;
+		st->protnone = pte_protnone(pte);
+		st->writable = pte_write(pte);
+		*pfn = pte_pfn(pte);
+	}
+	pte_unmap_unlock(ptep, ptl);
+}
+
+/*
+ * confirm/keep at invalidate_range_end of a protection event: look at the
+ * host entry of every pinned page in [start, end) and unmap, write-protect
+ * or keep it as the policy says.
+ */
+static void vm_confirm_range(struct s2pin_vm *vm, const struct mmu_notifier_range *range)
+{
+	bool accessible = range->vma &&
+		(range->vma->vm_flags & (VM_READ | VM_WRITE | VM_EXEC));
+	bool blockable = mmu_notifier_range_blockable(range);
+	unsigned long start = range->start, end = range->end;
+	unsigned int id;
+
+	for (id = 0; id < S2PIN_MAX_MEMSLOTS; id++) {
+		u64 first, last, cur, gen;
+
+		spin_lock(&vm->lock);
+		if (!vm->slots[id].used || vm->dead) {
+			spin_unlock(&vm->lock);
+			continue;
+		}
+		{
+			struct s2pin_memslot s = vm->slots[id];
+			u64 s_end = s.uaddr + (s.npages << PAGE_SHIFT);
+
+			gen = vm->slot_gen[id];
+			if (end <= s.uaddr || start >= s_end) {
+				spin_unlock(&vm->lock);
+				continue;
+			}
+			first = start > s.uaddr ? (start - s.uaddr) >> PAGE_SHIFT : 0;
+			last = end < s_end ? (end - s.uaddr + PAGE_SIZE - 1) >> PAGE_SHIFT : s.npages;
+		}
+		spin_unlock(&vm->lock);
+
+		cur = first;
+		while (cur < last) {
+			struct unshare_batch b = { .vm = vm };
+			struct unshare_batch c = { .vm = vm };
+			unsigned int n, m;
+
+			spin_lock(&vm->lock);
+			if (vm->dead || vm->slot_gen[id] != gen || !vm->pins[id]) {
+				spin_unlock(&vm->lock);
+				break;
+			}
+			b.pins = c.pins = vm->pins[id];
+			b.base_gfn = c.base_gfn = vm->slots[id].base_gfn;
+			for (; cur < last && b.n < BATCH && c.n < BATCH; cur++) {
+				unsigned long e = b.pins[cur], pfn;
+				u64 hva = vm->slots[id].uaddr + (cur << PAGE_SHIFT);
+				struct s2pin_pte_state st;
+				u32 act;
+
+				if (!e)
+					continue;
+				host_walk(vm->mm, hva, &st, &pfn);
+				st.same_frame = st.present && pfn == page_to_pfn(PIN_PAGE(e));
+				st.vma_accessible = accessible;
+				st.mapped_writable = !(e & PIN_RO);
+				act = s2pin_policy_at_end(vm->policy, &st);
+				switch (act) {
+				case S2PIN_END_KEEP:
+					vm->stats.kept++;
+					break;
+				case S2PIN_END_UNMAP_PROTNONE:
+					batch_add(&b, cur);
+					break;
+				case S2PIN_END_WRPROTECT: {
+					struct arm_smccc_1_2_regs r =
+						hvc6(HYP_WRPROTECT, vm->handle, b.base_gfn + cur, 1, 0, 0);
+
+					if (r.a0 == 0) {
+						b.pins[cur] = e | PIN_RO;
+						vm->stats.wrprotects += r.a1;
+						vm->stats.wrprotected_lost_write++;
+						break;
+					}
+					/* Cannot write-protect: unmap instead. */
+					batch_add(&c, cur);
+					break;
+				}
+				default:
+					batch_add(&c, cur);
+					break;
+				}
+			}
+			n = batch_close(&b, &vm->stats.unmapped_protnone);
+			m = batch_close(&c, &vm->stats.unmapped_changed);
+			spin_unlock(&vm->lock);
+			unpin_pages(b.pages, n, blockable);
+			unpin_pages(c.pages, m, blockable);
+			if (blockable)
+				cond_resched();
+		}
+	}
+}
+
+/* ---- the MMU notifier ------------------------------------------------ */
+
+static void vm_teardown(struct s2pin_vm *vm);
+
+static int s2pin_mn_start(struct mmu_notifier *mn, const struct mmu_notifier_range *range)
+{
+	struct s2pin_vm *vm = container_of(mn, struct s2pin_vm, mn);
+	u32 ev = range->event;
+	u32 act;
+	size_t off;
+
+	spin_lock(&vm->lock);
+	s2pin_inv_begin(&vm->inv, range->start, range->end);
+	if (ev <= MMU_NOTIFY_EXCLUSIVE)
+		(&vm->stats.range_start_unmap)[ev]++;
+	act = s2pin_policy_at_start(vm->policy, ev);
+	spin_unlock(&vm->lock);
+	if (act == S2PIN_START_NOTHING)
+		return 0;
+	off = act == S2PIN_START_UNMAP_EAGER ?
+		offsetof(struct s2pin_vm_stats, unmapped_eager) :
+		offsetof(struct s2pin_vm_stats, unmapped_invalidate);
+	vm_unmap_hva_range(vm, range->start, range->end, off,
+			   mmu_notifier_range_blockable(range));
+	return 0;
+}
+
+static void s2pin_mn_end(struct mmu_notifier *mn, const struct mmu_notifier_range *range)
+{
+	struct s2pin_vm *vm = container_of(mn, struct s2pin_vm, mn);
+
+	if (s2pin_policy_walk_at_end(vm->policy, range->event))
+		vm_confirm_range(vm, range);
+	spin_lock(&vm->lock);
+	s2pin_inv_finish(&vm->inv);
+	vm->stats.range_end++;
+	spin_unlock(&vm->lock);
+}
+
+/* The creator's mm is going away (exit, kill -9, OOM): tear the VM down. */
+static void s2pin_mn_release(struct mmu_notifier *mn, struct mm_struct *mm)
+{
+	vm_teardown(container_of(mn, struct s2pin_vm, mn));
+}
+
+static const struct mmu_notifier_ops s2pin_mn_ops = {
+	.release = s2pin_mn_release,
+	.invalidate_range_start = s2pin_mn_start,
+	.invalidate_range_end = s2pin_mn_end,
+};
+
+/* ---- teardown ---------------------------------------------------------- */
+
+static void vm_read_el2_counters(struct s2pin_vm *vm, struct s2pin_vm_stats *s)
+{
+	struct arm_smccc_1_2_regs r;
+
+	r = hvc6(HYP_VM_COUNTERS, vm->handle, HYP_COUNTERS_STAGE2, 0, 0, 0);
+	if (!r.a0) {
+		s->el2_s2_maps = r.a1;
+		s->el2_s2_unmaps = r.a2;
+		s->el2_s2_tlbi = r.a3;
+		s->el2_s2_shares = r.a4;
+		s->el2_s2_unshares = r.a5;
+		s->el2_s2_donations = r.a6;
+		s->el2_s2_reclaims = r.a7;
+	}
+	r = hvc6(HYP_VM_COUNTERS, vm->handle, HYP_COUNTERS_RUNTIME, 0, 0, 0);
+	if (!r.a0) {
+		s->el2_rt_faults = r.a1;
+		s->el2_rt_vcpu_runs = r.a2;
+		s->el2_rt_memcache_pages = r.a3;
+		s->el2_rt_table_pages = r.a4;
+		s->el2_rt_host_exits = r.a5;
+		s->el2_rt_hyp_exits = r.a6;
+		s->el2_rt_irq_exits = r.a7;
+	}
+}
+
+/*
+ * Stops the VM at EL2, reclaims everything, then unpins every page and
+ * returns locked_vm, then finalizes and frees the memcache and root.
+ * Idempotent; from the last fd's close or the notifier's ->release. No
+ * vCPU can be in RUN here: RUN needs a vCPU fd (so a reference) and the
+ * creator's mm (so no ->release yet).
+ */
+static void vm_teardown(struct s2pin_vm *vm)
+{
+	struct arm_smccc_1_2_regs r;
+	unsigned int id, tries;
+	long credit;
+	long e;
+
+	mutex_lock(&vm->teardown_mutex);
+	if (vm->finalized || vm->leak)
+		goto out;
+	spin_lock(&vm->lock);
+	vm->dead = true;
+	spin_unlock(&vm->lock);
+
+	for (tries = 0;; tries++) {
+		e = hvc_err(HYP_TEARDOWN_START, vm->handle, 0, 0, 0, 0);
+		if (e != HYP_EBUSY || tries >= 1000)
+			break;
+		schedule_timeout_uninterruptible(1);
+	}
+	if (e && e != HYP_EBUSY) {
+		pr_err("HYP_TEARDOWN_START of VM %#x failed: %ld; leaking its pages\n", vm->handle, e);
+		vm->leak = true;
+		goto out;
+	}
+	if (e == HYP_EBUSY) {
+		/* Already dying (an earlier attempt) or a vCPU never stopped. */
+		pr_warn("HYP_TEARDOWN_START of VM %#x: busy, reclaiming anyway\n", vm->handle);
+	}
+	for (tries = 0;;) {
+		r = hvc6(HYP_TEARDOWN_RECLAIM, vm->handle, 0, 0, 0, 0);
+		if ((long)r.a0 == HYP_ENOMEM && ++tries < 100) {
+			schedule_timeout_uninterruptible(1);
+			continue;
+		}
+		if (r.a0) {
+			pr_err("HYP_TEARDOWN_RECLAIM of VM %#x failed: %ld; leaking its pages\n",
+			       vm->handle, (long)r.a0);
+			vm->leak = true;
+			goto out;
+		}
+		if (!r.a2)
+			break;
+		cond_resched();
+	}
+
+	/* EL2 maps nothing of the VM any more: unpin everything. */
+	for (id = 0; id < S2PIN_MAX_MEMSLOTS; id++) {
+		unsigned long *pins;
+		u64 i, npages, n = 0;
+
+		spin_lock(&vm->lock);
+		pins = vm->pins[id];
+		npages = vm->slots[id].npages;
+		spin_unlock(&vm->lock);
+		if (!pins)
+			continue;
+		for (i = 0; i < npages; i++) {
+			struct page *page;
+
+			if (!pins[i])
+				continue;
+			page = PIN_PAGE(pins[i]);
+			pins[i] = 0;
+			unpin_user_pages_dirty_lock(&page, 1, true);
+			n++;
+			if (!(n % 512))
+				cond_resched();
+		}
+		atomic_long_sub(n, &s2pin_pinned_pages);
+		spin_lock(&vm->lock);
+		vm->stats.unpins += n;
+		vm->stats.unshares += n;
+		vm->stats.unmapped_teardown += n;
+		vm->stats.pinned_now -= n;
+		vm->acct_credit += n;
+		spin_unlock(&vm->lock);
+	}
+	spin_lock(&vm->lock);
+	credit = vm->acct_credit;
+	vm->acct_credit = 0;
+	spin_unlock(&vm->lock);
+	if (credit > 0)
+		account_locked_vm(vm->mm, credit, false);
+
+	vm_read_el2_counters(vm, &vm->el2_last);
+	e = hvc_err(HYP_TEARDOWN_FINALIZE, vm->handle, 0, 0, 0, 0);
+	if (e) {
+		pr_err("HYP_TEARDOWN_FINALIZE of VM %#x failed: %ld; leaking its root\n", vm->handle, e);
+		vm->leak = true;
+		goto out;
+	}
+	spin_lock(&vm->lock);
+	vm->finalized = true;
+	spin_unlock(&vm->lock);
+	/* Every memcache, table and vCPU page and the root are back. */
+	while (!list_empty(&vm->donated)) {
+		struct page *page = list_first_entry(&vm->donated, struct page, lru);
+
+		list_del(&page->lru);
+		__free_page(page);
+	}
+	__free_pages(vm->root, vm->root_order);
+	vm->root = NULL;
+	atomic_dec(&s2pin_live_vms);
+out:
+	mutex_unlock(&vm->teardown_mutex);
+}
+
+static void vm_free(struct kref *ref)
+{
+	struct s2pin_vm *vm = container_of(ref, struct s2pin_vm, ref);
+	unsigned int id;
+
+	vm_teardown(vm);
+	if (vm->mn_registered)
+		mmu_notifier_unregister(&vm->mn, vm->mm);
+	debugfs_remove(vm->dbg);
+	if (vm->leak)
+		return;	/* EL2 may still use the struct's pages' frames; keep all */
+	for (id = 0; id < S2PIN_MAX_MEMSLOTS; id++)
+		kvfree(vm->pins[id]);
+	kfree(vm);
+}
+
+static void vm_put(struct s2pin_vm *vm)
+{
+	kref_put(&vm->ref, vm_free);
+}
+
+/* ---- stats ----------------------------------------------------------- */
+
+static void vm_get_stats(struct s2pin_vm *vm, struct s2pin_vm_stats *s)
+{
+	bool finalized;
+
+	mutex_lock(&vm->teardown_mutex);
+	spin_lock(&vm->lock);
+	*s = vm->stats;
+	finalized = vm->finalized || vm->leak;
+	spin_unlock(&vm->lock);
+	if (finalized) {
+		const u64 *src = (const u64 *)&vm->el2_last;
+		u64 *dst = (u64 *)s;
+		size_t i;
+
+		for (i = offsetof(struct s2pin_vm_stats, el2_s2_maps) / sizeof(u64);
+		     i < S2PIN_STATS_COUNT; i++)
+			dst[i] = src[i];
+	} else {
+		vm_read_el2_counters(vm, s);
+	}
+	mutex_unlock(&vm->teardown_mutex);
+}
+
+static int stats_show(struct seq_file *m, void *unused)
+{
+	struct s2pin_vm *vm = m->private;
+	struct s2pin_vm_stats s;
+	char *buf;
+	ssize_t n;
+
+	buf = kmalloc(PAGE_SIZE, GFP_KERNEL);
+	if (!buf)
+		return -ENOMEM;
+	vm_get_stats(vm, &s);
+	n = s2pin_format_stats((const u64 *)&s, buf, PAGE_SIZE);
+	if (n > 0)
+		seq_write(m, buf, n);
+	kfree(buf);
+	return n < 0 ? n : 0;
+}
+DEFINE_SHOW_ATTRIBUTE(stats);
+
+/* ---- the fault path -------------------------------------------------- */
+
+static void run_mem_fault(struct s2pin_run *run, u64 gfn, u32 access, u32 kind, int error)
+{
+	struct s2pin_run_mem_fault f = {
+		.gpa = gfn << PAGE_SHIFT, .access = access, .kind = kind, .error = error,
+	};
+
+	WRITE_ONCE(run->exit_reason, S2PIN_EXIT_MEM_FAULT);
+	memset(&run->words, 0, sizeof(run->words));
+	memcpy(&run->mem_fault, &f, sizeof(f));
+}
+
+/*
+ * Serves a stage-2 memory fault: 0 to re-enter the guest (mapped, or a
+ * race: it faults again), 1 to return to user space (run filled), or a
+ * negative errno for RUN.
+ */
+static int vcpu_fault(struct s2pin_vcpu *vcpu, const struct s2pin_exit_info *info)
+{
+	struct s2pin_vm *vm = vcpu->vm;
+	struct s2pin_run *run = vcpu->run;
+	bool write = info->access == S2PIN_ACCESS_WRITE;
+	struct page *old = NULL, *page;
+	unsigned long e, hva;
+	struct s2pin_memslot slot;
+	bool ro, map_ro = false;
+	u64 seq, i, gen;
+	long n;
+	int idx, ret;
+
+	spin_lock(&vm->lock);
+	if (vm->dead) {
+		spin_unlock(&vm->lock);
+		return -ESHUTDOWN;
+	}
+	idx = s2pin_memslot_find(vm->slots, S2PIN_MAX_MEMSLOTS, info->gfn);
+	if (idx < 0) {
+		vm->stats.user_faults++;
+		spin_unlock(&vm->lock);
+		run_mem_fault(run, info->gfn, info->access, S2PIN_FAULT_NO_SLOT, 0);
+		return 1;
+	}
+	slot = vm->slots[idx];
+	gen = vm->slot_gen[idx];
+	ro = slot.flags & S2PIN_MEM_READONLY;
+	if (ro && write) {
+		vm->stats.user_faults++;
+		spin_unlock(&vm->lock);
+		run_mem_fault(run, info->gfn, info->access, S2PIN_FAULT_READONLY_SLOT, 0);
+		return 1;
+	}
+	i = info->gfn - slot.base_gfn;
+	hva = slot.uaddr + (i << PAGE_SHIFT);
+	e = vm->pins[idx][i];
+	if (e) {
+		if (!(info->permission && write && (e & PIN_RO))) {
+			/* Another vCPU mapped it meanwhile. */
+			spin_unlock(&vm->lock);
+			return 0;
+		}
+		/* A write to a page EL2 maps read-only: remap it writable. */
+		{
+			struct unshare_batch b = { .vm = vm, .pins = vm->pins[idx],
+						   .base_gfn = slot.base_gfn };
+
+			batch_add(&b, i);
+			if (batch_close(&b, NULL))
+				old = b.pages[0];
+			vm->stats.permission_faults++;
+		}
+	}
+	seq = vm->inv.seq;
+	spin_unlock(&vm->lock);
+	if (old)
+		unpin_pages(&old, 1, true);
+
+	mmap_read_lock(vm->mm);
+	n = pin_user_pages(hva, 1, FOLL_LONGTERM | (ro ? 0 : FOLL_WRITE), &page, NULL);
+	if (n != 1 && !ro && !write) {
+		/* A read of a page the host maps read-only: map it read-only. */
+		n = pin_user_pages(hva, 1, FOLL_LONGTERM, &page, NULL);
+		map_ro = true;
+	}
+	mmap_read_unlock(vm->mm);
+	if (n != 1) {
+		if (n == -EINTR || n == -ERESTARTSYS)
+			return 0;	/* the loop sees the signal */
+		spin_lock(&vm->lock);
+		vm->stats.user_faults++;
+		spin_unlock(&vm->lock);
+		run_mem_fault(run, info->gfn, info->access, S2PIN_FAULT_HOST_DENIED,
+			      n < 0 ? (int)n : -EFAULT);
+		return 1;
+	}
+	ret = vm_account_one(vm);
+	if (ret) {
+		unpin_user_page(page);
+		return ret;
+	}
+	atomic_long_inc(&s2pin_pinned_pages);
+
+	spin_lock(&vm->lock);
+	if (vm->dead || vm->slot_gen[idx] != gen || !vm->pins[idx] ||
+	    vm->pins[idx][i] || !s2pin_inv_may_map(&vm->inv, seq, hva)) {
+		vm->stats.fault_retries++;
+		vm->acct_credit++;
+		spin_unlock(&vm->lock);
+		unpin_pages(&page, 1, true);
+		return 0;
+	}
+	e = hvc_err(HYP_SHARE, vm->handle, page_to_pfn(page), info->gfn, 1,
+		    HYP_PROT_R | HYP_PROT_X | ((ro || map_ro) ? 0 : HYP_PROT_W));
+	if (e) {
+		vm->acct_credit++;
+		spin_unlock(&vm->lock);
+		unpin_pages(&page, 1, true);
+		if (e == HYP_ENOMEM)
+			return vm_topup(vm, TOPUP_PAGES);
+		pr_err_ratelimited("HYP_SHARE gfn %llx failed: %ld\n", info->gfn, e);
+		return -EIO;
+	}
+	vm->pins[idx][i] = (unsigned long)page | ((ro || map_ro) ? PIN_RO : 0);
+	vm->stats.pins++;
+	vm->stats.pinned_now++;
+	vm->stats.faults++;
+	vm->stats.shares++;
+	spin_unlock(&vm->lock);
+	return 0;
+}
+
+/* ---- vCPU fd ----------------------------------------------------------- */
+
+static long vcpu_run(struct s2pin_vcpu *vcpu)
+{
+	struct s2pin_vm *vm = vcpu->vm;
+	struct s2pin_run *run = vcpu->run;
+	struct s2pin_exit_info info;
+	long ret = 0;
+
+	if (current->mm != vm->mm)
+		return -EIO;
+	if (!mutex_trylock(&vcpu->run_lock))
+		return -EBUSY;
+	if (READ_ONCE(vm->dead)) {
+		ret = -ESHUTDOWN;
+		goto out;
+	}
+	if (READ_ONCE(run->immediate_exit)) {
+		WRITE_ONCE(run->exit_reason, S2PIN_EXIT_INTR);
+		ret = -EINTR;
+		goto out;
+	}
+	for (;;) {
+		struct arm_smccc_1_2_regs r;
+		u64 x[8], mmio = 0;
+		int act;
+
+		if (signal_pending(current)) {
+			WRITE_ONCE(run->exit_reason, S2PIN_EXIT_INTR);
+			ret = -EINTR;
+			break;
+		}
+		/* Task work (NUMA balancing's scan) runs only on the way to user mode. */
+		if (test_thread_flag(TIF_NOTIFY_RESUME) || READ_ONCE(current->task_works)) {
+			WRITE_ONCE(run->exit_reason, S2PIN_EXIT_PENDING_WORK);
+			break;
+		}
+		cond_resched();
+		vm_settle_accounting(vm);
+		if (vcpu->mmio_read_pending) {
+			mmio = READ_ONCE(run->mmio.data);
+			vcpu->mmio_read_pending = false;
+		}
+		/* HYP_VCPU_RUN clobbers FP/SIMD state (docs/ABI.md §3.7). */
+		kernel_neon_begin();
+		r = hvc6(HYP_VCPU_RUN, vm->handle, vcpu->index, mmio, 0, 0);
+		kernel_neon_end();
+		x[0] = r.a0; x[1] = r.a1; x[2] = r.a2; x[3] = r.a3;
+		x[4] = r.a4; x[5] = r.a5; x[6] = r.a6; x[7] = r.a7;
+		act = s2pin_handle_exit(x, run, &info);
+		if (act == S2PIN_ACT_REENTER)
+			continue;
+		if (act == S2PIN_ACT_WFX) {
+			cond_resched();
+			continue;
+		}
+		if (act == S2PIN_ACT_POWERED_OFF) {
+			/* Waits for another vCPU's CPU_ON; signals end the wait. */
+			schedule_timeout_interruptible(1);
+			continue;
+		}
+		if (act == S2PIN_ACT_MEM_FAULT) {
+			int f = vcpu_fault(vcpu, &info);
+
+			if (f < 0) {
+				ret = f;
+				break;
+			}
+			if (f > 0)
+				break;
+			continue;
+		}
+		if (act == S2PIN_ACT_USER) {
+			u32 reason = READ_ONCE(run->exit_reason);
+
+			vcpu->mmio_read_pending = info.mmio_read;
+			spin_lock(&vm->lock);
+			if (reason == S2PIN_EXIT_MMIO)
+				vm->stats.mmio_exits++;
+			else if (reason == S2PIN_EXIT_CONSOLE)
+				vm->stats.console_exits++;
+			spin_unlock(&vm->lock);
+			break;
+		}
+		if (act == S2PIN_ACT_FAILED) {
+			ret = READ_ONCE(vm->dead) ? -ESHUTDOWN : hyp_errno(info.hyp_error);
+			if (ret == -EBUSY || ret == -EINVAL)
+				ret = -EIO;
+			pr_err_ratelimited("HYP_VCPU_RUN failed: %lld\n", info.hyp_error);
+			break;
+		}
+		pr_err_ratelimited("HYP_VCPU_RUN: malformed reply (x0 %llx x1 %llx)\n", x[0], x[1]);
+		ret = -EIO;
+		break;
+	}
+out:
+	mutex_unlock(&vcpu->run_lock);
+	return ret;
+}
+
+static long vcpu_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
+{
+	struct s2pin_vcpu *vcpu = f->private_data;
+
+	switch (cmd) {
+	case S2PIN_RUN:
+		if (arg)
+			return -EINVAL;
+		return vcpu_run(vcpu);
+	default:
+		return -ENOTTY;
+	}
+}
+
+static int vcpu_mmap(struct file *f, struct vm_area_struct *vma)
+{
+	struct s2pin_vcpu *vcpu = f->private_data;
+
+	if (vma->vm_pgoff != 0 || vma->vm_end - vma->vm_start != PAGE_SIZE)
+		return -EINVAL;
+	return remap_pfn_range(vma, vma->vm_start, virt_to_pfn(vcpu->run),
+			       PAGE_SIZE, vma->vm_page_prot);
+}
+
+static int vcpu_release(struct inode *inode, struct file *f)
+{
+	struct s2pin_vcpu *vcpu = f->private_data;
+	struct s2pin_vm *vm = vcpu->vm;
+
+	free_page((unsigned long)vcpu->run);
+	kfree(vcpu);
+	vm_put(vm);
+	return 0;
+}
+
+static const struct file_operations vcpu_fops = {
+	.owner = THIS_MODULE,
+	.unlocked_ioctl = vcpu_ioctl,
+	.mmap = vcpu_mmap,
+	.release = vcpu_release,
+	.llseek = noop_llseek,
+};
+
+/* ---- VM fd ------------------------------------------------------------- */
+
+static long vm_create_vcpu(struct s2pin_vm *vm, void __user *argp)
+{
+	struct s2pin_create_vcpu a;
+	struct s2pin_vcpu *vcpu;
+	unsigned int tries;
+	long e;
+	int fd;
+
+	if (copy_from_user(&a, argp, sizeof(a)))
+		return -EFAULT;
+	if (a.index >= S2PIN_MAX_VCPUS || (a.flags & ~S2PIN_VCPU_START_OFF) ||
+	    (a.entry & 3) || ((a.flags & S2PIN_VCPU_START_OFF) && (a.entry || a.x0)))
+		return -EINVAL;
+	vcpu = kzalloc(sizeof(*vcpu), GFP_KERNEL_ACCOUNT);
+	if (!vcpu)
+		return -ENOMEM;
+	vcpu->run = (struct s2pin_run *)get_zeroed_page(GFP_KERNEL_ACCOUNT);
+	if (!vcpu->run) {
+		kfree(vcpu);
+		return -ENOMEM;
+	}
+	mutex_init(&vcpu->run_lock);
+	vcpu->vm = vm;
+	vcpu->index = a.index;
+
+	mutex_lock(&vm->slots_mutex);
+	if (READ_ONCE(vm->dead)) {
+		e = -ESHUTDOWN;
+		goto fail;
+	}
+	if (test_bit(a.index, vm->vcpu_created)) {
+		e = -EEXIST;
+		goto fail;
+	}
+	for (tries = 0;; tries++) {
+		e = hvc_err(HYP_VCPU_CREATE, vm->handle, a.index, a.entry, a.x0,
+			    (a.flags & S2PIN_VCPU_START_OFF) ? HYP_VCPU_START_OFF : 0);
+		if (e != HYP_ENOMEM || tries >= 3)
+			break;
+		if (vm_topup(vm, TOPUP_PAGES))
+			break;
+	}
+	if (e) {
+		e = hyp_errno(e);
+		goto fail;
+	}
+	set_bit(a.index, vm->vcpu_created);
+	kref_get(&vm->ref);
+	mutex_unlock(&vm->slots_mutex);
+	fd = anon_inode_getfd("s2pin-vcpu", &vcpu_fops, vcpu, O_RDWR | O_CLOEXEC);
+	if (fd < 0) {
+		/* The EL2 vCPU stays (its index is used) until teardown. */
+		free_page((unsigned long)vcpu->run);
+		kfree(vcpu);
+		vm_put(vm);
+	}
+	return fd;
+fail:
+	mutex_unlock(&vm->slots_mutex);
+	free_page((unsigned long)vcpu->run);
+	kfree(vcpu);
+	return e;
+}
+
+/* Unmaps and unpins every page of a deleted slot's pin table; ioctl context. */
+static void vm_drop_slot_pins(struct s2pin_vm *vm, unsigned long *pins,
+			      const struct s2pin_memslot *s)
+{
+	u64 cur = 0;
+
+	while (cur < s->npages) {
+		struct unshare_batch b = { .vm = vm, .pins = pins, .base_gfn = s->base_gfn };
+		unsigned int n;
+
+		spin_lock(&vm->lock);
+		for (; cur < s->npages && b.n < BATCH; cur++)
+			if (pins[cur])
+				batch_add(&b, cur);
+		n = batch_close(&b, &vm->stats.unmapped_memslot);
+		spin_unlock(&vm->lock);
+		unpin_pages(b.pages, n, true);
+		cond_resched();
+	}
+}
+
+static long vm_set_region(struct s2pin_vm *vm, void __user *argp)
+{
+	struct s2pin_userspace_memory_region r;
+	struct s2pin_memslot s;
+	unsigned long *pins;
+	long ret;
+
+	if (copy_from_user(&r, argp, sizeof(r)))
+		return -EFAULT;
+	if (current->mm != vm->mm)
+		return -EIO;
+	mutex_lock(&vm->slots_mutex);
+	if (READ_ONCE(vm->dead)) {
+		ret = -ESHUTDOWN;
+		goto out;
+	}
+	ret = s2pin_memslot_check(vm->slots, S2PIN_MAX_MEMSLOTS, &r,
+				  vm->win_base_gfn, vm->win_pages, &s);
+	if (ret < 0)
+		goto out;
+	if (ret == 1) {
+		struct s2pin_memslot old;
+
+		spin_lock(&vm->lock);
+		old = vm->slots[r.slot];
+		pins = vm->pins[r.slot];
+		memset(&vm->slots[r.slot], 0, sizeof(vm->slots[r.slot]));
+		vm->pins[r.slot] = NULL;
+		vm->slot_gen[r.slot]++;
+		s2pin_inv_bump(&vm->inv);
+		spin_unlock(&vm->lock);
+		if (pins)
+			vm_drop_slot_pins(vm, pins, &old);
+		kvfree(pins);
+		ret = 0;
+		goto out;
+	}
+	if (!access_ok((void __user *)(unsigned long)s.uaddr, s.npages << PAGE_SHIFT)) {
+		ret = -EINVAL;
+		goto out;
+	}
+	pins = kvcalloc(s.npages, sizeof(*pins), GFP_KERNEL_ACCOUNT | __GFP_NOWARN);
+	if (!pins) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	spin_lock(&vm->lock);
+	vm->slots[r.slot] = s;
+	vm->pins[r.slot] = pins;
+	vm->slot_gen[r.slot]++;
+	spin_unlock(&vm->lock);
+	ret = 0;
+out:
+	mutex_unlock(&vm->slots_mutex);
+	return ret;
+}
+
+static long vm_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
+{
+	struct s2pin_vm *vm = f->private_data;
+	void __user *argp = (void __user *)arg;
+
+	switch (cmd) {
+	case S2PIN_SET_USER_MEMORY_REGION:
+		return vm_set_region(vm, argp);
+	case S2PIN_CREATE_VCPU:
+		if (current->mm != vm->mm)
+			return -EIO;
+		return vm_create_vcpu(vm, argp);
+	case S2PIN_GET_STATS: {
+		struct s2pin_vm_stats s;
+
+		vm_get_stats(vm, &s);
+		if (copy_to_user(argp, &s, sizeof(s)))
+			return -EFAULT;
+		return 0;
+	}
+	default:
+		return -ENOTTY;
+	}
+}
+
+static int vm_release(struct inode *inode, struct file *f)
+{
+	vm_put(f->private_data);
+	return 0;
+}
+
+static const struct file_operations vm_fops = {
+	.owner = THIS_MODULE,
+	.unlocked_ioctl = vm_ioctl,
+	.release = vm_release,
+	.llseek = noop_llseek,
+};
+
+/* ---- /dev/s2pin -------------------------------------------------------- */
+
+static long dev_create_vm(void __user *argp)
+{
+	struct s2pin_create_vm a;
+	struct arm_smccc_1_2_regs r;
+	struct s2pin_vm *vm;
+	char name[32];
+	u32 bits;
+	int ret, fd;
+
+	if (copy_from_user(&a, argp, sizeof(a)))
+		return -EFAULT;
+	ret = s2pin_create_vm_check(&a, &bits);
+	if (ret)
+		return ret;
+	vm = kzalloc(sizeof(*vm), GFP_KERNEL_ACCOUNT);
+	if (!vm)
+		return -ENOMEM;
+	kref_init(&vm->ref);
+	spin_lock_init(&vm->lock);
+	spin_lock_init(&vm->donated_lock);
+	mutex_init(&vm->slots_mutex);
+	mutex_init(&vm->teardown_mutex);
+	INIT_LIST_HEAD(&vm->donated);
+	vm->policy = a.policy;
+	vm->ipa_bits = bits;
+	vm->win_base_gfn = a.mem_base >> PAGE_SHIFT;
+	vm->win_pages = a.mem_size >> PAGE_SHIFT;
+	vm->mm = current->mm;
+	vm->pid = task_tgid_nr(current);
+	vm->root_order = ilog2(HYP_ROOT_TABLE_PAGES(bits));
+	vm->root = alloc_pages(GFP_KERNEL_ACCOUNT | __GFP_ZERO, vm->root_order);
+	if (!vm->root) {
+		kfree(vm);
+		return -ENOMEM;
+	}
+	r = hvc6(HYP_VM_CREATE, bits, S2PIN_MAX_VCPUS, page_to_pfn(vm->root),
+		 vm->win_base_gfn, vm->win_pages);
+	if (r.a0) {
+		__free_pages(vm->root, vm->root_order);
+		kfree(vm);
+		return hyp_errno((long)r.a0);
+	}
+	vm->handle = r.a1;
+	atomic_inc(&s2pin_live_vms);
+
+	vm->mn.ops = &s2pin_mn_ops;
+	ret = mmu_notifier_register(&vm->mn, current->mm);
+	if (ret) {
+		vm_put(vm);
+		return ret;
+	}
+	vm->mn_registered = true;
+	if (s2pin_dbg_root) {
+		snprintf(name, sizeof(name), "%d-%x", vm->pid, vm->handle);
+		vm->dbg = debugfs_create_dir(name, s2pin_dbg_root);
+		debugfs_create_file("stats", 0444, vm->dbg, vm, &stats_fops);
+	}
+	fd = anon_inode_getfd("s2pin-vm", &vm_fops, vm, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		vm_put(vm);
+	return fd;
+}
+
+static long dev_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
+{
+	switch (cmd) {
+	case S2PIN_GET_API_VERSION:
+		return arg ? -EINVAL : S2PIN_API_VERSION;
+	case S2PIN_GET_VCPU_MMAP_SIZE:
+		return arg ? -EINVAL : PAGE_SIZE;
+	case S2PIN_CREATE_VM:
+		return dev_create_vm((void __user *)arg);
+	default:
+		return -ENOTTY;
+	}
+}
+
+static const struct file_operations dev_fops = {
+	.owner = THIS_MODULE,
+	.unlocked_ioctl = dev_ioctl,
+	.llseek = noop_llseek,
+};
+
+static struct miscdevice s2pin_misc = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = "s2pin",
+	.fops = &dev_fops,
+	.mode = 0666,
+};
+
+/* ---- global debugfs ---------------------------------------------------- */
+
+static int pinned_show(struct seq_file *m, void *unused)
+{
+	seq_printf(m, "%ld\n", atomic_long_read(&s2pin_pinned_pages));
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(pinned);
+
+static int vms_show(struct seq_file *m, void *unused)
+{
+	seq_printf(m, "%d\n", atomic_read(&s2pin_live_vms));
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(vms);
+
+static DEFINE_MUTEX(hps_mutex);
+static u64 hps_pfn;
+
+static ssize_t hps_write(struct file *f, const char __user *ubuf, size_t len, loff_t *off)
+{
+	u64 pfn;
+	int ret = kstrtou64_from_user(ubuf, len, 0, &pfn);
+
+	if (ret)
+		return ret;
+	mutex_lock(&hps_mutex);
+	hps_pfn = pfn;
+	mutex_unlock(&hps_mutex);
+	return len;
+}
+
+static ssize_t hps_read(struct file *f, char __user *ubuf, size_t len, loff_t *off)
+{
+	struct arm_smccc_1_2_regs r;
+	char buf[128];
+	ssize_t n;
+	u64 pfn, x[8];
+
+	mutex_lock(&hps_mutex);
+	pfn = hps_pfn;
+	mutex_unlock(&hps_mutex);
+	r = hvc6(HYP_HOST_PAGE_STATE, pfn, 0, 0, 0, 0);
+	x[0] = r.a0; x[1] = r.a1; x[2] = r.a2; x[3] = r.a3;
+	x[4] = r.a4; x[5] = r.a5; x[6] = r.a6; x[7] = r.a7;
+	n = s2pin_format_host_page_state(pfn, x, buf, sizeof(buf));
+	if (n < 0)
+		return n;
+	return simple_read_from_buffer(ubuf, len, off, buf, n);
+}
+
+static const struct file_operations hps_fops = {
+	.owner = THIS_MODULE,
+	.read = hps_read,
+	.write = hps_write,
+	.llseek = default_llseek,
+};
+
+int s2pin_shim_init(void)
+{
+	int ret;
+
+	s2pin_dbg_root = debugfs_create_dir("s2pin", NULL);
+	if (IS_ERR(s2pin_dbg_root)) {
+		s2pin_dbg_root = NULL;
+	} else {
+		debugfs_create_file("pinned", 0444, s2pin_dbg_root, NULL, &pinned_fops);
+		debugfs_create_file("vms", 0444, s2pin_dbg_root, NULL, &vms_fops);
+		debugfs_create_file("host_page_state", 0600, s2pin_dbg_root, NULL, &hps_fops);
+	}
+	ret = misc_register(&s2pin_misc);
+	if (ret) {
+		pr_err("registering /dev/s2pin failed: %d\n", ret);
+		debugfs_remove(s2pin_dbg_root);
+		s2pin_dbg_root = NULL;
+		return ret;
+	}
+	s2pin_misc_registered = true;
+	return 0;
+}
+
+void s2pin_shim_exit(void)
+{
+	if (s2pin_misc_registered)
+		misc_deregister(&s2pin_misc);
+	/* Open fds hold the module (fops owner): no VM is left here. */
+	mmu_notifier_synchronize();
+	debugfs_remove(s2pin_dbg_root);
+}
