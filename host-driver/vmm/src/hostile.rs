@@ -414,7 +414,7 @@ fn other_process(dev: &S2pin, image: &[u8], t: &mut Tally) -> anyhow::Result<()>
                 let vcpu = recv_fd(b.as_raw_fd())?;
                 let vm = recv_fd(b.as_raw_fd())?;
                 // SAFETY: fds received just now, owned by this process.
-                let run = unsafe { libc::ioctl(vcpu, s2pin_uapi::S2PIN_RUN as _) };
+                let run = unsafe { libc::ioctl(vcpu, s2pin_uapi::S2PIN_RUN as _, 0) };
                 let e_run = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
                 let r = region(3, RAM_BASE, PAGE, 0x1000_0000);
                 // SAFETY: as above; `r` lives across the call.
@@ -531,7 +531,7 @@ fn two_threads_one_vcpu(dev: &S2pin, image: &[u8], t: &mut Tally) -> anyhow::Res
         let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
         for _ in 0..50 {
             // SAFETY: RUN on a vCPU fd; only the errno matters here.
-            let rc = unsafe { libc::ioctl(borrowed.as_raw_fd(), s2pin_uapi::S2PIN_RUN as _) };
+            let rc = unsafe { libc::ioctl(borrowed.as_raw_fd(), s2pin_uapi::S2PIN_RUN as _, 0) };
             let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
             seen.push(if rc < 0 { e } else { 0 });
             if rc < 0 && e == libc::EBUSY {

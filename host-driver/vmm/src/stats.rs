@@ -104,17 +104,17 @@ impl Report {
         }
         s.push('\n');
         for (name, v, doc) in counters(&self.vm) {
-            s.push_str(&format!("  {name:<28} {v:>12}  {doc}\n"));
+            s.push_str(&format!("  {name:<32} {v:>12}  {doc}\n"));
         }
         if let Some(kib) = self.locked_vm_kib {
             s.push_str(&format!(
-                "  {:<28} {:>12}  locked_vm of s2vmm (VmLck, KiB) at the end\n",
+                "  {:<32} {:>12}  locked_vm of s2vmm (VmLck, KiB) at the end\n",
                 "locked_vm_kib", kib
             ));
         }
         for (k, v) in &self.vmstat {
             s.push_str(&format!(
-                "  {:<28} {v:>12}  /proc/vmstat {k}, change over the run\n",
+                "  {:<32} {v:>12}  /proc/vmstat {k}, change over the run\n",
                 format!("vmstat_{k}")
             ));
         }
@@ -218,11 +218,11 @@ mod tests {
             assert!(t.contains(&format!("  {name} ")), "{name}");
         }
         assert!(
-            t.contains("pinned_now                          16896"),
+            t.contains("pinned_now                              16896"),
             "{t}"
         );
         assert!(
-            t.contains("locked_vm_kib                       67584"),
+            t.contains("locked_vm_kib                           67584"),
             "{t}"
         );
         assert!(t.contains("vmstat_numa_pte_updates"));
