@@ -8,9 +8,7 @@
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use aarch64_cpu::registers::{
-    Readable, Writeable, CNTPCT_EL0, ID_AA64MMFR0_EL1, ID_AA64MMFR1_EL1, VTTBR_EL2,
-};
+use aarch64_cpu::registers::{Readable, CNTPCT_EL0, ID_AA64MMFR0_EL1, ID_AA64MMFR1_EL1};
 use el2::layout::MAX_CPUS;
 use el2::pkvm::platform::{GuestEntry, PageAccess, Platform};
 use el2::vcpu::{RawExit, VcpuContext};
@@ -84,29 +82,17 @@ pub struct GuestTlb {
     vttbr: u64,
 }
 
-impl GuestTlb {
-    fn with_guest_vttbr(&self, f: impl FnOnce()) {
-        let saved = VTTBR_EL2.get();
-        VTTBR_EL2.set(self.vttbr);
-        // Makes the VMID switch visible to the TLBI.
-        arch::isb();
-        f();
-        VTTBR_EL2.set(saved);
-        arch::isb();
-    }
-}
-
 impl TlbMaintenance for GuestTlb {
     fn sync_writes(&mut self) {
         arch::tlbi::sync_writes();
     }
 
-    fn invalidate_ipa(&mut self, _vmid: Vmid, ipa: Ipa, _level: u8) {
-        self.with_guest_vttbr(|| arch::tlbi::ipa(ipa));
+    fn invalidate_ipa(&mut self, vmid: Vmid, ipa: Ipa, _level: u8) {
+        arch::with_vmid(self.vttbr, vmid, || arch::tlbi::ipa(ipa));
     }
 
-    fn invalidate_vmid(&mut self, _vmid: Vmid) {
-        self.with_guest_vttbr(arch::tlbi::vmid);
+    fn invalidate_vmid(&mut self, vmid: Vmid) {
+        arch::with_vmid(self.vttbr, vmid, arch::tlbi::vmid);
     }
 }
 

@@ -193,10 +193,9 @@ pub mod el1 {
     }
 }
 
-/// Stage-2 TLB maintenance for the table of the VMID currently in VTTBR_EL2.
-///
-/// Only the host stage-2 exists so far, and its VMID is loaded on every CPU
-/// whenever EL2 runs, so no VTTBR switch is needed yet.
+/// Stage-2 TLB maintenance for the host's stage-2: each invalidation acts
+/// on the VMID it names ([`with_vmid`]); the host's VMID is the one in
+/// VTTBR_EL2 whenever EL2 runs a host call, so no switch happens then.
 #[derive(Debug, Default)]
 pub struct Tlb;
 
@@ -205,15 +204,33 @@ impl TlbMaintenance for Tlb {
         tlbi::sync_writes();
     }
 
-    fn invalidate_ipa(&mut self, _vmid: Vmid, ipa: Ipa, _level: u8) {
-        tlbi::ipa(ipa);
-        isb();
+    fn invalidate_ipa(&mut self, vmid: Vmid, ipa: Ipa, _level: u8) {
+        with_vmid(VTTBR_EL2.get(), vmid, || tlbi::ipa(ipa));
     }
 
-    fn invalidate_vmid(&mut self, _vmid: Vmid) {
-        tlbi::vmid();
-        isb();
+    fn invalidate_vmid(&mut self, vmid: Vmid) {
+        with_vmid(VTTBR_EL2.get(), vmid, tlbi::vmid);
     }
+}
+
+/// Runs the TLB maintenance `f` with `VTTBR_EL2` naming `vmid` (the TLBIs
+/// take their VMID from it), as KVM's `__tlb_switch_to_guest`: `root` (a
+/// VTTBR value: the table of that VMID) with `vmid` put in is loaded if it
+/// differs from what `VTTBR_EL2` holds, and the old value restored after.
+/// Ends with an ISB.
+pub fn with_vmid(root: u64, vmid: Vmid, f: impl FnOnce()) {
+    let want = el2::pkvm::platform::vttbr_with_vmid(root, vmid);
+    let saved = VTTBR_EL2.get();
+    if want == saved {
+        f();
+    } else {
+        VTTBR_EL2.set(want);
+        // Makes the VMID switch visible to the TLBI.
+        isb();
+        f();
+        VTTBR_EL2.set(saved);
+    }
+    isb();
 }
 
 /// An instruction synchronisation barrier.

@@ -94,3 +94,30 @@ pub trait Platform: Sync {
     /// what the exit saved (the guest's registers are back in `ctx`).
     fn enter_guest(&self, ctx: &mut VcpuContext, entry: &GuestEntry) -> RawExit;
 }
+
+/// VTTBR_EL2.VMID (bits 63:48; 8- or 16-bit VMIDs).
+const VTTBR_VMID_MASK: u64 = 0xffff << 48;
+
+/// `vttbr` with its VMID replaced by `vmid`: what `VTTBR_EL2` must hold for
+/// a `tlbi ipas2e1is` / `vmalls12e1is` to act on `vmid` (these instructions
+/// take the VMID from `VTTBR_EL2`). The EL2 TLB implementations load this
+/// around every invalidation, so each one acts on the VMID it is given
+/// (stage2's `TlbMaintenance` contract), never on one captured elsewhere.
+#[must_use]
+pub const fn vttbr_with_vmid(vttbr: u64, vmid: Vmid) -> u64 {
+    (vttbr & !VTTBR_VMID_MASK) | ((vmid.0 as u64) << 48)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vttbr_with_vmid_replaces_only_the_vmid() {
+        let root = 0x4567_8000;
+        assert_eq!(vttbr_with_vmid(root | 3 << 48, Vmid(3)), root | 3 << 48);
+        assert_eq!(vttbr_with_vmid(root | 3 << 48, Vmid(4)), root | 4 << 48);
+        assert_eq!(vttbr_with_vmid(root | 0xffff << 48, Vmid(0)), root);
+        assert_eq!(vttbr_with_vmid(root, Vmid(0xffff)), root | 0xffff << 48);
+    }
+}
