@@ -52,6 +52,12 @@ pub const MAX_MIB: u16 = 1024;
 /// write stores the value for later reads of the same offset.
 pub const MMIO_TEST_BASE: u64 = 0x0a00_0000;
 
+/// IPA of the console UART (the data register of a PL011, as on QEMU's
+/// `virt` board) the payload writes its console bytes to, one byte per
+/// store, when [`Arg::uart`] is set: a VMM emulates it (MMIO exits), on
+/// any hypervisor. Otherwise the console is `HYP_GUEST_CONSOLE_WRITE`.
+pub const UART_BASE: u64 = 0x0900_0000;
+
 /// What the test device reads as at `off` before anything was written.
 #[must_use]
 pub const fn mmio_test_value(off: u64) -> u64 {
@@ -324,6 +330,7 @@ impl Probe {
 /// | bits | field |
 /// |---|---|
 /// | 3:0 | mode: 1 = fill, 2 = touch, 3 = exits, 4 = smp, 5 = probe |
+/// | 4 | [`Arg::uart`]: console on the UART, power-off by PSCI |
 /// | 31:16 | N, MiB of memory to use (1..=1024); in probe mode the [`Probe`] |
 /// | 47:32 | touch: reports before shutdown (0 = run forever) |
 /// | 55:48 | touch: log2 of passes per report |
@@ -354,6 +361,10 @@ pub struct Arg {
     pub count: u8,
     /// Poke, bench: the guest frame (IPA >> 12).
     pub gfn: u64,
+    /// Modes 1-5: console over the UART at [`UART_BASE`] and power-off by
+    /// PSCI `SYSTEM_OFF` instead of the hypervisor's guest calls, so that
+    /// the payload runs under another hypervisor too (KVM).
+    pub uart: bool,
 }
 
 /// Why an argument was refused.
@@ -374,7 +385,8 @@ pub enum ArgError {
 }
 
 impl Arg {
-    const RESERVED: u64 = 0xff00_0000_0000_fff0;
+    const RESERVED: u64 = 0xff00_0000_0000_ffe0;
+    const UART: u64 = 1 << 4;
 
     /// Decodes x0.
     pub fn decode(x0: u64) -> Result<Self, ArgError> {
@@ -410,6 +422,7 @@ impl Arg {
             mib,
             reports: ((x0 >> 32) & 0xffff) as u16,
             passes_log2,
+            uart: x0 & Self::UART != 0,
             ..Self::new(mode)
         })
     }
@@ -425,6 +438,7 @@ impl Arg {
             op: Op::Read,
             count: 0,
             gfn: 0,
+            uart: false,
         }
     }
 
@@ -497,7 +511,8 @@ impl Arg {
             Mode::Hostile | Mode::Regs => return mode,
             _ => {}
         }
-        mode | u64::from(self.mib) << 16
+        mode | u64::from(self.uart) << 4
+            | u64::from(self.mib) << 16
             | u64::from(self.reports) << 32
             | u64::from(self.passes_log2) << 48
     }
@@ -666,9 +681,15 @@ mod tests {
             Err(ArgError::Passes(32))
         );
         assert_eq!(
-            Arg::decode(1 | 1 << 16 | 1 << 4),
-            Err(ArgError::Reserved(0x10))
+            Arg::decode(1 | 1 << 16 | 1 << 5),
+            Err(ArgError::Reserved(0x20))
         );
+        let u = Arg {
+            uart: true,
+            ..Arg::decode(1 | 8 << 16).unwrap()
+        };
+        assert_eq!(u.encode(), 1 | 1 << 4 | 8 << 16);
+        assert_eq!(Arg::decode(u.encode()), Ok(u));
         assert!(matches!(
             Arg::decode(1 | 1 << 16 | 1 << 60),
             Err(ArgError::Reserved(_))

@@ -13,7 +13,7 @@ mod hostile;
 #[cfg(target_os = "none")]
 mod run {
     use core::fmt::Write;
-    use core::sync::atomic::{AtomicU64, Ordering};
+    use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     use guest::{Arg, Console, Mode, Op, TEST_ALIGN};
     use hypercalls::GuestCall;
@@ -35,15 +35,33 @@ mod run {
         static __image_end: u8;
     }
 
+    /// The argument asked for the UART console and PSCI power-off (so
+    /// that the payload runs under any hypervisor: `Arg::uart`).
+    static UART: AtomicBool = AtomicBool::new(false);
+
     fn console() -> Console<impl FnMut(GuestCall)> {
-        Console::new(|c| {
-            arch::call(c);
+        Console::new(|c| match c {
+            GuestCall::ConsoleWrite(bytes) if UART.load(Ordering::Relaxed) => {
+                bytes
+                    .as_bytes()
+                    .iter()
+                    .for_each(|&b| arch::mmio_write8(guest::UART_BASE, b));
+            }
+            c => {
+                arch::call(c);
+            }
         })
     }
 
     fn shutdown() -> ! {
         loop {
-            arch::call(GuestCall::Shutdown);
+            if UART.load(Ordering::Relaxed) {
+                let mut r = [0u64; 8];
+                r[0] = PSCI_SYSTEM_OFF;
+                arch::hvc(&r);
+            } else {
+                arch::call(GuestCall::Shutdown);
+            }
         }
     }
 
@@ -89,8 +107,10 @@ mod run {
 
     #[unsafe(no_mangle)]
     extern "C" fn guest_main(x0: u64) -> ! {
+        let decoded = Arg::decode(x0);
+        UART.store(decoded.is_ok_and(|a| a.uart), Ordering::SeqCst);
         let mut out = console();
-        let arg = match Arg::decode(x0) {
+        let arg = match decoded {
             Ok(a) => a,
             Err(e) => {
                 let _ = writeln!(out, "guest: bad argument {x0:#x}: {e:?}");

@@ -134,6 +134,14 @@ pub fn mmio_write64(addr: u64, v: u64) {
     unsafe { asm!("str {v}, [{a}]", a = in(reg) addr, v = in(reg) v, options(nostack)) };
 }
 
+/// An 8-bit device write (`strb w`).
+pub fn mmio_write8(addr: u64, v: u8) {
+    // SAFETY: as mmio_read32.
+    unsafe {
+        asm!("strb {v:w}, [{a}]", a = in(reg) addr, v = in(reg) u32::from(v), options(nostack))
+    };
+}
+
 /// One WFI (trapped by the hypervisor: it returns at once here).
 pub fn wfi() {
     // SAFETY: a hint; with interrupts masked a trapped WFI just exits.
