@@ -207,14 +207,18 @@ static int vm_account_one(struct s2pin_vm *vm)
 	return account_locked_vm(vm->mm, 1, true);
 }
 
-/* Returns credit above two chunks to locked_vm (RUN path, no lock held). */
-static void vm_settle_accounting(struct s2pin_vm *vm)
+/*
+ * Returns credit above @keep pages to locked_vm (RUN path, no lock held):
+ * above two chunks on every entry, all of it when RUN returns, so that
+ * locked_vm equals the pinned pages whenever no vCPU thread is in RUN.
+ */
+static void vm_settle_accounting(struct s2pin_vm *vm, long keep)
 {
 	long n = 0;
 
 	spin_lock(&vm->lock);
-	if (vm->acct_credit > 2 * ACCT_CHUNK) {
-		n = vm->acct_credit - ACCT_CHUNK;
+	if (vm->acct_credit > keep) {
+		n = vm->acct_credit - keep;
 		vm->acct_credit -= n;
 	}
 	spin_unlock(&vm->lock);
@@ -966,7 +970,8 @@ static long vcpu_run(struct s2pin_vcpu *vcpu)
 			break;
 		}
 		cond_resched();
-		vm_settle_accounting(vm);
+		if (READ_ONCE(vm->acct_credit) > 2 * ACCT_CHUNK)
+			vm_settle_accounting(vm, ACCT_CHUNK);
 		if (vcpu->mmio_read_pending) {
 			mmio = READ_ONCE(run->mmio.data);
 			vcpu->mmio_read_pending = false;
@@ -1024,6 +1029,7 @@ static long vcpu_run(struct s2pin_vcpu *vcpu)
 		break;
 	}
 out:
+	vm_settle_accounting(vm, 0);
 	mutex_unlock(&vcpu->run_lock);
 	return ret;
 }
