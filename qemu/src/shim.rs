@@ -33,10 +33,12 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 
 /// Pages of the 2-vCPU fill's tested memory (64 MiB).
 const FILL_PAGES: u64 = 64 << 8;
-/// Pages of the hook range in the hook cases (1 MiB at offset 4 MiB).
-const HOOK_PAGES: u64 = 256;
-/// Pages of a huge page.
-const HUGE_PAGES: u64 = 512;
+/// Pages of the hook range in the hook cases (2 MiB at offset 4 MiB of the
+/// tested memory, 2 MiB aligned in the host mapping: a VMA split at an
+/// address that is not 2 MiB aligned makes Linux 6.1 send
+/// `MMU_NOTIFY_CLEAR` for the whole 2 MiB around it, THP or not
+/// (`split_huge_pmd_if_needed`), and those pages would be unmapped too).
+const HOOK_PAGES: u64 = 512;
 
 /// What one case printed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -155,7 +157,7 @@ fn dmesg_check() -> String {
     )
 }
 
-/// A touch guest with a hook on 1 MiB at 4 MiB, after its 2nd of 6 reports.
+/// A touch guest with a hook on 2 MiB at 4 MiB, after its 2nd of 6 reports.
 fn hook_cmd(policy: &str, hook: &str) -> String {
     format!(
         "s2vmm --mode touch --mem 16M --reports 6 --passes-log2 1 --hook-at 2 --policy {policy} {hook} --stats"
@@ -170,13 +172,13 @@ fn script_one_node() -> String {
         "s2vmm --image /root/guest.bin --mem 64M --vcpus 2 --policy confirm --stats",
     ));
     for (name, policy, hook) in [
-        ("dontneed", "confirm", "--madvise-dontneed 4M+1M"),
-        ("munmap", "confirm", "--munmap 4M+1M"),
-        ("ro_confirm", "confirm", "--mprotect 4M+1M:ro"),
-        ("ro_eager", "eager", "--mprotect 4M+1M:ro"),
-        ("none_confirm", "confirm", "--mprotect 4M+1M:none"),
-        ("none_keep", "keep", "--mprotect 4M+1M:none"),
-        ("none_eager", "eager", "--mprotect 4M+1M:none"),
+        ("dontneed", "confirm", "--madvise-dontneed 4M+2M"),
+        ("munmap", "confirm", "--munmap 4M+2M"),
+        ("ro_confirm", "confirm", "--mprotect 4M+2M:ro"),
+        ("ro_eager", "eager", "--mprotect 4M+2M:ro"),
+        ("none_confirm", "confirm", "--mprotect 4M+2M:none"),
+        ("none_keep", "keep", "--mprotect 4M+2M:none"),
+        ("none_eager", "eager", "--mprotect 4M+2M:none"),
     ] {
         s.push_str(&case(name, &hook_cmd(policy, hook)));
     }
@@ -185,9 +187,10 @@ fn script_one_node() -> String {
     // guest's first report), note the state, kill, then check every frame.
     s.push_str(&case(
         "kill",
-        "free0=$(awk '/MemFree/ {print $2}' /proc/meminfo)\n\
+        "memfree() { sync; echo 3 > /proc/sys/vm/drop_caches; sleep 1; awk '/MemFree/ {print $2}' /proc/meminfo; }\n\
+         free0=$(memfree)\n\
          rm -f /tmp/pfns\n\
-         s2vmm --mode touch --mem 32M --reports 0 --seconds 600 --passes-log2 0 --hook-at 1 --dump-pfns /tmp/pfns > /tmp/kill.out 2>&1 &\n\
+         s2vmm --mode touch --mem 64M --reports 0 --seconds 600 --passes-log2 0 --hook-at 1 --dump-pfns /tmp/pfns > /tmp/kill.out 2>&1 &\n\
          pid=$!\n\
          n=0; while [ ! -s /tmp/pfns ] && [ $n -lt 120 ]; do sleep 1; n=$((n+1)); done\n\
          sleep 1\n\
@@ -199,13 +202,13 @@ fn script_one_node() -> String {
          bad=0; n=0\n\
          for p in $(cat /tmp/pfns); do\n\
            echo $p > /sys/kernel/debug/s2pin/host_page_state\n\
-           st=$(cat /sys/kernel/debug/s2pin/host_page_state)\n\
+           read -r st < /sys/kernel/debug/s2pin/host_page_state\n\
            case \"$st\" in *owner=host*state=owned*count=0*) ;; *) bad=$((bad+1)); [ $bad -le 3 ] && echo \"page state: $st\";; esac\n\
            n=$((n+1))\n\
          done\n\
          echo \"CHECK kill.checked=$n\"\n\
          echo \"CHECK kill.not_host=$bad\"\n\
-         free1=$(awk '/MemFree/ {print $2}' /proc/meminfo)\n\
+         free1=$(memfree)\n\
          echo \"CHECK kill.memfree_drop_kib=$((free0 - free1))\"\n\
          cat /tmp/kill.out | head -20\n\
          true",
@@ -386,7 +389,7 @@ fn one_node_checks(all: &BTreeMap<String, Section>) -> Vec<Outcome> {
     for (name, what) in [("dontneed", "MADV_DONTNEED"), ("munmap", "munmap")] {
         let s = get(name);
         check(
-            &format!("{what} of 1 MiB while the guest runs: exactly those 256 pages unshared and unpinned"),
+            &format!("{what} of 2 MiB while the guest runs: exactly those 512 pages unshared and unpinned"),
             clean(s)
                 && s.delta("unshares") == HOOK_PAGES as i64
                 && s.delta("unpins") == HOOK_PAGES as i64
@@ -404,7 +407,7 @@ fn one_node_checks(all: &BTreeMap<String, Section>) -> Vec<Outcome> {
 
     let ro = get("ro_confirm");
     check(
-        "mprotect(PROT_READ), confirm: 256 pages write-protected at EL2, none unmapped",
+        "mprotect(PROT_READ), confirm: the 512 pages write-protected at EL2, none unmapped",
         clean(ro)
             && s_eq(ro.delta("wrprotected_lost_write"), HOOK_PAGES)
             && ro.delta("unshares") == 0,
@@ -417,7 +420,7 @@ fn one_node_checks(all: &BTreeMap<String, Section>) -> Vec<Outcome> {
     );
     let roe = get("ro_eager");
     check(
-        "mprotect(PROT_READ), eager: the 256 pages are unmapped and the guest proceeds after the restore",
+        "mprotect(PROT_READ), eager: the 512 pages are unmapped and the guest proceeds after the restore",
         clean(roe)
             && s_eq(roe.delta("unshares"), HOOK_PAGES)
             && roe.has_line("s2vmm: memory check PASS"),
@@ -430,7 +433,7 @@ fn one_node_checks(all: &BTreeMap<String, Section>) -> Vec<Outcome> {
     ] {
         let s = get(name);
         check(
-            &format!("mprotect(PROT_NONE), {policy}: exactly the 256 pages unmapped and unpinned; the guest proceeds after the restore"),
+            &format!("mprotect(PROT_NONE), {policy}: exactly the 512 pages unmapped and unpinned; the guest proceeds after the restore"),
             clean(s)
                 && s_eq(s.delta("unshares"), HOOK_PAGES)
                 && s_eq(s.delta("unpins"), HOOK_PAGES)
@@ -459,20 +462,20 @@ fn one_node_checks(all: &BTreeMap<String, Section>) -> Vec<Outcome> {
     let pinned_live = k.check_num("pinned_live").unwrap_or(0);
     out.push((
         "shim: kill -9 mid-run: the VM had pinned its memory and accounted it in locked_vm".into(),
-        pinned_live >= (32 << 8) && k.check_num("vmlck_kib") == Some(4 * pinned_live),
+        pinned_live >= (64 << 8) && k.check_num("vmlck_kib") == Some(4 * pinned_live),
         k.text(),
     ));
     out.push((
         "shim: kill -9 mid-run: afterwards nothing pinned, no VM, every frame it had host-owned and unshared (HYP_HOST_PAGE_STATE)".into(),
         k.check("pinned") == Some("0")
             && k.check("vms") == Some("0")
-            && k.check_num("checked").unwrap_or(0) >= (32 << 8)
+            && k.check_num("checked").unwrap_or(0) >= (64 << 8)
             && k.check("not_host") == Some("0"),
         k.text(),
     ));
     out.push((
-        "shim: kill -9 mid-run: MemFree is back (within 8 MiB of before the run)".into(),
-        k.check_num("memfree_drop_kib").is_some_and(|d| d < 8 << 10),
+        "shim: kill -9 mid-run: MemFree is back (after drop_caches, within 16 MiB of before the 66 MiB VM; runs differ by up to ~7 MiB)".into(),
+        k.check_num("memfree_drop_kib").is_some_and(|d| d < 16 << 10),
         k.text(),
     ));
     out
@@ -514,14 +517,19 @@ fn numa_checks(all: &BTreeMap<String, Section>) -> Vec<Outcome> {
     let huge = t.stat("vmstat_numa_huge_pte_updates");
     let unmapped = t.stat("unmapped_protnone");
     check(
-        "NUMA pass over pinned THP, confirm: unmaps exactly whole huge pages made PROT_NONE (512 x PMDs, at most numa_huge_pte_updates of them)",
+        "NUMA pass over pinned THP, confirm: huge pages became PROT_NONE and only pages confirmed PROT_NONE were unmapped (at most the PTEs the scan changed)",
         clean(t)
             && scanned(t)
             && huge > 0
             && unmapped > 0
-            && unmapped % HUGE_PAGES as i64 == 0
-            && unmapped <= huge * HUGE_PAGES as i64
-            && t.stat("unmapped_eager") == 0,
+            && unmapped <= t.stat("vmstat_numa_pte_updates")
+            && t.stat("unmapped_eager") == 0
+            && t.stat("unmapped_invalidate") == 0,
+        t,
+    );
+    check(
+        "NUMA pass over pinned THP, confirm: the host then migrates pages NUMA balancing chose (numa_pages_migrated > 0)",
+        clean(t) && t.stat("vmstat_numa_pages_migrated") > 0,
         t,
     );
     let k = get("numa_thp_keep");
