@@ -75,6 +75,13 @@ struct s2pin_exit_info {
 	u32 pad;
 };
 
+/* A run of pages contiguous in gfn and pfn, for one HYP_UNSHARE (len 0: empty). */
+struct s2pin_unshare_run {
+	u64 gfn;
+	u64 pfn;
+	u64 len;
+};
+
 /* s2pin_handle_exit() results. */
 #define S2PIN_ACT_REENTER	0
 #define S2PIN_ACT_MEM_FAULT	1
@@ -103,6 +110,12 @@ int s2pin_memslot_check(const struct s2pin_memslot *slots, size_t n,
 			u64 win_base_gfn, u64 win_pages, struct s2pin_memslot *out);
 /* The slot index holding @gfn, or -1. */
 int s2pin_memslot_find(const struct s2pin_memslot *slots, size_t n, u64 gfn);
+/* 1 and the slot's page indices [*first, *last) whose host pages meet [start, end); else 0. */
+int s2pin_slot_page_range(const struct s2pin_memslot *slot, u64 start, u64 end,
+			  u64 *first, u64 *last);
+/* 1 if gfn -> pfn continues @run (appended), else 0: flush it, then s2pin_run_start(). */
+int s2pin_run_extend(struct s2pin_unshare_run *run, u64 gfn, u64 pfn);
+void s2pin_run_start(struct s2pin_unshare_run *run, u64 gfn, u64 pfn);
 void s2pin_inv_begin(struct s2pin_inv *st, u64 start, u64 end);
 void s2pin_inv_finish(struct s2pin_inv *st);
 void s2pin_inv_bump(struct s2pin_inv *st);

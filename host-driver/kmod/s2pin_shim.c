@@ -239,8 +239,7 @@ struct unshare_batch {
 	u64 base_gfn;
 	struct page *pages[BATCH];
 	unsigned int n;
-	u64 run_gfn, run_pfn;
-	unsigned int run_len;
+	struct s2pin_unshare_run run;
 	unsigned int failed;
 };
 
@@ -249,25 +248,25 @@ static void batch_flush_run(struct unshare_batch *b)
 	long e;
 	unsigned int i;
 
-	if (!b->run_len)
+	if (!b->run.len)
 		return;
-	e = hvc_err(HYP_UNSHARE, b->vm->handle, b->run_pfn, b->run_gfn, b->run_len, 0);
+	e = hvc_err(HYP_UNSHARE, b->vm->handle, b->run.pfn, b->run.gfn, b->run.len, 0);
 	if (e) {
 		/*
 		 * EL2 may still map them: keep the pins (a leak, never a
 		 * use-after-free) and put them back in the table.
 		 */
-		pr_err_ratelimited("HYP_UNSHARE gfn %llx x%u failed: %ld; pages stay pinned\n",
-				   b->run_gfn, b->run_len, e);
-		for (i = 0; i < b->run_len; i++) {
-			struct page *p = b->pages[b->n - b->run_len + i];
+		pr_err_ratelimited("HYP_UNSHARE gfn %llx x%llu failed: %ld; pages stay pinned\n",
+				   b->run.gfn, b->run.len, e);
+		for (i = 0; i < b->run.len; i++) {
+			struct page *p = b->pages[b->n - b->run.len + i];
 
-			b->pins[b->run_gfn + i - b->base_gfn] = (unsigned long)p;
+			b->pins[b->run.gfn + i - b->base_gfn] = (unsigned long)p;
 		}
-		b->n -= b->run_len;
-		b->failed += b->run_len;
+		b->n -= b->run.len;
+		b->failed += b->run.len;
 	}
-	b->run_len = 0;
+	b->run.len = 0;
 }
 
 /* Unmaps the pinned page at index @i of the slot (vm->lock held). */
@@ -277,14 +276,9 @@ static void batch_add(struct unshare_batch *b, u64 i)
 	struct page *page = PIN_PAGE(e);
 	u64 gfn = b->base_gfn + i, pfn = page_to_pfn(page);
 
-	if (b->run_len && gfn == b->run_gfn + b->run_len &&
-	    pfn == b->run_pfn + b->run_len && b->run_len < HYP_MAX_PAGES_PER_CALL) {
-		b->run_len++;
-	} else {
+	if (!s2pin_run_extend(&b->run, gfn, pfn)) {
 		batch_flush_run(b);
-		b->run_gfn = gfn;
-		b->run_pfn = pfn;
-		b->run_len = 1;
+		s2pin_run_start(&b->run, gfn, pfn);
 	}
 	b->pins[i] = 0;
 	b->pages[b->n++] = page;
@@ -308,14 +302,20 @@ static unsigned int batch_close(struct unshare_batch *b, u64 *reason)
 	return b->n;
 }
 
-/* Unpins (dirty) pages EL2 no longer maps; no lock held. */
-static void unpin_pages(struct page **pages, unsigned int n, bool blockable)
+/*
+ * Unpins (dirty) pages EL2 no longer maps; no lock of ours held. @may_lock:
+ * the caller may sleep on the page lock. Notifier callbacks pass false:
+ * migration and reclaim send MMU_NOTIFY_CLEAR with the page locked, so
+ * set_page_dirty_lock() there would deadlock; set_page_dirty() takes no
+ * lock (anonymous and shmem pages need none), as KVM marks pages dirty.
+ */
+static void unpin_pages(struct page **pages, unsigned int n, bool may_lock)
 {
 	unsigned int i;
 
 	if (!n)
 		return;
-	if (blockable) {
+	if (may_lock) {
 		unpin_user_pages_dirty_lock(pages, n, true);
 	} else {
 		for (i = 0; i < n; i++) {
@@ -343,17 +343,10 @@ static void vm_unmap_hva_range(struct s2pin_vm *vm, unsigned long start,
 			spin_unlock(&vm->lock);
 			continue;
 		}
-		{
-			struct s2pin_memslot s = vm->slots[id];
-			u64 s_end = s.uaddr + (s.npages << PAGE_SHIFT);
-
-			gen = vm->slot_gen[id];
-			if (end <= s.uaddr || start >= s_end) {
-				spin_unlock(&vm->lock);
-				continue;
-			}
-			first = start > s.uaddr ? (start - s.uaddr) >> PAGE_SHIFT : 0;
-			last = end < s_end ? (end - s.uaddr + PAGE_SIZE - 1) >> PAGE_SHIFT : s.npages;
+		gen = vm->slot_gen[id];
+		if (!s2pin_slot_page_range(&vm->slots[id], start, end, &first, &last)) {
+			spin_unlock(&vm->lock);
+			continue;
 		}
 		spin_unlock(&vm->lock);
 
@@ -374,7 +367,7 @@ static void vm_unmap_hva_range(struct s2pin_vm *vm, unsigned long start,
 					batch_add(&b, cur);
 			n = batch_close(&b, (u64 *)((char *)&vm->stats + reason_off));
 			spin_unlock(&vm->lock);
-			unpin_pages(b.pages, n, blockable);
+			unpin_pages(b.pages, n, false);
 			if (blockable)
 				cond_resched();
 		}
@@ -464,17 +457,10 @@ static void vm_confirm_range(struct s2pin_vm *vm, const struct mmu_notifier_rang
 			spin_unlock(&vm->lock);
 			continue;
 		}
-		{
-			struct s2pin_memslot s = vm->slots[id];
-			u64 s_end = s.uaddr + (s.npages << PAGE_SHIFT);
-
-			gen = vm->slot_gen[id];
-			if (end <= s.uaddr || start >= s_end) {
-				spin_unlock(&vm->lock);
-				continue;
-			}
-			first = start > s.uaddr ? (start - s.uaddr) >> PAGE_SHIFT : 0;
-			last = end < s_end ? (end - s.uaddr + PAGE_SIZE - 1) >> PAGE_SHIFT : s.npages;
+		gen = vm->slot_gen[id];
+		if (!s2pin_slot_page_range(&vm->slots[id], start, end, &first, &last)) {
+			spin_unlock(&vm->lock);
+			continue;
 		}
 		spin_unlock(&vm->lock);
 
@@ -533,8 +519,8 @@ static void vm_confirm_range(struct s2pin_vm *vm, const struct mmu_notifier_rang
 			n = batch_close(&b, &vm->stats.unmapped_protnone);
 			m = batch_close(&c, &vm->stats.unmapped_changed);
 			spin_unlock(&vm->lock);
-			unpin_pages(b.pages, n, blockable);
-			unpin_pages(c.pages, m, blockable);
+			unpin_pages(b.pages, n, false);
+			unpin_pages(c.pages, m, false);
 			if (blockable)
 				cond_resched();
 		}

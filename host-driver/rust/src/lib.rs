@@ -218,7 +218,7 @@ mod kernel {
 // The shim (/dev/s2pin): decisions the C glue asks for. See `shim`.
 
 use s2pin_uapi::{Policy, S2pinCreateVm, S2pinRun, S2pinUserspaceMemoryRegion, STATS_COUNT};
-use shim::{ExitInfo, InvState, Memslot, PteState, RegionOp, Window};
+use shim::{ExitInfo, InvState, Memslot, PteState, RegionOp, UnshareRun, Window};
 
 /// Validates `S2PIN_CREATE_VM`'s argument at `arg`; on success stores the
 /// IPA size (the default for 0) at `ipa_bits` and returns 0, else `-EINVAL`.
@@ -313,6 +313,66 @@ unsafe fn slice_or_empty<'a, T>(p: *const T, n: usize) -> &'a [T] {
     } else {
         // SAFETY: forwarded from the caller.
         unsafe { core::slice::from_raw_parts(p, n) }
+    }
+}
+
+/// The page indices of `slot` whose host pages intersect `[start, end)`:
+/// returns 1 and stores them in `*first`..`*last` (exclusive), or 0 when
+/// none does.
+///
+/// # Safety
+/// `slot` is null or readable; `first` and `last` are null or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_slot_page_range(
+    slot: *const Memslot,
+    start: u64,
+    end: u64,
+    first: *mut u64,
+    last: *mut u64,
+) -> c_int {
+    if first.is_null() || last.is_null() {
+        return 0;
+    }
+    // SAFETY: as the caller promises.
+    let Some(slot) = (unsafe { slot.as_ref() }) else {
+        return 0;
+    };
+    match shim::slot_page_range(slot, start, end) {
+        Some((f, l)) => {
+            // SAFETY: non-null and writable, as the caller promises.
+            unsafe {
+                first.write_unaligned(f);
+                last.write_unaligned(l);
+            }
+            1
+        }
+        None => 0,
+    }
+}
+
+/// Appends page `gfn -> pfn` to the unshare run at `run` if it continues
+/// it (1), else returns 0: flush the run, then [`s2pin_run_start`].
+///
+/// # Safety
+/// `run` is null or points to a writable `struct s2pin_unshare_run`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_run_extend(run: *mut UnshareRun, gfn: u64, pfn: u64) -> c_int {
+    // SAFETY: as the caller promises.
+    match unsafe { run.as_mut() } {
+        Some(r) => c_int::from(r.extend(gfn, pfn)),
+        None => 0,
+    }
+}
+
+/// Makes the run at `run` the single page `gfn -> pfn`.
+///
+/// # Safety
+/// As [`s2pin_run_extend`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn s2pin_run_start(run: *mut UnshareRun, gfn: u64, pfn: u64) {
+    // SAFETY: as the caller promises.
+    if let Some(r) = unsafe { run.as_mut() } {
+        r.start(gfn, pfn);
     }
 }
 

@@ -178,6 +178,72 @@ pub fn find_slot(slots: &[Memslot], gfn: u64) -> Option<usize> {
     slots.iter().position(|s| s.contains(gfn))
 }
 
+/// The slot's page indices whose host pages intersect `[start, end)`:
+/// `(first, last)` with `last` exclusive, or `None` when none does (or the
+/// slot is free).
+#[must_use]
+pub fn slot_page_range(slot: &Memslot, start: u64, end: u64) -> Option<(u64, u64)> {
+    if slot.used == 0 || start >= end {
+        return None;
+    }
+    if slot.npages > (u64::MAX >> PAGE_SHIFT) {
+        return None;
+    }
+    let bytes = slot.npages << PAGE_SHIFT;
+    let s_end = slot.uaddr.checked_add(bytes)?;
+    if end <= slot.uaddr || start >= s_end {
+        return None;
+    }
+    let first = start.saturating_sub(slot.uaddr) >> PAGE_SHIFT;
+    let last = if end < s_end {
+        // Round up: a partly covered page counts.
+        (end - slot.uaddr).div_ceil(S2PIN_PAGE_SIZE)
+    } else {
+        slot.npages
+    };
+    (first < last).then_some((first, last))
+}
+
+/// A run of pages contiguous in both gfn and pfn, unshared with one
+/// `HYP_UNSHARE` (`struct s2pin_unshare_run`). `len` 0: empty.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnshareRun {
+    /// First guest frame.
+    pub gfn: u64,
+    /// First host frame.
+    pub pfn: u64,
+    /// Pages (at most `HYP_MAX_PAGES_PER_CALL`).
+    pub len: u64,
+}
+
+impl UnshareRun {
+    /// Appends page `gfn -> pfn` if it continues the run (or the run is
+    /// empty) and the run has room; otherwise returns false and the caller
+    /// flushes the run and starts a new one with [`UnshareRun::start`].
+    pub fn extend(&mut self, gfn: u64, pfn: u64) -> bool {
+        if self.len == 0 {
+            self.start(gfn, pfn);
+            return true;
+        }
+        let max = u64::from(hypercalls::MAX_PAGES_PER_CALL);
+        if self.len < max
+            && self.gfn.checked_add(self.len) == Some(gfn)
+            && self.pfn.checked_add(self.len) == Some(pfn)
+        {
+            self.len += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Makes the run the single page `gfn -> pfn`.
+    pub fn start(&mut self, gfn: u64, pfn: u64) {
+        *self = Self { gfn, pfn, len: 1 };
+    }
+}
+
 /// The fault/invalidate sequence count, in the spirit of KVM's
 /// `mmu_invalidate_seq` / `mmu_invalidate_in_progress`
 /// (`struct s2pin_inv` in `s2pin_core.h`; every access under the VM's lock).
@@ -693,6 +759,58 @@ mod tests {
             if !is_protection(ev) { prop_assert_eq!(st, StartAction::UnmapInvalidate); }
             else if policy == Policy::Eager { prop_assert_eq!(st, StartAction::UnmapEager); }
             else { prop_assert_eq!(st, StartAction::Nothing); }
+        }
+    }
+
+    proptest! {
+        /// Exactly the pages whose bytes intersect the range are listed.
+        #[test]
+        fn slot_page_range_is_exact(uaddr in 0u64..0x10000, npages in 0u64..64, start in 0u64..0x60000, len in 0u64..0x60000) {
+            let slot = Memslot { base_gfn: 0, npages, uaddr: uaddr << 12, flags: 0, used: 1 };
+            let end = start + len;
+            let got = slot_page_range(&slot, start, end);
+            for i in 0..npages {
+                let p0 = slot.uaddr + (i << 12);
+                let hit = start < p0 + 4096 && p0 < end;
+                let listed = got.is_some_and(|(f, l)| i >= f && i < l);
+                prop_assert_eq!(hit, listed, "page {} of {:?} for [{:#x}, {:#x})", i, got, start, end);
+            }
+        }
+
+        #[test]
+        fn slot_page_range_never_panics(uaddr: u64, npages: u64, start: u64, end: u64) {
+            let slot = Memslot { base_gfn: 0, npages, uaddr, flags: 0, used: 1 };
+            if let Some((f, l)) = slot_page_range(&slot, start, end) {
+                prop_assert!(f < l && l <= npages);
+            }
+        }
+
+        /// Runs built page by page cover every page once, each contiguous
+        /// in gfn and pfn and at most 512 long.
+        #[test]
+        fn runs_are_contiguous_and_bounded(pages in proptest::collection::vec((0u64..4, 0u64..3), 1..1200)) {
+            let (mut gfn, mut pfn) = (100u64, 5000u64);
+            let mut runs = std::vec::Vec::new();
+            let mut run = UnshareRun::default();
+            let mut all = std::vec::Vec::new();
+            for (dg, dp) in pages {
+                gfn += dg.max(1);
+                pfn += dp;
+                all.push((gfn, pfn));
+                if !run.extend(gfn, pfn) {
+                    runs.push(run);
+                    run.start(gfn, pfn);
+                }
+            }
+            runs.push(run);
+            let mut covered = std::vec::Vec::new();
+            for r in &runs {
+                prop_assert!(r.len >= 1 && r.len <= 512);
+                for i in 0..r.len {
+                    covered.push((r.gfn + i, r.pfn + i));
+                }
+            }
+            prop_assert_eq!(covered, all);
         }
     }
 

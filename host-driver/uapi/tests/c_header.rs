@@ -48,7 +48,7 @@ fn checked_in_header_is_up_to_date() {
             "{} is stale or missing (first difference at line {}).\n\
              It is generated from the s2pin-uapi crate; regenerate it with:\n\
              \n    cargo xtask gen-header\n\n\
-             (or: cargo run -p s2pin-uapi --features alloc --example gen-header -- {})",
+             (or: cargo run -p s2pin-uapi --features alloc --example gen-uapi-header -- {})",
             path.display(),
             first_diff + 1,
             C_HEADER_PATH,

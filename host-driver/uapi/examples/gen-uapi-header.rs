@@ -1,7 +1,7 @@
 //! Prints the generated C header (`host-driver/include/s2pin_uapi.h`) to
 //! stdout, or writes it to the path given as the only argument.
 //!
-//! `cargo run -p s2pin-uapi --features alloc --example gen-header -- host-driver/include/s2pin_uapi.h`
+//! `cargo run -p s2pin-uapi --features alloc --example gen-uapi-header -- host-driver/include/s2pin_uapi.h`
 //! (`cargo xtask gen-header` does the same).
 
 use std::process::ExitCode;
