@@ -141,18 +141,22 @@ impl<'a> HookRunner<'a> {
             offset: TEST_OFFSET + r.offset,
             len: r.len,
         };
+        // munmap pauses the vCPUs (the range is briefly unmapped); mprotect
+        // too, so that the counters show the system call's effect alone, not
+        // the guest's next fault. MADV_DONTNEED runs while the guest runs
+        // (its faults race with the invalidation).
+        let pause = !matches!(action, HookAction::DontNeed(_));
+        if pause && !shared.pause_all(STOP_LIMIT) {
+            shared.finish(End::Error(format!(
+                "hook {}: the vCPUs did not pause",
+                action.name()
+            )));
+            return;
+        }
         let before = vm.stats();
         let done = match action {
             HookAction::DontNeed(_) => self.mem.dontneed(whole),
-            HookAction::Munmap(_) => {
-                if !shared.pause_all(STOP_LIMIT) {
-                    shared.finish(End::Error("--munmap: the vCPUs did not pause".into()));
-                    return;
-                }
-                let done = self.mem.munmap_remap(whole);
-                shared.resume_all();
-                done
-            }
+            HookAction::Munmap(_) => self.mem.munmap_remap(whole),
             HookAction::Mprotect(_, prot) => {
                 *self
                     .protected
@@ -161,11 +165,14 @@ impl<'a> HookRunner<'a> {
                 self.mem.protect(whole, Some(prot))
             }
         };
+        let after = vm.stats();
+        if pause {
+            shared.resume_all();
+        }
         if let Err(e) = done {
             shared.finish(End::Error(format!("hook {}: {e}", action.name())));
             return;
         }
-        let after = vm.stats();
         let (Ok(before), Ok(after)) = (before, after) else {
             shared.finish(End::Error(format!(
                 "hook {}: S2PIN_GET_STATS failed",
