@@ -801,6 +801,119 @@ static void run_mem_fault(struct s2pin_run *run, u64 gfn, u32 access, u32 kind, 
 }
 
 /*
+ * Pins the page at @hva for the guest (mmap_lock taken here). Under the
+ * keep policy a page the host made PROT_NONE for NUMA balancing is pinned
+ * without a NUMA hint fault (FOLL_FORCE follows protnone entries), so the
+ * module's own pin never makes the host migrate a page keep leaves mapped;
+ * FOLL_FORCE is used only where the VMA itself allows the access, so it
+ * never overrides mprotect(). Returns 1 with *page, or a negative errno.
+ */
+static long vm_pin(struct s2pin_vm *vm, unsigned long hva, bool write,
+		   struct page **page)
+{
+	unsigned int foll = FOLL_LONGTERM | (write ? FOLL_WRITE : 0);
+	long n;
+
+	mmap_read_lock(vm->mm);
+	if (vm->policy == S2PIN_POLICY_KEEP) {
+		struct vm_area_struct *vma = vma_lookup(vm->mm, hva);
+
+		if (vma && (vma->vm_flags & VM_READ) &&
+		    (!write || (vma->vm_flags & VM_WRITE)))
+			foll |= FOLL_FORCE;
+	}
+	n = pin_user_pages(hva, 1, foll, page, NULL);
+	mmap_read_unlock(vm->mm);
+	return n == 1 ? 1 : (n < 0 ? n : -EFAULT);
+}
+
+/*
+ * A write fault on a page EL2 maps read-only (after HYP_WRPROTECT, or a
+ * read-only pin): pin it for writing; the same frame gets its write
+ * permission back (HYP_RELAX_PERMS), a new frame replaces the old one. If
+ * the host refuses the write, the mapping stays as it is and the fault goes
+ * to user space. Returns as vcpu_fault().
+ */
+static int vcpu_write_upgrade(struct s2pin_vcpu *vcpu, const struct s2pin_exit_info *info,
+			      int idx, u64 i, unsigned long hva, u64 gen, u64 seq,
+			      unsigned long e)
+{
+	struct s2pin_vm *vm = vcpu->vm;
+	struct page *page, *drop;
+	long n, err;
+	int ret;
+
+	n = vm_pin(vm, hva, true, &page);
+	if (n < 0) {
+		if (n == -EINTR || n == -ERESTARTSYS)
+			return 0;
+		spin_lock(&vm->lock);
+		vm->stats.user_faults++;
+		spin_unlock(&vm->lock);
+		run_mem_fault(vcpu->run, info->gfn, info->access, S2PIN_FAULT_HOST_DENIED, (int)n);
+		return 1;
+	}
+	ret = vm_account_one(vm);
+	if (ret) {
+		unpin_user_page(page);
+		return ret;
+	}
+	atomic_long_inc(&s2pin_pinned_pages);
+	spin_lock(&vm->lock);
+	if (vm->dead || vm->slot_gen[idx] != gen || !vm->pins[idx] ||
+	    vm->pins[idx][i] != e || !s2pin_inv_may_map(&vm->inv, seq, hva)) {
+		vm->stats.fault_retries++;
+		vm->acct_credit++;
+		spin_unlock(&vm->lock);
+		unpin_pages(&page, 1, true);
+		return 0;
+	}
+	if (page == PIN_PAGE(e)) {
+		err = hvc_err(HYP_RELAX_PERMS, vm->handle, info->gfn,
+			      HYP_PROT_R | HYP_PROT_W | HYP_PROT_X, 0, 0);
+		if (!err)
+			vm->pins[idx][i] = e & ~PIN_RO;
+		drop = page;	/* the second pin of the same page */
+	} else {
+		err = hvc_err(HYP_UNSHARE, vm->handle, page_to_pfn(PIN_PAGE(e)), info->gfn, 1, 0);
+		if (!err) {
+			vm->stats.unshares++;
+			err = hvc_err(HYP_SHARE, vm->handle, page_to_pfn(page), info->gfn, 1,
+				      HYP_PROT_R | HYP_PROT_W | HYP_PROT_X);
+			if (err) {
+				/* Nothing maps the gfn now; the old pin goes, the guest re-faults. */
+				vm->pins[idx][i] = 0;
+				vm->stats.pinned_now--;
+				vm->stats.unpins++;
+				vm->acct_credit += 2;	/* the new pin and the old */
+				spin_unlock(&vm->lock);
+				unpin_pages(&page, 1, true);
+				page = PIN_PAGE(e);
+				unpin_pages(&page, 1, true);
+				return err == HYP_ENOMEM ? vm_topup(vm, TOPUP_PAGES) : -EIO;
+			}
+			vm->pins[idx][i] = (unsigned long)page;
+			vm->stats.pins++;
+			vm->stats.shares++;
+			vm->stats.unpins++;
+			drop = PIN_PAGE(e);
+		} else {
+			drop = page;
+		}
+	}
+	if (!err)
+		vm->stats.permission_faults++;
+	vm->acct_credit++;
+	spin_unlock(&vm->lock);
+	unpin_pages(&drop, 1, true);
+	if (err) {
+		pr_err_ratelimited("remapping gfn %llx writable failed: %ld\n", info->gfn, err);
+		return -EIO;
+	}
+	return 0;
+}
+
+/*
  * Serves a stage-2 memory fault: 0 to re-enter the guest (mapped, or a
  * race: it faults again), 1 to return to user space (run filled), or a
  * negative errno for RUN.
@@ -810,10 +923,10 @@ static int vcpu_fault(struct s2pin_vcpu *vcpu, const struct s2pin_exit_info *inf
 	struct s2pin_vm *vm = vcpu->vm;
 	struct s2pin_run *run = vcpu->run;
 	bool write = info->access == S2PIN_ACCESS_WRITE;
-	struct page *old = NULL, *page;
 	unsigned long e, hva;
 	struct s2pin_memslot slot;
 	bool ro, map_ro = false;
+	struct page *page;
 	u64 seq, i, gen;
 	long n;
 	int idx, ret;
@@ -842,44 +955,27 @@ static int vcpu_fault(struct s2pin_vcpu *vcpu, const struct s2pin_exit_info *inf
 	i = info->gfn - slot.base_gfn;
 	hva = slot.uaddr + (i << PAGE_SHIFT);
 	e = vm->pins[idx][i];
-	if (e) {
-		if (!(info->permission && write && (e & PIN_RO))) {
-			/* Another vCPU mapped it meanwhile. */
-			spin_unlock(&vm->lock);
-			return 0;
-		}
-		/* A write to a page EL2 maps read-only: remap it writable. */
-		{
-			struct unshare_batch b = { .vm = vm, .pins = vm->pins[idx],
-						   .base_gfn = slot.base_gfn };
-
-			batch_add(&b, i);
-			if (batch_close(&b, NULL))
-				old = b.pages[0];
-			vm->stats.permission_faults++;
-		}
-	}
 	seq = vm->inv.seq;
 	spin_unlock(&vm->lock);
-	if (old)
-		unpin_pages(&old, 1, true);
+	if (e) {
+		if (info->permission && write && (e & PIN_RO))
+			return vcpu_write_upgrade(vcpu, info, idx, i, hva, gen, seq, e);
+		return 0;	/* another vCPU mapped it meanwhile */
+	}
 
-	mmap_read_lock(vm->mm);
-	n = pin_user_pages(hva, 1, FOLL_LONGTERM | (ro ? 0 : FOLL_WRITE), &page, NULL);
-	if (n != 1 && !ro && !write) {
+	n = vm_pin(vm, hva, !ro, &page);
+	if (n < 0 && !ro && !write && n != -EINTR && n != -ERESTARTSYS) {
 		/* A read of a page the host maps read-only: map it read-only. */
-		n = pin_user_pages(hva, 1, FOLL_LONGTERM, &page, NULL);
+		n = vm_pin(vm, hva, false, &page);
 		map_ro = true;
 	}
-	mmap_read_unlock(vm->mm);
-	if (n != 1) {
+	if (n < 0) {
 		if (n == -EINTR || n == -ERESTARTSYS)
 			return 0;	/* the loop sees the signal */
 		spin_lock(&vm->lock);
 		vm->stats.user_faults++;
 		spin_unlock(&vm->lock);
-		run_mem_fault(run, info->gfn, info->access, S2PIN_FAULT_HOST_DENIED,
-			      n < 0 ? (int)n : -EFAULT);
+		run_mem_fault(run, info->gfn, info->access, S2PIN_FAULT_HOST_DENIED, (int)n);
 		return 1;
 	}
 	ret = vm_account_one(vm);
@@ -904,9 +1000,9 @@ static int vcpu_fault(struct s2pin_vcpu *vcpu, const struct s2pin_exit_info *inf
 		vm->acct_credit++;
 		spin_unlock(&vm->lock);
 		unpin_pages(&page, 1, true);
-		if (e == HYP_ENOMEM)
+		if ((long)e == HYP_ENOMEM)
 			return vm_topup(vm, TOPUP_PAGES);
-		pr_err_ratelimited("HYP_SHARE gfn %llx failed: %ld\n", info->gfn, e);
+		pr_err_ratelimited("HYP_SHARE gfn %llx failed: %ld\n", info->gfn, (long)e);
 		return -EIO;
 	}
 	vm->pins[idx][i] = (unsigned long)page | ((ro || map_ro) ? PIN_RO : 0);
@@ -1038,7 +1134,9 @@ static int vcpu_mmap(struct file *f, struct vm_area_struct *vma)
 {
 	struct s2pin_vcpu *vcpu = f->private_data;
 
-	if (vma->vm_pgoff != 0 || vma->vm_end - vma->vm_start != PAGE_SIZE)
+	/* One shared page at offset 0 (a private mapping would be a COW copy). */
+	if (vma->vm_pgoff != 0 || vma->vm_end - vma->vm_start != PAGE_SIZE ||
+	    !(vma->vm_flags & VM_SHARED))
 		return -EINVAL;
 	return remap_pfn_range(vma, vma->vm_start, virt_to_pfn(vcpu->run),
 			       PAGE_SIZE, vma->vm_page_prot);
