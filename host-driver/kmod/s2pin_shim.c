@@ -54,6 +54,7 @@ static_assert(sizeof(struct s2pin_memslot) == 32);
 static_assert(sizeof(struct s2pin_inv) == 32);
 static_assert(sizeof(struct s2pin_pte_state) == 8);
 static_assert(sizeof(struct s2pin_exit_info) == 32);
+static_assert(sizeof(struct s2pin_unshare_run) == 24);
 static_assert(sizeof(struct s2pin_vm_stats) == S2PIN_STATS_COUNT * 8);
 static_assert(sizeof(struct s2pin_run) <= PAGE_SIZE);
 static_assert(offsetof(struct s2pin_vm_stats, range_start_exclusive) ==

@@ -46,7 +46,15 @@ pub struct Memslot {
     pub used: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Memslot>() == 32);
+// The C glue declares these layouts in s2pin_core.h and asserts the same sizes.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<Memslot>() == 32);
+    assert!(size_of::<InvState>() == 32);
+    assert!(size_of::<PteState>() == 8);
+    assert!(size_of::<ExitInfo>() == 32);
+    assert!(size_of::<UnshareRun>() == 24);
+};
 
 impl Memslot {
     /// Whether `gfn` is inside this (used) slot.
