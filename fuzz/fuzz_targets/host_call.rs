@@ -10,16 +10,23 @@
 //! chunks are host stage-2 aborts instead.
 //!
 //! After every call it checks: x0 is 0 or a negative error; a failure has
-//! x1..x7 zero and changed nothing (whole-state snapshot); the reply
-//! decodes as the call's reply shape; the implementation's invariants hold
+//! x1..x7 zero and changed nothing (whole-state snapshot); registers that
+//! do not decode fail with their decode error; a decoded call's outcome is
+//! one the reference model of the ABI (crate `abi_model`) allows, and the
+//! model follows it (teardown batches page by page through the ABI); the
+//! host page state of every watched frame equals the model's; frames that
+//! came back read zero; the implementation's invariants hold
 //! (docs/DESIGN.md §4). At the end every VM is torn down and all memory
 //! must be back with the host.
 
 #![no_main]
 
+use abi_model::{Config, Model, Observe};
 use el2::pkvm::fake::{fake_hyp, FakeHyp};
-use el2::pkvm::{AbortAction, AbortKind};
-use hypercalls::{HostFunction, Hypercall, Reply, ReplyError, VmHandle};
+use el2::pkvm::{AbortAction, AbortKind, MAX_VMS};
+use hypercalls::{
+    GuestPage, HostFunction, HostPageInfo, HypError, Hypercall, Reply, ReplyError, VmHandle,
+};
 use libfuzzer_sys::fuzz_target;
 
 const HYP0: u64 = 0x40000;
@@ -184,43 +191,97 @@ fn registers(b: &mut Bytes<'_>, handles: &[VmHandle]) -> [u64; 8] {
     regs
 }
 
-/// Host frames whose contents are tracked: the ones `pfn` produces most.
+/// The model of the fake machine: every VM slot is the fuzzer's, share
+/// limit 3, no guest touches memory (so the access flag is exact).
+fn model() -> Model {
+    let config = Config {
+        max_vms: Some(MAX_VMS),
+        share_limit: SHARE_LIMIT,
+        exact_young: true,
+        ..Config::new((HYP0, HOST0))
+    };
+    Model::new(config, &[(HOST0, HOLE), (HOST1, HOST1 + 512)])
+}
+
+/// Runs `call` through the register interface and decodes the reply.
+fn run(h: &FakeHyp, call: Hypercall) -> Result<Reply, HypError> {
+    let out = h.host_call(&call.encode());
+    match call.decode_reply(&out) {
+        Ok(r) => Ok(r),
+        Err(ReplyError::Failed(e)) => Err(e),
+        Err(ReplyError::Malformed) => panic!("malformed reply {out:x?} to {call:?}"),
+    }
+}
+
+/// Page states through the ABI, for the model during a teardown.
+struct Abi<'a>(&'a FakeHyp);
+
+impl Observe for Abi<'_> {
+    fn host_page(&mut self, pfn: u64) -> Result<HostPageInfo, HypError> {
+        let pfn = hypercalls::Pfn::new(pfn).ok_or(HypError::InvalidArgument)?;
+        match run(self.0, Hypercall::HostPageState { pfn })? {
+            Reply::HostPage(i) => Ok(i),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    fn guest_page(&mut self, vm: VmHandle, gfn: u64) -> Result<GuestPage, HypError> {
+        let gfn = hypercalls::Gfn::new(gfn).ok_or(HypError::InvalidArgument)?;
+        match run(self.0, Hypercall::GuestPageState { vm, gfn })? {
+            Reply::GuestPage(p) => Ok(p),
+            r => panic!("{r:?}"),
+        }
+    }
+}
+
+/// Host frames whose contents and states are tracked: the ones `pfn`
+/// produces most.
 fn watched() -> impl Iterator<Item = u64> {
     (HOST0..HOST0 + 96).chain(HOST1..HOST1 + 64)
 }
 
-/// Whether each watched frame is the host's (through the ABI).
-fn host_owned(h: &FakeHyp) -> Vec<bool> {
-    watched()
-        .map(|p| {
-            let out = h.host_call(&[
-                u64::from(HostFunction::HostPageState.id()),
-                p,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-            ]);
-            out[0] == 0 && out[1] == 0
-        })
-        .collect()
+/// The host state of each watched frame (through the ABI).
+fn host_states(h: &FakeHyp) -> Vec<Result<HostPageInfo, HypError>> {
+    watched().map(|p| Abi(h).host_page(p)).collect()
+}
+
+fn host_owned(info: &Result<HostPageInfo, HypError>) -> bool {
+    info.is_ok_and(|i| i.owner == hypercalls::Owner::Host)
 }
 
 /// The host writes into every page it owns, so a page coming back from
 /// the hypervisor or a guest can be checked to read zero.
-fn host_scribbles(h: &FakeHyp, owned: &[bool]) {
-    for (p, own) in watched().zip(owned) {
-        if *own {
+fn host_scribbles(h: &FakeHyp, states: &[Result<HostPageInfo, HypError>]) {
+    for (p, state) in watched().zip(states) {
+        if host_owned(state) {
             h.platform().write(stage2::Pfn(p), 0xa000_0000 | p);
         }
     }
 }
 
-fn check_call(h: &FakeHyp, regs: &[u64; 8], handles: &mut Vec<VmHandle>) {
-    let owned_before = host_owned(h);
-    host_scribbles(h, &owned_before);
+/// Tells the model the free memcache pages of the VM a call that needs
+/// some names (read through the ABI before the call).
+fn note_memcache(h: &FakeHyp, m: &mut Model, call: &Hypercall) {
+    if let Hypercall::VcpuCreate { vm, .. }
+    | Hypercall::Share { vm, .. }
+    | Hypercall::Donate { vm, .. } = *call
+    {
+        let group = hypercalls::CounterGroup::Runtime;
+        if let Ok(Reply::Counters(hypercalls::Counters::Runtime(c))) =
+            run(h, Hypercall::VmCounters { vm, group })
+        {
+            m.note_free_memcache(vm, c.memcache_pages);
+        }
+    }
+}
+
+fn check_call(h: &FakeHyp, m: &mut Model, regs: &[u64; 8], handles: &mut Vec<VmHandle>) {
+    let decoded = Hypercall::decode(regs);
+    if let Ok(call) = &decoded {
+        note_memcache(h, m, call);
+    }
+    let states_before = host_states(h);
+    host_scribbles(h, &states_before);
     let before = h.snapshot();
     let zeroed = h.platform().zero_calls();
     let out = h.host_call(regs);
@@ -240,23 +301,32 @@ fn check_call(h: &FakeHyp, regs: &[u64; 8], handles: &mut Vec<VmHandle>) {
             zeroed,
             "failed call zeroed pages"
         );
-    } else {
-        // A successful call decodes, and its reply has the call's shape.
-        let call = Hypercall::decode(regs).expect("success for registers that do not decode");
-        match call.decode_reply(&out) {
-            Ok(Reply::VmCreated { vm }) => handles.push(vm),
-            Ok(_) => {}
-            Err(ReplyError::Failed(_)) | Err(ReplyError::Malformed) => {
-                panic!("malformed reply {out:x?} to {call:?}")
+    }
+    match decoded {
+        Err(e) => assert_eq!(x0, e.to_i64(), "registers {regs:x?} do not decode: {e:?}"),
+        Ok(call) => {
+            // A reply has the call's shape, and the model allows it.
+            let got = match call.decode_reply(&out) {
+                Ok(r) => Ok(r),
+                Err(ReplyError::Failed(e)) => Err(e),
+                Err(ReplyError::Malformed) => panic!("malformed reply {out:x?} to {call:?}"),
+            };
+            if let Ok(Reply::VmCreated { vm }) = got {
+                handles.push(vm);
+            }
+            if let Err(e) = m.step_observed(&call, &got, &mut Abi(h)) {
+                panic!("{e}");
             }
         }
     }
     if let Err(e) = h.check_invariants() {
         panic!("after {regs:x?}: {e}");
     }
-    // Pages that came back to the host read zero.
-    for ((p, was), now) in watched().zip(owned_before).zip(host_owned(h)) {
-        if now && !was {
+    // Every watched frame is in the model's state; pages that came back
+    // to the host read zero.
+    for ((p, was), now) in watched().zip(states_before).zip(host_states(h)) {
+        assert_eq!(now, m.host_page(p), "host page {p:#x} after {regs:x?}");
+        if host_owned(&now) && !host_owned(&was) {
             assert_eq!(
                 h.platform().read(stage2::Pfn(p)),
                 0,
@@ -264,23 +334,28 @@ fn check_call(h: &FakeHyp, regs: &[u64; 8], handles: &mut Vec<VmHandle>) {
             );
         }
     }
+    for p in m.take_zeroed() {
+        assert_eq!(
+            h.platform().read(stage2::Pfn(p)),
+            0,
+            "{p:#x} came back unzeroed"
+        );
+    }
 }
 
-fn teardown_all(h: &FakeHyp, handles: &[VmHandle]) {
-    for vm in handles {
-        let raw = u64::from(vm.raw());
-        let start = Hypercall::TeardownStart { vm: *vm }.encode();
-        let _ = h.host_call(&start);
-        let reclaim = Hypercall::TeardownReclaim { vm: *vm }.encode();
+/// Tears every VM of the model down, each call checked against it.
+fn teardown_all(h: &FakeHyp, m: &mut Model, handles: &mut Vec<VmHandle>) {
+    let vms: Vec<VmHandle> = m.vms().iter().map(|v| v.handle).collect();
+    for vm in vms {
+        check_call(h, m, &Hypercall::TeardownStart { vm }.encode(), handles);
         for _ in 0..1000 {
-            let out = h.host_call(&reclaim);
-            if out[0] != 0 || out[2] == 0 {
+            if m.vm(vm).is_ok_and(|v| v.drained) {
                 break;
             }
+            check_call(h, m, &Hypercall::TeardownReclaim { vm }.encode(), handles);
         }
-        let out = h.host_call(&Hypercall::TeardownFinalize { vm: *vm }.encode());
-        let stale = out[0] as i64 == hypercalls::HypError::NoEntry.to_i64();
-        assert!(out[0] == 0 || stale, "finalize {raw:#x}: {out:x?}");
+        check_call(h, m, &Hypercall::TeardownFinalize { vm }.encode(), handles);
+        assert!(m.vm(vm).is_err(), "{vm:?} not finalized");
     }
     h.check_invariants().unwrap();
     h.check_all_returned().unwrap();
@@ -288,6 +363,7 @@ fn teardown_all(h: &FakeHyp, handles: &[VmHandle]) {
 
 fuzz_target!(|data: &[u8]| {
     let h = fake_hyp(256, SHARE_LIMIT).expect("fake machine");
+    let mut m = model();
     let mut handles = Vec::new();
     let mut b = Bytes { data };
     while !b.data.is_empty() {
@@ -306,7 +382,7 @@ fuzz_target!(|data: &[u8]| {
             continue;
         }
         let regs = registers(&mut b, &handles);
-        check_call(&h, &regs, &mut handles);
+        check_call(&h, &mut m, &regs, &mut handles);
     }
-    teardown_all(&h, &handles);
+    teardown_all(&h, &mut m, &mut handles);
 });

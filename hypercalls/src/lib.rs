@@ -74,6 +74,9 @@ pub const TEARDOWN_BATCH: u32 = 512;
 pub const MEMCACHE_RECLAIM_MAX: usize = 6;
 /// Most vCPUs a VM can have.
 pub const MAX_VCPUS: u16 = 64;
+/// Number of VM slots of this build: with every slot in use,
+/// `HYP_VM_CREATE` fails with `HYP_ENOSPC` (§2.4).
+pub const MAX_VMS: usize = 16;
 /// Smallest IPA size of a VM.
 pub const MIN_IPA_BITS: u8 = 32;
 /// Largest IPA size of a VM.

@@ -68,9 +68,9 @@ pub use calls::LoadedVcpu;
 use platform::Platform;
 use vm::{Slot, Vm};
 
-/// Number of VM slots. VM slot `i` has hardware VMID `i + 1` (the host is
-/// VMID 0) and handles `i | generation << 16`.
-pub const MAX_VMS: usize = 16;
+/// Number of VM slots (the ABI's). VM slot `i` has hardware VMID `i + 1`
+/// (the host is VMID 0) and handles `i | generation << 16`.
+pub const MAX_VMS: usize = hypercalls::MAX_VMS;
 
 /// The host calls this build implements; `HYP_FEATURES` answers from this
 /// list: every call of ABI §3.

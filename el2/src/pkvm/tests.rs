@@ -1,7 +1,7 @@
 //! Unit tests of every call against the fakes: success and every refusal
 //! (checking that a refused call changed nothing), lifecycle, teardown
 //! bounds, the abort policy. The property test and the concurrency test
-//! are in `model.rs` and `smp.rs`.
+//! are in `prop.rs` (against the ABI model) and `smp.rs`.
 
 use std::vec::Vec;
 
@@ -15,7 +15,7 @@ use stage2::Pfn as HPfn;
 use super::fake::{fake_hyp, FakeHyp};
 use super::{AbortAction, AbortKind, MAX_VMS, SERVED};
 
-mod model;
+mod prop;
 mod run;
 mod smp;
 

@@ -15,7 +15,7 @@ use hypercalls::{
     CounterGroup, GuestPage, HypError, Hypercall, IpaBits, PageCount, Pfn, Reply, VcpuCount,
     VmHandle,
 };
-use testhost::model::{show, Model};
+use testhost::{show, Model};
 
 use crate::{arch, hv, rt, say};
 
@@ -80,7 +80,7 @@ impl Ctx {
     /// A context with a fresh model.
     pub fn new() -> Self {
         Self {
-            model: Model::new(&rt::platform().ram),
+            model: testhost::model(&rt::platform().ram),
             pfns: BTreeSet::new(),
             gfns: BTreeSet::new(),
             calls: 0,

@@ -14,9 +14,9 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use hypercalls::{CounterGroup, HypError, Hypercall, Prot, Reply, VcpuIndex, VmHandle};
 use spin::Mutex;
-use testhost::model::Model;
 use testhost::rng::Rng;
 use testhost::serial::{serial_outcomes, Op};
+use testhost::Model;
 
 use crate::harness::{self, count, gfn, pfn, Ctx, R};
 use crate::{hv, rt, say};

@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 
 use hypercalls::{HypError, Hypercall, Reply};
 
-use crate::model::Model;
+use crate::Model;
 
 /// One call of a round and what the hypervisor answered.
 pub type Op = (Hypercall, Result<Reply, HypError>);
@@ -56,7 +56,7 @@ mod tests {
     use hypercalls::{Gfn, IpaBits, PageCount, Pfn, Prot, VcpuCount, VmHandle};
 
     fn setup() -> (Model, VmHandle) {
-        let mut m = Model::new(&[(0x4200_0000, 0xc000_0000)]);
+        let mut m = crate::model(&[(0x4200_0000, 0xc000_0000)]);
         let vm = VmHandle::new(0, 1).unwrap();
         m.step(
             &Hypercall::VmCreate {

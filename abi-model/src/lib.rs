@@ -1,14 +1,28 @@
-//! A reference model of what the ABI promises (`docs/ABI.md`): per host
-//! frame the owner, the owner's state and the share count (§2.5, §3.19); per
-//! VM its lifecycle (§2.6), vCPUs, memcache pages (§2.7) and guest mappings
-//! (§3.20); and the outcome every host call must have (§3, error order §2.4).
+//! The reference model of the hypercall ABI (`docs/ABI.md`): per host frame
+//! the owner, the owner's state and the share count (§2.5, §3.19); per VM
+//! its lifecycle (§2.6), vCPUs, memcache pages (§2.7) and guest mappings
+//! (§3.20); and the outcome every host call must have (§3, error order
+//! §2.4).
+//!
+//! It is the one model of the ABI: the bare-metal test host checks the real
+//! hypervisor against it with raw HVCs (`qemu/testhost`), el2's property
+//! test checks the dispatcher on host fakes against it (`el2/src/pkvm/tests`),
+//! and the fuzz target checks every decoded call against it (`fuzz/`). An
+//! ABI change is modelled here once.
 //!
 //! [`Model::step`] predicts a call's outcome, compares it with what the
 //! hypervisor answered and, on success, commits the transition. Where the ABI
-//! leaves a choice to the implementation (which of two page-state errors on
-//! different pages comes first, how many table pages a mapping needs once the
-//! memcache is small, the access flag), the model accepts every allowed
-//! answer and says so in a comment.
+//! leaves a choice to the implementation, the model accepts every allowed
+//! answer unless the caller pins the choice in [`Config`] (VM slots, the
+//! share limit, the access flag) or tells the model what it read through
+//! the ABI: the free memcache pages before a call
+//! ([`Model::note_free_memcache`]) and, after a teardown batch, which pages
+//! went back ([`Model::step_observed`] with an [`Observe`]r).
+
+#![no_std]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
 
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
@@ -18,22 +32,63 @@ use core::fmt;
 
 use hypercalls::{
     AbiVersion, CounterGroup, Counters, GuestPage, HostPageInfo, HypError, Hypercall, Owner,
-    OwnerState, PageState, Prot, Reply, VmHandle, PFN_BITS,
+    OwnerState, PageState, Prot, Reply, TeardownProgress, VcpuExit, VcpuStart, VmHandle, PFN_BITS,
+    TEARDOWN_BATCH,
 };
 
-/// First frame of the hypervisor's own memory, `[0x4000_0000, 0x4200_0000)`.
-pub const HYP_FIRST_PFN: u64 = 0x4_0000;
-/// First frame after the hypervisor's memory.
-pub const HYP_END_PFN: u64 = 0x4_2000;
-
 /// A memcache of at least this many pages is assumed to hold every table a
-/// test mapping needs (tests map small windows: a few table pages at most).
+/// test mapping needs (tests map small windows: a few table pages at most),
+/// when the caller did not say how many pages are free.
 pub const PLENTY: usize = 16;
+
+/// The machine and the implementation's choices the model predicts with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The hypervisor's own frames `[start, end)`: RAM owned by Hyp (§2.5:
+    /// every frame of RAM has an owner).
+    pub hyp: (u64, u64),
+    /// Number of VM slots, if the caller owns them all (`HYP_ENOSPC` is
+    /// then exact); `None` when others may hold slots too (then any
+    /// `HYP_VM_CREATE` may also answer `HYP_ENOSPC`).
+    pub max_vms: Option<usize>,
+    /// Most borrow mappings of one frame (a share beyond fails with
+    /// `HYP_ERANGE`, §2.4); `u32::MAX` in the production build.
+    pub share_limit: u32,
+    /// Whether the access flag is predicted exactly: a mapping is created
+    /// young and only `HYP_TEST_CLEAR_YOUNG` makes it old. True only when no
+    /// guest touches the mapped memory (host fakes); otherwise either answer
+    /// of `HYP_TEST_CLEAR_YOUNG` is accepted.
+    pub exact_young: bool,
+}
+
+impl Config {
+    /// A machine whose hypervisor owns the frames `hyp`, with the
+    /// production share limit, unknown slot use and any access flag.
+    #[must_use]
+    pub fn new(hyp: (u64, u64)) -> Self {
+        Self {
+            hyp,
+            max_vms: None,
+            share_limit: u32::MAX,
+            exact_young: false,
+        }
+    }
+}
+
+/// What the model reads through the ABI after a call, where the ABI leaves
+/// the order of work to the implementation (which pages a partial
+/// `HYP_TEARDOWN_RECLAIM` batch returned). Answers are the replies of
+/// `HYP_HOST_PAGE_STATE` and `HYP_GUEST_PAGE_STATE`.
+pub trait Observe {
+    /// `HYP_HOST_PAGE_STATE` of `pfn` now.
+    fn host_page(&mut self, pfn: u64) -> Result<HostPageInfo, HypError>;
+    /// `HYP_GUEST_PAGE_STATE` of `gfn` of `vm` now.
+    fn guest_page(&mut self, vm: VmHandle, gfn: u64) -> Result<GuestPage, HypError>;
+}
 
 /// A set of error codes a call may fail with.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ErrSet(u16);
-
 const ALL_ERRS: [HypError; 10] = [
     HypError::NotSupported,
     HypError::NoEntry,
@@ -103,9 +158,11 @@ pub enum Prediction {
     Fail(ErrSet),
     /// The call must succeed.
     Succeed,
-    /// The call must succeed or fail with `HYP_ENOMEM` (memcache small but
-    /// not empty: how many table pages a mapping needs is the hypervisor's).
-    SucceedOrNoMem,
+    /// The call must succeed or fail with one of these errors: `HYP_ENOMEM`
+    /// when the memcache is small but not empty (how many table pages a
+    /// mapping needs is the hypervisor's), `HYP_ENOSPC` when others may
+    /// hold VM slots.
+    SucceedOr(ErrSet),
 }
 
 /// A guest mapping as §3.20 reports it.
@@ -117,6 +174,8 @@ pub struct Mapping {
     pub pfn: u64,
     /// The guest's permissions.
     pub prot: Prot,
+    /// The access flag, if [`Config::exact_young`] (else always true).
+    pub young: bool,
 }
 
 /// The page counts of counter group 0 the model can predict exactly.
@@ -143,6 +202,14 @@ pub struct VmModel {
     pub nr_vcpus: u16,
     /// Created vCPUs (bit i = vCPU i).
     pub vcpus: u64,
+    /// vCPUs created with `HYP_VCPU_START_OFF` (bit i = vCPU i).
+    pub vcpus_off: u64,
+    /// Whether a vCPU created on was ever run: until then no guest can have
+    /// started a vCPU created off (PSCI `CPU_ON`), so running one must give
+    /// `HYP_EXIT_POWERED_OFF` (§3.7).
+    pub guest_ran: bool,
+    /// Whether any `HYP_VCPU_RUN` succeeded (runtime counters may count).
+    pub ran: bool,
     /// DYING (§2.6).
     pub dying: bool,
     /// `HYP_TEARDOWN_RECLAIM` answered more = 0.
@@ -182,6 +249,8 @@ impl fmt::Display for Mismatch {
 /// The reference model.
 #[derive(Clone, Debug)]
 pub struct Model {
+    /// The machine and the implementation's choices.
+    config: Config,
     /// Host RAM as frame ranges `[start, end)` (the DTB the host got).
     ram: Vec<(u64, u64)>,
     /// Frames whose state differs from "host OWNED, count 0" (or, in the
@@ -194,6 +263,9 @@ pub struct Model {
     /// Frames reclaimed or returned since the last [`Model::take_zeroed`]:
     /// they must read as zero.
     zeroed: BTreeSet<u64>,
+    /// A VM's free memcache pages before the next call, if the caller read
+    /// them ([`Model::note_free_memcache`]); every step forgets it.
+    free_hint: Option<(VmHandle, u64)>,
 }
 
 const HOST_OWNED: HostPageInfo = HostPageInfo {
@@ -207,51 +279,57 @@ const HYP_OWNED: HostPageInfo = HostPageInfo {
     share_count: 0,
 };
 
-/// Per-page errors of a range call: `host` from the frame's ownership,
-/// `guest` from the guest frame. The ABI says the first page in range order
-/// decides (§2.4) but not which side of one page is checked first; the
-/// stage2 crate checks every host frame before any guest frame. The model
-/// accepts the errors of the first failing page, plus the first host-side
-/// error of the range.
+/// The error of a range call from its pages (§2.4): `host` from each
+/// frame's ownership, `guest` from each guest frame. The host side is
+/// checked first, every frame in order, then the guest side: the first
+/// failing page of the first failing side decides.
 fn page_errors(per_page: impl Iterator<Item = (Option<HypError>, Option<HypError>)>) -> ErrSet {
-    let mut set = ErrSet::EMPTY;
-    let mut first_page_done = false;
-    let mut host_seen = false;
+    let mut guest_first = None;
     for (host, guest) in per_page {
-        if !first_page_done && (host.is_some() || guest.is_some()) {
-            for e in [host, guest].into_iter().flatten() {
-                set = set.with(e);
-            }
-            first_page_done = true;
+        if let Some(h) = host {
+            return ErrSet::one(h);
         }
-        if let (Some(h), false) = (host, host_seen) {
-            set = set.with(h);
-            host_seen = true;
-        }
+        guest_first = guest_first.or(guest);
     }
-    set
+    guest_first.map_or(ErrSet::EMPTY, ErrSet::one)
+}
+
+/// The most stage-2 table pages a mapping of `nr` pages at `gfn` can add:
+/// for each level below the root (at most three with 4 KiB pages), the
+/// tables that cover the range. An upper bound: a root at level 1 needs one
+/// level less, and tables that exist already are not needed again.
+fn tables_needed(gfn: u64, nr: u64) -> u64 {
+    let last = gfn + nr.max(1) - 1;
+    [9u32, 18, 27]
+        .iter()
+        .map(|&shift| (last >> shift) - (gfn >> shift) + 1)
+        .sum()
 }
 
 impl Model {
-    /// A model of a fresh hypervisor whose host RAM is `ram` (byte ranges
-    /// `[base, end)` from the host's device tree). The hypervisor's own
-    /// range is RAM owned by Hyp (§2.5: every frame of RAM has an owner).
+    /// A model of a fresh hypervisor on `config` whose host RAM is `ram`
+    /// (frame ranges `[start, end)`, e.g. from the host's device tree).
     #[must_use]
-    pub fn new(ram: &[(u64, u64)]) -> Self {
+    pub fn new(config: Config, ram: &[(u64, u64)]) -> Self {
         Self {
-            ram: ram.iter().map(|&(b, e)| (b >> 12, e >> 12)).collect(),
+            config,
+            ram: ram.to_vec(),
             pages: BTreeMap::new(),
             vms: Vec::new(),
             stale: Vec::new(),
             zeroed: BTreeSet::new(),
+            free_hint: None,
         }
+    }
+
+    fn is_hyp(&self, pfn: u64) -> bool {
+        (self.config.hyp.0..self.config.hyp.1).contains(&pfn)
     }
 
     /// Whether `pfn` is RAM (host RAM or the hypervisor's).
     #[must_use]
     pub fn is_ram(&self, pfn: u64) -> bool {
-        (HYP_FIRST_PFN..HYP_END_PFN).contains(&pfn)
-            || self.ram.iter().any(|&(s, e)| (s..e).contains(&pfn))
+        self.is_hyp(pfn) || self.ram.iter().any(|&(s, e)| (s..e).contains(&pfn))
     }
 
     /// The state `HYP_HOST_PAGE_STATE` must report for `pfn`.
@@ -259,13 +337,15 @@ impl Model {
         if !self.is_ram(pfn) {
             return Err(HypError::OutOfRange);
         }
-        Ok(self.pages.get(&pfn).copied().unwrap_or(
-            if (HYP_FIRST_PFN..HYP_END_PFN).contains(&pfn) {
+        Ok(self
+            .pages
+            .get(&pfn)
+            .copied()
+            .unwrap_or(if self.is_hyp(pfn) {
                 HYP_OWNED
             } else {
                 HOST_OWNED
-            },
-        ))
+            }))
     }
 
     /// What `HYP_GUEST_PAGE_STATE` must report for `gfn` of `vm`.
@@ -315,7 +395,7 @@ impl Model {
     }
 
     fn set_page(&mut self, pfn: u64, info: HostPageInfo) {
-        if info == HOST_OWNED && !(HYP_FIRST_PFN..HYP_END_PFN).contains(&pfn) {
+        if info == HOST_OWNED && !self.is_hyp(pfn) {
             self.pages.remove(&pfn);
         } else {
             self.pages.insert(pfn, info);
@@ -344,19 +424,56 @@ impl Model {
     /// What the ABI says `call` must do in the current state.
     #[must_use]
     pub fn predict(&self, call: &Hypercall) -> Prediction {
-        match self.predict_inner(call) {
+        let p = match self.predict_inner(call) {
             Ok(p) => p,
             Err(e) => Prediction::Fail(ErrSet::one(e)),
+        };
+        // Slots others hold: any create may find none left (§2.4: ENOSPC
+        // comes before everything but decode errors).
+        let nospace = ErrSet::one(HypError::NoSpace);
+        match (call, self.config.max_vms, p) {
+            (Hypercall::VmCreate { .. }, None, Prediction::Succeed) => {
+                Prediction::SucceedOr(nospace)
+            }
+            (Hypercall::VmCreate { .. }, None, Prediction::Fail(e))
+                if !e.contains(HypError::InvalidArgument) =>
+            {
+                Prediction::Fail(e.with(HypError::NoSpace))
+            }
+            _ => p,
         }
     }
 
-    fn memory(v: &VmModel) -> Prediction {
+    /// The configuration the model predicts with.
+    #[must_use]
+    pub fn config(&self) -> Config {
+        self.config
+    }
+
+    /// Tells the model that `vm` has `free` free memcache pages now (as
+    /// `HYP_VM_COUNTERS` group 1 reads them), for the next step only: a
+    /// call that needs at most that many pages must then succeed.
+    pub fn note_free_memcache(&mut self, vm: VmHandle, free: u64) {
+        self.free_hint = Some((vm, free));
+    }
+
+    /// The outcome of a call of `v` that takes at most `need` memcache
+    /// pages (and at least one unless it can use existing tables).
+    fn memory(&self, v: &VmModel, need: u64) -> Prediction {
+        let small = Prediction::SucceedOr(ErrSet::one(HypError::NoMemory));
         if v.hyp_pages.is_empty() {
-            Prediction::Fail(ErrSet::one(HypError::NoMemory))
-        } else if v.hyp_pages.len() < PLENTY {
-            Prediction::SucceedOrNoMem
-        } else {
-            Prediction::Succeed
+            return Prediction::Fail(ErrSet::one(HypError::NoMemory));
+        }
+        match self.free_hint {
+            Some((vm, free)) if vm == v.handle => {
+                if free >= need {
+                    Prediction::Succeed
+                } else {
+                    small
+                }
+            }
+            _ if v.hyp_pages.len() < PLENTY => small,
+            _ => Prediction::Succeed,
         }
     }
 
@@ -384,6 +501,9 @@ impl Model {
                 if root.raw() % n != 0 {
                     return Err(HypError::InvalidArgument);
                 }
+                if self.config.max_vms.is_some_and(|max| self.vms.len() >= max) {
+                    return Err(HypError::NoSpace);
+                }
                 if !self.pfn_range_ok(root.raw(), n) {
                     return Err(HypError::OutOfRange);
                 }
@@ -400,7 +520,8 @@ impl Model {
                 if v.vcpus & (1 << vcpu.get()) != 0 {
                     return Err(HypError::Exists);
                 }
-                Self::memory(v)
+                // The vCPU's state takes one page.
+                self.memory(v, 1)
             }
             Hypercall::VcpuRun { vm, vcpu, .. } => {
                 let v = self.vm(vm)?;
@@ -430,17 +551,23 @@ impl Model {
                     return Err(HypError::OutOfRange);
                 }
                 let errs = page_errors((0..nr).map(|i| {
-                    let h = self.host_page(pfn + i).ok();
-                    let host_ok = h.is_some_and(|h| h.owner == Owner::Host);
+                    let host = match self.host_page(pfn + i) {
+                        Ok(h) if h.owner != Owner::Host => Some(HypError::Denied),
+                        Ok(h) if h.share_count >= self.config.share_limit => {
+                            Some(HypError::OutOfRange)
+                        }
+                        Ok(_) => None,
+                        Err(_) => Some(HypError::Denied),
+                    };
                     (
-                        (!host_ok).then_some(HypError::Denied),
+                        host,
                         v.map.contains_key(&(gfn + i)).then_some(HypError::Exists),
                     )
                 }));
                 if !errs.is_empty() {
                     return Ok(Fail(errs));
                 }
-                Self::memory(v)
+                self.memory(v, tables_needed(gfn, nr))
             }
             Hypercall::Unshare { vm, pfn, gfn, nr } => {
                 let v = self.live_vm(vm)?;
@@ -485,7 +612,7 @@ impl Model {
                 if !errs.is_empty() {
                     return Ok(Fail(errs));
                 }
-                Self::memory(v)
+                self.memory(v, tables_needed(gfn, nr))
             }
             Hypercall::Reclaim { vm, pfn, gfn, nr } => {
                 let v = self.live_vm(vm)?;
@@ -567,13 +694,38 @@ impl Model {
         call: &Hypercall,
         got: &Result<Reply, HypError>,
     ) -> Result<(), Mismatch> {
+        self.step_inner(call, got, None)
+    }
+
+    /// As [`step`](Self::step), and after a `HYP_TEARDOWN_RECLAIM` batch
+    /// asks `obs` which of the VM's pages went back, so that the model
+    /// stays exact during a teardown: it checks the batch's count, that
+    /// guest pages go back before hypervisor pages (§3.16) and `more`.
+    /// Without an observer the model only sums the batches and checks the
+    /// whole VM once `more = 0`.
+    pub fn step_observed(
+        &mut self,
+        call: &Hypercall,
+        got: &Result<Reply, HypError>,
+        obs: &mut dyn Observe,
+    ) -> Result<(), Mismatch> {
+        self.step_inner(call, got, Some(obs))
+    }
+
+    fn step_inner(
+        &mut self,
+        call: &Hypercall,
+        got: &Result<Reply, HypError>,
+        obs: Option<&mut dyn Observe>,
+    ) -> Result<(), Mismatch> {
         let pred = self.predict(call);
+        self.free_hint = None;
         match (pred, got) {
             (Prediction::Fail(errs), Err(e)) if errs.contains(*e) => Ok(()),
-            (Prediction::SucceedOrNoMem, Err(HypError::NoMemory)) => Ok(()),
-            (Prediction::Succeed | Prediction::SucceedOrNoMem, Ok(reply)) => {
+            (Prediction::SucceedOr(errs), Err(e)) if errs.contains(*e) => Ok(()),
+            (Prediction::Succeed | Prediction::SucceedOr(_), Ok(reply)) => {
                 let mut next = self.clone();
-                next.commit(call, reply)?;
+                next.commit(call, reply, obs)?;
                 *self = next;
                 Ok(())
             }
@@ -586,7 +738,12 @@ impl Model {
     }
 
     /// Applies a successful call; checks the reply's payload.
-    fn commit(&mut self, call: &Hypercall, reply: &Reply) -> Result<(), Mismatch> {
+    fn commit(
+        &mut self,
+        call: &Hypercall,
+        reply: &Reply,
+        obs: Option<&mut dyn Observe>,
+    ) -> Result<(), Mismatch> {
         let bad = |what: &str| Err(Mismatch(format!("{call:?}: {what}, got {reply:?}")));
         match (*call, *reply) {
             (Hypercall::Version, Reply::Version(v)) => {
@@ -649,6 +806,9 @@ impl Model {
                     ipa_bits: ipa_bits.get(),
                     nr_vcpus: nr_vcpus.get(),
                     vcpus: 0,
+                    vcpus_off: 0,
+                    guest_ran: false,
+                    ran: false,
                     dying: false,
                     drained: false,
                     teardown_updates: 0,
@@ -659,13 +819,26 @@ impl Model {
                     counts: PageCounts::default(),
                 });
             }
-            (Hypercall::VcpuCreate { vm, vcpu, .. }, Reply::Done) => {
+            (Hypercall::VcpuCreate { vm, vcpu, start }, Reply::Done) => {
                 if let Some(v) = self.vm_mut(vm) {
                     v.vcpus |= 1 << vcpu.get();
+                    if start == VcpuStart::Off {
+                        v.vcpus_off |= 1 << vcpu.get();
+                    }
                     v.used_memcache = true;
                 }
             }
-            (Hypercall::VcpuRun { .. }, Reply::Exit(_)) => {}
+            (Hypercall::VcpuRun { vm, vcpu, .. }, Reply::Exit(exit)) => {
+                let Some(v) = self.vm_mut(vm) else {
+                    return bad("no such VM");
+                };
+                let off = v.vcpus_off & (1 << vcpu.get()) != 0;
+                if off && !v.guest_ran && exit != VcpuExit::PoweredOff {
+                    return bad("a vCPU created off that no guest started");
+                }
+                v.ran = true;
+                v.guest_ran |= !off;
+            }
             (
                 Hypercall::Share {
                     vm,
@@ -690,6 +863,7 @@ impl Model {
                                 state: PageState::SharedBorrowed,
                                 pfn: pfn.raw() + i,
                                 prot,
+                                young: true,
                             },
                         );
                     }
@@ -736,6 +910,7 @@ impl Model {
                                 state: PageState::Owned,
                                 pfn: pfn.raw() + i,
                                 prot,
+                                young: true,
                             },
                         );
                     }
@@ -775,9 +950,21 @@ impl Model {
                     m.prot = m.prot | prot;
                 }
             }
-            (Hypercall::TestClearYoung { .. }, Reply::Young { .. }) => {
+            (Hypercall::TestClearYoung { vm, gfn, nr }, Reply::Young { young }) => {
                 // The access flag is the hypervisor's (as in KVM, mappings
-                // may be created young); either answer is allowed.
+                // may be created young): exact only if the caller says so.
+                let exact = self.config.exact_young;
+                let Some(v) = self.vm_mut(vm) else {
+                    return bad("no such VM");
+                };
+                let range = gfn.raw()..gfn.raw() + u64::from(nr.get());
+                let want = v.map.range(range.clone()).any(|(_, m)| m.young);
+                if exact && young != want {
+                    return bad(&format!("young = {want}"));
+                }
+                for (_, m) in v.map.range_mut(range) {
+                    m.young = false;
+                }
             }
             (Hypercall::TeardownStart { vm }, Reply::Done) => {
                 if let Some(v) = self.vm_mut(vm) {
@@ -785,7 +972,13 @@ impl Model {
                 }
             }
             (Hypercall::TeardownReclaim { vm }, Reply::Teardown(t)) => {
-                self.teardown_reclaim(vm, u64::from(t.reclaimed), t.more)?;
+                if t.reclaimed > TEARDOWN_BATCH {
+                    return bad("a batch beyond HYP_TEARDOWN_BATCH");
+                }
+                match obs {
+                    Some(obs) => self.teardown_observed(vm, t, obs)?,
+                    None => self.teardown_reclaim(vm, u64::from(t.reclaimed), t.more)?,
+                }
             }
             (Hypercall::TeardownFinalize { vm }, Reply::Done) => {
                 let Some(i) = self.vms.iter().position(|v| v.handle == vm) else {
@@ -821,7 +1014,7 @@ impl Model {
                     (CounterGroup::Runtime, Counters::Runtime(r)) => {
                         let root = v.root.1;
                         let hyp = v.hyp_pages.len() as u64;
-                        if r.faults != 0 || r.vcpu_runs != 0 {
+                        if !v.ran && (r.faults != 0 || r.vcpu_runs != 0) {
                             return bad("no vCPU ever ran, so no faults or entries");
                         }
                         if r.table_pages < root
@@ -861,6 +1054,76 @@ impl Model {
             h.state = OwnerState::Owned;
         }
         self.set_page(pfn, h);
+    }
+
+    /// `HYP_TEARDOWN_RECLAIM` answered `t`: asks `obs` which of the VM's
+    /// mappings and hypervisor pages went back and checks the count, the
+    /// order (every guest page before any hypervisor page) and `more`.
+    fn teardown_observed(
+        &mut self,
+        vm: VmHandle,
+        t: TeardownProgress,
+        obs: &mut dyn Observe,
+    ) -> Result<(), Mismatch> {
+        let Some(i) = self.vms.iter().position(|v| v.handle == vm) else {
+            return Err(Mismatch("teardown of an unknown VM".into()));
+        };
+        let v = self.vms[i].clone();
+        let mut done = 0u64;
+        let mut counts = v.counts;
+        let mut map = v.map.clone();
+        for (&g, m) in &v.map {
+            if obs.guest_page(vm, g) != Ok(GuestPage::Unmapped) {
+                continue;
+            }
+            done += 1;
+            map.remove(&g);
+            if m.state == PageState::SharedBorrowed {
+                self.unshare_one(m.pfn);
+                counts.unshares += 1;
+            } else {
+                self.set_page(m.pfn, HOST_OWNED);
+                self.zeroed.insert(m.pfn);
+                counts.reclaims += 1;
+            }
+        }
+        let mut hyp_pages = v.hyp_pages.clone();
+        for &p in &v.hyp_pages {
+            if obs.host_page(p).map(|h| h.owner) != Ok(Owner::Host) {
+                continue;
+            }
+            if !map.is_empty() {
+                return Err(Mismatch(format!(
+                    "teardown returned {p:#x} before the guest pages"
+                )));
+            }
+            done += 1;
+            hyp_pages.remove(&p);
+            self.set_page(p, HOST_OWNED);
+            self.zeroed.insert(p);
+        }
+        if done != u64::from(t.reclaimed) {
+            return Err(Mismatch(format!(
+                "teardown reports {} page updates but {done} pages went back",
+                t.reclaimed
+            )));
+        }
+        let more = !map.is_empty() || !hyp_pages.is_empty();
+        if t.more != more {
+            return Err(Mismatch(format!(
+                "teardown says more = {} but the VM still holds {} guest and {} memcache pages",
+                t.more,
+                map.len(),
+                hyp_pages.len()
+            )));
+        }
+        let w = &mut self.vms[i];
+        w.map = map;
+        w.hyp_pages = hyp_pages;
+        w.counts = counts;
+        w.teardown_updates += done;
+        w.drained = !more;
+        Ok(())
     }
 
     /// `HYP_TEARDOWN_RECLAIM`: the model cannot say which pages a partial
@@ -929,7 +1192,7 @@ fn describe(p: Prediction) -> String {
     match p {
         Prediction::Fail(e) => format!("{e}"),
         Prediction::Succeed => "success".into(),
-        Prediction::SucceedOrNoMem => "success or HYP_ENOMEM".into(),
+        Prediction::SucceedOr(e) => format!("success or {e}"),
     }
 }
 
@@ -948,9 +1211,15 @@ pub fn show(got: &Result<Reply, HypError>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hypercalls::{Gfn, IpaBits, PageCount, Pfn, TeardownProgress, VcpuCount};
+    use hypercalls::{Gfn, IpaBits, PageCount, Pfn, VcpuCount, VcpuIndex};
 
-    const RAM: (u64, u64) = (0x4200_0000, 0xc000_0000);
+    /// Host RAM frames of the test host's machine; the hypervisor owns
+    /// the 32 MiB below.
+    const RAM: (u64, u64) = (0x4_2000, 0xc_0000);
+
+    fn model() -> Model {
+        Model::new(Config::new((0x4_0000, 0x4_2000)), &[RAM])
+    }
 
     fn vm_create(m: &mut Model, root: u64) -> VmHandle {
         let h = VmHandle::new(1, 1 + m.stale.len() as u16).unwrap();
@@ -984,7 +1253,7 @@ mod tests {
 
     #[test]
     fn hyp_memory_is_hyp_owned_and_mmio_is_not_ram() {
-        let m = Model::new(&[RAM]);
+        let m = model();
         assert_eq!(m.host_page(0x40000).unwrap().owner, Owner::Hyp);
         assert_eq!(m.host_page(0x42000), Ok(HOST_OWNED));
         assert_eq!(m.host_page(0x9000), Err(HypError::OutOfRange));
@@ -993,7 +1262,7 @@ mod tests {
 
     #[test]
     fn share_needs_memory_then_counts_and_unshares() {
-        let mut m = Model::new(&[RAM]);
+        let mut m = model();
         let vm = vm_create(&mut m, 0x80000);
         assert_eq!(m.host_page(0x80000).unwrap().owner, Owner::Hyp);
         // Empty memcache: only ENOMEM is right, and nothing changes.
@@ -1029,13 +1298,14 @@ mod tests {
         assert_eq!(m.host_page(0x80100), Ok(HOST_OWNED));
         assert_eq!(
             m.predict(&unshare(0x80100, 0x11)),
-            Prediction::Fail(ErrSet::one(HypError::NoEntry).with(HypError::Denied))
+            Prediction::Fail(ErrSet::one(HypError::Denied)),
+            "the host side is checked first (§2.4)"
         );
     }
 
     #[test]
     fn error_order_vm_then_lifecycle_then_range() {
-        let mut m = Model::new(&[RAM]);
+        let mut m = model();
         let vm = vm_create(&mut m, 0x80000);
         let ghost = VmHandle::new(9, 9).unwrap();
         assert_eq!(
@@ -1056,7 +1326,7 @@ mod tests {
 
     #[test]
     fn teardown_returns_everything_and_counts_updates() {
-        let mut m = Model::new(&[RAM]);
+        let mut m = model();
         let vm = vm_create(&mut m, 0x80000);
         m.step(&topup(vm, 0x80200, 16), &Ok(Reply::Done)).unwrap();
         m.step(&share(vm, 0x80100, 0x10, 2), &Ok(Reply::Done))
@@ -1097,7 +1367,7 @@ mod tests {
     }
 
     #[test]
-    fn page_errors_accept_first_page_and_host_first() {
+    fn page_errors_host_side_first_then_guest_side() {
         let e = page_errors(
             [
                 (None, Some(HypError::Exists)),
@@ -1105,14 +1375,14 @@ mod tests {
             ]
             .into_iter(),
         );
-        assert!(e.contains(HypError::Exists) && e.contains(HypError::Denied));
+        assert_eq!(e, ErrSet::one(HypError::Denied));
         let e = page_errors([(None, None), (None, Some(HypError::NoEntry))].into_iter());
         assert_eq!(e, ErrSet::one(HypError::NoEntry));
     }
 
     #[test]
     fn mismatch_leaves_the_model_unchanged() {
-        let mut m = Model::new(&[RAM]);
+        let mut m = model();
         let vm = vm_create(&mut m, 0x80000);
         let before = m.host_page(0x80200);
         assert!(m
@@ -1120,5 +1390,176 @@ mod tests {
             .is_err());
         assert_eq!(m.host_page(0x80200), before);
         assert_eq!(m.vm(vm).unwrap().hyp_pages.len(), 0);
+    }
+
+    #[test]
+    fn pinned_choices_make_the_prediction_exact() {
+        let config = Config {
+            max_vms: Some(1),
+            share_limit: 1,
+            exact_young: true,
+            ..Config::new((0x4_0000, 0x4_2000))
+        };
+        let mut m = Model::new(config, &[RAM]);
+        let vm = vm_create(&mut m, 0x80000);
+        let second = Hypercall::VmCreate {
+            ipa_bits: IpaBits::new(40).unwrap(),
+            nr_vcpus: VcpuCount::new(2).unwrap(),
+            root: Pfn::new(0x80010).unwrap(),
+            memory: None,
+        };
+        assert_eq!(
+            m.predict(&second),
+            Prediction::Fail(ErrSet::one(HypError::NoSpace))
+        );
+        m.step(&topup(vm, 0x80200, 16), &Ok(Reply::Done)).unwrap();
+        m.step(&share(vm, 0x80100, 0x10, 1), &Ok(Reply::Done))
+            .unwrap();
+        assert_eq!(
+            m.predict(&share(vm, 0x80100, 0x11, 1)),
+            Prediction::Fail(ErrSet::one(HypError::OutOfRange)),
+            "share limit 1"
+        );
+        let young = Hypercall::TestClearYoung {
+            vm,
+            gfn: Gfn::new(0x10).unwrap(),
+            nr: PageCount::ONE,
+        };
+        assert!(m
+            .clone()
+            .step(&young, &Ok(Reply::Young { young: false }))
+            .is_err());
+        m.step(&young, &Ok(Reply::Young { young: true })).unwrap();
+        m.step(&young, &Ok(Reply::Young { young: false })).unwrap();
+        // Unknown slot use: any create may find no slot.
+        let mut open = model();
+        assert_eq!(
+            open.predict(&second),
+            Prediction::SucceedOr(ErrSet::one(HypError::NoSpace))
+        );
+        open.step(&second, &Err(HypError::NoSpace)).unwrap();
+    }
+
+    #[test]
+    fn free_memcache_hint_decides_enomem() {
+        let mut m = model();
+        let vm = vm_create(&mut m, 0x80000);
+        m.step(&topup(vm, 0x80200, 2), &Ok(Reply::Done)).unwrap();
+        let call = share(vm, 0x80100, 0x10, 1);
+        assert_eq!(
+            m.predict(&call),
+            Prediction::SucceedOr(ErrSet::one(HypError::NoMemory))
+        );
+        m.note_free_memcache(vm, 3);
+        assert_eq!(m.predict(&call), Prediction::Succeed);
+        m.note_free_memcache(vm, 2);
+        assert_eq!(
+            m.predict(&call),
+            Prediction::SucceedOr(ErrSet::one(HypError::NoMemory))
+        );
+        // A step forgets the hint.
+        m.note_free_memcache(vm, 3);
+        m.step(
+            &Hypercall::Version,
+            &Ok(Reply::Version(AbiVersion::CURRENT)),
+        )
+        .unwrap();
+        assert_ne!(m.predict(&call), Prediction::Succeed);
+        assert_eq!(tables_needed(0x1ff, 2), 2 + 1 + 1);
+        assert_eq!(tables_needed((1 << 18) - 1, 2), 2 + 2 + 1);
+    }
+
+    #[test]
+    fn vcpu_created_off_stays_off_until_a_guest_ran() {
+        let mut m = model();
+        let vm = vm_create(&mut m, 0x80000);
+        m.step(&topup(vm, 0x80200, 4), &Ok(Reply::Done)).unwrap();
+        let create = |i, start| Hypercall::VcpuCreate {
+            vm,
+            vcpu: VcpuIndex::new(i).unwrap(),
+            start,
+        };
+        let on = VcpuStart::On { entry: 0, arg: 0 };
+        m.step(&create(0, on), &Ok(Reply::Done)).unwrap();
+        m.step(&create(1, VcpuStart::Off), &Ok(Reply::Done))
+            .unwrap();
+        let run = |i| Hypercall::VcpuRun {
+            vm,
+            vcpu: VcpuIndex::new(i).unwrap(),
+            mmio_data: 0,
+        };
+        let exit = |e| Ok(Reply::Exit(e));
+        assert!(m
+            .clone()
+            .step(&run(1), &exit(VcpuExit::Interrupted))
+            .is_err());
+        m.step(&run(1), &exit(VcpuExit::PoweredOff)).unwrap();
+        m.step(&run(0), &exit(VcpuExit::Interrupted)).unwrap();
+        // vCPU 0's guest may have started vCPU 1 (PSCI CPU_ON).
+        m.step(&run(1), &exit(VcpuExit::Interrupted)).unwrap();
+    }
+
+    /// Page states as a hypervisor would report them mid-teardown.
+    struct Seen {
+        unmapped: BTreeSet<u64>,
+        returned: BTreeSet<u64>,
+    }
+
+    impl Observe for Seen {
+        fn host_page(&mut self, pfn: u64) -> Result<HostPageInfo, HypError> {
+            Ok(if self.returned.contains(&pfn) {
+                HOST_OWNED
+            } else {
+                HYP_OWNED
+            })
+        }
+
+        fn guest_page(&mut self, _: VmHandle, gfn: u64) -> Result<GuestPage, HypError> {
+            if self.unmapped.contains(&gfn) {
+                Ok(GuestPage::Unmapped)
+            } else {
+                Err(HypError::NoEntry)
+            }
+        }
+    }
+
+    #[test]
+    fn observed_teardown_follows_each_batch() {
+        let mut m = model();
+        let vm = vm_create(&mut m, 0x80000);
+        m.step(&topup(vm, 0x80200, 2), &Ok(Reply::Done)).unwrap();
+        m.step(&share(vm, 0x80100, 0x10, 2), &Ok(Reply::Done))
+            .unwrap();
+        m.step(&Hypercall::TeardownStart { vm }, &Ok(Reply::Done))
+            .unwrap();
+        let rec = Hypercall::TeardownReclaim { vm };
+        let batch = |reclaimed, more| Ok(Reply::Teardown(TeardownProgress { reclaimed, more }));
+        let mut seen = Seen {
+            unmapped: [0x10].into(),
+            returned: BTreeSet::new(),
+        };
+        // One guest page back: the count must say 1 and more must be set.
+        assert!(m
+            .clone()
+            .step_observed(&rec, &batch(2, true), &mut seen)
+            .is_err());
+        m.step_observed(&rec, &batch(1, true), &mut seen).unwrap();
+        assert_eq!(m.guest_page(vm, 0x10), Ok(GuestPage::Unmapped));
+        // A memcache page back while a guest page is still mapped: wrong.
+        let mut early = Seen {
+            unmapped: BTreeSet::new(),
+            returned: [0x80200].into(),
+        };
+        assert!(m
+            .clone()
+            .step_observed(&rec, &batch(1, true), &mut early)
+            .is_err());
+        let mut rest = Seen {
+            unmapped: [0x10, 0x11].into(),
+            returned: [0x80200, 0x80201].into(),
+        };
+        m.step_observed(&rec, &batch(3, false), &mut rest).unwrap();
+        assert!(m.vm(vm).unwrap().drained);
+        assert_eq!(m.host_page(0x80201), Ok(HOST_OWNED));
     }
 }
