@@ -12,7 +12,8 @@
 //!    host-owned and unshared again (`HYP_HOST_PAGE_STATE` through the
 //!    module's debugfs file), nothing is pinned and MemFree is back;
 //! 2. two NUMA nodes with NUMA balancing's scan made tight: a touch guest
-//!    under each policy, on 4 KiB anonymous memory and on THP.
+//!    under each policy, on 4 KiB anonymous memory and on THP, and on a
+//!    memfd bound to node 1.
 //!
 //! The script prints `== CASE <name>` before each case and `CHECK
 //! <key>=<value>` lines; [`Section`] collects, per case, s2vmm's counter
@@ -239,6 +240,10 @@ fn script_numa() -> String {
             ),
         ));
     }
+    s.push_str(&case(
+        "numa_memfd_node1",
+        "s2vmm --mode touch --mem 16M --reports 0 --seconds 10 --passes-log2 0 --policy confirm --backing memfd --node 1 --stats",
+    ));
     s.push_str(&dmesg_check());
     s
 }
@@ -532,6 +537,20 @@ fn numa_checks(all: &BTreeMap<String, Section>) -> Vec<Outcome> {
         clean(t) && t.stat("vmstat_numa_pages_migrated") > 0,
         t,
     );
+    let m = get("numa_memfd_node1");
+    check(
+        "memfd (MAP_SHARED) bound to node 1 with MPOL_F_NUMA_BALANCING: every page on node 1, NUMA balancing scans it",
+        clean(m)
+            && m.stat("pages_on_node1") == 16 << 8
+            && m.stat("pages_on_node0") == 0
+            && scanned(m),
+        m,
+    );
+    check(
+        "memfd, confirm: 6.1 makes pinned shmem pages PROT_NONE (it skips only pinned private ones) and confirm unmaps them",
+        clean(m) && m.stat("unmapped_protnone") > 0 && m.stat("unmapped_eager") == 0,
+        m,
+    );
     let k = get("numa_thp_keep");
     check(
         "NUMA pass over pinned THP, keep: 0 pages unmapped although PMDs became PROT_NONE",
@@ -642,5 +661,6 @@ mod tests {
         let two = script_numa();
         assert!(two.contains("scan_period_min_ms") && two.contains("== CASE dmesg'"));
         assert!(two.contains("--backing thp") && two.contains("--policy eager"));
+        assert!(two.contains("--backing memfd --node 1"));
     }
 }

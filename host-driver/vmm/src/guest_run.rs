@@ -408,6 +408,14 @@ pub fn run(cfg: &Config) -> anyhow::Result<i32> {
         End::Guest(_) => hooks.check_contents(&plan),
         End::Stopped | End::Error(_) => None,
     };
+    // Where the tested memory lives now (pages not present are left out).
+    let tested = ram - TEST_OFFSET;
+    let mut nodes = std::collections::BTreeMap::new();
+    if let Ok(list) = mem.nodes(TEST_OFFSET, tested) {
+        for n in list.into_iter().filter(|n| *n >= 0) {
+            *nodes.entry(n).or_insert(0u64) += 1;
+        }
+    }
     let mut report = Report {
         config: vec![
             ("policy", policy_name(cfg).into()),
@@ -427,6 +435,7 @@ pub fn run(cfg: &Config) -> anyhow::Result<i32> {
                 (*k, i128::from(a) - i128::from(b))
             })
             .collect(),
+        nodes: nodes.into_iter().collect(),
         guest: Vec::new(),
         hook: hooks
             .result

@@ -88,6 +88,8 @@ pub struct Report {
     pub locked_vm_kib: Option<u64>,
     /// vmstat deltas over the run ([`VMSTAT_KEYS`]).
     pub vmstat: Vec<(&'static str, i128)>,
+    /// Pages of the tested memory per NUMA node at the end (node, pages).
+    pub nodes: Vec<(i32, u64)>,
     /// The guest: exit, PASS lines, failures, checksums.
     pub guest: Vec<(&'static str, Value)>,
     /// Hook outcomes (name, key-values).
@@ -116,6 +118,12 @@ impl Report {
             s.push_str(&format!(
                 "  {:<32} {v:>12}  /proc/vmstat {k}, change over the run\n",
                 format!("vmstat_{k}")
+            ));
+        }
+        for (node, n) in &self.nodes {
+            s.push_str(&format!(
+                "  {:<32} {n:>12}  pages of the tested memory on NUMA node {node} at the end\n",
+                format!("pages_on_node{node}")
             ));
         }
         if let Some((dir, files)) = &self.debugfs {
@@ -171,11 +179,17 @@ impl Report {
             .map(|(k, v)| ((*k).to_string(), v.clone()))
             .collect();
         let hook: Map<String, Value> = self.hook.iter().cloned().collect();
+        let nodes: Map<String, Value> = self
+            .nodes
+            .iter()
+            .map(|(node, n)| (node.to_string(), json!(n)))
+            .collect();
         json!({
             "config": config,
             "vm": vm,
             "locked_vm_kib": self.locked_vm_kib,
             "vmstat_delta": vmstat,
+            "pages_per_node": nodes,
             "debugfs": debugfs,
             "guest": guest,
             "hook": hook,
@@ -209,6 +223,7 @@ mod tests {
             )),
             locked_vm_kib: Some(67584),
             vmstat: vec![("numa_pte_updates", 5)],
+            nodes: vec![(1, 4096)],
             guest: vec![("status", json!(0))],
             hook: vec![("munmap".into(), json!({"pages": 2}))],
         };
@@ -226,6 +241,10 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("vmstat_numa_pte_updates"));
+        assert!(
+            t.contains("  pages_on_node1                           4096  "),
+            "{t}"
+        );
         assert!(t.contains("s2vmm: debugfs 123-0"));
         let j = r.json();
         assert_eq!(j["vm"]["pinned_now"], 16896);
@@ -242,6 +261,7 @@ mod tests {
             "{t}"
         );
         assert_eq!(j["vmstat_delta"]["numa_pte_updates"], 5);
+        assert_eq!(j["pages_per_node"]["1"], 4096);
         assert_eq!(j["config"]["policy"], "confirm");
         assert_eq!(j["hook"]["munmap"]["pages"], 2);
         // It round-trips through text.
