@@ -35,9 +35,11 @@ impl Region {
     }
 }
 
-/// What the hypervisor needs to know about the machine.
+/// What the hypervisor needs to know about the board, from its device
+/// tree. (Not [`crate::pkvm::platform::Platform`], the dispatcher's view of
+/// the machine services.)
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Platform {
+pub struct Board {
     /// RAM regions as the firmware described them.
     pub memory: Vec<Region>,
     /// Base of the PL011 UART.
@@ -153,10 +155,10 @@ fn prop_u64(node: &FdtNode<'_, '_>, name: &str) -> Option<u64> {
 }
 
 /// Reads what the hypervisor needs from a device tree blob.
-pub fn parse(blob: &[u8]) -> Result<Platform, Error> {
+pub fn parse(blob: &[u8]) -> Result<Board, Error> {
     let fdt = Fdt::new(blob).map_err(|e| Error::Parse(alloc::format!("{e:?}")))?;
     let (ac, sc) = root_cells(&fdt);
-    let mut p = Platform::default();
+    let mut p = Board::default();
     for node in fdt.all_nodes() {
         if is_memory_node(&node) {
             if let Some(reg) = node.property("reg") {
@@ -309,7 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_platform() {
+    fn parses_board() {
         let p = parse(&sample()).unwrap();
         assert_eq!(
             p.memory,

@@ -18,7 +18,7 @@
 //!   (QEMU `max`, `cortex-a57`) the list is empty, and the boot suite checks
 //!   that.
 
-use crate::vcpu::hcr;
+use crate::sysreg::{cptr, hcr, mdcr};
 
 /// The raw ID registers the decision depends on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,12 +49,6 @@ const fn field(reg: u64, shift: u32) -> u64 {
     (reg >> shift) & 0xf
 }
 
-/// CPTR_EL2.TAM (nVHE layout): activity-monitor registers trap.
-pub const CPTR_TAM: u64 = 1 << 30;
-/// MDCR_EL2.TPMS: statistical-profiling registers trap.
-pub const MDCR_TPMS: u64 = 1 << 14;
-/// MDCR_EL2.TTRF: trace-filter control (TRFCR_EL1) traps.
-pub const MDCR_TTRF: u64 = 1 << 19;
 /// Most GIC list registers (ICH_LR0..15_EL2).
 pub const MAX_LRS: usize = 16;
 /// Most active-priority registers per group (ICH_AP{0,1}R0..3_EL2).
@@ -192,11 +186,11 @@ impl CpuFeatures {
         }
     }
 
-    /// HCR_EL2 for a guest: [`HCR_GUEST`](crate::vcpu::HCR_GUEST) plus the
+    /// HCR_EL2 for a guest: [`HCR_GUEST`](crate::sysreg::HCR_GUEST) plus the
     /// traps of the features this CPU has.
     #[must_use]
     pub const fn guest_hcr(&self) -> u64 {
-        let mut v = crate::vcpu::HCR_GUEST;
+        let mut v = crate::sysreg::HCR_GUEST;
         if self.lor {
             v |= hcr::TLOR;
         }
@@ -209,9 +203,9 @@ impl CpuFeatures {
     /// CPTR_EL2 bits a guest adds to the host's (nVHE layout).
     #[must_use]
     pub const fn guest_cptr(&self) -> u64 {
-        let mut v = CPTR_TZ | CPTR_TSM;
+        let mut v = cptr::TZ | cptr::TSM;
         if self.amu {
-            v |= CPTR_TAM;
+            v |= cptr::TAM;
         }
         v
     }
@@ -219,12 +213,12 @@ impl CpuFeatures {
     /// MDCR_EL2 bits a guest adds to the host's.
     #[must_use]
     pub const fn guest_mdcr(&self) -> u64 {
-        let mut v = MDCR_GUEST_TRAPS;
+        let mut v = mdcr::GUEST_TRAPS;
         if self.spe {
-            v |= MDCR_TPMS;
+            v |= mdcr::TPMS;
         }
         if self.trf {
-            v |= MDCR_TTRF;
+            v |= mdcr::TTRF;
         }
         v
     }
@@ -237,15 +231,6 @@ impl CpuFeatures {
             .map(|(_, name)| *name)
     }
 }
-
-/// CPTR_EL2.TZ (nVHE): SVE instructions and ZCR_EL1 trap.
-pub const CPTR_TZ: u64 = 1 << 8;
-/// CPTR_EL2.TSM (nVHE): SME instructions, SVCR, SMCR_EL1, SMPRI_EL1 trap.
-pub const CPTR_TSM: u64 = 1 << 12;
-/// MDCR_EL2 for guests: PMU (TPM, TPMCR) and debug registers (TDA, TDOSA,
-/// TDRA) trap, so a guest neither reads nor changes the host's counters,
-/// breakpoints and watchpoints (they are not switched).
-pub const MDCR_GUEST_TRAPS: u64 = (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11);
 
 #[cfg(test)]
 mod tests {
@@ -283,20 +268,20 @@ mod tests {
         let bare = CpuFeatures::decode(&IdRegs::default());
         assert_eq!(
             bare.guest_hcr(),
-            crate::vcpu::HCR_GUEST,
+            crate::sysreg::HCR_GUEST,
             "RES0 trap bits stay clear"
         );
-        assert_eq!(bare.guest_cptr(), CPTR_TZ | CPTR_TSM);
-        assert_eq!(bare.guest_mdcr(), MDCR_GUEST_TRAPS);
+        assert_eq!(bare.guest_cptr(), cptr::TZ | cptr::TSM);
+        assert_eq!(bare.guest_mdcr(), mdcr::GUEST_TRAPS);
         assert_eq!((bare.nr_lrs, bare.nr_aprs), (0, 0));
         let mut id = IdRegs::default();
         id.pfr0 |= 1 << 44;
         id.dfr0 |= (1 << 32) | (1 << 40);
         let f = CpuFeatures::decode(&id);
-        assert_eq!(f.guest_cptr() & CPTR_TAM, CPTR_TAM);
+        assert_eq!(f.guest_cptr() & cptr::TAM, cptr::TAM);
         assert_eq!(
-            f.guest_mdcr() & (MDCR_TPMS | MDCR_TTRF),
-            MDCR_TPMS | MDCR_TTRF
+            f.guest_mdcr() & (mdcr::TPMS | mdcr::TTRF),
+            mdcr::TPMS | mdcr::TTRF
         );
         // Never allocation-tag access, whatever the CPU has.
         assert_eq!(f.guest_hcr() & (1 << 56), 0);

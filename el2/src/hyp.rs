@@ -15,7 +15,7 @@ use stage2::mm::{Table, TableMemory, ENTRIES};
 use stage2::{Hpa, PAGE_SIZE};
 
 use crate::arch::{self, HostRegs, Tlb};
-use el2::dtb::{self, Platform, Region};
+use el2::dtb::{self, Board, Region};
 use el2::exception::{fault_ipa, Esr, ExceptionClass, TrapFrame, Vector};
 use el2::layout::*;
 use el2::pkvm::{AbortAction, AbortKind, Hyp, HypConfig};
@@ -139,7 +139,7 @@ const _: () = assert!(ENTRIES * 8 == PAGE_SIZE as usize);
 /// The hypervisor's state: the dispatcher over the EL2 machine.
 type El2Hyp = Hyp<El2Platform, HypPool, Tlb>;
 
-static PLATFORM: Once<Platform> = Once::new();
+static BOARD: Once<Board> = Once::new();
 static HYP: Once<El2Hyp> = Once::new();
 static HOST_REGS: Once<HostRegs> = Once::new();
 
@@ -151,13 +151,13 @@ static CPU_STATE: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(CPU_OFF) }; MAX_
 static CPU_ENTRY: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static CPU_CONTEXT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
-fn platform() -> &'static Platform {
+fn board() -> &'static Board {
     // Set before any CPU other than the boot CPU runs, and before the host.
-    PLATFORM.get().expect("platform parsed at boot")
+    BOARD.get().expect("board parsed at boot")
 }
 
 fn cpu_index(mpidr: u64) -> Option<usize> {
-    platform()
+    board()
         .cpus
         .iter()
         .take(MAX_CPUS)
@@ -167,7 +167,7 @@ fn cpu_index(mpidr: u64) -> Option<usize> {
 /// The index of the calling CPU in the device tree's CPU list (`None`
 /// before the platform is parsed, or for a CPU beyond [`MAX_CPUS`]).
 pub fn this_cpu() -> Option<usize> {
-    PLATFORM.get()?;
+    BOARD.get()?;
     cpu_index(arch::mpidr())
 }
 
@@ -197,7 +197,7 @@ fn log_guest_isolation() {
 }
 
 fn find_own_redistributor(cpu: usize) {
-    let sgi = platform()
+    let sgi = board()
         .gic
         .get(1)
         .and_then(|r| arch::vcpu::find_redistributor(r.base, r.size));
@@ -212,7 +212,7 @@ fn find_own_redistributor(cpu: usize) {
 fn fatal(msg: core::fmt::Arguments<'_>) -> ! {
     error!("{msg}");
     error!("cannot boot the host: powering off");
-    let _ = arch::smc([u64::from(smccc::psci::PSCI_SYSTEM_OFF), 0, 0, 0]);
+    let _ = arch::smc([u64::from(psci::PSCI_SYSTEM_OFF), 0, 0, 0]);
     arch::park()
 }
 
@@ -230,14 +230,14 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
         Some(b) => b,
         None => fatal(format_args!("no valid device tree at {dtb_addr:#x}")),
     };
-    let plat = match dtb::parse(&blob) {
+    let board = match dtb::parse(&blob) {
         Ok(p) => p,
         Err(e) => fatal(format_args!("cannot parse the device tree: {e:?}")),
     };
-    if let Some(uart) = plat.uart {
+    if let Some(uart) = board.uart {
         crate::console::set_base(uart);
     }
-    if !plat.psci_smc {
+    if !board.psci_smc {
         fatal(format_args!(
             "PSCI must use the SMC conduit (virtualization=on)"
         ));
@@ -246,7 +246,7 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
         base: HYP_BASE,
         size: HYP_SIZE,
     };
-    if !plat
+    if !board
         .memory
         .iter()
         .any(|r| r.base <= hyp.base && r.end() >= hyp.end())
@@ -255,16 +255,14 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
             "RAM does not contain the hypervisor's range {HYP_BASE:#x}..{HYP_END:#x}"
         ));
     }
-    for r in &plat.memory {
+    for r in &board.memory {
         let mut gib = r.base & !((1 << 30) - 1);
         while gib < r.end() {
             arch::map_ram_gib(gib);
             gib += 1 << 30;
         }
     }
-    #[cfg(feature = "selftest-guest")]
-    crate::selftest::run_all(&plat);
-    let host_ram = dtb::subtract(&plat.memory, hyp);
+    let host_ram = dtb::subtract(&board.memory, hyp);
     // The host kernel must be where the runner put it.
     if !host_ram.iter().any(|r| r.contains(HOST_KERNEL_ADDR)) || !has_image_header(HOST_KERNEL_ADDR)
     {
@@ -281,7 +279,7 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
         size: host_dtb.len() as u64,
     };
     if host_dtb.len() > HOST_DTB_MAX
-        || plat
+        || board
             .initrd
             .is_some_and(|i| i.base < dtb_region.end() && dtb_region.base < i.end())
     {
@@ -305,7 +303,7 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
     let pool_pages = pool.pages;
     let (ipa_bits, pa_range) = host_ipa_bits();
     let config = HypConfig {
-        ram: &plat.memory,
+        ram: &board.memory,
         hyp,
         host_ipa_bits: ipa_bits,
         share_limit: u32::MAX,
@@ -328,12 +326,12 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
     info!("heap: {} KiB after the image", heap >> 10);
     HYP.call_once(|| state);
     HOST_REGS.call_once(|| regs);
-    let boot_cpu = plat
+    let boot_cpu = board
         .cpus
         .iter()
         .position(|&m| m == arch::mpidr())
         .unwrap_or(0);
-    PLATFORM.call_once(|| plat);
+    BOARD.call_once(|| board);
     CPU_STATE[boot_cpu.min(MAX_CPUS - 1)].store(CPU_ON, Ordering::SeqCst);
     find_own_redistributor(boot_cpu);
 
@@ -351,10 +349,7 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
 extern "C" fn secondary_main(index: u64) -> ! {
     let i = index as usize;
     let Some(regs) = HOST_REGS.get() else {
-        // Before the host exists, only the boot self-test starts CPUs.
-        #[cfg(feature = "selftest-guest")]
-        crate::selftest::secondary(i);
-        #[cfg(not(feature = "selftest-guest"))]
+        // Before the host exists, nothing starts CPUs.
         arch::park()
     };
     if i >= MAX_CPUS {
@@ -527,7 +522,7 @@ fn host_smc(frame: &mut TrapFrame) {
                 CPU_ENTRY[me].store(entry, Ordering::SeqCst);
                 CPU_CONTEXT[me].store(context, Ordering::SeqCst);
                 let r = arch::smc([
-                    u64::from(smccc::psci::PSCI_CPU_SUSPEND_64),
+                    u64::from(psci::PSCI_CPU_SUSPEND_64),
                     power_state,
                     arch::secondary_entry_pa(),
                     me as u64,
@@ -541,7 +536,7 @@ fn host_smc(frame: &mut TrapFrame) {
             if let Some(me) = me {
                 CPU_STATE[me].store(CPU_OFF, Ordering::SeqCst);
             }
-            let r = arch::smc([u64::from(smccc::psci::PSCI_CPU_OFF), 0, 0, 0]);
+            let r = arch::smc([u64::from(psci::PSCI_CPU_OFF), 0, 0, 0]);
             // Only returns on failure.
             if let Some(me) = me {
                 CPU_STATE[me].store(CPU_ON, Ordering::SeqCst);
@@ -568,7 +563,7 @@ fn cpu_on(target: u64, entry: u64, context: u64) -> i64 {
     CPU_ENTRY[i].store(entry, Ordering::SeqCst);
     CPU_CONTEXT[i].store(context, Ordering::SeqCst);
     let r = arch::smc([
-        u64::from(smccc::psci::PSCI_CPU_ON_64),
+        u64::from(psci::PSCI_CPU_ON_64),
         target,
         arch::secondary_entry_pa(),
         i as u64,

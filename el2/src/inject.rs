@@ -7,6 +7,8 @@
 //! handling reports it. The PSTATE rules follow the ARM ARM's
 //! "exception entry" pseudocode (and KVM's `enter_exception64`).
 
+use crate::sysreg::{pstate, sctlr_el1};
+
 /// The EL1 register state an injection writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Injection {
@@ -43,18 +45,6 @@ pub struct Faulting {
     pub sctlr_el1: u64,
 }
 
-const PSR_MODE_MASK: u64 = 0xf;
-const PSR_MODE_EL0T: u64 = 0x0;
-const PSR_MODE_EL1T: u64 = 0x4;
-const PSR_MODE_EL1H: u64 = 0x5;
-const PSR_NZCV: u64 = 0xf << 28;
-const PSR_DIT: u64 = 1 << 24;
-const PSR_PAN: u64 = 1 << 22;
-const PSR_SSBS: u64 = 1 << 12;
-const PSR_DAIF: u64 = 0xf << 6;
-const SCTLR_SPAN: u64 = 1 << 23;
-const SCTLR_DSSBS: u64 = 1 << 44;
-
 /// Fault status code of a synchronous external abort, not on a table walk.
 pub const FSC_SEA: u64 = 0x10;
 
@@ -81,14 +71,14 @@ enum Kind {
 }
 
 fn exception(f: &Faulting, kind: Kind) -> Option<Injection> {
-    let mode = f.spsr & PSR_MODE_MASK;
+    let mode = f.spsr & pstate::M_AARCH64;
     if f.spsr & (1 << 4) != 0 {
         return None; // AArch32
     }
     let (offset, same_el) = match mode {
-        PSR_MODE_EL1T => (0x000, true),
-        PSR_MODE_EL1H => (0x200, true),
-        PSR_MODE_EL0T => (0x400, false),
+        pstate::EL1T => (0x000, true),
+        pstate::EL1H => (0x200, true),
+        pstate::EL0T => (0x400, false),
         _ => return None,
     };
     let esr = match kind {
@@ -105,16 +95,16 @@ fn exception(f: &Faulting, kind: Kind) -> Option<Injection> {
     };
 
     let old = f.spsr;
-    let mut new = old & (PSR_NZCV | PSR_DIT);
+    let mut new = old & (pstate::NZCV | pstate::DIT);
     // PAN is kept, and set when SCTLR_EL1.SPAN is 0. UAO, SS, IL, BTYPE clear.
-    new |= old & PSR_PAN;
-    if f.sctlr_el1 & SCTLR_SPAN == 0 {
-        new |= PSR_PAN;
+    new |= old & pstate::PAN;
+    if f.sctlr_el1 & sctlr_el1::SPAN == 0 {
+        new |= pstate::PAN;
     }
-    if f.sctlr_el1 & SCTLR_DSSBS != 0 {
-        new |= PSR_SSBS;
+    if f.sctlr_el1 & sctlr_el1::DSSBS != 0 {
+        new |= pstate::SSBS;
     }
-    new |= PSR_DAIF | PSR_MODE_EL1H;
+    new |= pstate::DAIF | pstate::EL1H;
 
     Some(Injection {
         elr_el2: f.vbar_el1.wrapping_add(offset),
@@ -151,18 +141,18 @@ mod tests {
         assert_eq!(i.spsr_el1, 0x2000_03c5);
         assert_eq!(i.far_el1, 0xffff_0000_dead_0000);
         // NZCV kept, PAN set (SPAN = 0), DAIF masked, EL1h.
-        assert_eq!(i.spsr_el2, 0x2000_0000 | PSR_PAN | 0x3c5);
+        assert_eq!(i.spsr_el2, 0x2000_0000 | pstate::PAN | 0x3c5);
     }
 
     #[test]
     fn from_el0_goes_to_lower_vector() {
         let mut f = fault(0x0);
-        f.sctlr_el1 = SCTLR_SPAN | SCTLR_DSSBS;
+        f.sctlr_el1 = sctlr_el1::SPAN | sctlr_el1::DSSBS;
         f.instruction = true;
         let i = external_abort(&f).unwrap();
         assert_eq!(i.elr_el2, 0xffff_8000_0801_0400);
         assert_eq!(i.esr_el1 >> 26, 0x20);
-        assert_eq!(i.spsr_el2, PSR_SSBS | 0x3c5);
+        assert_eq!(i.spsr_el2, pstate::SSBS | 0x3c5);
     }
 
     #[test]

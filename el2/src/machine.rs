@@ -3,7 +3,7 @@
 //! vCPU contexts in their state pages and guest entry.
 //! Physical addresses become pointers only in the binary: here, in `arch`,
 //! in `hyp.rs` (the host stage-2 pool, the device trees, the host kernel's
-//! header) and in the `selftest-guest` feature's own pool.
+//! header).
 
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};

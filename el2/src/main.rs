@@ -19,8 +19,6 @@ mod console;
 mod hyp;
 #[cfg(target_os = "none")]
 mod machine;
-#[cfg(all(target_os = "none", feature = "selftest-guest"))]
-mod selftest;
 
 /// On the build machine the binary does nothing; `cargo test -p el2` tests the library.
 #[cfg(not(target_os = "none"))]

@@ -40,6 +40,8 @@ use hypercalls::{Access, FaultKind, GuestCall, HypError, MmioSize, VcpuExit};
 
 use crate::exception::{fault_ipa, Esr, ExceptionClass, Vector};
 use crate::layout::MAX_CPUS;
+use crate::psci::{self, GuestPsci};
+use crate::sysreg::{pstate, sctlr_el1};
 
 /// FP/SIMD state: V0..V31, FPSR, FPCR. Saved and loaded by assembly.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -188,10 +190,6 @@ const _: () = assert!(
     "one state page"
 );
 
-/// PSTATE of a fresh vCPU: EL1h, D, A, I, F masked.
-pub const PSTATE_EL1H_MASKED: u64 = 0x3c5;
-/// SCTLR_EL1 at reset: RES1 bits, MMU and caches off.
-pub const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
 /// MPIDR bit 31 is RES1.
 const MPIDR_RES1: u64 = 1 << 31;
 
@@ -206,8 +204,8 @@ impl VcpuContext {
         let mut ctx = Self::default();
         ctx.x[0] = arg;
         ctx.pc = entry;
-        ctx.pstate = PSTATE_EL1H_MASKED;
-        ctx.el1.sctlr = SCTLR_EL1_RESET;
+        ctx.pstate = pstate::EL1H_MASKED;
+        ctx.el1.sctlr = sctlr_el1::RESET;
         ctx.cntvoff = cntvoff;
         ctx.vmpidr = MPIDR_RES1 | u64::from(index % 16) | (u64::from(index / 16) << 8);
         ctx
@@ -218,10 +216,12 @@ impl VcpuContext {
     /// becomes EL1h with DAIF masked; the guest then faults in its own
     /// context rather than running at EL2). Returns whether it changed.
     pub fn sanitize_pstate(&mut self) -> bool {
-        const MODE: u64 = 0x1f;
-        let ok = matches!(self.pstate & MODE, 0b00000 | 0b00100 | 0b00101);
+        let ok = matches!(
+            self.pstate & pstate::M,
+            pstate::EL0T | pstate::EL1T | pstate::EL1H
+        );
         if !ok {
-            self.pstate = (self.pstate & !MODE) | PSTATE_EL1H_MASKED;
+            self.pstate = (self.pstate & !pstate::M) | pstate::EL1H_MASKED;
         }
         !ok
     }
@@ -246,89 +246,6 @@ impl VcpuContext {
     }
 }
 
-/// HCR_EL2 bits.
-pub mod hcr {
-    /// Stage-2 translation on.
-    pub const VM: u64 = 1 << 0;
-    /// Set/way invalidation becomes clean+invalidate.
-    pub const SWIO: u64 = 1 << 1;
-    /// Physical FIQs go to EL2.
-    pub const FMO: u64 = 1 << 3;
-    /// Physical IRQs go to EL2.
-    pub const IMO: u64 = 1 << 4;
-    /// SErrors go to EL2.
-    pub const AMO: u64 = 1 << 5;
-    /// EL1 TLB and I-cache maintenance is broadcast (inner shareable).
-    pub const FB: u64 = 1 << 9;
-    /// Barriers at EL1 are upgraded to inner shareable.
-    pub const BSU_IS: u64 = 1 << 10;
-    /// WFI traps to EL2.
-    pub const TWI: u64 = 1 << 13;
-    /// WFE traps to EL2.
-    pub const TWE: u64 = 1 << 14;
-    /// SMC traps to EL2.
-    pub const TSC: u64 = 1 << 19;
-    /// Implementation-defined system registers trap.
-    pub const TIDCP: u64 = 1 << 20;
-    /// ACTLR_EL1 accesses trap.
-    pub const TACR: u64 = 1 << 21;
-    /// Data cache maintenance by set/way traps.
-    pub const TSW: u64 = 1 << 22;
-    /// EL1 is AArch64.
-    pub const RW: u64 = 1 << 31;
-    /// LORegion registers trap (FEAT_LOR; RES0 without it).
-    pub const TLOR: u64 = 1 << 35;
-    /// RAS error-record registers trap (FEAT_RAS; RES0 without it).
-    pub const TERR: u64 = 1 << 36;
-    /// Pointer-auth key registers do not trap.
-    pub const APK: u64 = 1 << 40;
-    /// Pointer-auth instructions do not trap.
-    pub const API: u64 = 1 << 41;
-}
-
-/// HCR_EL2 while a guest runs.
-///
-/// - `VM`: its stage-2 is on. `IMO | FMO | AMO`: physical interrupts and
-///   SErrors come to EL2, so an interrupt for the host ends the run
-///   ([`GuestExit::Interrupted`]) and the host handles it.
-/// - `FB | BSU_IS`: a vCPU may run on any CPU, so its TLB maintenance and
-///   barriers must reach all of them.
-/// - `SWIO | TSW`: set/way cache operations mean nothing in a VM (KVM traps
-///   them too); a trapped one is an unhandled trap.
-/// - `TWI`: a guest WFI exits to the host (which may schedule something
-///   else); WFE does not trap, so spinlocks stay cheap.
-/// - `TSC`: SMCs trap (PSCI over SMC, see the module docs).
-/// - `TIDCP | TACR`: implementation-defined registers and ACTLR_EL1 are
-///   not switched, so the guest may not touch them.
-/// - `RW | API | APK`: AArch64 EL1, pointer authentication usable without
-///   traps (its keys are switched).
-///
-/// - `TLOR | TERR` (LORegions, RAS error records) are added where the CPU
-///   has them ([`CpuFeatures::guest_hcr`](crate::features::CpuFeatures::guest_hcr)):
-///   they are RES0 otherwise.
-/// - Never set: `ATA` (so the MTE tag registers trap and no tag check
-///   happens at EL1/EL0), `EnSCXT` (so `SCXTNUM_EL0/EL1` trap), `TGE`,
-///   `E2H`. docs/DESIGN.md §8 lists every register and how it is kept.
-///
-/// ID registers are not trapped (no `TID3`): the guest sees the CPU's,
-/// including SVE/SME, which `CPTR_EL2` traps; a guest that uses them gets
-/// an unhandled-trap exit.
-pub const HCR_GUEST: u64 = hcr::VM
-    | hcr::SWIO
-    | hcr::FMO
-    | hcr::IMO
-    | hcr::AMO
-    | hcr::FB
-    | hcr::BSU_IS
-    | hcr::TWI
-    | hcr::TSC
-    | hcr::TIDCP
-    | hcr::TACR
-    | hcr::TSW
-    | hcr::RW
-    | hcr::APK
-    | hcr::API;
-
 /// What the trap path saved at a guest exit, apart from the GPRs (which
 /// are in the [`VcpuContext`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -341,90 +258,6 @@ pub struct RawExit {
     pub far: u64,
     /// HPFAR_EL2.
     pub hpfar: u64,
-}
-
-/// The guest's PSCI calls (PSCI 1.1, SMC64/SMC32 ids as the guest passed them).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GuestPsci {
-    /// PSCI_VERSION.
-    Version,
-    /// PSCI_FEATURES of a function id.
-    Features(u32),
-    /// CPU_ON: start the vCPU with MPIDR `target` at `entry` with x0 = `context`.
-    CpuOn {
-        /// Target MPIDR.
-        target: u64,
-        /// Entry point (guest IPA or VA as the guest's MMU dictates: MMU is off at entry).
-        entry: u64,
-        /// Value for the new vCPU's x0.
-        context: u64,
-    },
-    /// CPU_OFF.
-    CpuOff,
-    /// AFFINITY_INFO of an MPIDR.
-    AffinityInfo(u64),
-    /// SYSTEM_OFF.
-    SystemOff,
-    /// SYSTEM_RESET.
-    SystemReset,
-    /// Any other PSCI function: answered `NOT_SUPPORTED`.
-    Other(u32),
-}
-
-/// PSCI function ids.
-pub mod psci_id {
-    /// PSCI_VERSION.
-    pub const VERSION: u32 = 0x8400_0000;
-    /// CPU_OFF.
-    pub const CPU_OFF: u32 = 0x8400_0002;
-    /// CPU_ON, SMC32 form.
-    pub const CPU_ON_32: u32 = 0x8400_0003;
-    /// CPU_ON, SMC64 form.
-    pub const CPU_ON_64: u32 = 0xc400_0003;
-    /// AFFINITY_INFO, SMC32 form.
-    pub const AFFINITY_INFO_32: u32 = 0x8400_0004;
-    /// AFFINITY_INFO, SMC64 form.
-    pub const AFFINITY_INFO_64: u32 = 0xc400_0004;
-    /// SYSTEM_OFF.
-    pub const SYSTEM_OFF: u32 = 0x8400_0008;
-    /// SYSTEM_RESET.
-    pub const SYSTEM_RESET: u32 = 0x8400_0009;
-    /// PSCI_FEATURES.
-    pub const FEATURES: u32 = 0x8400_000a;
-}
-
-/// PSCI `NOT_SUPPORTED` (-1) as a register value.
-const PSCI_NOT_SUPPORTED: u64 = u64::MAX;
-
-/// Whether `x0` is a PSCI function id (owner 4, function 0x00..0x1f, 32- or 64-bit).
-fn psci_fid(x0: u64) -> Option<u32> {
-    let fid = u32::try_from(x0).ok()?;
-    let base = fid & !(1 << 30);
-    ((0x8400_0000..=0x8400_001f).contains(&base)).then_some(fid)
-}
-
-fn decode_psci(fid: u32, regs: &[u64; 8]) -> GuestPsci {
-    let arg32 = |v: u64| v & 0xffff_ffff;
-    match fid {
-        psci_id::VERSION => GuestPsci::Version,
-        psci_id::FEATURES => GuestPsci::Features(arg32(regs[1]) as u32),
-        psci_id::CPU_OFF => GuestPsci::CpuOff,
-        psci_id::CPU_ON_64 => GuestPsci::CpuOn {
-            target: regs[1],
-            entry: regs[2],
-            context: regs[3],
-        },
-        psci_id::CPU_ON_32 => GuestPsci::CpuOn {
-            target: arg32(regs[1]),
-            entry: arg32(regs[2]),
-            context: arg32(regs[3]),
-        },
-        psci_id::AFFINITY_INFO_64 => GuestPsci::AffinityInfo(regs[1]),
-        psci_id::AFFINITY_INFO_32 => GuestPsci::AffinityInfo(arg32(regs[1])),
-        psci_id::SYSTEM_OFF => GuestPsci::SystemOff,
-        psci_id::SYSTEM_RESET => GuestPsci::SystemReset,
-        other => GuestPsci::Other(other),
-    }
 }
 
 /// A decoded MMIO access (a data abort with a valid instruction syndrome).
@@ -545,9 +378,9 @@ pub fn decode_exit(raw: &RawExit, regs: &[u64; 8], in_memory: impl Fn(u64) -> bo
             if esr.imm16() != 0 {
                 return GuestExit::CallError(HypError::NotSupported);
             }
-            if let Some(fid) = psci_fid(regs[0]) {
+            if let Some(fid) = psci::guest_fid(regs[0]) {
                 return GuestExit::Psci {
-                    call: decode_psci(fid, regs),
+                    call: psci::decode_guest(fid, regs),
                     smc: false,
                 };
             }
@@ -556,9 +389,9 @@ pub fn decode_exit(raw: &RawExit, regs: &[u64; 8], in_memory: impl Fn(u64) -> bo
                 Err(e) => GuestExit::CallError(e),
             }
         }
-        ExceptionClass::Smc64 => match psci_fid(regs[0]) {
+        ExceptionClass::Smc64 => match psci::guest_fid(regs[0]) {
             Some(fid) if esr.imm16() == 0 => GuestExit::Psci {
-                call: decode_psci(fid, regs),
+                call: psci::decode_guest(fid, regs),
                 smc: true,
             },
             _ => GuestExit::UnknownSmc,
@@ -726,25 +559,12 @@ impl GuestExit {
                 }
                 let answer = match call {
                     GuestPsci::Version => Some(psci_version),
-                    GuestPsci::Features(fid) => Some(
-                        if matches!(
-                            fid,
-                            psci_id::VERSION
-                                | psci_id::FEATURES
-                                | psci_id::CPU_ON_32
-                                | psci_id::CPU_ON_64
-                                | psci_id::CPU_OFF
-                                | psci_id::AFFINITY_INFO_32
-                                | psci_id::AFFINITY_INFO_64
-                                | psci_id::SYSTEM_OFF
-                                | psci_id::SYSTEM_RESET
-                        ) {
-                            0
-                        } else {
-                            PSCI_NOT_SUPPORTED
-                        },
-                    ),
-                    GuestPsci::Other(_) => Some(PSCI_NOT_SUPPORTED),
+                    GuestPsci::Features(fid) => Some(if psci::guest_supports(fid) {
+                        0
+                    } else {
+                        psci::ret(psci::NOT_SUPPORTED)
+                    }),
+                    GuestPsci::Other(_) => Some(psci::ret(psci::NOT_SUPPORTED)),
                     _ => None,
                 };
                 match (answer, self.host_exit()) {
@@ -790,17 +610,6 @@ impl GuestExit {
             },
         }
     }
-}
-
-/// GICR_TYPER.Last: the last redistributor of the region.
-pub const GICR_TYPER_LAST: u64 = 1 << 4;
-
-/// Whether a GICR_TYPER (affinity in bits 63:32 as Aff3.Aff2.Aff1.Aff0)
-/// belongs to the CPU with this MPIDR.
-#[must_use]
-pub fn gicr_typer_matches(typer: u64, mpidr: u64) -> bool {
-    let aff = (mpidr & 0xff_ffff) | ((mpidr >> 8) & 0xff00_0000);
-    typer >> 32 == aff
 }
 
 /// Which vCPU of one VM ran last on each physical CPU (KVM's
@@ -910,27 +719,6 @@ mod tests {
     }
 
     #[test]
-    fn guest_hcr() {
-        for bit in [
-            hcr::VM,
-            hcr::IMO,
-            hcr::FMO,
-            hcr::AMO,
-            hcr::FB,
-            hcr::TSC,
-            hcr::RW,
-            hcr::API,
-            hcr::APK,
-            hcr::TWI,
-        ] {
-            assert_ne!(HCR_GUEST & bit, 0, "{bit:#x}");
-        }
-        assert_eq!(HCR_GUEST & hcr::TWE, 0);
-        // E2H (34) and TGE (27) must be clear: this is nVHE.
-        assert_eq!(HCR_GUEST & ((1 << 34) | (1 << 27)), 0);
-    }
-
-    #[test]
     fn console_call() {
         let call = GuestCall::ConsoleWrite(ConsoleBytes::new(b"hi").unwrap());
         let exit = decode(&sync(HVC0), call.encode());
@@ -1011,7 +799,7 @@ mod tests {
     #[test]
     fn psci_over_hvc_and_smc() {
         let mut regs = [0u64; 8];
-        regs[0] = u64::from(psci_id::SYSTEM_OFF);
+        regs[0] = u64::from(psci::PSCI_SYSTEM_OFF);
         for (esr, smc) in [(HVC0, false), (SMC0, true)] {
             let exit = decode(&sync(esr), regs);
             assert_eq!(
@@ -1028,7 +816,7 @@ mod tests {
             );
             assert_eq!(ctx.pc, if smc { 0x2004 } else { 0x2000 });
         }
-        regs[0] = u64::from(psci_id::CPU_ON_64);
+        regs[0] = u64::from(psci::PSCI_CPU_ON_64);
         regs[1] = 1;
         regs[2] = 0x4008_0000;
         regs[3] = 5;
@@ -1044,7 +832,7 @@ mod tests {
             }
         );
         // CPU_ON, 32-bit form: arguments truncated to 32 bits.
-        regs[0] = u64::from(psci_id::CPU_ON_32);
+        regs[0] = u64::from(psci::PSCI_CPU_ON_32);
         regs[2] = 0xffff_ffff_4008_0000;
         assert!(matches!(
             decode(&sync(HVC0), regs),
@@ -1061,21 +849,21 @@ mod tests {
     #[test]
     fn psci_queries_are_answered_in_x0_only() {
         let mut ctx = VcpuContext::new(0x2000, 0, 0, 0);
-        ctx.x[0] = u64::from(psci_id::VERSION);
+        ctx.x[0] = u64::from(psci::PSCI_VERSION);
         ctx.x[1] = 0xaa;
         let exit = decode(&sync(SMC0), ctx.args());
         assert_eq!(exit.complete(&mut ctx, 0x1_0001), Resume::Guest);
         assert_eq!((ctx.x[0], ctx.x[1], ctx.pc), (0x1_0001, 0xaa, 0x2004));
-        ctx.x[0] = u64::from(psci_id::FEATURES);
-        ctx.x[1] = u64::from(psci_id::SYSTEM_OFF);
+        ctx.x[0] = u64::from(psci::PSCI_FEATURES);
+        ctx.x[1] = u64::from(psci::PSCI_SYSTEM_OFF);
         decode(&sync(HVC0), ctx.args()).complete(&mut ctx, 0);
         assert_eq!(ctx.x[0], 0);
-        ctx.x[0] = u64::from(psci_id::FEATURES);
-        ctx.x[1] = u64::from(psci_id::CPU_ON_64);
+        ctx.x[0] = u64::from(psci::PSCI_FEATURES);
+        ctx.x[1] = u64::from(psci::PSCI_CPU_ON_64);
         decode(&sync(HVC0), ctx.args()).complete(&mut ctx, 0);
         assert_eq!(ctx.x[0], 0, "CPU_ON is served");
-        ctx.x[0] = u64::from(psci_id::FEATURES);
-        ctx.x[1] = u64::from(smccc::psci::PSCI_SYSTEM_SUSPEND_64);
+        ctx.x[0] = u64::from(psci::PSCI_FEATURES);
+        ctx.x[1] = u64::from(psci::PSCI_SYSTEM_SUSPEND_64);
         decode(&sync(HVC0), ctx.args()).complete(&mut ctx, 0);
         assert_eq!(ctx.x[0] as i64, -1, "SYSTEM_SUSPEND is not");
         ctx.x[0] = 0x8400_0011; // a PSCI id we do not know
@@ -1364,19 +1152,6 @@ mod tests {
             ));
             assert_eq!(ctx.pc, 0x6000);
         }
-    }
-
-    #[test]
-    fn redistributor_affinity() {
-        // MPIDR Aff3 = 1 (bits 39:32), Aff2 = 2, Aff1 = 3, Aff0 = 4, bit 31 RES1.
-        let mpidr = (1 << 32) | (1 << 31) | (2 << 16) | (3 << 8) | 4;
-        assert!(gicr_typer_matches(
-            0x0102_0304 << 32 | GICR_TYPER_LAST,
-            mpidr
-        ));
-        assert!(!gicr_typer_matches(0x0102_0305 << 32, mpidr));
-        assert!(gicr_typer_matches(1 << 32, 0x8000_0001));
-        assert!(!gicr_typer_matches(1 << 32, 0x8000_0100));
     }
 
     #[test]

@@ -197,6 +197,59 @@ pub const fn pages_to_bytes(pages: u64) -> Option<u64> {
     }
 }
 
+/// The ABI's frame numbers (crate `hypercalls`, feature `abi`): validated
+/// `HYP_PFN_BITS`-wide call arguments. Into these address types they
+/// convert losslessly ([`From`]); back, only a frame below `2^PFN_BITS` does
+/// ([`Pfn::to_abi`], [`Gfn::to_abi`]). The conversion lives here, on the
+/// internal type, so the dispatcher crosses the boundary with `.into()`
+/// instead of rebuilding values from raw numbers.
+#[cfg(feature = "abi")]
+mod abi {
+    use super::{Gfn, Pfn};
+
+    impl From<hypercalls::Pfn> for Pfn {
+        fn from(p: hypercalls::Pfn) -> Self {
+            Self(p.raw())
+        }
+    }
+
+    impl From<hypercalls::Gfn> for Gfn {
+        fn from(g: hypercalls::Gfn) -> Self {
+            Self(g.raw())
+        }
+    }
+
+    impl Pfn {
+        /// The ABI's pfn for this frame, if it fits in `HYP_PFN_BITS`.
+        #[must_use]
+        pub const fn to_abi(self) -> Option<hypercalls::Pfn> {
+            hypercalls::Pfn::new(self.0)
+        }
+    }
+
+    impl Gfn {
+        /// The ABI's gfn for this frame, if it fits in `HYP_PFN_BITS`.
+        #[must_use]
+        pub const fn to_abi(self) -> Option<hypercalls::Gfn> {
+            hypercalls::Gfn::new(self.0)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn abi_frames_round_trip() {
+            let p = hypercalls::Pfn::new(0x12_3456).unwrap();
+            assert_eq!(Pfn::from(p).to_abi(), Some(p));
+            let g = hypercalls::Gfn::new(7).unwrap();
+            assert_eq!(Gfn::from(g).to_abi(), Some(g));
+            assert_eq!(Pfn(1 << hypercalls::PFN_BITS).to_abi(), None);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,14 +10,13 @@ use stage2::tlb::TlbMaintenance;
 use stage2::{Ipa, Vmid};
 
 use el2::layout::{MAX_CPUS, STACK_SIZE};
+use el2::sysreg::{cnthctl, cptr, icc_sre_el2, mdcr, sctlr_el1, HCR_HOST};
 
 global_asm!(
     include_str!("../../../qemu/baremetal/src/image_header.S"),
     include_str!("entry.S")
 );
 
-// Used by the boot self-test until HYP_VCPU_RUN is wired to it.
-#[cfg_attr(not(feature = "selftest-guest"), allow(dead_code))]
 pub mod vcpu;
 
 extern "C" {
@@ -111,25 +110,11 @@ pub struct HostRegs {
     pub vtcr: u64,
 }
 
-const HCR_VM: u64 = 1 << 0;
-const HCR_TSC: u64 = 1 << 19;
-const HCR_RW: u64 = 1 << 31;
-const HCR_APK: u64 = 1 << 40;
-const HCR_API: u64 = 1 << 41;
-/// CPTR_EL2 (nVHE layout): RES1 bits only, so nothing traps (TZ, TFP, TSM, TTA clear).
-const CPTR_EL2_NO_TRAPS: u64 = (1 << 13) | (1 << 9) | 0xff;
-const CNTHCTL_EL1PCTEN: u64 = 1 << 0;
-const CNTHCTL_EL1PCEN: u64 = 1 << 1;
-/// SCTLR_EL1 RES1 bits, MMU and caches off: what Linux expects at entry.
-const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
-const ICC_SRE_EL2_SRE: u64 = 1 << 0;
-const ICC_SRE_EL2_ENABLE: u64 = 1 << 3;
-
 /// Configures this CPU's EL2 to run the host at EL1 under its stage-2.
 pub fn init_host_regs(regs: HostRegs) {
     let pfr0 = ID_AA64PFR0_EL1.get();
     let pfr1 = ID_AA64PFR1_EL1.get();
-    CPTR_EL2.set(CPTR_EL2_NO_TRAPS);
+    CPTR_EL2.set(cptr::RES1);
     // SAFETY: ZCR_EL2 and SMCR_EL2 exist when the ID registers say SVE and
     // SME are implemented, and CPTR_EL2 no longer traps them; LEN = max lets
     // EL1 choose any vector length.
@@ -142,23 +127,23 @@ pub fn init_host_regs(regs: HostRegs) {
             asm!("msr S3_4_C1_C2_6, {}", in(reg) 0xfu64, options(nostack)); // SMCR_EL2
         }
     }
-    CNTHCTL_EL2.set(CNTHCTL_EL1PCTEN | CNTHCTL_EL1PCEN);
+    CNTHCTL_EL2.set(cnthctl::HOST);
     CNTVOFF_EL2.set(0);
     // Give EL1 all the PMU counters (HPMN = PMCR_EL0.N) and trap nothing.
     let pmcr: u64;
     // SAFETY: reading PMCR_EL0 has no side effects.
     unsafe { asm!("mrs {}, pmcr_el0", out(reg) pmcr, options(nomem, nostack)) };
-    MDCR_EL2.set((pmcr >> 11) & 0x1f);
+    MDCR_EL2.set((pmcr >> 11) & mdcr::HPMN);
     let midr = MIDR_EL1.get();
     // SAFETY: VPIDR_EL2 only changes what EL1 reads as MIDR_EL1.
     unsafe { asm!("msr vpidr_el2, {}", in(reg) midr, options(nostack)) };
     VMPIDR_EL2.set(MPIDR_EL1.get());
-    SCTLR_EL1.set(SCTLR_EL1_RESET);
-    ICC_SRE_EL2.set(ICC_SRE_EL2_SRE | ICC_SRE_EL2_ENABLE);
+    SCTLR_EL1.set(sctlr_el1::RESET);
+    ICC_SRE_EL2.set(icc_sre_el2::SRE | icc_sre_el2::ENABLE);
     ICH_HCR_EL2.set(0);
     VTCR_EL2.set(regs.vtcr);
     VTTBR_EL2.set(regs.vttbr);
-    HCR_EL2.set(HCR_VM | HCR_TSC | HCR_RW | HCR_APK | HCR_API);
+    HCR_EL2.set(HCR_HOST);
     // SAFETY: flushes this CPU's stale stage-1+2 entries for the new VTTBR.
     unsafe { asm!("isb", "tlbi vmalls12e1", "dsb nsh", "isb", options(nostack)) };
 }

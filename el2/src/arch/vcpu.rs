@@ -51,6 +51,8 @@ use core::arch::{asm, global_asm};
 
 use aarch64_cpu::registers::*;
 use el2::features::{CpuFeatures, IdRegs};
+use el2::gic;
+use el2::sysreg::{cnt_ctl, cnthctl, icc_sre_el2};
 use el2::vcpu::{El1Sysregs, FpState, GicCpuIf, RawExit, VcpuContext};
 
 global_asm!(include_str!("vcpu.S"));
@@ -83,46 +85,20 @@ pub struct VcpuRun {
     pub gicr_sgi: Option<u64>,
 }
 
-/// The EL2 physical timer's interrupt (PPI).
-pub const HYP_TIMER_PPI: u32 = 26;
-/// GICR_ISENABLER0 in the SGI frame.
-const GICR_ISENABLER0: u64 = 0x100;
-/// Redistributor frames (RD + SGI) of a GICv3.
-const GICR_STRIDE: u64 = 0x2_0000;
-const GICR_TYPER: u64 = 0x8;
-const GICR_SGI_FRAME: u64 = 0x1_0000;
-
 /// Finds this CPU's redistributor in the GICR region `[base, base + size)`
 /// (below 1 GiB, the device part of the EL2 map) and returns its SGI frame.
 pub fn find_redistributor(base: u64, size: u64) -> Option<u64> {
     if base.checked_add(size)? > 1 << 30 {
         return None;
     }
-    let mpidr = MPIDR_EL1.get();
-    let mut rd = base;
-    while rd + GICR_STRIDE <= base + size {
+    let read_typer = |rd: u64| {
         // SAFETY: GICR_TYPER of a redistributor frame inside the GIC's
         // region (device memory in the EL2 map); reading it has no effect.
-        let typer = unsafe { ((rd + GICR_TYPER) as *const u64).read_volatile() };
-        if el2::vcpu::gicr_typer_matches(typer, mpidr) {
-            return Some(rd + GICR_SGI_FRAME);
-        }
-        if typer & el2::vcpu::GICR_TYPER_LAST != 0 {
-            return None;
-        }
-        rd += GICR_STRIDE;
-    }
-    None
+        unsafe { ((rd + gic::GICR_TYPER) as *const u64).read_volatile() }
+    };
+    gic::find_redistributor(base, size, MPIDR_EL1.get(), read_typer)
+        .map(|rd| rd + gic::GICR_SGI_FRAME)
 }
-
-/// CNTHCTL_EL2: EL1 may read the physical counter; the physical timer traps.
-const CNTHCTL_GUEST: u64 = 1 << 0;
-/// ICC_SRE_EL2.Enable: EL1 may access ICC_SRE_EL1. Cleared while a guest
-/// runs, so the guest cannot change the SRE/DFB/DIB bits the host relies on
-/// (the bit may be RAO/WI, as on QEMU, where ICC_SRE_EL1 is constant).
-const ICC_SRE_EL2_ENABLE: u64 = 1 << 3;
-const CNTV_CTL_ENABLE: u64 = 1 << 0;
-const CNTV_CTL_IMASK: u64 = 1 << 1;
 
 macro_rules! read_sysreg {
     ($reg:literal) => {{
@@ -413,19 +389,19 @@ pub fn run_vcpu(ctx: &mut VcpuContext, run: &VcpuRun) -> RawExit {
     ctx.sanitize_pstate();
 
     // The host's deadline keeps running on the EL2 physical timer.
-    let host_timer_armed = host.cntv_ctl & (CNTV_CTL_ENABLE | CNTV_CTL_IMASK) == CNTV_CTL_ENABLE;
+    let host_timer_armed = host.cntv_ctl & (cnt_ctl::ENABLE | cnt_ctl::IMASK) == cnt_ctl::ENABLE;
     if host_timer_armed {
         write_sysreg!(
             "cnthp_cval_el2",
             host.cntv_cval.wrapping_add(host_el2.cntvoff)
         );
-        write_sysreg!("cnthp_ctl_el2", CNTV_CTL_ENABLE);
+        write_sysreg!("cnthp_ctl_el2", cnt_ctl::ENABLE);
         if let Some(sgi) = run.gicr_sgi {
             // SAFETY: a write-1-to-set enable bit of this CPU's own
             // redistributor (device memory); the host's driver disables
             // PPIs it does not use, so it is enabled again each time.
             unsafe {
-                ((sgi + GICR_ISENABLER0) as *mut u32).write_volatile(1 << HYP_TIMER_PPI);
+                ((sgi + gic::GICR_ISENABLER0) as *mut u32).write_volatile(1 << gic::HYP_TIMER_PPI);
             }
         }
     }
@@ -437,7 +413,7 @@ pub fn run_vcpu(ctx: &mut VcpuContext, run: &VcpuRun) -> RawExit {
     VTCR_EL2.set(run.vtcr);
     VTTBR_EL2.set(run.vttbr);
     CPTR_EL2.set(host_el2.cptr | f.guest_cptr());
-    CNTHCTL_EL2.set(CNTHCTL_GUEST);
+    CNTHCTL_EL2.set(cnthctl::GUEST);
     CNTVOFF_EL2.set(ctx.cntvoff);
     VMPIDR_EL2.set(ctx.vmpidr);
     MDCR_EL2.set(host_el2.mdcr | f.guest_mdcr());
@@ -445,7 +421,10 @@ pub fn run_vcpu(ctx: &mut VcpuContext, run: &VcpuRun) -> RawExit {
         write_sysreg!("S3_4_C12_C1_1", ctx.vdisr); // VDISR_EL2
     }
     if f.gic_sysregs {
-        ICC_SRE_EL2.set(host_el2.icc_sre & !ICC_SRE_EL2_ENABLE);
+        // EL1 may not access ICC_SRE_EL1 while a guest runs, so the guest cannot
+        // change the SRE/DFB/DIB bits the host relies on (the bit may be
+        // RAO/WI, as on QEMU, where ICC_SRE_EL1 is constant).
+        ICC_SRE_EL2.set(host_el2.icc_sre & !icc_sre_el2::ENABLE);
         gic_load(&ctx.gic, f);
     }
     // SAFETY: barriers; the TLB/I-cache maintenance only affects this CPU's

@@ -14,11 +14,11 @@ use stage2::owner::{self, Owner, PageView, VmId};
 use stage2::pgtable::{Perms, Stage2};
 use stage2::tlb::TlbMaintenance;
 use stage2::transition::{self, map_tables_bound, PageRange, Teardown};
-use stage2::{Gfn, Ipa, Pfn, Vmid, PAGE_SHIFT, PAGE_SIZE};
+use stage2::{Ipa, Pfn, Vmid, PAGE_SHIFT, PAGE_SIZE};
 
 use super::memcache::Memcache;
 use super::platform::Platform;
-use super::vm::{CountingTlb, Counts, Life, Power, VcpuRun, Vm};
+use super::vm::{Counts, InvalidationCounter, Life, Power, VcpuRun, Vm};
 use super::{vm_of, Host, Hyp, MAX_VMS};
 use crate::vcpu::LastRan;
 
@@ -119,7 +119,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
             let Some(pfn) = vm.memcache().peek() else {
                 break;
             };
-            let abi_pfn = hypercalls::Pfn::new(pfn.0).ok_or_else(|| self.bug())?;
+            let abi_pfn = pfn.to_abi().ok_or_else(|| self.bug())?;
             match transition::return_from_hyp(&mut host.tracker, &mut host.s2, pfn, 1, self.zero())
             {
                 Ok(()) => {
@@ -181,7 +181,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         runs.resize(usize::from(nr_vcpus.get()), VcpuRun::IDLE);
         let root_pa = root.0 << PAGE_SHIFT;
         let vttbr = root_pa | (u64::from(vmid.0) << 48);
-        let tlb = CountingTlb::new(self.platform.guest_tlb(vmid, vttbr));
+        let tlb = InvalidationCounter::new(self.platform.guest_tlb(vmid, vttbr));
         let root_pages = usize::from(ipa_bits.root_table_pages() as u16);
         let mc = Memcache::new(self.platform.page_access(), root, root_pages);
 
@@ -270,7 +270,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         live(vm)?;
         let n = nr(n);
         let pfn = self.ram_range(pfn, n)?;
-        let r = PageRange::new(pfn, Gfn(gfn.raw()), n);
+        let r = PageRange::new(pfn, gfn.into(), n);
         change(&mut host, vm, r).map_err(|e| self.err(e))?;
         count(&mut vm.counts, n);
         Ok(Reply::Done)
@@ -653,7 +653,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         let mut slot = self.lock_vm(h)?;
         let vm = vm_of(&mut slot)?;
         let (ipa, _) = guest_range(vm, gfn, 1)?;
-        let view = transition::guest_view(&host.tracker, vm.id, &vm.s2, Gfn(gfn.raw()))
+        let view = transition::guest_view(&host.tracker, vm.id, &vm.s2, gfn.into())
             .map_err(|e| self.err(e))?;
         let Some((pfn, view)) = view else {
             return Ok(Reply::GuestPage(GuestPage::Unmapped));
@@ -667,7 +667,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         let leaf = vm.s2.query(ipa).ok_or_else(|| self.bug())?;
         Ok(Reply::GuestPage(GuestPage::Mapped {
             state,
-            pfn: hypercalls::Pfn::new(pfn.0).ok_or_else(|| self.bug())?,
+            pfn: pfn.to_abi().ok_or_else(|| self.bug())?,
             prot: prot_of(leaf.attrs.perms),
         }))
     }

@@ -362,7 +362,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
 
     /// The frame range `[pfn, pfn + nr)` if it is RAM, else `HYP_ERANGE`.
     fn ram_range(&self, pfn: hypercalls::Pfn, nr: u64) -> Result<Pfn, HypError> {
-        let pfn = Pfn(pfn.raw());
+        let pfn = Pfn::from(pfn);
         if self.is_ram(pfn, nr) {
             Ok(pfn)
         } else {

@@ -16,22 +16,17 @@ use super::calls::{load, LoadedVcpu};
 use super::platform::{GuestEntry, Platform};
 use super::vm::{Power, Vm};
 use super::{vm_of, Hyp};
-use crate::psci::{ALREADY_ON, INVALID_PARAMETERS, ON_PENDING};
-use crate::vcpu::{decode_exit, GuestExit, GuestPsci, MmioAccess, Resume, VcpuContext};
+use crate::psci::{
+    self, GuestPsci, AFFINITY_OFF, AFFINITY_ON, AFFINITY_ON_PENDING, ALREADY_ON,
+    INVALID_PARAMETERS, ON_PENDING,
+};
+use crate::vcpu::{decode_exit, GuestExit, MmioAccess, Resume, VcpuContext};
 
 /// Most guest entries per `HYP_VCPU_RUN`: exits the hypervisor answers
 /// itself resume the guest at most this often before the call returns
 /// `HYP_EXIT_INTERRUPTED` (a guest looping on `HYP_GUEST_VERSION` cannot
 /// keep the host's CPU).
 pub const MAX_GUEST_ENTRIES: u32 = 64;
-
-/// PSCI version the guest sees: 1.1.
-pub const GUEST_PSCI_VERSION: u64 = 0x1_0001;
-
-/// AFFINITY_INFO answers.
-const AFFINITY_ON: u64 = 0;
-const AFFINITY_OFF: u64 = 1;
-const AFFINITY_ON_PENDING: u64 = 2;
 
 /// What one run did, applied to the VM at put.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -66,7 +61,7 @@ fn in_memory(memory: Option<GuestMemory>, ipa: u64) -> bool {
 
 /// The created vCPU of `vm` a PSCI call names, or `INVALID_PARAMETERS`.
 fn target<P: Platform>(vm: &Vm<P>, mpidr: u64) -> Result<usize, u64> {
-    let invalid = i64::from(INVALID_PARAMETERS) as u64;
+    let invalid = psci::ret(INVALID_PARAMETERS);
     match mpidr_index(mpidr) {
         Some(i) if vm.vcpus.get(i).copied().flatten().is_some() => Ok(i),
         _ => Err(invalid),
@@ -167,7 +162,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
                 GuestExit::Interrupted => out.irq = true,
                 _ => {}
             }
-            match exit.complete(ctx, GUEST_PSCI_VERSION) {
+            match exit.complete(ctx, psci::GUEST_VERSION) {
                 Resume::Guest => out.hyp_exits = out.hyp_exits.wrapping_add(1),
                 Resume::Host(e) => {
                     if matches!(e, VcpuExit::SystemOff { .. }) {
@@ -191,7 +186,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         ) {
             return None;
         }
-        let invalid = i64::from(INVALID_PARAMETERS) as u64;
+        let invalid = psci::ret(INVALID_PARAMETERS);
         let Ok(mut slot) = self.lock_vm(loaded.vm) else {
             return Some(Ok(invalid));
         };
@@ -215,8 +210,8 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
                             run.mmio = None;
                             0
                         }
-                        Power::Start { .. } => i64::from(ON_PENDING) as u64,
-                        Power::On => i64::from(ALREADY_ON) as u64,
+                        Power::Start { .. } => psci::ret(ON_PENDING),
+                        Power::On => psci::ret(ALREADY_ON),
                     },
                     None => invalid,
                 },

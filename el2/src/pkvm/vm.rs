@@ -16,13 +16,13 @@ use crate::vcpu::{LastRan, MmioAccess};
 /// Counts the invalidations issued for a VM (`HYP_VM_COUNTERS` x3) and
 /// passes every operation on.
 #[derive(Debug)]
-pub struct CountingTlb<T> {
+pub struct InvalidationCounter<T> {
     inner: T,
     /// Invalidations by IPA plus whole-VMID invalidations.
     pub invalidations: u64,
 }
 
-impl<T> CountingTlb<T> {
+impl<T> InvalidationCounter<T> {
     /// Wraps `inner`.
     pub fn new(inner: T) -> Self {
         Self {
@@ -37,7 +37,7 @@ impl<T> CountingTlb<T> {
     }
 }
 
-impl<T: TlbMaintenance> TlbMaintenance for CountingTlb<T> {
+impl<T: TlbMaintenance> TlbMaintenance for InvalidationCounter<T> {
     fn sync_writes(&mut self) {
         self.inner.sync_writes();
     }
@@ -55,7 +55,7 @@ impl<T: TlbMaintenance> TlbMaintenance for CountingTlb<T> {
 
 /// A guest's stage-2 as the dispatcher builds it.
 pub type GuestStage2<P> =
-    Stage2<Memcache<<P as Platform>::Pages>, CountingTlb<<P as Platform>::GuestTlb>>;
+    Stage2<Memcache<<P as Platform>::Pages>, InvalidationCounter<<P as Platform>::GuestTlb>>;
 
 /// Where a VM is in its lifecycle (ABI §2.6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -52,10 +52,10 @@ pub fn run(out: &mut Console<impl FnMut(GuestCall)>) -> (u32, u32) {
         r[0],
     );
     let r = arch::hvc(&regs(PSCI_VERSION, 0));
-    // PSCI 1.x: 1.1 under HYP_VCPU_RUN (docs/ABI.md §4.6), 1.0 in el2's self-test.
-    check(out, "PSCI_VERSION over HVC", r[0] >> 16 == 1, r[0]);
+    // PSCI 1.1 (docs/ABI.md §4.6).
+    check(out, "PSCI_VERSION over HVC", r[0] == 0x1_0001, r[0]);
     let r = arch::smc(&regs(PSCI_VERSION, 0));
-    check(out, "PSCI_VERSION over SMC", r[0] >> 16 == 1, r[0]);
+    check(out, "PSCI_VERSION over SMC", r[0] == 0x1_0001, r[0]);
     let r = arch::hvc(&regs(PSCI_FEATURES, PSCI_CPU_ON_64));
     check(out, "PSCI_FEATURES(CPU_ON) supported", r[0] == 0, r[0]);
     let r = arch::smc(&regs(0x8200_0000, 0));

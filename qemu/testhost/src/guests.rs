@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use guest::{Arg, Mode, Op, Reg};
-use hypercalls::{Access, FaultKind, HypError, Hypercall, Prot, Reply, VcpuExit};
+use hypercalls::{Access, FaultKind, HypError, Hypercall, Prot, Reply, VcpuExit, VcpuStart};
 use spin::Mutex;
 
 use crate::gic::Gic;
@@ -651,6 +651,118 @@ fn migrate(_: &mut Ctx) -> R {
     vm.destroy()
 }
 
+// ---- two vCPUs taking turns ----
+
+/// Who runs what in [`take_turns`]: (physical CPU, vCPU, console lines).
+/// vCPU 0 starts here, moves to CPU 1 and back; vCPU 1 runs here where
+/// vCPU 0 ran last (the hypervisor flushes this CPU's EL1 TLB entries of
+/// the VMID first), then moves to CPU 1 where vCPU 0 ran last.
+const TURNS: [(usize, usize, usize); 5] = [(0, 0, 2), (1, 0, 1), (0, 1, 2), (0, 0, 1), (1, 1, 1)];
+
+struct TurnJob {
+    vm: Arc<Vm>,
+    /// The next entry of [`TURNS`] (`TURNS.len()`: done).
+    step: AtomicUsize,
+    error: Mutex<Option<String>>,
+}
+
+static TURN: Mutex<Option<Arc<TurnJob>>> = Mutex::new(None);
+
+fn turn_cpu(cpu: usize) {
+    let Some(job) = TURN.lock().clone() else {
+        return;
+    };
+    let (t0, f) = arch::timer();
+    loop {
+        let step = job.step.load(Ordering::SeqCst);
+        let Some(&(on, vcpu, lines)) = TURNS.get(step) else {
+            return;
+        };
+        if on != cpu {
+            if arch::timer().0 - t0 > 120 * f {
+                *job.error.lock() = Some(format!("step {step} not done within 120 s"));
+                job.step.store(TURNS.len(), Ordering::SeqCst);
+                return;
+            }
+            core::hint::spin_loop();
+            continue;
+        }
+        let mut seen = 0;
+        let r = job.vm.serve(vcpu, &mut |_, ev| match ev {
+            Event::Line(l) if l.contains("passes") => {
+                seen += 1;
+                if seen >= lines {
+                    Flow::Stop
+                } else {
+                    Flow::Default
+                }
+            }
+            _ => Flow::Default,
+        });
+        if !matches!(r, Ok(End::Line(_))) {
+            *job.error.lock() = Some(format!("step {step}: vCPU {vcpu} on CPU {cpu} ended {r:?}"));
+            job.step.store(TURNS.len(), Ordering::SeqCst);
+            return;
+        }
+        job.step.store(step + 1, Ordering::SeqCst);
+    }
+}
+
+/// The pass counts a vCPU reported, in order.
+fn pass_counts(lines: &[String]) -> Vec<u64> {
+    lines
+        .iter()
+        .filter_map(|l| l.rsplit_once("passes ").and_then(|(_, n)| n.parse().ok()))
+        .collect()
+}
+
+fn take_turns(_: &mut Ctx) -> R {
+    ensure(rt::online() >= 2, || "needs 2 CPUs".into())?;
+    let img = image()?;
+    let entry1 = vmm::secondary_entry(img).ok_or("the payload has no secondary entry")?;
+    let mut a = Arg::new(Mode::Touch);
+    a.mib = 1;
+    a.passes_log2 = 2;
+    let arg = a.encode();
+    // vCPU 1 touches its own MiB after vCPU 0's.
+    let start = |i: u16| match i {
+        0 => VcpuStart::On {
+            entry: vmm::IMAGE_IPA,
+            arg,
+        },
+        _ => VcpuStart::On {
+            entry: entry1,
+            arg: u64::from(i),
+        },
+    };
+    let vm = Arc::new(Vm::with_starts(IPA, 2, 2, &start, img)?);
+    let job = Arc::new(TurnJob {
+        vm: vm.clone(),
+        step: AtomicUsize::new(0),
+        error: Mutex::new(None),
+    });
+    *TURN.lock() = Some(job.clone());
+    rt::run_on(2, turn_cpu);
+    *TURN.lock() = None;
+    if let Some(e) = job.error.lock().take() {
+        return Err(format!(
+            "{e}; console {:?} / {:?}",
+            vm.lines(0),
+            vm.lines(1)
+        ));
+    }
+    for v in 0..2 {
+        let counts = pass_counts(&vm.lines(v));
+        let want: usize = TURNS.iter().filter(|t| t.1 == v).map(|t| t.2).sum();
+        say!("  take turns: vCPU {v} pass counts {counts:?}");
+        ensure(
+            counts.len() == want && counts.windows(2).all(|w| w[0] < w[1]),
+            || format!("vCPU {v}: pass counts {counts:?} do not grow over {want} reports"),
+        )?;
+    }
+    vm.destroy()
+}
+
 // ---- two VMs ----
 
 fn two_vms(_: &mut Ctx) -> R {
@@ -1060,6 +1172,7 @@ pub const CASES: &[Case] = &[
     Case { name: "§3.10 guest: a donated page the guest wrote is invisible to the host (abort), zero after teardown", run: donated_invisible },
     Case { name: "§3.9 guest: a guest spinning on another CPU sees the unshare within 2 loops; meanwhile its vCPU and VM are EBUSY (§3.7, §3.15)", run: spin_sees_unshare },
     Case { name: "§3.7 guest: a vCPU moved between two physical CPUs every 128 exits fills 8 MiB, checksum right", run: migrate },
+    Case { name: "§3.7 guest: two vCPUs of one VM in touch mode take turns on one physical CPU and move between two: each one's pass count keeps growing", run: take_turns },
     Case { name: "§2.5 guest: two VMs cannot reach each other's memory", run: two_vms },
     Case { name: "§3.6 guest: registers a guest reaches without a trap (thread ids, TPIDR2, GIC CPU interface, DISR) never carry another party's value: host to guest, guest to host, VM to VM; a vCPU keeps its own", run: registers },
     Case { name: "§3.6 guest: registers a guest must not reach trap (PMU, debug, SVE, physical timer, ACTLR, LORegions, RAS error records: each present one ends the run as an unhandled trap)", run: trapped_registers },

@@ -130,6 +130,14 @@ pub fn payload() -> Option<&'static [u8]> {
     Some(unsafe { core::slice::from_raw_parts(PAYLOAD_ADDR as *const u8, size as usize) })
 }
 
+/// The payload's secondary-vCPU entry as a guest IPA (the offset in its
+/// Image header's `res4`, at byte 0x30; 0 or out of the image: none).
+pub fn secondary_entry(image: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = image.get(0x30..0x38)?.try_into().ok()?;
+    let off = u64::from_le_bytes(bytes);
+    (off != 0 && off < image.len() as u64 && off.is_multiple_of(4)).then_some(IMAGE_IPA + off)
+}
+
 /// What the test host was asked to do with the payload.
 pub fn bench_requested() -> bool {
     arch::probe_read(COMMAND_ADDR).ok() == Some(COMMAND_BENCH)
@@ -214,6 +222,27 @@ impl Vm {
         arg: u64,
         image: &'static [u8],
     ) -> Result<Self, String> {
+        let start = |i: u16| {
+            if i == 0 {
+                VcpuStart::On {
+                    entry: IMAGE_IPA,
+                    arg,
+                }
+            } else {
+                VcpuStart::Off
+            }
+        };
+        Self::with_starts(ipa_bits, nr_vcpus, mib, &start, image)
+    }
+
+    /// As [`new`](Self::new), with vCPU `i` created as `start(i)` says.
+    pub fn with_starts(
+        ipa_bits: u8,
+        nr_vcpus: u16,
+        mib: u64,
+        start: &dyn Fn(u16) -> VcpuStart,
+        image: &'static [u8],
+    ) -> Result<Self, String> {
         let bits = IpaBits::new(ipa_bits).ok_or("bad ipa_bits")?;
         let n = u64::from(bits.root_table_pages());
         let root = Frames::alloc(n, n)?;
@@ -242,19 +271,11 @@ impl Vm {
         };
         vm.topup(8)?;
         for i in 0..nr_vcpus {
-            let start = if i == 0 {
-                VcpuStart::On {
-                    entry: IMAGE_IPA,
-                    arg,
-                }
-            } else {
-                VcpuStart::Off
-            };
             let vcpu = VcpuIndex::new(i).ok_or("bad vcpu")?;
             vm.with_memcache(Hypercall::VcpuCreate {
                 vm: handle,
                 vcpu,
-                start,
+                start: start(i),
             })?;
         }
         Ok(vm)

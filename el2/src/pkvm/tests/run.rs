@@ -11,7 +11,8 @@ use std::vec::Vec;
 use super::super::fake::{FakeHyp, VECTOR_LOWER_SYNC};
 use super::super::run::MAX_GUEST_ENTRIES;
 use super::{hyp, ok, pfn, refused, runtime_counters, topup, HOST0};
-use crate::vcpu::{psci_id, RawExit};
+use crate::psci;
+use crate::vcpu::RawExit;
 
 const ENTRY: u64 = 0x4008_0000;
 /// Guest RAM: 64 MiB at 1 GiB.
@@ -315,11 +316,11 @@ fn psci_cpu_on_off_and_affinity() {
     );
     // vCPU 0: AFFINITY_INFO(1) = off, CPU_ON(1), CPU_ON(1) again, a bad
     // target; all answered without the host, then the IRQ.
-    script(&h, hvc(psci(psci_id::AFFINITY_INFO_64, 1, 0, 0)));
-    script(&h, hvc(psci(psci_id::CPU_ON_64, 1, 0x4009_0000, 9)));
-    script(&h, hvc(psci(psci_id::CPU_ON_64, 1, 0x4009_0000, 9)));
-    script(&h, hvc(psci(psci_id::CPU_ON_64, 0x100, 0, 0)));
-    script(&h, hvc(psci(psci_id::AFFINITY_INFO_64, 1, 0, 0)));
+    script(&h, hvc(psci(psci::PSCI_AFFINITY_INFO_64, 1, 0, 0)));
+    script(&h, hvc(psci(psci::PSCI_CPU_ON_64, 1, 0x4009_0000, 9)));
+    script(&h, hvc(psci(psci::PSCI_CPU_ON_64, 1, 0x4009_0000, 9)));
+    script(&h, hvc(psci(psci::PSCI_CPU_ON_64, 0x100, 0, 0)));
+    script(&h, hvc(psci(psci::PSCI_AFFINITY_INFO_64, 1, 0, 0)));
     assert_eq!(run_vcpu(&h, vm, 0, 0), Ok(VcpuExit::Interrupted));
     assert_eq!(runtime_counters(&h, vm).hyp_exits, 5);
     // The answers went into x0 one after the other: the fake logs only PCs,
@@ -335,14 +336,14 @@ fn psci_cpu_on_off_and_affinity() {
     assert_eq!(ctx1.x[0], 9);
     assert_eq!(ctx1.vmpidr & 0xff_ffff, 1);
     // CPU_ON of a running vCPU is ALREADY_ON.
-    script(&h, hvc(psci(psci_id::CPU_ON_64, 1, 0x4009_0000, 9)));
+    script(&h, hvc(psci(psci::PSCI_CPU_ON_64, 1, 0x4009_0000, 9)));
     assert_eq!(run_vcpu(&h, vm, 0, 0), Ok(VcpuExit::Interrupted));
     assert_eq!(
         h.platform().context(state(&h, vm, 0)).x[0],
-        crate::psci::ALREADY_ON as i64 as u64
+        psci::ret(psci::ALREADY_ON)
     );
     // vCPU 1 turns itself off; it stays off until the next CPU_ON.
-    script(&h, hvc(psci(psci_id::CPU_OFF, 0, 0, 0)));
+    script(&h, hvc(psci(psci::PSCI_CPU_OFF, 0, 0, 0)));
     assert_eq!(run_vcpu(&h, vm, 1, 0), Ok(VcpuExit::PoweredOff));
     let n = h.platform().entries().len();
     assert_eq!(run_vcpu(&h, vm, 1, 0), Ok(VcpuExit::PoweredOff));
@@ -363,7 +364,7 @@ fn system_off_is_final() {
             arg: 0,
         },
     );
-    script(&h, hvc(psci(psci_id::SYSTEM_OFF, 0, 0, 0)));
+    script(&h, hvc(psci(psci::PSCI_SYSTEM_OFF, 0, 0, 0)));
     assert_eq!(
         run_vcpu(&h, vm, 0, 0),
         Ok(VcpuExit::SystemOff { reset: false })
