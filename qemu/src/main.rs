@@ -35,7 +35,7 @@ usage: cargo xtask <command> [args]
 
 commands:
   run [OPTIONS]        boot Debian's arm64 kernel at EL1 under el2 (`run --help` for options)
-  test [SUITE...]      run test suites (default: all): host, boot, conformance, guest; opt-in: shim
+  test [SUITE...]      run test suites (default: all): host, boot, conformance, guest, shim
   bench stage2         count instructions of stage2 vs aarch64-paging under callgrind
   bench boot           time boots to user space with and without el2 (3 runs each)
   bench hvc            guest instructions per hypercall round trip (QEMU -icount)
