@@ -7,7 +7,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use s2pin_uapi::{S2pinVmStats, SystemEventType};
+use s2pin_uapi::SystemEventType;
 use serde_json::{json, Value};
 
 use crate::args::{Config, GuestMode, HookAction};
@@ -502,6 +502,5 @@ pub fn run(cfg: &Config) -> anyhow::Result<i32> {
     if let End::Error(e) = &end {
         eprintln!("s2vmm: error: {e}");
     }
-    let _: &S2pinVmStats = &report.vm;
     Ok(i32::from(!ok))
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use s2pin_uapi::{Exit, MemFaultKind, S2pinVmStats};
 
-use crate::backend::{DeviceError, Vcpu};
+use crate::backend::Vcpu;
 use crate::console::{LineBuffer, Verdict};
 use crate::mmio::TestDevice;
 
@@ -445,15 +445,10 @@ pub fn nonzero_delta(before: &S2pinVmStats, after: &S2pinVmStats) -> Vec<(&'stat
         .collect()
 }
 
-/// `DeviceError` as a run end.
-#[must_use]
-pub fn device_end(e: &DeviceError) -> End {
-    End::Error(e.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::DeviceError;
     use s2pin_uapi::{
         RunConsole, RunMemFault, RunMmio, RunSystemEvent, RunUnhandled, SystemEventType,
     };
