@@ -416,7 +416,12 @@ pub fn vcpu_thread<V: Vcpu>(
         let exit = match vcpu.run() {
             Ok(e) => e,
             Err(e) => {
-                shared.finish(End::Error(format!("vCPU {index}: {e}")));
+                let hint = if e.errno() == Some(libc::ENOMEM) {
+                    " (pinning guest memory would pass RLIMIT_MEMLOCK: raise `ulimit -l`)"
+                } else {
+                    ""
+                };
+                shared.finish(End::Error(format!("vCPU {index}: {e}{hint}")));
                 break;
             }
         };
@@ -593,6 +598,8 @@ mod tests {
         assert_eq!(end, Some(End::Guest(99)));
         let (end, ..) = run(vec![Err(libc::EBUSY)], &hooks(false));
         assert!(matches!(end, Some(End::Error(m)) if m.starts_with("vCPU 0: S2PIN_RUN: ")));
+        let (end, ..) = run(vec![Err(libc::ENOMEM)], &hooks(false));
+        assert!(matches!(end, Some(End::Error(m)) if m.ends_with("raise `ulimit -l`)")));
         let (end, ..) = run(vec![Ok(mmio(0x1000, 8, None))], &hooks(false));
         assert_eq!(
             end,
