@@ -1,6 +1,7 @@
 //! The case framework: a context per case with its own model, pages from a
 //! pool far from the image and the DTB, every call checked against the model
-//! and followed by a read-back of the state of every page the case used.
+//! (a teardown batch page by page) and followed by a read-back of the state
+//! of every page the case used.
 //!
 //! Output protocol (parsed by `qemu/src/conformance.rs`): `CASE <name>` when
 //! a case starts, then `PASS <name>` or `FAIL <name>: <why>` (one line).
@@ -146,7 +147,10 @@ impl Ctx {
         if a.result == Err(HypError::Unknown(hv::MALFORMED)) {
             return Err(format!("{c:?}: malformed reply {:#x?}", a.regs));
         }
-        self.model.step(&c, &a.result).map_err(|m| m.0)?;
+        // A teardown batch is followed page by page through the ABI.
+        self.model
+            .step_observed(&c, &a.result, &mut hv::Observer)
+            .map_err(|m| m.0)?;
         self.check_state()?;
         Ok(a.result)
     }

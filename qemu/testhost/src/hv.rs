@@ -35,6 +35,33 @@ pub fn call(call: &Hypercall) -> Answer {
     }
 }
 
+/// Page states read through the ABI, for the model to follow a teardown
+/// batch page by page (`abi_model::Model::step_observed`).
+#[derive(Debug)]
+pub struct Observer;
+
+impl abi_model::Observe for Observer {
+    fn host_page(&mut self, pfn: u64) -> Result<hypercalls::HostPageInfo, HypError> {
+        let pfn = hypercalls::Pfn::new(pfn).ok_or(HypError::InvalidArgument)?;
+        match call(&Hypercall::HostPageState { pfn }).result? {
+            Reply::HostPage(i) => Ok(i),
+            _ => Err(HypError::Unknown(MALFORMED)),
+        }
+    }
+
+    fn guest_page(
+        &mut self,
+        vm: hypercalls::VmHandle,
+        gfn: u64,
+    ) -> Result<hypercalls::GuestPage, HypError> {
+        let gfn = hypercalls::Gfn::new(gfn).ok_or(HypError::InvalidArgument)?;
+        match call(&Hypercall::GuestPageState { vm, gfn }).result? {
+            Reply::GuestPage(p) => Ok(p),
+            _ => Err(HypError::Unknown(MALFORMED)),
+        }
+    }
+}
+
 /// Issues raw registers; returns x0 as an error code (0 = success) and all
 /// eight registers.
 pub fn raw(regs: [u64; 8]) -> (i64, [u64; 8], bool) {
