@@ -544,98 +544,15 @@ impl Model {
             }
             Hypercall::Share {
                 vm, pfn, gfn, nr, ..
-            } => {
-                let v = self.live_vm(vm)?;
-                let (pfn, gfn, nr) = (pfn.raw(), gfn.raw(), u64::from(nr.get()));
-                if !self.pfn_range_ok(pfn, nr) || gfn + nr > v.gfn_limit() {
-                    return Err(HypError::OutOfRange);
-                }
-                let errs = page_errors((0..nr).map(|i| {
-                    let host = match self.host_page(pfn + i) {
-                        Ok(h) if h.owner != Owner::Host => Some(HypError::Denied),
-                        Ok(h) if h.share_count >= self.config.share_limit => {
-                            Some(HypError::OutOfRange)
-                        }
-                        Ok(_) => None,
-                        Err(_) => Some(HypError::Denied),
-                    };
-                    (
-                        host,
-                        v.map.contains_key(&(gfn + i)).then_some(HypError::Exists),
-                    )
-                }));
-                if !errs.is_empty() {
-                    return Ok(Fail(errs));
-                }
-                self.memory(v, tables_needed(gfn, nr))
-            }
-            Hypercall::Unshare { vm, pfn, gfn, nr } => {
-                let v = self.live_vm(vm)?;
-                let (pfn, gfn, nr) = (pfn.raw(), gfn.raw(), u64::from(nr.get()));
-                if !self.pfn_range_ok(pfn, nr) || gfn + nr > v.gfn_limit() {
-                    return Err(HypError::OutOfRange);
-                }
-                let errs = page_errors((0..nr).map(|i| {
-                    let h = self.host_page(pfn + i).ok();
-                    let host_ok = h.is_some_and(|h| {
-                        h.owner == Owner::Host && h.state == OwnerState::SharedOwned
-                    });
-                    let guest = match v.map.get(&(gfn + i)) {
-                        None => Some(HypError::NoEntry),
-                        Some(m) if m.pfn != pfn + i || m.state != PageState::SharedBorrowed => {
-                            Some(HypError::Denied)
-                        }
-                        Some(_) => None,
-                    };
-                    ((!host_ok).then_some(HypError::Denied), guest)
-                }));
-                if !errs.is_empty() {
-                    return Ok(Fail(errs));
-                }
-                // Unmapping pages needs no tables (no blocks: tests map pages).
-                Succeed
-            }
+            } => self.map_call(vm, pfn, gfn, nr, PageState::SharedBorrowed)?,
             Hypercall::Donate {
                 vm, pfn, gfn, nr, ..
-            } => {
-                let v = self.live_vm(vm)?;
-                let (pfn, gfn, nr) = (pfn.raw(), gfn.raw(), u64::from(nr.get()));
-                if !self.pfn_range_ok(pfn, nr) || gfn + nr > v.gfn_limit() {
-                    return Err(HypError::OutOfRange);
-                }
-                let errs = page_errors((0..nr).map(|i| {
-                    (
-                        (!self.host_owned_exclusive(pfn + i)).then_some(HypError::Denied),
-                        v.map.contains_key(&(gfn + i)).then_some(HypError::Exists),
-                    )
-                }));
-                if !errs.is_empty() {
-                    return Ok(Fail(errs));
-                }
-                self.memory(v, tables_needed(gfn, nr))
+            } => self.map_call(vm, pfn, gfn, nr, PageState::Owned)?,
+            Hypercall::Unshare { vm, pfn, gfn, nr } => {
+                self.unmap_call(vm, pfn, gfn, nr, PageState::SharedBorrowed)?
             }
             Hypercall::Reclaim { vm, pfn, gfn, nr } => {
-                let v = self.live_vm(vm)?;
-                let (pfn, gfn, nr) = (pfn.raw(), gfn.raw(), u64::from(nr.get()));
-                if !self.pfn_range_ok(pfn, nr) || gfn + nr > v.gfn_limit() {
-                    return Err(HypError::OutOfRange);
-                }
-                let errs = page_errors((0..nr).map(|i| {
-                    let h = self.host_page(pfn + i).ok();
-                    let host_ok = h.is_some_and(|h| h.owner == Owner::Vm(vm));
-                    let guest = match v.map.get(&(gfn + i)) {
-                        None => Some(HypError::NoEntry),
-                        Some(m) if m.pfn != pfn + i || m.state != PageState::Owned => {
-                            Some(HypError::Denied)
-                        }
-                        Some(_) => None,
-                    };
-                    ((!host_ok).then_some(HypError::Denied), guest)
-                }));
-                if !errs.is_empty() {
-                    return Ok(Fail(errs));
-                }
-                Succeed
+                self.unmap_call(vm, pfn, gfn, nr, PageState::Owned)?
             }
             Hypercall::WrProtect { vm, gfn, nr } | Hypercall::TestClearYoung { vm, gfn, nr } => {
                 let v = self.live_vm(vm)?;
@@ -683,6 +600,87 @@ impl Model {
                 self.guest_page(vm, gfn.raw())?;
                 Succeed
             }
+        })
+    }
+
+    /// The VM and raw range of a range call, after the checks every one
+    /// makes first: a live VM, then frames that are RAM and gfns inside its
+    /// IPA size (§2.4).
+    fn range_call(
+        &self,
+        vm: VmHandle,
+        pfn: hypercalls::Pfn,
+        gfn: hypercalls::Gfn,
+        nr: hypercalls::PageCount,
+    ) -> Result<(&VmModel, u64, u64, u64), HypError> {
+        let v = self.live_vm(vm)?;
+        let (pfn, gfn, nr) = (pfn.raw(), gfn.raw(), u64::from(nr.get()));
+        if !self.pfn_range_ok(pfn, nr) || gfn + nr > v.gfn_limit() {
+            return Err(HypError::OutOfRange);
+        }
+        Ok((v, pfn, gfn, nr))
+    }
+
+    /// `HYP_SHARE` (`state` SHARED_BORROWED) or `HYP_DONATE` (OWNED): each
+    /// frame the host's (for a donation exclusively; for a share below the
+    /// share limit), each gfn unmapped, then memory for the tables.
+    fn map_call(
+        &self,
+        vm: VmHandle,
+        pfn: hypercalls::Pfn,
+        gfn: hypercalls::Gfn,
+        nr: hypercalls::PageCount,
+        state: PageState,
+    ) -> Result<Prediction, HypError> {
+        let (v, pfn, gfn, nr) = self.range_call(vm, pfn, gfn, nr)?;
+        let errs = page_errors((0..nr).map(|i| {
+            let host = match self.host_page(pfn + i) {
+                Ok(h) if state == PageState::Owned && h != HOST_OWNED => Some(HypError::Denied),
+                Ok(h) if h.owner != Owner::Host => Some(HypError::Denied),
+                Ok(h) if h.share_count >= self.config.share_limit => Some(HypError::OutOfRange),
+                Ok(_) => None,
+                Err(_) => Some(HypError::Denied),
+            };
+            let guest = v.map.contains_key(&(gfn + i)).then_some(HypError::Exists);
+            (host, guest)
+        }));
+        if !errs.is_empty() {
+            return Ok(Prediction::Fail(errs));
+        }
+        Ok(self.memory(v, tables_needed(gfn, nr)))
+    }
+
+    /// `HYP_UNSHARE` (`state` SHARED_BORROWED) or `HYP_RECLAIM` (OWNED):
+    /// each frame shared by the host (unshare) or owned by the VM
+    /// (reclaim), each gfn mapped to its frame in `state`. Unmapping pages
+    /// needs no tables (no blocks: calls map pages).
+    fn unmap_call(
+        &self,
+        vm: VmHandle,
+        pfn: hypercalls::Pfn,
+        gfn: hypercalls::Gfn,
+        nr: hypercalls::PageCount,
+        state: PageState,
+    ) -> Result<Prediction, HypError> {
+        let (v, pfn, gfn, nr) = self.range_call(vm, pfn, gfn, nr)?;
+        let errs = page_errors((0..nr).map(|i| {
+            let host_ok = self.host_page(pfn + i).is_ok_and(|h| match state {
+                PageState::SharedBorrowed => {
+                    h.owner == Owner::Host && h.state == OwnerState::SharedOwned
+                }
+                _ => h.owner == Owner::Vm(vm),
+            });
+            let guest = match v.map.get(&(gfn + i)) {
+                None => Some(HypError::NoEntry),
+                Some(m) if m.pfn != pfn + i || m.state != state => Some(HypError::Denied),
+                Some(_) => None,
+            };
+            ((!host_ok).then_some(HypError::Denied), guest)
+        }));
+        Ok(if errs.is_empty() {
+            Prediction::Succeed
+        } else {
+            Prediction::Fail(errs)
         })
     }
 
@@ -849,38 +847,20 @@ impl Model {
                 },
                 Reply::Done,
             ) => {
-                for i in 0..u64::from(nr.get()) {
-                    let mut h = self.host_page(pfn.raw() + i).unwrap_or(HOST_OWNED);
+                for p in frames(pfn.raw(), nr.get()) {
+                    let mut h = self.host_page(p).unwrap_or(HOST_OWNED);
                     h.state = OwnerState::SharedOwned;
                     h.share_count += 1;
-                    self.set_page(pfn.raw() + i, h);
+                    self.set_page(p, h);
                 }
-                if let Some(v) = self.vm_mut(vm) {
-                    for i in 0..u64::from(nr.get()) {
-                        v.map.insert(
-                            gfn.raw() + i,
-                            Mapping {
-                                state: PageState::SharedBorrowed,
-                                pfn: pfn.raw() + i,
-                                prot,
-                                young: true,
-                            },
-                        );
-                    }
-                    v.used_memcache = true;
-                    v.counts.shares += u64::from(nr.get());
-                }
-            }
-            (Hypercall::Unshare { vm, pfn, gfn, nr }, Reply::Done) => {
-                for i in 0..u64::from(nr.get()) {
-                    self.unshare_one(pfn.raw() + i);
-                }
-                if let Some(v) = self.vm_mut(vm) {
-                    for i in 0..u64::from(nr.get()) {
-                        v.map.remove(&(gfn.raw() + i));
-                    }
-                    v.counts.unshares += u64::from(nr.get());
-                }
+                self.map(
+                    vm,
+                    pfn.raw(),
+                    gfn.raw(),
+                    nr.get(),
+                    prot,
+                    PageState::SharedBorrowed,
+                );
             }
             (
                 Hypercall::Donate {
@@ -892,43 +872,28 @@ impl Model {
                 },
                 Reply::Done,
             ) => {
-                for i in 0..u64::from(nr.get()) {
-                    self.set_page(
-                        pfn.raw() + i,
-                        HostPageInfo {
-                            owner: Owner::Vm(vm),
-                            state: OwnerState::Owned,
-                            share_count: 0,
-                        },
-                    );
+                let donated = HostPageInfo {
+                    owner: Owner::Vm(vm),
+                    state: OwnerState::Owned,
+                    share_count: 0,
+                };
+                for p in frames(pfn.raw(), nr.get()) {
+                    self.set_page(p, donated);
                 }
-                if let Some(v) = self.vm_mut(vm) {
-                    for i in 0..u64::from(nr.get()) {
-                        v.map.insert(
-                            gfn.raw() + i,
-                            Mapping {
-                                state: PageState::Owned,
-                                pfn: pfn.raw() + i,
-                                prot,
-                                young: true,
-                            },
-                        );
-                    }
-                    v.used_memcache = true;
-                    v.counts.donations += u64::from(nr.get());
+                self.map(vm, pfn.raw(), gfn.raw(), nr.get(), prot, PageState::Owned);
+            }
+            (Hypercall::Unshare { vm, pfn, gfn, nr }, Reply::Done) => {
+                for p in frames(pfn.raw(), nr.get()) {
+                    self.unshare_one(p);
                 }
+                self.unmap(vm, gfn.raw(), nr.get(), PageState::SharedBorrowed);
             }
             (Hypercall::Reclaim { vm, pfn, gfn, nr }, Reply::Done) => {
-                for i in 0..u64::from(nr.get()) {
-                    self.set_page(pfn.raw() + i, HOST_OWNED);
-                    self.zeroed.insert(pfn.raw() + i);
+                for p in frames(pfn.raw(), nr.get()) {
+                    self.set_page(p, HOST_OWNED);
+                    self.zeroed.insert(p);
                 }
-                if let Some(v) = self.vm_mut(vm) {
-                    for i in 0..u64::from(nr.get()) {
-                        v.map.remove(&(gfn.raw() + i));
-                    }
-                    v.counts.reclaims += u64::from(nr.get());
-                }
+                self.unmap(vm, gfn.raw(), nr.get(), PageState::Owned);
             }
             (Hypercall::WrProtect { vm, gfn, nr }, Reply::WrProtected { pages }) => {
                 let Some(v) = self.vm_mut(vm) else {
@@ -1045,6 +1010,43 @@ impl Model {
             _ => return bad("a reply of another shape"),
         }
         Ok(())
+    }
+
+    /// Maps `nr` guest frames from `gfn` to host frames from `pfn` in `vm`
+    /// (a share when `state` is SHARED_BORROWED, a donation when OWNED).
+    fn map(&mut self, vm: VmHandle, pfn: u64, gfn: u64, nr: u32, prot: Prot, state: PageState) {
+        let Some(v) = self.vm_mut(vm) else {
+            return;
+        };
+        for i in 0..u64::from(nr) {
+            let m = Mapping {
+                state,
+                pfn: pfn + i,
+                prot,
+                young: true,
+            };
+            v.map.insert(gfn + i, m);
+        }
+        v.used_memcache = true;
+        match state {
+            PageState::SharedBorrowed => v.counts.shares += u64::from(nr),
+            _ => v.counts.donations += u64::from(nr),
+        }
+    }
+
+    /// Unmaps `nr` guest frames from `gfn` of `vm` (an unshare when `state`
+    /// was SHARED_BORROWED, a reclaim when OWNED).
+    fn unmap(&mut self, vm: VmHandle, gfn: u64, nr: u32, state: PageState) {
+        let Some(v) = self.vm_mut(vm) else {
+            return;
+        };
+        for g in frames(gfn, nr) {
+            v.map.remove(&g);
+        }
+        match state {
+            PageState::SharedBorrowed => v.counts.unshares += u64::from(nr),
+            _ => v.counts.reclaims += u64::from(nr),
+        }
     }
 
     fn unshare_one(&mut self, pfn: u64) {
@@ -1186,6 +1188,11 @@ impl Model {
         w.drained = true;
         Ok(())
     }
+}
+
+/// The `nr` frames from `first`.
+fn frames(first: u64, nr: u32) -> core::ops::Range<u64> {
+    first..first + u64::from(nr)
 }
 
 fn describe(p: Prediction) -> String {

@@ -21,18 +21,14 @@
 
 #![no_main]
 
-use abi_model::{Config, Model, Observe};
-use el2::pkvm::fake::{fake_hyp, FakeHyp};
-use el2::pkvm::{AbortAction, AbortKind, MAX_VMS};
-use hypercalls::{
-    GuestPage, HostFunction, HostPageInfo, HypError, Hypercall, Reply, ReplyError, VmHandle,
+use abi_model::{Model, Observe};
+use el2::pkvm::fake::{
+    abi_model, fake_hyp, run, FakeHyp, Observer as Abi, HOLE, HOST0, HOST1, HYP0,
 };
+use el2::pkvm::{AbortAction, AbortKind};
+use hypercalls::{HostFunction, HostPageInfo, HypError, Hypercall, Reply, ReplyError, VmHandle};
 use libfuzzer_sys::fuzz_target;
 
-const HYP0: u64 = 0x40000;
-const HOST0: u64 = 0x40100;
-const HOLE: u64 = 0x40400;
-const HOST1: u64 = 0x40800;
 const SHARE_LIMIT: u32 = 3;
 
 struct Bytes<'a> {
@@ -191,49 +187,6 @@ fn registers(b: &mut Bytes<'_>, handles: &[VmHandle]) -> [u64; 8] {
     regs
 }
 
-/// The model of the fake machine: every VM slot is the fuzzer's, share
-/// limit 3, no guest touches memory (so the access flag is exact).
-fn model() -> Model {
-    let config = Config {
-        max_vms: Some(MAX_VMS),
-        share_limit: SHARE_LIMIT,
-        exact_young: true,
-        ..Config::new((HYP0, HOST0))
-    };
-    Model::new(config, &[(HOST0, HOLE), (HOST1, HOST1 + 512)])
-}
-
-/// Runs `call` through the register interface and decodes the reply.
-fn run(h: &FakeHyp, call: Hypercall) -> Result<Reply, HypError> {
-    let out = h.host_call(&call.encode());
-    match call.decode_reply(&out) {
-        Ok(r) => Ok(r),
-        Err(ReplyError::Failed(e)) => Err(e),
-        Err(ReplyError::Malformed) => panic!("malformed reply {out:x?} to {call:?}"),
-    }
-}
-
-/// Page states through the ABI, for the model during a teardown.
-struct Abi<'a>(&'a FakeHyp);
-
-impl Observe for Abi<'_> {
-    fn host_page(&mut self, pfn: u64) -> Result<HostPageInfo, HypError> {
-        let pfn = hypercalls::Pfn::new(pfn).ok_or(HypError::InvalidArgument)?;
-        match run(self.0, Hypercall::HostPageState { pfn })? {
-            Reply::HostPage(i) => Ok(i),
-            r => panic!("{r:?}"),
-        }
-    }
-
-    fn guest_page(&mut self, vm: VmHandle, gfn: u64) -> Result<GuestPage, HypError> {
-        let gfn = hypercalls::Gfn::new(gfn).ok_or(HypError::InvalidArgument)?;
-        match run(self.0, Hypercall::GuestPageState { vm, gfn })? {
-            Reply::GuestPage(p) => Ok(p),
-            r => panic!("{r:?}"),
-        }
-    }
-}
-
 /// Host frames whose contents and states are tracked: the ones `pfn`
 /// produces most.
 fn watched() -> impl Iterator<Item = u64> {
@@ -363,7 +316,7 @@ fn teardown_all(h: &FakeHyp, m: &mut Model, handles: &mut Vec<VmHandle>) {
 
 fuzz_target!(|data: &[u8]| {
     let h = fake_hyp(256, SHARE_LIMIT).expect("fake machine");
-    let mut m = model();
+    let mut m = abi_model(SHARE_LIMIT);
     let mut handles = Vec::new();
     let mut b = Bytes { data };
     while !b.data.is_empty() {

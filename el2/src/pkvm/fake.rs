@@ -27,6 +27,8 @@ use stage2::mm::{ArenaMemory, Table, ENTRIES};
 use stage2::tlb::{CountingTlb, TlbMaintenance};
 use stage2::{Ipa, Pfn, Vmid};
 
+use hypercalls::{GuestPage, HostPageInfo, HypError, Hypercall, Reply, ReplyError, VmHandle};
+
 use super::platform::{GuestEntry, PageAccess, Platform};
 use super::{Hyp, HypConfig, InitError};
 use crate::dtb::Region;
@@ -225,21 +227,31 @@ impl Platform for FakePlatform {
 /// The hypervisor on fakes.
 pub type FakeHyp = Hyp<FakePlatform, ArenaMemory, CountingTlb>;
 
+/// The standard fake machine's frames: the hypervisor's first frame (RAM
+/// and the hypervisor start at 1 GiB).
+pub const HYP0: u64 = 0x4_0000;
+/// The first host frame, after the hypervisor's 1 MiB.
+pub const HOST0: u64 = 0x4_0100;
+/// The first frame of the 4 MiB hole after the first region.
+pub const HOLE: u64 = 0x4_0400;
+/// The second region: 512 frames.
+pub const HOST1: u64 = 0x4_0800;
+
 /// First RAM region of the standard fake machine: 4 MiB at 1 GiB, whose
 /// first 1 MiB is the hypervisor's.
 pub const FAKE_RAM0: Region = Region {
-    base: 0x4000_0000,
-    size: 4 << 20,
+    base: HYP0 << 12,
+    size: (HOLE - HYP0) << 12,
 };
 /// Second RAM region, after a 4 MiB hole: 2 MiB.
 pub const FAKE_RAM1: Region = Region {
-    base: 0x4080_0000,
+    base: HOST1 << 12,
     size: 2 << 20,
 };
 /// The hypervisor's range.
 pub const FAKE_HYP: Region = Region {
-    base: 0x4000_0000,
-    size: 1 << 20,
+    base: HYP0 << 12,
+    size: (HOST0 - HYP0) << 12,
 };
 
 /// The standard fake machine (RAM [`FAKE_RAM0`] and [`FAKE_RAM1`], the
@@ -258,4 +270,52 @@ pub fn fake_hyp(host_tables: usize, share_limit: u32) -> Result<FakeHyp, InitErr
         ArenaMemory::with_limit(host_tables),
         CountingTlb::default(),
     )
+}
+
+/// Runs `call` on `h` through the register interface and decodes the
+/// reply (a reply that does not decode as the call's is a bug: panics).
+pub fn run(h: &FakeHyp, call: Hypercall) -> Result<Reply, HypError> {
+    let out = h.host_call(&call.encode());
+    match call.decode_reply(&out) {
+        Ok(r) => Ok(r),
+        Err(ReplyError::Failed(e)) => Err(e),
+        Err(ReplyError::Malformed) => panic!("malformed reply {out:x?} to {call:?}"),
+    }
+}
+
+/// The reference model of the ABI (crate `abi_model`) for the standard
+/// fake machine with `share_limit` ([`fake_hyp`]'s): every VM slot is the
+/// caller's, and no guest touches memory, so access flags are exact.
+#[must_use]
+pub fn abi_model(share_limit: u32) -> abi_model::Model {
+    let config = abi_model::Config {
+        max_vms: Some(super::MAX_VMS),
+        share_limit,
+        exact_young: true,
+        ..abi_model::Config::new((HYP0, HOST0))
+    };
+    abi_model::Model::new(config, &[(HOST0, HOLE), (HOST1, HOST1 + 512)])
+}
+
+/// The fake's page states read through the ABI, for the model to follow a
+/// teardown batch (`abi_model::Model::step_observed`).
+#[derive(Debug)]
+pub struct Observer<'a>(pub &'a FakeHyp);
+
+impl abi_model::Observe for Observer<'_> {
+    fn host_page(&mut self, pfn: u64) -> Result<HostPageInfo, HypError> {
+        let pfn = hypercalls::Pfn::new(pfn).ok_or(HypError::InvalidArgument)?;
+        match run(self.0, Hypercall::HostPageState { pfn })? {
+            Reply::HostPage(i) => Ok(i),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    fn guest_page(&mut self, vm: VmHandle, gfn: u64) -> Result<GuestPage, HypError> {
+        let gfn = hypercalls::Gfn::new(gfn).ok_or(HypError::InvalidArgument)?;
+        match run(self.0, Hypercall::GuestPageState { vm, gfn })? {
+            Reply::GuestPage(p) => Ok(p),
+            r => panic!("{r:?}"),
+        }
+    }
 }

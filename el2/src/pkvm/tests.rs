@@ -7,8 +7,8 @@ use std::vec::Vec;
 
 use hypercalls::{
     CounterGroup, Counters, GuestPage, HostFunction, HostPageInfo, HypError, Hypercall, IpaBits,
-    Owner, OwnerState, PageCount, PageState, Prot, Reply, ReplyError, RuntimeCounters,
-    Stage2Counters, TeardownProgress, VcpuCount, VcpuIndex, VmHandle,
+    Owner, OwnerState, PageCount, PageState, Prot, Reply, RuntimeCounters, Stage2Counters,
+    TeardownProgress, VcpuCount, VcpuIndex, VmHandle,
 };
 use stage2::Pfn as HPfn;
 
@@ -19,14 +19,7 @@ mod prop;
 mod run;
 mod smp;
 
-/// First host RAM frame of the fake machine (after the hypervisor's MiB).
-pub(super) const HOST0: u64 = 0x40100;
-/// The hole between the regions.
-pub(super) const HOLE: u64 = 0x40400;
-/// The second region: 512 frames.
-pub(super) const HOST1: u64 = 0x40800;
-/// The hypervisor's frames.
-pub(super) const HYP0: u64 = 0x40000;
+pub(super) use super::fake::{run, HOLE, HOST0, HOST1, HYP0};
 
 pub(super) fn pfn(raw: u64) -> hypercalls::Pfn {
     hypercalls::Pfn::new(raw).unwrap()
@@ -42,16 +35,6 @@ pub(super) fn count(n: u32) -> PageCount {
 
 pub(super) fn hyp() -> FakeHyp {
     fake_hyp(256, u32::MAX).unwrap()
-}
-
-/// Runs `call` through the register interface and decodes the reply.
-pub(super) fn run(h: &FakeHyp, call: Hypercall) -> Result<Reply, HypError> {
-    let out = h.host_call(&call.encode());
-    match call.decode_reply(&out) {
-        Ok(r) => Ok(r),
-        Err(ReplyError::Failed(e)) => Err(e),
-        Err(ReplyError::Malformed) => panic!("malformed reply {out:x?} to {call:?}"),
-    }
 }
 
 pub(super) fn ok(h: &FakeHyp, call: Hypercall) -> Reply {

@@ -17,15 +17,14 @@ use std::string::{String, ToString};
 use std::vec;
 use std::vec::Vec;
 
-use abi_model::{Config, Model, Observe};
+use abi_model::{Model, Observe};
 use hypercalls::{
-    GuestPage, HostPageInfo, HypError, Hypercall, IpaBits, PageState, Prot, Reply, VcpuCount,
-    VcpuExit, VcpuIndex, VmHandle,
+    HypError, Hypercall, IpaBits, PageState, Prot, Reply, VcpuCount, VcpuExit, VcpuIndex, VmHandle,
 };
 use proptest::prelude::*;
 use stage2::Pfn as HPfn;
 
-use super::super::fake::{fake_hyp, FakeHyp};
+use super::super::fake::{abi_model, fake_hyp, FakeHyp, Observer as Abi};
 use super::super::MAX_VMS;
 use super::{count, gfn, pfn, run, HOLE, HOST0, HOST1, HYP0};
 
@@ -50,35 +49,10 @@ struct Driver {
 
 impl Driver {
     fn new() -> Self {
-        let config = Config {
-            max_vms: Some(MAX_VMS),
-            share_limit: SHARE_LIMIT,
-            exact_young: true,
-            ..Config::new((HYP0, HOST0))
-        };
         Self {
-            model: Model::new(config, &[(HOST0, HOLE), (HOST1, HOST1 + 512)]),
+            model: abi_model(SHARE_LIMIT),
             handles: Vec::new(),
             generations: [1; MAX_VMS],
-        }
-    }
-}
-
-/// Reads page states through the ABI, for the model during a teardown.
-struct Abi<'a>(&'a FakeHyp);
-
-impl Observe for Abi<'_> {
-    fn host_page(&mut self, p: u64) -> Result<HostPageInfo, HypError> {
-        match run(self.0, Hypercall::HostPageState { pfn: pfn(p) })? {
-            Reply::HostPage(i) => Ok(i),
-            r => panic!("{r:?}"),
-        }
-    }
-
-    fn guest_page(&mut self, vm: VmHandle, g: u64) -> Result<GuestPage, HypError> {
-        match run(self.0, Hypercall::GuestPageState { vm, gfn: gfn(g) })? {
-            Reply::GuestPage(p) => Ok(p),
-            r => panic!("{r:?}"),
         }
     }
 }
@@ -559,7 +533,7 @@ fn teardown_all(h: &FakeHyp, d: &mut Driver) -> Result<(), String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
     fn random_calls_match_the_model(ops in proptest::collection::vec(op_s(), 1..120)) {
