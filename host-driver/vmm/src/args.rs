@@ -31,6 +31,16 @@ pub enum Policy {
     Keep,
 }
 
+/// The hypervisor device s2vmm runs the guest on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// `/dev/s2pin`: the s2pin module under el2 (pinned guest memory).
+    S2pin,
+    /// `/dev/kvm`: stock KVM (the kernel booted at EL2 runs it); the payload
+    /// then uses the UART console and PSCI power-off; no pinning counters.
+    Kvm,
+}
+
 /// What the guest payload does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum GuestMode {
@@ -96,6 +106,9 @@ pub struct Cli {
     /// Bind guest memory to this NUMA node (mbind MPOL_BIND).
     #[arg(long)]
     pub node: Option<u32>,
+    /// The hypervisor device: s2pin (/dev/s2pin) or kvm (/dev/kvm, stock KVM).
+    #[arg(long, value_enum, default_value_t = Device::S2pin)]
+    pub device: Device,
     /// Print the counters at the end.
     #[arg(long)]
     pub stats: bool,
@@ -162,6 +175,8 @@ pub struct Config {
     pub policy: Policy,
     /// NUMA node to bind to.
     pub node: Option<u32>,
+    /// The hypervisor device.
+    pub device: Device,
     /// Print stats.
     pub stats: bool,
     /// JSON stats file.
@@ -277,6 +292,7 @@ impl Cli {
             backing: self.backing,
             policy: self.policy,
             node: self.node,
+            device: self.device,
             stats: self.stats,
             stats_json: self.stats_json.clone(),
             mode: self.mode,

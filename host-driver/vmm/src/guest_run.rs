@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use s2pin_uapi::SystemEventType;
 use serde_json::{json, Value};
 
-use crate::args::{Config, GuestMode, HookAction};
+use crate::args::{Config, Device, GuestMode, HookAction};
 use crate::backend::{Backend, Region, VcpuStart, Vm, VmSpec};
 use crate::layout::{
     Image, Plan, Range, Start, IMAGE_OFFSET, IPA_BITS, PAGE, RAM_BASE, TEST_OFFSET,
@@ -308,8 +308,28 @@ fn backing_name(cfg: &Config) -> &'static str {
     }
 }
 
-/// Runs the guest as `cfg` says; returns the exit status.
+/// Runs the guest as `cfg` says, on the device it names; returns the exit
+/// status.
 pub fn run(cfg: &Config) -> anyhow::Result<i32> {
+    match cfg.device {
+        Device::S2pin => run_on(cfg, &S2pin::open()?),
+        #[cfg(target_arch = "aarch64")]
+        Device::Kvm => run_on(cfg, &crate::kvm::KvmDevice::open()?),
+        #[cfg(not(target_arch = "aarch64"))]
+        Device::Kvm => bail!("--device kvm needs arm64 KVM"),
+    }
+}
+
+/// The payload's argument with the UART console (stock KVM has no s2pin
+/// guest calls: console bytes go to the UART, power-off is PSCI).
+fn with_uart(x0: u64) -> u64 {
+    guest::Arg::decode(x0).map_or(x0, |mut a| {
+        a.uart = true;
+        a.encode()
+    })
+}
+
+fn run_on<B: Backend>(cfg: &Config, dev: &B) -> anyhow::Result<i32> {
     let image = std::fs::read(&cfg.image).with_context(|| format!("{}", cfg.image.display()))?;
     let img = Image::parse(&image).with_context(|| format!("{}", cfg.image.display()))?;
     let plan = Plan {
@@ -325,7 +345,6 @@ pub fn run(cfg: &Config) -> anyhow::Result<i32> {
     mem.write(IMAGE_OFFSET, &image)?;
     runner::install_kick_handler().map_err(anyhow::Error::msg)?;
 
-    let dev = S2pin::open()?;
     let vm = dev.create_vm(&VmSpec {
         ipa_bits: IPA_BITS,
         policy: cfg.policy,
@@ -345,6 +364,13 @@ pub fn run(cfg: &Config) -> anyhow::Result<i32> {
             Start::On { entry, x0 } => (VcpuStart::On { entry, x0 }, false),
             Start::AfterFirstLine { entry, x0 } => (VcpuStart::On { entry, x0 }, true),
             Start::Off => (VcpuStart::Off, false),
+        };
+        let start = match start {
+            VcpuStart::On { entry, x0 } if i == 0 && cfg.device == Device::Kvm => VcpuStart::On {
+                entry,
+                x0: with_uart(x0),
+            },
+            other => other,
         };
         vcpus.push((vm.create_vcpu(i, start)?, after));
     }
@@ -418,7 +444,14 @@ pub fn run(cfg: &Config) -> anyhow::Result<i32> {
     }
     let mut report = Report {
         config: vec![
-            ("policy", policy_name(cfg).into()),
+            (
+                "policy",
+                if cfg.device == Device::Kvm {
+                    "kvm".into()
+                } else {
+                    policy_name(cfg).into()
+                },
+            ),
             ("backing", backing_name(cfg).into()),
             ("vcpus", cfg.vcpus.to_string()),
             ("mem_mib", (cfg.mem >> 20).to_string()),

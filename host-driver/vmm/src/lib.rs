@@ -26,6 +26,8 @@ pub mod stats;
 pub mod guest_run;
 #[cfg(target_os = "linux")]
 pub mod hostile;
+#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+pub mod kvm;
 #[cfg(target_os = "linux")]
 pub mod memory;
 #[cfg(target_os = "linux")]

@@ -128,8 +128,41 @@ impl Report {
         }
         if let Some((dir, files)) = &self.debugfs {
             s.push_str(&format!("s2vmm: debugfs {dir}\n"));
+            let ours: BTreeMap<&str, u64> = counters(&self.vm)
+                .into_iter()
+                .map(|(n, v, _)| (n, v))
+                .collect();
             for (name, content) in files {
                 let lines: Vec<&str> = content.trim().lines().collect();
+                // A file of the same counters: say whether it agrees.
+                let pairs: Option<Vec<(&str, u64)>> = lines
+                    .iter()
+                    .map(|l| {
+                        let mut w = l.split_whitespace();
+                        Some((w.next()?, w.next()?.parse().ok()?))
+                    })
+                    .collect();
+                if let Some(pairs) =
+                    pairs.filter(|p| p.len() > 1 && p.iter().all(|(k, _)| ours.contains_key(k)))
+                {
+                    let differ: Vec<String> = pairs
+                        .iter()
+                        .filter(|(k, v)| ours.get(k) != Some(v))
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect();
+                    if differ.is_empty() {
+                        s.push_str(&format!(
+                            "    {name}: the {} counters above, equal\n",
+                            pairs.len()
+                        ));
+                    } else {
+                        s.push_str(&format!(
+                            "    {name}: differs from S2PIN_GET_STATS: {}\n",
+                            differ.join(", ")
+                        ));
+                    }
+                    continue;
+                }
                 if let [one] = lines.as_slice() {
                     s.push_str(&format!("    {name}: {one}\n"));
                 } else {
@@ -218,7 +251,9 @@ mod tests {
                 "123-0".into(),
                 vec![
                     ("pinned".into(), "16896\n".into()),
-                    ("stats".into(), "pins 3\nfaults 4\n".into()),
+                    ("stats".into(), "pins 16900\npinned_now 16896\n".into()),
+                    ("other".into(), "a 1\nb 2\n".into()),
+                    ("stale".into(), "pins 1\npinned_now 16896\n".into()),
                 ],
             )),
             locked_vm_kib: Some(67584),
@@ -255,9 +290,14 @@ mod tests {
         );
         assert_eq!(j["locked_vm_kib"], 67584);
         assert_eq!(j["debugfs"]["files"]["pinned"], 16896);
-        assert_eq!(j["debugfs"]["files"]["stats"]["faults"], 4);
+        assert_eq!(j["debugfs"]["files"]["stats"]["pins"], 16900);
         assert!(
-            t.contains("    stats:\n      pins 3\n      faults 4\n"),
+            t.contains("    stats: the 2 counters above, equal\n"),
+            "{t}"
+        );
+        assert!(t.contains("    other:\n      a 1\n      b 2\n"), "{t}");
+        assert!(
+            t.contains("    stale: differs from S2PIN_GET_STATS: pins 1\n"),
             "{t}"
         );
         assert_eq!(j["vmstat_delta"]["numa_pte_updates"], 5);
