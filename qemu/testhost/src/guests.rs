@@ -196,7 +196,32 @@ fn smp_64(_: &mut Ctx) -> R {
 
 // ---- every kind of exit ----
 
+/// The exits case, with the host's FP/SIMD registers set to a pattern
+/// first: the guest's own FP use must never reach them (the world switch
+/// saves and restores them around every run).
 fn exits(_: &mut Ctx) -> R {
+    let access = arch::fp_access_on();
+    let mut host = arch::FpRegs::default();
+    for (i, v) in host.v.iter_mut().enumerate() {
+        *v = u128::from(0x4857_0000_0000_0000 ^ i as u64) << 64 | u128::from(!(i as u64));
+    }
+    host.fpcr = 0x0040_0000; // RMode: towards plus infinity.
+    arch::fp_write(&host);
+    let r = exits_run();
+    let now = arch::fp_read();
+    arch::fp_access_restore(access);
+    r?;
+    ensure(now == host, || {
+        let v = (0..32).find(|&i| now.v[i] != host.v[i]);
+        let v = v.map_or_else(|| "no V register".into(), |i| format!("V{i} first"));
+        format!(
+            "guest to host: the host's FP/SIMD registers changed ({v}; FPCR {:#x}, FPSR {:#x})",
+            now.fpcr, now.fpsr
+        )
+    })
+}
+
+fn exits_run() -> R {
     let mut a = Arg::new(Mode::Exits);
     a.mib = 1;
     let vm = Vm::new(IPA, 1, 1, a.encode(), image()?)?;
@@ -1164,7 +1189,7 @@ fn timer_case(gic: &Gic) -> R {
 pub const CASES: &[Case] = &[
     Case { name: "§3.7 guest: one vCPU fills 4 MiB, each page by a memory-fault exit; checksum right", run: fill_one },
     Case { name: "§3.7 guest: 2 vCPUs on 2 physical CPUs at once, 64 MiB demand-faulted, checksums right", run: smp_64 },
-    Case { name: "§5 guest: every kind of exit (guest calls, PSCI, MMIO emulated by the host, WFI), FP/SIMD and EL1 state kept", run: exits },
+    Case { name: "§5 guest: every kind of exit (guest calls, PSCI, MMIO emulated by the host, WFI), FP/SIMD and EL1 state kept; the host's FP/SIMD registers untouched", run: exits },
     Case { name: "§5 guest: access past the shared pages (memory fault), outside memory (MMIO), beyond the IPA size (trap) exit; the hypervisor still answers", run: beyond_shared },
     Case { name: "§3.9 guest: after unshare, a guest access faults again", run: unshare_faults_again },
     Case { name: "§3.12 guest: after write-protect a read works, a write takes a permission fault; relax lets it through", run: wrprotect_write_faults },

@@ -308,3 +308,91 @@ pub fn vcount() -> u64 {
 #[path = "../../../guest/src/arch/regs.rs"]
 mod regs;
 pub use regs::{has, reg_read, reg_write};
+
+// The host's FP/SIMD registers, for the check that a guest's FP use never
+// reaches them. The test host is built soft-float, so compiled code never
+// touches these registers between the two calls.
+global_asm!(
+    ".arch_extension fp",
+    ".arch_extension simd",
+    ".global testhost_fp_write",
+    "testhost_fp_write:",
+    ".irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    "    ldr q\\n, [x0, #(\\n * 16)]",
+    ".endr",
+    "    ldr x1, [x0, #512]",
+    "    msr fpsr, x1",
+    "    ldr x1, [x0, #520]",
+    "    msr fpcr, x1",
+    "    ret",
+    ".global testhost_fp_read",
+    "testhost_fp_read:",
+    ".irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    "    str q\\n, [x0, #(\\n * 16)]",
+    ".endr",
+    "    mrs x1, fpsr",
+    "    str x1, [x0, #512]",
+    "    mrs x1, fpcr",
+    "    str x1, [x0, #520]",
+    "    ret",
+);
+
+extern "C" {
+    fn testhost_fp_write(regs: *const FpRegs);
+    fn testhost_fp_read(regs: *mut FpRegs);
+}
+
+/// V0..V31, FPSR, FPCR.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C, align(16))]
+pub struct FpRegs {
+    /// V0..V31.
+    pub v: [u128; 32],
+    /// FPSR (offset 512).
+    pub fpsr: u64,
+    /// FPCR (offset 520).
+    pub fpcr: u64,
+}
+
+const _: () = assert!(core::mem::offset_of!(FpRegs, fpsr) == 512);
+const _: () = assert!(core::mem::offset_of!(FpRegs, fpcr) == 520);
+
+/// Lets EL1 use FP/SIMD on this CPU (CPACR_EL1.FPEN); returns the old
+/// CPACR_EL1 for [`fp_access_restore`].
+pub fn fp_access_on() -> u64 {
+    let old: u64;
+    // SAFETY: CPACR_EL1.FPEN only stops FP/SIMD instructions from trapping.
+    unsafe {
+        asm!(
+            "mrs {old}, cpacr_el1",
+            "orr {t}, {old}, #(3 << 20)",
+            "msr cpacr_el1, {t}",
+            "isb",
+            old = out(reg) old,
+            t = out(reg) _,
+            options(nostack)
+        )
+    };
+    old
+}
+
+/// Puts CPACR_EL1 back.
+pub fn fp_access_restore(old: u64) {
+    // SAFETY: restores the value `fp_access_on` read.
+    unsafe { asm!("msr cpacr_el1, {}", "isb", in(reg) old, options(nostack)) };
+}
+
+/// Loads V0..V31, FPSR and FPCR from `regs` (FP access on).
+pub fn fp_write(regs: &FpRegs) {
+    // SAFETY: reads 528 bytes of `regs` into the FP/SIMD registers, which
+    // compiled code (soft-float) never uses.
+    unsafe { testhost_fp_write(regs) }
+}
+
+/// Reads V0..V31, FPSR and FPCR (FP access on).
+pub fn fp_read() -> FpRegs {
+    let mut regs = FpRegs::default();
+    // SAFETY: writes 528 bytes into `regs`.
+    unsafe { testhost_fp_read(&mut regs) };
+    regs
+}
