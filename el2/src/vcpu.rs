@@ -193,11 +193,30 @@ const _: () = assert!(
 /// MPIDR bit 31 is RES1.
 const MPIDR_RES1: u64 = 1 << 31;
 
+/// The MPIDR of vCPU `index`: Aff0 = index % 16, Aff1 = index / 16 (as
+/// KVM: 16 CPUs per cluster, the GICv3 SGI target-list limit).
+#[must_use]
+pub const fn vcpu_mpidr(index: u16) -> u64 {
+    MPIDR_RES1 | (index % 16) as u64 | (((index / 16) as u64) << 8)
+}
+
+/// The vCPU index an MPIDR names ([`vcpu_mpidr`]'s inverse; the RES1 and
+/// MT/U bits are ignored), if it names one: Aff0 < 16, Aff2 = Aff3 = 0.
+#[must_use]
+pub fn vcpu_index(mpidr: u64) -> Option<usize> {
+    let m = mpidr & 0xff_00ff_ffff;
+    let aff0 = m & 0xff;
+    let aff1 = (m >> 8) & 0xff;
+    if m >> 16 != 0 || aff0 >= 16 {
+        return None;
+    }
+    usize::try_from(aff1 * 16 + aff0).ok()
+}
+
 impl VcpuContext {
     /// A vCPU about to run its first instruction at `entry` (an IPA: the
     /// guest's MMU is off) with x0 = `arg`, at EL1h with DAIF masked, MMU off.
-    /// `index` becomes its MPIDR (Aff0 = index % 16, Aff1 = index / 16, as
-    /// KVM), and `cntvoff` its virtual counter offset (the physical count
+    /// `index` becomes its MPIDR ([`vcpu_mpidr`]), and `cntvoff` its virtual counter offset (the physical count
     /// at VM creation makes its virtual counter start near 0).
     #[must_use]
     pub fn new(entry: u64, arg: u64, index: u16, cntvoff: u64) -> Self {
@@ -207,7 +226,7 @@ impl VcpuContext {
         ctx.pstate = pstate::EL1H_MASKED;
         ctx.el1.sctlr = sctlr_el1::RESET;
         ctx.cntvoff = cntvoff;
-        ctx.vmpidr = MPIDR_RES1 | u64::from(index % 16) | (u64::from(index / 16) << 8);
+        ctx.vmpidr = vcpu_mpidr(index);
         ctx
     }
 
@@ -1152,6 +1171,17 @@ mod tests {
             ));
             assert_eq!(ctx.pc, 0x6000);
         }
+    }
+
+    #[test]
+    fn vcpu_mpidr_round_trips() {
+        for i in [0u16, 1, 15, 16, 17, 63] {
+            assert_eq!(vcpu_index(vcpu_mpidr(i)), Some(usize::from(i)));
+        }
+        assert_eq!(vcpu_mpidr(17), 0x8000_0101);
+        assert_eq!(vcpu_index(0x10), None, "Aff0 >= 16");
+        assert_eq!(vcpu_index(1 << 16), None, "Aff2");
+        assert_eq!(vcpu_index(1 << 32), None, "Aff3");
     }
 
     #[test]

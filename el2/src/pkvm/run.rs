@@ -20,7 +20,7 @@ use crate::psci::{
     self, GuestPsci, AFFINITY_OFF, AFFINITY_ON, AFFINITY_ON_PENDING, ALREADY_ON,
     INVALID_PARAMETERS, ON_PENDING,
 };
-use crate::vcpu::{decode_exit, GuestExit, MmioAccess, Resume, VcpuContext};
+use crate::vcpu::{decode_exit, vcpu_index, GuestExit, MmioAccess, Resume, VcpuContext};
 
 /// Most guest entries per `HYP_VCPU_RUN`: exits the hypervisor answers
 /// itself resume the guest at most this often before the call returns
@@ -43,18 +43,6 @@ struct Outcome {
     stopped: Option<VcpuExit>,
 }
 
-/// The vCPU index of a PSCI target MPIDR (Aff0 = index % 16, Aff1 =
-/// index / 16, Aff2 = Aff3 = 0), if it is one.
-fn mpidr_index(mpidr: u64) -> Option<usize> {
-    let m = mpidr & 0xff_00ff_ffff;
-    let aff0 = m & 0xff;
-    let aff1 = (m >> 8) & 0xff;
-    if m >> 16 != 0 || aff0 >= 16 {
-        return None;
-    }
-    usize::try_from(aff1 * 16 + aff0).ok()
-}
-
 fn in_memory(memory: Option<GuestMemory>, ipa: u64) -> bool {
     memory.is_none_or(|m| m.contains(ipa >> 12))
 }
@@ -62,7 +50,7 @@ fn in_memory(memory: Option<GuestMemory>, ipa: u64) -> bool {
 /// The created vCPU of `vm` a PSCI call names, or `INVALID_PARAMETERS`.
 fn target<P: Platform>(vm: &Vm<P>, mpidr: u64) -> Result<usize, u64> {
     let invalid = psci::ret(INVALID_PARAMETERS);
-    match mpidr_index(mpidr) {
+    match vcpu_index(mpidr) {
         Some(i) if vm.vcpus.get(i).copied().flatten().is_some() => Ok(i),
         _ => Err(invalid),
     }
