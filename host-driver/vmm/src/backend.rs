@@ -1,6 +1,6 @@
 //! What the VMM needs from a hypervisor device, as traits: `/dev/s2pin`
-//! implements them today ([`crate::s2pin`]); a `/dev/kvm` backend can
-//! implement the same (its exits mapped onto [`Exit`]). The run loop
+//! implements them ([`crate::s2pin`]), and so does `/dev/kvm` (`crate::kvm`,
+//! arm64 only, its exits mapped onto [`Exit`]). The run loop
 //! ([`crate::runner`]) and the tests' fake device use only these.
 
 use s2pin_uapi::{Exit, S2pinVmStats};
