@@ -539,9 +539,13 @@ fn numa_checks(all: &BTreeMap<String, Section>) -> Vec<Outcome> {
     );
     let m = get("numa_memfd_node1");
     check(
-        "memfd (MAP_SHARED) bound to node 1 with MPOL_F_NUMA_BALANCING: every page on node 1, NUMA balancing scans it",
+        "memfd (MAP_SHARED) bound to node 1 with MPOL_F_NUMA_BALANCING: no page on node 0, NUMA balancing scans it",
+        // Not "all 4096 on node 1": move_pages() does not report a page
+        // whose PTE the last scan made PROT_NONE and the guest has not
+        // touched since (confirm unpinned it), so how many are reported
+        // depends on timing (one CI run saw 526).
         clean(m)
-            && m.stat("pages_on_node1") == 16 << 8
+            && m.stat("pages_on_node1") > 0
             && m.stat("pages_on_node0") == 0
             && scanned(m),
         m,
