@@ -6,6 +6,7 @@
 //! cargo xtask bench stage2        instruction counts: our stage2 vs aarch64-paging (callgrind)
 //! cargo xtask bench boot          boot time with and without el2, 3 runs each
 //! cargo xtask bench hvc           guest instructions per hypercall round trip
+//! cargo xtask bench numa          stock KVM vs the s2pin policies under NUMA balancing
 //! cargo xtask gen-header          regenerate host-driver/include/hyp_abi.h and s2pin_uapi.h from hypercalls and s2pin-uapi
 //! cargo xtask install             install the toolchain pieces the project needs
 //! ```
@@ -22,6 +23,7 @@ mod guest;
 mod initramfs;
 mod install;
 mod modules;
+mod numa_bench;
 mod qemu;
 mod shim;
 mod suite;
@@ -35,10 +37,12 @@ usage: cargo xtask <command> [args]
 
 commands:
   run [OPTIONS]        boot Debian's arm64 kernel at EL1 under el2 (`run --help` for options)
-  test [SUITE...]      run test suites (default: all): host, boot, conformance, guest, shim
+  test [SUITE...]      run test suites (default: all): host, boot, conformance, guest, shim, numa
   bench stage2         count instructions of stage2 vs aarch64-paging under callgrind
   bench boot           time boots to user space with and without el2 (3 runs each)
   bench hvc            guest instructions per hypercall round trip (QEMU -icount)
+  bench numa [--minutes M] [--mem SIZE] [--quick]
+                       stock KVM vs eager/confirm/keep under NUMA balancing (docs/PERFORMANCE.md)
   gen-header           regenerate host-driver/include/hyp_abi.h and s2pin_uapi.h
   install              install rustup targets and components
   help                 this text";
@@ -57,8 +61,9 @@ fn main() -> ExitCode {
             [what] if what == "stage2" => bench::stage2(&root),
             [what, more @ ..] if what == "boot" => boot::bench(&root, more),
             [what] if what == "hvc" => guest::bench_hvc(&root),
+            [what, more @ ..] if what == "numa" => numa_bench::bench(&root, more),
             _ => Err(format!(
-                "usage: cargo xtask bench stage2|boot|hvc (got {rest:?}); other benchmarks arrive with later issues"
+                "usage: cargo xtask bench stage2|boot|hvc|numa (got {rest:?}); other benchmarks arrive with later issues"
             )),
         },
         "gen-header" => gen_header(&root),

@@ -32,6 +32,10 @@ const SUITES: &[(&str, &str)] = &[
         "shim",
         "Debian under el2 with s2pin.ko and s2vmm: pinning, hooks, policies under NUMA balancing, kill -9, hostile user space (2 boots)",
     ),
+    (
+        "numa",
+        "the short NUMA benchmark (issue 10): eager and confirm on 4K anon under NUMA balancing, 30 s each; confirm's spurious unmaps 0, eager's above 0",
+    ),
 ];
 
 /// Suites that exist but are not in the default run yet: `cargo xtask test
@@ -93,6 +97,12 @@ pub fn test(root: &Path, args: &[String]) -> Result<(), String> {
             "shim" => {
                 progress("shim: Debian under el2 with s2pin.ko and s2vmm (two boots, each with a timeout)");
                 for (name, ok, detail) in crate::shim::suite(root) {
+                    tally.check(&name, ok, &detail);
+                }
+            }
+            "numa" => {
+                progress("numa: the short NUMA benchmark under el2 (one boot, with a timeout)");
+                for (name, ok, detail) in crate::numa_bench::suite(root) {
                     tally.check(&name, ok, &detail);
                 }
             }

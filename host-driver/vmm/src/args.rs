@@ -106,6 +106,10 @@ pub struct Cli {
     /// Bind guest memory to this NUMA node (mbind MPOL_BIND).
     #[arg(long)]
     pub node: Option<u32>,
+    /// With --node: allocate all guest memory on that node before the guest runs, then drop the
+    /// policy of private memory so that NUMA balancing may move it (memfd keeps its policy).
+    #[arg(long, requires = "node")]
+    pub place: bool,
     /// The hypervisor device: s2pin (/dev/s2pin) or kvm (/dev/kvm, stock KVM).
     #[arg(long, value_enum, default_value_t = Device::S2pin)]
     pub device: Device,
@@ -175,6 +179,8 @@ pub struct Config {
     pub policy: Policy,
     /// NUMA node to bind to.
     pub node: Option<u32>,
+    /// Allocate on the node, then drop the policy.
+    pub place: bool,
     /// The hypervisor device.
     pub device: Device,
     /// Print stats.
@@ -292,6 +298,7 @@ impl Cli {
             backing: self.backing,
             policy: self.policy,
             node: self.node,
+            place: self.place,
             device: self.device,
             stats: self.stats,
             stats_json: self.stats_json.clone(),

@@ -342,6 +342,9 @@ fn run_on<B: Backend>(cfg: &Config, dev: &B) -> anyhow::Result<i32> {
     let ram = plan.ram_bytes();
     let mem = GuestMemory::new(usize::try_from(ram)?, cfg.backing, cfg.node)
         .context("mapping guest memory")?;
+    if cfg.place {
+        mem.place().context("placing guest memory on its node")?;
+    }
     mem.write(IMAGE_OFFSET, &image)?;
     runner::install_kick_handler().map_err(anyhow::Error::msg)?;
 
@@ -375,6 +378,11 @@ fn run_on<B: Backend>(cfg: &Config, dev: &B) -> anyhow::Result<i32> {
         vcpus.push((vm.create_vcpu(i, start)?, after));
     }
     println!(
+        "s2vmm: guest memory at host address {:#x}+{:#x}",
+        mem.addr(),
+        mem.len()
+    );
+    println!(
         "s2vmm: VM of {} MiB at IPA {RAM_BASE:#x} (tested {} MiB from {:#x}), {} vCPU(s), policy {}, backing {}{}",
         ram >> 20,
         plan.tested_bytes() >> 20,
@@ -382,7 +390,10 @@ fn run_on<B: Backend>(cfg: &Config, dev: &B) -> anyhow::Result<i32> {
         cfg.vcpus,
         policy_name(cfg),
         backing_name(cfg),
-        cfg.node.map_or(String::new(), |n| format!(", bound to node {n}"))
+        cfg.node.map_or(String::new(), |n| format!(
+            ", {} node {n}",
+            if cfg.place { "placed on" } else { "bound to" }
+        ))
     );
 
     let vmstat0 = read_vmstat();
