@@ -115,6 +115,17 @@ struct s2pin_vcpu {
 };
 
 static atomic_long_t s2pin_pinned_pages = ATOMIC_LONG_INIT(0);
+
+/* The cost of the last VM teardown (debugfs `last_teardown`). */
+struct s2pin_teardown_cost {
+	u64 handle;		/* 0: no teardown yet */
+	u64 calls;		/* hypercalls of the whole teardown */
+	u64 reclaim_calls;	/* of which HYP_TEARDOWN_RECLAIM */
+	u64 most;		/* most page updates in one reclaim call */
+	u64 unpinned;		/* pages unpinned */
+};
+static DEFINE_SPINLOCK(s2pin_last_teardown_lock);
+static struct s2pin_teardown_cost s2pin_last_teardown;
 static atomic_t s2pin_live_vms = ATOMIC_INIT(0);
 static struct dentry *s2pin_dbg_root;
 static bool s2pin_misc_registered;
@@ -709,9 +720,13 @@ static void vm_teardown(struct s2pin_vm *vm)
 	vm_read_el2_counters(vm, &vm->el2_last);
 	e = hvc_err(HYP_TEARDOWN_FINALIZE, vm->handle, 0, 0, 0, 0);
 	calls++;
-	/* One line per teardown, for the NUMA benchmark's teardown figures. */
-	pr_info("s2pin: VM %#x teardown: %llu hypercalls (%llu HYP_TEARDOWN_RECLAIM), at most %llu page updates in one, %llu pages unpinned\n",
-		vm->handle, calls, reclaim_calls, most, unpinned);
+	/* What this teardown cost, for debugfs `last_teardown`. */
+	spin_lock(&s2pin_last_teardown_lock);
+	s2pin_last_teardown = (struct s2pin_teardown_cost){
+		.handle = vm->handle, .calls = calls, .reclaim_calls = reclaim_calls,
+		.most = most, .unpinned = unpinned,
+	};
+	spin_unlock(&s2pin_last_teardown_lock);
 	if (e) {
 		pr_err("HYP_TEARDOWN_FINALIZE of VM %#x failed: %ld; leaking its root\n", vm->handle, e);
 		vm->leak = true;
@@ -1456,6 +1471,22 @@ static int pinned_show(struct seq_file *m, void *unused)
 }
 DEFINE_SHOW_ATTRIBUTE(pinned);
 
+static int last_teardown_show(struct seq_file *m, void *unused)
+{
+	struct s2pin_teardown_cost t;
+
+	spin_lock(&s2pin_last_teardown_lock);
+	t = s2pin_last_teardown;
+	spin_unlock(&s2pin_last_teardown_lock);
+	if (!t.handle)
+		seq_puts(m, "none\n");
+	else
+		seq_printf(m, "VM %#llx teardown: %llu hypercalls (%llu HYP_TEARDOWN_RECLAIM), at most %llu page updates in one, %llu pages unpinned\n",
+			   t.handle, t.calls, t.reclaim_calls, t.most, t.unpinned);
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(last_teardown);
+
 static int vms_show(struct seq_file *m, void *unused)
 {
 	seq_printf(m, "%d\n", atomic_read(&s2pin_live_vms));
@@ -1515,6 +1546,8 @@ int s2pin_shim_init(void)
 	} else {
 		debugfs_create_file("pinned", 0444, s2pin_dbg_root, NULL, &pinned_fops);
 		debugfs_create_file("vms", 0444, s2pin_dbg_root, NULL, &vms_fops);
+		debugfs_create_file("last_teardown", 0444, s2pin_dbg_root, NULL,
+				    &last_teardown_fops);
 		debugfs_create_file("host_page_state", 0600, s2pin_dbg_root, NULL, &hps_fops);
 	}
 	ret = misc_register(&s2pin_misc);

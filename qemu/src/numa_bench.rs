@@ -284,7 +284,7 @@ pub fn el2_script(plan: &Plan) -> String {
              echo \"CHECK teardown.pinned_live=$(cat /sys/kernel/debug/s2pin/pinned)\"\n\
              kill -9 $pid; wait $pid\n\
              n=0; while [ \"$(cat /sys/kernel/debug/s2pin/vms)\" != 0 ] && [ $n -lt 60 ]; do sleep 1; n=$((n+1)); done\n\
-             echo \"CHECK teardown.line=$(dmesg | grep 's2pin: VM .* teardown:' | tail -1 | sed 's/.*teardown: //')\"\n\
+             echo \"CHECK teardown.line=$(sed 's/.*teardown: //' /sys/kernel/debug/s2pin/last_teardown)\"\n\
              echo \"CHECK teardown.pinned=$(cat /sys/kernel/debug/s2pin/pinned)\"\n",
         );
     }
@@ -668,7 +668,7 @@ pub fn chart(rows: &[(Row, Measured)], path: &Path) -> Result<(), String> {
 pub struct Teardown {
     /// Pages pinned while the 1 GiB guest ran.
     pub pinned_live: i64,
-    /// The module's teardown line.
+    /// The module's teardown figures (debugfs `last_teardown`).
     pub line: String,
     /// Pinned pages after the kill.
     pub pinned_after: i64,
