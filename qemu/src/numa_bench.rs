@@ -599,7 +599,7 @@ pub fn chart(rows: &[(Row, Measured)], path: &Path) -> Result<(), String> {
         .flat_map(|(_, m)| [rate(m.unmapped, m.seconds), rate(m.tlbi, m.seconds)])
         .fold(10.0f64, f64::max);
     let e = |e: DrawingAreaErrorKind<std::io::Error>| format!("{}: {e}", path.display());
-    let root = SVGBackend::new(path, (1000, 520)).into_drawing_area();
+    let root = SVGBackend::new(path, (1200, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
     let mut ch = ChartBuilder::on(&root)
         .caption(
@@ -607,7 +607,7 @@ pub fn chart(rows: &[(Row, Measured)], path: &Path) -> Result<(), String> {
             ("sans-serif", 17),
         )
         .margin(12)
-        .x_label_area_size(90)
+        .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d(-0.5f64..n as f64 - 0.5, (1f64..max * 3.0).log_scale())
         .map_err(e)?;
@@ -626,11 +626,7 @@ pub fn chart(rows: &[(Row, Measured)], path: &Path) -> Result<(), String> {
                 String::new()
             }
         })
-        .x_label_style(
-            ("sans-serif", 11)
-                .into_font()
-                .transform(FontTransform::Rotate90),
-        )
+        .x_label_style(("sans-serif", 10).into_font())
         .y_desc("per guest minute (1 + count, log scale)")
         .draw()
         .map_err(e)?;
