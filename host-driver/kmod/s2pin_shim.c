@@ -339,6 +339,26 @@ static void unpin_pages(struct page **pages, unsigned int n, bool may_lock)
 }
 
 /*
+ * The pages [*first, *last) of slot @id whose host addresses are in
+ * [start, end), and the slot's generation (a later change of the slot shows
+ * as another generation). False if the slot is unused, the VM is dead or
+ * nothing of the slot is in the range. Takes vm->lock.
+ */
+static bool vm_slot_pages(struct s2pin_vm *vm, unsigned int id, unsigned long start,
+			  unsigned long end, u64 *first, u64 *last, u64 *gen)
+{
+	bool found = false;
+
+	spin_lock(&vm->lock);
+	if (vm->slots[id].used && !vm->dead) {
+		*gen = vm->slot_gen[id];
+		found = s2pin_slot_page_range(&vm->slots[id], start, end, first, last);
+	}
+	spin_unlock(&vm->lock);
+	return found;
+}
+
+/*
  * Unmaps and unpins every pinned page of the VM whose host address is in
  * [start, end), counting them in @reason.
  */
@@ -350,17 +370,8 @@ static void vm_unmap_hva_range(struct s2pin_vm *vm, unsigned long start,
 	for (id = 0; id < S2PIN_MAX_MEMSLOTS; id++) {
 		u64 first, last, cur, gen;
 
-		spin_lock(&vm->lock);
-		if (!vm->slots[id].used || vm->dead) {
-			spin_unlock(&vm->lock);
+		if (!vm_slot_pages(vm, id, start, end, &first, &last, &gen))
 			continue;
-		}
-		gen = vm->slot_gen[id];
-		if (!s2pin_slot_page_range(&vm->slots[id], start, end, &first, &last)) {
-			spin_unlock(&vm->lock);
-			continue;
-		}
-		spin_unlock(&vm->lock);
 
 		cur = first;
 		while (cur < last) {
@@ -464,17 +475,8 @@ static void vm_confirm_range(struct s2pin_vm *vm, const struct mmu_notifier_rang
 	for (id = 0; id < S2PIN_MAX_MEMSLOTS; id++) {
 		u64 first, last, cur, gen;
 
-		spin_lock(&vm->lock);
-		if (!vm->slots[id].used || vm->dead) {
-			spin_unlock(&vm->lock);
+		if (!vm_slot_pages(vm, id, start, end, &first, &last, &gen))
 			continue;
-		}
-		gen = vm->slot_gen[id];
-		if (!s2pin_slot_page_range(&vm->slots[id], start, end, &first, &last)) {
-			spin_unlock(&vm->lock);
-			continue;
-		}
-		spin_unlock(&vm->lock);
 
 		cur = first;
 		while (cur < last) {
