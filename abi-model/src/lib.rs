@@ -226,14 +226,50 @@ pub struct VmModel {
     pub used_memcache: bool,
     /// Guest mappings by gfn.
     pub map: BTreeMap<u64, Mapping>,
+    /// First gfns of the 2 MiB blocks the hypervisor maps (§2.8): made by
+    /// a share or donation of 512 pages whose pfn and gfn are both
+    /// multiples of 512; gone when any call changes part of one (a split)
+    /// or unmaps it.
+    pub blocks: BTreeSet<u64>,
     /// Predictable counters.
     pub counts: PageCounts,
 }
+
+/// Pages of a 2 MiB block.
+pub const BLOCK_PAGES: u64 = 512;
 
 impl VmModel {
     fn gfn_limit(&self) -> u64 {
         1u64 << (self.ipa_bits - 12)
     }
+
+    /// The first gfns of the blocks that `[gfn, gfn + nr)` covers only in
+    /// part, for which `keep` holds (each costs one table page to split).
+    fn partial_blocks(&self, gfn: u64, nr: u64, keep: impl Fn(u64) -> bool) -> Vec<u64> {
+        let (a, b) = (gfn, gfn + nr);
+        let first = a - a % BLOCK_PAGES;
+        self.blocks
+            .range(first..b)
+            .copied()
+            .filter(|&base| !(a <= base && base + BLOCK_PAGES <= b) && keep(base))
+            .collect()
+    }
+
+    /// The first gfn of the block holding `gfn`, if any.
+    fn block_of(&self, gfn: u64) -> Option<u64> {
+        let base = gfn - gfn % BLOCK_PAGES;
+        self.blocks.contains(&base).then_some(base)
+    }
+
+    /// Whether the block at `base` is writable (its pages agree).
+    fn block_writable(&self, base: u64) -> bool {
+        self.map.get(&base).is_some_and(|m| m.prot.write())
+    }
+}
+
+/// Whether a share or donation of `nr` pages maps one 2 MiB block (§2.8).
+fn is_block(pfn: u64, gfn: u64, nr: u64) -> bool {
+    nr == BLOCK_PAGES && pfn.is_multiple_of(BLOCK_PAGES) && gfn.is_multiple_of(BLOCK_PAGES)
 }
 
 /// A disagreement between the hypervisor and the model.
@@ -294,15 +330,23 @@ fn page_errors(per_page: impl Iterator<Item = (Option<HypError>, Option<HypError
     guest_first.map_or(ErrSet::EMPTY, ErrSet::one)
 }
 
-/// The most stage-2 table pages a mapping of `nr` pages at `gfn` can add:
-/// for each level below the root (at most three with 4 KiB pages), the
-/// tables that cover the range. An upper bound: a root at level 1 needs one
-/// level less, and tables that exist already are not needed again.
-fn tables_needed(gfn: u64, nr: u64) -> u64 {
+/// The most stage-2 table pages a mapping of `nr` pages at `gfn` can add
+/// in a VM with `ipa_bits`: for each level below the root, the tables that
+/// cover the range; a 2 MiB block (`block`) needs no last-level table. An
+/// upper bound: tables that exist already are not needed again. Exact 0
+/// when the range needs no table at all (a block under a level-2 root).
+fn tables_needed(ipa_bits: u8, gfn: u64, nr: u64, block: bool) -> u64 {
     let last = gfn + nr.max(1) - 1;
-    [9u32, 18, 27]
-        .iter()
-        .map(|&shift| (last >> shift) - (gfn >> shift) + 1)
+    // Levels of the geometry (§2.3): the root is at level 4 - levels.
+    let levels = u32::from(ipa_bits.saturating_sub(8)) / 9;
+    let start = 4u32.saturating_sub(levels);
+    let lowest = if block { 2 } else { 3 };
+    (start + 1..=lowest)
+        .map(|level| {
+            // A table at `level` covers 512^(4 - level) pages.
+            let shift = 9 * (4 - level);
+            (last >> shift) - (gfn >> shift) + 1
+        })
         .sum()
 }
 
@@ -461,6 +505,9 @@ impl Model {
     /// pages (and at least one unless it can use existing tables).
     fn memory(&self, v: &VmModel, need: u64) -> Prediction {
         let small = Prediction::SucceedOr(ErrSet::one(HypError::NoMemory));
+        if need == 0 {
+            return Prediction::Succeed;
+        }
         if v.hyp_pages.is_empty() {
             return Prediction::Fail(ErrSet::one(HypError::NoMemory));
         }
@@ -554,22 +601,35 @@ impl Model {
             Hypercall::Reclaim { vm, pfn, gfn, nr } => {
                 self.unmap_call(vm, pfn, gfn, nr, PageState::Owned)?
             }
-            Hypercall::WrProtect { vm, gfn, nr } | Hypercall::TestClearYoung { vm, gfn, nr } => {
+            Hypercall::WrProtect { vm, gfn, nr } => {
+                let v = self.live_vm(vm)?;
+                let (gfn, nr) = (gfn.raw(), u64::from(nr.get()));
+                if gfn + nr > v.gfn_limit() {
+                    return Err(HypError::OutOfRange);
+                }
+                // A writable block the range covers in part is split.
+                let splits = v.partial_blocks(gfn, nr, |b| v.block_writable(b));
+                self.memory(v, splits.len() as u64)
+            }
+            Hypercall::TestClearYoung { vm, gfn, nr } => {
                 let v = self.live_vm(vm)?;
                 if gfn.raw() + u64::from(nr.get()) > v.gfn_limit() {
                     return Err(HypError::OutOfRange);
                 }
                 Succeed
             }
-            Hypercall::RelaxPerms { vm, gfn, .. } => {
+            Hypercall::RelaxPerms { vm, gfn, prot } => {
                 let v = self.live_vm(vm)?;
                 if gfn.raw() >= v.gfn_limit() {
                     return Err(HypError::OutOfRange);
                 }
-                if !v.map.contains_key(&gfn.raw()) {
+                let Some(m) = v.map.get(&gfn.raw()) else {
                     return Err(HypError::NoEntry);
-                }
-                Succeed
+                };
+                // Changing one page of a block splits it.
+                let changes = (m.prot | prot) != m.prot;
+                let split = changes && v.block_of(gfn.raw()).is_some();
+                self.memory(v, u64::from(split))
             }
             Hypercall::TeardownStart { vm } => {
                 self.live_vm(vm)?;
@@ -647,13 +707,14 @@ impl Model {
         if !errs.is_empty() {
             return Ok(Prediction::Fail(errs));
         }
-        Ok(self.memory(v, tables_needed(gfn, nr)))
+        let block = is_block(pfn, gfn, nr);
+        Ok(self.memory(v, tables_needed(v.ipa_bits, gfn, nr, block)))
     }
 
     /// `HYP_UNSHARE` (`state` SHARED_BORROWED) or `HYP_RECLAIM` (OWNED):
     /// each frame shared by the host (unshare) or owned by the VM
-    /// (reclaim), each gfn mapped to its frame in `state`. Unmapping pages
-    /// needs no tables (no blocks: calls map pages).
+    /// (reclaim), each gfn mapped to its frame in `state`, then memory: one
+    /// table page per 2 MiB block the range covers in part (a split).
     fn unmap_call(
         &self,
         vm: VmHandle,
@@ -677,11 +738,11 @@ impl Model {
             };
             ((!host_ok).then_some(HypError::Denied), guest)
         }));
-        Ok(if errs.is_empty() {
-            Prediction::Succeed
-        } else {
-            Prediction::Fail(errs)
-        })
+        if !errs.is_empty() {
+            return Ok(Prediction::Fail(errs));
+        }
+        let splits = v.partial_blocks(gfn, nr, |_| true);
+        Ok(self.memory(v, splits.len() as u64))
     }
 
     /// Checks the hypervisor's answer `got` to `call` against the model and,
@@ -814,6 +875,7 @@ impl Model {
                     hyp_pages: BTreeSet::new(),
                     used_memcache: false,
                     map: BTreeMap::new(),
+                    blocks: BTreeSet::new(),
                     counts: PageCounts::default(),
                 });
             }
@@ -899,8 +961,12 @@ impl Model {
                 let Some(v) = self.vm_mut(vm) else {
                     return bad("no such VM");
                 };
+                let (g, n) = (gfn.raw(), u64::from(nr.get()));
+                for b in v.partial_blocks(g, n, |b| v.block_writable(b)) {
+                    v.blocks.remove(&b);
+                }
                 let mut changed = 0;
-                for (_, m) in v.map.range_mut(gfn.raw()..gfn.raw() + u64::from(nr.get())) {
+                for (_, m) in v.map.range_mut(g..g + n) {
                     if m.prot.write() {
                         m.prot = Prot::from_bits(m.prot.bits() & !Prot::W.bits()).unwrap_or(m.prot);
                         changed += 1;
@@ -911,8 +977,17 @@ impl Model {
                 }
             }
             (Hypercall::RelaxPerms { vm, gfn, prot }, Reply::Done) => {
-                if let Some(m) = self.vm_mut(vm).and_then(|v| v.map.get_mut(&gfn.raw())) {
-                    m.prot = m.prot | prot;
+                if let Some(v) = self.vm_mut(vm) {
+                    let block = v.block_of(gfn.raw());
+                    if let Some(m) = v.map.get_mut(&gfn.raw()) {
+                        if (m.prot | prot) != m.prot {
+                            m.prot = m.prot | prot;
+                            // Only this page changed: its block was split.
+                            if let Some(b) = block {
+                                v.blocks.remove(&b);
+                            }
+                        }
+                    }
                 }
             }
             (Hypercall::TestClearYoung { vm, gfn, nr }, Reply::Young { young }) => {
@@ -922,7 +997,18 @@ impl Model {
                 let Some(v) = self.vm_mut(vm) else {
                     return bad("no such VM");
                 };
-                let range = gfn.raw()..gfn.raw() + u64::from(nr.get());
+                // A block has one access flag: a range that touches part
+                // of it reads and clears the whole block's (§3.14).
+                let (g, n) = (gfn.raw(), u64::from(nr.get()));
+                let mut start = g;
+                let mut end = g + n;
+                if let Some(b) = v.block_of(g) {
+                    start = b;
+                }
+                if let Some(b) = v.block_of(end - 1) {
+                    end = b + BLOCK_PAGES;
+                }
+                let range = start..end;
                 let want = v.map.range(range.clone()).any(|(_, m)| m.young);
                 if exact && young != want {
                     return bad(&format!("young = {want}"));
@@ -1018,6 +1104,9 @@ impl Model {
         let Some(v) = self.vm_mut(vm) else {
             return;
         };
+        if is_block(pfn, gfn, u64::from(nr)) {
+            v.blocks.insert(gfn);
+        }
         for i in 0..u64::from(nr) {
             let m = Mapping {
                 state,
@@ -1040,6 +1129,16 @@ impl Model {
         let Some(v) = self.vm_mut(vm) else {
             return;
         };
+        // Unmapped whole or split: no block in the range is left.
+        let first = gfn - gfn % BLOCK_PAGES;
+        let gone: Vec<u64> = v
+            .blocks
+            .range(first..gfn + u64::from(nr))
+            .copied()
+            .collect();
+        for b in gone {
+            v.blocks.remove(&b);
+        }
         for g in frames(gfn, nr) {
             v.map.remove(&g);
         }
@@ -1120,6 +1219,7 @@ impl Model {
             )));
         }
         let w = &mut self.vms[i];
+        w.blocks.retain(|b| map.contains_key(b));
         w.map = map;
         w.hyp_pages = hyp_pages;
         w.counts = counts;
@@ -1183,6 +1283,7 @@ impl Model {
         }
         let w = &mut self.vms[i];
         w.map.clear();
+        w.blocks.clear();
         w.hyp_pages.clear();
         w.counts = counts;
         w.drained = true;
@@ -1457,9 +1558,11 @@ mod tests {
             m.predict(&call),
             Prediction::SucceedOr(ErrSet::one(HypError::NoMemory))
         );
-        m.note_free_memcache(vm, 3);
-        assert_eq!(m.predict(&call), Prediction::Succeed);
+        // 40 bits: a level-1 root, so a page needs at most a level-2 and a
+        // level-3 table.
         m.note_free_memcache(vm, 2);
+        assert_eq!(m.predict(&call), Prediction::Succeed);
+        m.note_free_memcache(vm, 1);
         assert_eq!(
             m.predict(&call),
             Prediction::SucceedOr(ErrSet::one(HypError::NoMemory))
@@ -1472,8 +1575,91 @@ mod tests {
         )
         .unwrap();
         assert_ne!(m.predict(&call), Prediction::Succeed);
-        assert_eq!(tables_needed(0x1ff, 2), 2 + 1 + 1);
-        assert_eq!(tables_needed((1 << 18) - 1, 2), 2 + 2 + 1);
+        assert_eq!(tables_needed(48, 0x1ff, 2, false), 2 + 1 + 1);
+        assert_eq!(tables_needed(48, (1 << 18) - 1, 2, false), 2 + 2 + 1);
+        // A root at level 1 (40 bits) or 2 (32 bits) needs fewer levels; a
+        // block no last-level table.
+        assert_eq!(tables_needed(40, 0x1ff, 2, false), 2 + 1);
+        assert_eq!(tables_needed(40, 0x200, 512, true), 1);
+        assert_eq!(tables_needed(32, 0x200, 512, true), 0);
+        assert_eq!(tables_needed(32, 0x200, 1, false), 1);
+    }
+
+    fn unshare(vm: VmHandle, pfn: u64, gfn: u64, nr: u32) -> Hypercall {
+        Hypercall::Unshare {
+            vm,
+            pfn: Pfn::new(pfn).unwrap(),
+            gfn: Gfn::new(gfn).unwrap(),
+            nr: PageCount::new(nr).unwrap(),
+        }
+    }
+
+    #[test]
+    fn blocks_split_with_memory_only() {
+        let mut m = model();
+        // 32-bit IPA: a level-2 root, so a block share needs no table.
+        let h = VmHandle::new(1, 1).unwrap();
+        let create = Hypercall::VmCreate {
+            ipa_bits: IpaBits::new(32).unwrap(),
+            nr_vcpus: VcpuCount::new(1).unwrap(),
+            root: Pfn::new(0x80000).unwrap(),
+            memory: None,
+        };
+        m.step(&create, &Ok(Reply::VmCreated { vm: h })).unwrap();
+        let block = share(h, 0x80200, 0x400, 512);
+        assert_eq!(m.predict(&block), Prediction::Succeed);
+        // Not aligned: pages, which need a table the empty memcache lacks.
+        assert_eq!(
+            m.predict(&share(h, 0x80201, 0x400, 511)),
+            Prediction::Fail(ErrSet::one(HypError::NoMemory))
+        );
+        m.step(&block, &Ok(Reply::Done)).unwrap();
+        assert!(m.vm(h).unwrap().blocks.contains(&0x400));
+        // Part of the block: a split, and the memcache is empty.
+        let part = unshare(h, 0x80200, 0x400, 1);
+        let nomem = Prediction::Fail(ErrSet::one(HypError::NoMemory));
+        assert_eq!(m.predict(&part), nomem);
+        let wp = Hypercall::WrProtect {
+            vm: h,
+            gfn: Gfn::new(0x5ff).unwrap(),
+            nr: PageCount::new(2).unwrap(),
+        };
+        assert_eq!(m.predict(&wp), nomem);
+        let relax = Hypercall::RelaxPerms {
+            vm: h,
+            gfn: Gfn::new(0x410).unwrap(),
+            prot: Prot::X,
+        };
+        assert_eq!(m.predict(&relax), nomem);
+        // Adding what is there changes nothing: no split.
+        let same = Hypercall::RelaxPerms {
+            vm: h,
+            gfn: Gfn::new(0x410).unwrap(),
+            prot: Prot::W,
+        };
+        assert_eq!(m.predict(&same), Prediction::Succeed);
+        // The whole block: no memory.
+        let whole = Hypercall::WrProtect {
+            vm: h,
+            gfn: Gfn::new(0x400).unwrap(),
+            nr: PageCount::new(512).unwrap(),
+        };
+        assert_eq!(m.predict(&whole), Prediction::Succeed);
+        m.step(&whole, &Ok(Reply::WrProtected { pages: 512 }))
+            .unwrap();
+        // Read-only now: a partial write-protect changes nothing, no split.
+        assert_eq!(m.predict(&wp), Prediction::Succeed);
+        assert_eq!(
+            m.predict(&unshare(h, 0x80200, 0x400, 512)),
+            Prediction::Succeed
+        );
+        // With memory the split happens and the block is gone.
+        m.step(&topup(h, 0x80400, 2), &Ok(Reply::Done)).unwrap();
+        m.note_free_memcache(h, 2);
+        assert_eq!(m.predict(&part), Prediction::Succeed);
+        m.step(&part, &Ok(Reply::Done)).unwrap();
+        assert!(m.vm(h).unwrap().blocks.is_empty());
+        assert_eq!(m.vm(h).unwrap().map.len(), 511);
     }
 
     #[test]

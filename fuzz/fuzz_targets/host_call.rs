@@ -6,7 +6,9 @@
 //! read 16 bytes at a time; each chunk becomes one call: a function from
 //! the ABI (or, rarely, a raw id), arguments biased towards the values
 //! that matter (handles the hypervisor returned, frames around the RAM
-//! edges, small gfns and counts), sometimes raw register values. Some
+//! edges, small gfns and counts, 2 MiB-aligned frames and gfns so that
+//! 512-page calls map blocks and later calls split them), sometimes raw
+//! register values. Some
 //! chunks are host stage-2 aborts instead.
 //!
 //! After every call it checks: x0 is 0 or a negative error; a failure has
@@ -62,6 +64,8 @@ fn pfn(b: &mut Bytes<'_>) -> u64 {
         1 => HOLE - 4 + u64::from(b.u8() % 8),
         2 => HOST1 + u64::from(b.u8() % 64),
         3 => b.u64() & ((1 << 40) - 1),
+        // 2 MiB-aligned frames: with an aligned gfn and 512 pages, a block.
+        4 => [HOST1, HOST0 + 0x100][usize::from(b.u8() % 2)],
         _ => HOST0 + u64::from(b.u8() % 96),
     }
 }
@@ -72,6 +76,7 @@ fn gfn(b: &mut Bytes<'_>) -> u64 {
         1 => (1 << 28) - 1 - u64::from(b.u8() % 4),
         2 => (1 << 36) - 1 - u64::from(b.u8() % 4),
         3 => b.u64() & ((1 << 40) - 1),
+        4 => 512 * u64::from(b.u8() % 4),
         _ => u64::from(b.u8() % 64),
     }
 }

@@ -11,8 +11,13 @@
 //!   the tracker only (as Linux pKVM does since it moved the host state into
 //!   the hyp vmemmap), so sharing does not rewrite host descriptors;
 //! * a guest's stage-2: borrowed pages are mapped with
-//!   [`PageState::SharedBorrowed`], donated pages with [`PageState::Owned`],
-//!   always at 4 KiB granularity.
+//!   [`PageState::SharedBorrowed`], donated pages with [`PageState::Owned`].
+//!   A share or donation that covers a whole 2 MiB-aligned guest range
+//!   whose host frames are 2 MiB-aligned too is mapped as one 2 MiB block
+//!   ([`GUEST_GRANULE`]); everything else as 4 KiB pages. An unshare or
+//!   reclaim of part of a block splits it (one table page from the guest's
+//!   table memory, [`Error::NoMemory`] with nothing changed if there is
+//!   none); the tracker stays per 4 KiB page either way.
 //!
 //! # All or nothing
 //!
@@ -58,6 +63,12 @@ pub const HOST_RAM_ATTRS: Attrs = Attrs {
     mem: MemType::Normal,
     state: PageState::Owned,
 };
+
+/// The largest leaf a guest mapping made by [`share`] or [`donate`] uses:
+/// 2 MiB blocks where the guest range covers a whole 2 MiB-aligned block and
+/// the host frames are aligned alike (the frames of a range are contiguous
+/// by construction), 4 KiB pages elsewhere.
+pub const GUEST_GRANULE: Granule = Granule::Block2M;
 
 /// A range of host page frames and the guest frames they are mapped at:
 /// `pfn + i` at `gfn + i` for `i` in `0..nr`.
@@ -268,7 +279,7 @@ pub fn share<GM: TableMemory, GT: TlbMaintenance>(
         mem: MemType::Normal,
         state: PageState::SharedBorrowed,
     };
-    guest.map(ipa, host_pa(r.pfn), size, attrs, Granule::Page)?;
+    guest.map(ipa, host_pa(r.pfn), size, attrs, GUEST_GRANULE)?;
     tracker.share(r.pfn, r.nr).map_err(|_| Error::Inconsistent)
 }
 
@@ -335,7 +346,7 @@ where
         mem: MemType::Normal,
         state: PageState::Owned,
     };
-    let needed = guest.map_tables_needed(gipa, host_pa(r.pfn), size, attrs, Granule::Page)?;
+    let needed = guest.map_tables_needed(gipa, host_pa(r.pfn), size, attrs, GUEST_GRANULE)?;
     if guest.mm().available() < needed {
         return Err(Error::NoMemory);
     }
@@ -351,7 +362,7 @@ where
     //    So this cannot fail; should it anyway (a broken count), give the
     //    host its pages back and report the inconsistency.
     if guest
-        .map(gipa, host_pa(r.pfn), size, attrs, Granule::Page)
+        .map(gipa, host_pa(r.pfn), size, attrs, GUEST_GRANULE)
         .is_err()
     {
         let _ = host.map(hipa, host_pa(r.pfn), size, HOST_RAM_ATTRS, Granule::Page);
@@ -537,6 +548,33 @@ pub struct TeardownStep {
     pub pages: u64,
 }
 
+/// How much one teardown step may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Budget {
+    /// Leaves until they cover this many pages, at least one leaf.
+    AtLeastOne(u64),
+    /// At most one leaf, and only if it covers at most this many pages.
+    OneWithin(u64),
+}
+
+impl Budget {
+    /// Whether a step that did `done` must stop.
+    fn full(self, done: TeardownStep) -> bool {
+        match self {
+            Self::AtLeastOne(max) => done.leaves > 0 && done.pages >= max,
+            Self::OneWithin(_) => done.leaves > 0,
+        }
+    }
+
+    /// Whether a leaf of `pages` pages may be handled after `done`.
+    fn fits(self, done: TeardownStep, pages: u64) -> bool {
+        match self {
+            Self::AtLeastOne(_) => true,
+            Self::OneWithin(max) => done.pages.saturating_add(pages) <= max,
+        }
+    }
+}
+
 /// Bounded-step teardown of a VM's stage-2: every leaf is removed; borrowed
 /// pages are unshared, donated pages zeroed and returned to the host,
 /// mappings of non-RAM frames (MMIO) just removed.
@@ -591,6 +629,50 @@ impl Teardown {
         host: &mut Stage2<HM, HT>,
         guest: &mut Stage2<GM, GT>,
         max_pages: u64,
+        zero: impl FnMut(Pfn),
+    ) -> Result<TeardownStep, Error>
+    where
+        HM: TableMemory,
+        HT: TlbMaintenance,
+        GM: TableMemory,
+        GT: TlbMaintenance,
+    {
+        self.run(tracker, host, guest, Budget::AtLeastOne(max_pages), zero)
+    }
+
+    /// Removes the next leaf of `guest` as [`step`](Self::step) does, but
+    /// only if it covers at most `max_pages` 4 KiB pages: a larger leaf (a
+    /// 2 MiB block when less than 512 pages of a caller's batch are left)
+    /// is left for a later call, and the step returns with nothing done
+    /// (`leaves == 0`) while [`is_done`](Self::is_done) stays false. With
+    /// `max_pages` of 512 or more every guest leaf fits (guests have no
+    /// leaves above 2 MiB), so a caller that starts each batch with at
+    /// least 512 always makes progress.
+    ///
+    /// Errors as [`step`](Self::step).
+    pub fn step_leaf<HM, HT, GM, GT>(
+        &mut self,
+        tracker: &mut PageTracker,
+        host: &mut Stage2<HM, HT>,
+        guest: &mut Stage2<GM, GT>,
+        max_pages: u64,
+        zero: impl FnMut(Pfn),
+    ) -> Result<TeardownStep, Error>
+    where
+        HM: TableMemory,
+        HT: TlbMaintenance,
+        GM: TableMemory,
+        GT: TlbMaintenance,
+    {
+        self.run(tracker, host, guest, Budget::OneWithin(max_pages), zero)
+    }
+
+    fn run<HM, HT, GM, GT>(
+        &mut self,
+        tracker: &mut PageTracker,
+        host: &mut Stage2<HM, HT>,
+        guest: &mut Stage2<GM, GT>,
+        budget: Budget,
         mut zero: impl FnMut(Pfn),
     ) -> Result<TeardownStep, Error>
     where
@@ -605,7 +687,7 @@ impl Teardown {
         let mut done = TeardownStep::default();
         let mut window = WINDOW_MIN;
         while self.cursor < end {
-            if done.leaves > 0 && done.pages >= max_pages {
+            if budget.full(done) {
                 return Ok(done);
             }
             let start = self.cursor;
@@ -628,7 +710,7 @@ impl Teardown {
             }
             window = WINDOW_MIN;
             for leaf in buf.iter().flatten() {
-                if done.leaves > 0 && done.pages >= max_pages {
+                if budget.full(done) || !budget.fits(done, leaf.size >> PAGE_SHIFT) {
                     return Ok(done);
                 }
                 self.teardown_leaf(tracker, host, guest, leaf, &mut zero)?;

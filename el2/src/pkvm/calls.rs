@@ -385,7 +385,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         let mut runs: Vec<(u64, u64, Perms)> = Vec::new();
         runs.try_reserve(n.get() as usize)
             .map_err(|_| HypError::NoMemory)?;
-        let mut splits = false;
+        let mut splits: usize = 0;
         vm.s2
             .walk(ipa, size, |leaf| {
                 let p = leaf.attrs.perms;
@@ -393,7 +393,9 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
                     return;
                 }
                 let (a, b) = (leaf.ipa.0.max(ipa.0), (leaf.ipa.0 + leaf.size).min(end));
-                splits |= a != leaf.ipa.0 || b != leaf.ipa.0 + leaf.size;
+                if a != leaf.ipa.0 || b != leaf.ipa.0 + leaf.size {
+                    splits += if leaf.level == 2 { 1 } else { 3 };
+                }
                 match runs.last_mut() {
                     Some(last) if last.1 == a && last.2 == p => last.1 = b,
                     // At most `nr` runs: reserved above, no allocation here.
@@ -401,10 +403,11 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
                 }
             })
             .map_err(|_| HypError::OutOfRange)?;
-        // Transitions map 4 KiB pages only, so no block crosses the range;
-        // were one to, splitting the two edge blocks needs at most two
-        // tables each.
-        if splits && vm.s2.mm().available() < 4 {
+        // A writable block the range covers only in part is split: one
+        // table page for a 2 MiB block (guests have no larger leaves), three
+        // at most for a 1 GiB one. Checked for the whole range before the
+        // first change, so a failed call changed nothing.
+        if splits > vm.s2.mm().available() {
             return Err(HypError::NoMemory);
         }
         let mut changed: u64 = 0;
@@ -439,10 +442,13 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
             exec: old.exec | add.exec,
         };
         if new != old {
-            // The whole leaf: no split, no memory.
-            vm.s2
-                .protect(leaf.ipa, leaf.size, new)
-                .map_err(|_| self.bug())?;
+            // Only this page: a block is split first (one table page from
+            // the memcache; HYP_ENOMEM with nothing changed if it has none).
+            match vm.s2.protect(ipa, PAGE_SIZE, new) {
+                Ok(_) => {}
+                Err(stage2::pgtable::Error::NoMemory) => return Err(HypError::NoMemory),
+                Err(_) => return Err(self.bug()),
+            }
         }
         Ok(Reply::Done)
     }
@@ -478,9 +484,10 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
     }
 
     /// §3.16 `HYP_TEARDOWN_RECLAIM`: at most [`TEARDOWN_BATCH`] page
-    /// updates: guest leaves first (one 4 KiB page each), then vCPU state
-    /// pages and free memcache pages (freed tables are in the memcache by
-    /// then).
+    /// updates: guest leaves first (a 4 KiB page is one update, a 2 MiB
+    /// block 512: a block that does not fit in what is left of the batch
+    /// waits for the next call), then vCPU state pages and free memcache
+    /// pages (freed tables are in the memcache by then).
     pub(super) fn teardown_reclaim(&self, h: VmHandle) -> Result<Reply, HypError> {
         let mut host = self.lock_host();
         let mut slot = self.lock_vm(h)?;
@@ -493,15 +500,17 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         let mut done: u64 = 0;
         let mut error = None;
         // One leaf per step, so the counters know what each leaf was even
-        // when a later one fails. Guest leaves are 4 KiB (transitions map
-        // pages only), so each step is one page update.
+        // when a later one fails; a leaf is as many page updates as it
+        // covers pages, and only a leaf that fits in the batch is taken.
         while done < budget && !td.is_done() {
             let mut zeroed: u64 = 0;
             let zero = |pfn| {
                 zeroed += 1;
                 self.platform.zero_page(pfn);
             };
-            match td.step(&mut host.tracker, &mut host.s2, &mut vm.s2, 1, zero) {
+            let left = budget - done;
+            match td.step_leaf(&mut host.tracker, &mut host.s2, &mut vm.s2, left, zero) {
+                Ok(step) if step.leaves == 0 && !td.is_done() => break,
                 Ok(step) => {
                     if zeroed > 0 {
                         vm.counts.reclaimed(step.pages);

@@ -14,6 +14,9 @@ use stage2::pgtable::{Leaf, MemType, PageState, Stage2};
 use stage2::tlb::TlbMaintenance;
 use stage2::{Ipa, Pfn, PAGE_SHIFT, PAGE_SIZE};
 
+/// Size of a guest block.
+const BLOCK_2M: u64 = 512 * PAGE_SIZE;
+
 use super::platform::Platform;
 use super::vm::{Counts, Life, Power, VcpuRun};
 use super::Hyp;
@@ -84,9 +87,10 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
 
     /// Checks the invariants of docs/DESIGN.md §4 over the whole state:
     ///
-    /// 1. every guest leaf is a 4 KiB page of RAM; an OWNED leaf maps a
-    ///    page the tracker gives to that VM (count 0), a SHARED_BORROWED
-    ///    leaf a host page; no leaf says SHARED_OWNED;
+    /// 1. every guest leaf is a 4 KiB page or a 2 MiB block of RAM; each
+    ///    page of an OWNED leaf is a page the tracker gives to that VM
+    ///    (count 0), each page of a SHARED_BORROWED leaf a host page; no
+    ///    leaf says SHARED_OWNED;
     /// 2. every share count equals the number of borrow leaves of the page;
     /// 3. pages not owned by the host have count 0 and are not mapped in
     ///    the host stage-2; host pages mapped there are identity-mapped
@@ -132,22 +136,26 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
                 }
             }
             for leaf in leaves(&vm.s2) {
-                let pfn = Pfn(leaf.hpa.raw() >> PAGE_SHIFT);
-                if leaf.size != PAGE_SIZE
-                    || !self.is_ram(pfn, 1)
+                let first = Pfn(leaf.hpa.raw() >> PAGE_SHIFT);
+                let nr = leaf.size >> PAGE_SHIFT;
+                if !(leaf.size == PAGE_SIZE || (leaf.size == BLOCK_2M && leaf.level == 2))
+                    || !self.is_ram(first, nr)
                     || leaf.attrs.mem != MemType::Normal
                 {
                     return Err(format!("vm {i}: leaf {leaf:?}"));
                 }
-                let info = tracker.page(pfn).map_err(|e| format!("{e}"))?;
-                match leaf.attrs.state {
-                    PageState::Owned if info.owner == Owner::Vm(vm.id) && info.shares == 0 => {
-                        *owned.entry(vm.id.0).or_default() += 1;
+                for k in 0..nr {
+                    let pfn = Pfn(first.0 + k);
+                    let info = tracker.page(pfn).map_err(|e| format!("{e}"))?;
+                    match leaf.attrs.state {
+                        PageState::Owned if info.owner == Owner::Vm(vm.id) && info.shares == 0 => {
+                            *owned.entry(vm.id.0).or_default() += 1;
+                        }
+                        PageState::SharedBorrowed if info.owner == Owner::Host => {
+                            *borrows.entry(pfn).or_default() += 1;
+                        }
+                        _ => return Err(format!("vm {i}: leaf {leaf:?} but page {info:?}")),
                     }
-                    PageState::SharedBorrowed if info.owner == Owner::Host => {
-                        *borrows.entry(pfn).or_default() += 1;
-                    }
-                    _ => return Err(format!("vm {i}: leaf {leaf:?} but page {info:?}")),
                 }
             }
             let mc = vm.memcache();

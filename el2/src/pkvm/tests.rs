@@ -449,6 +449,175 @@ fn share_unshare() {
     assert_eq!(after.maps, 5);
 }
 
+/// A 2 MiB-aligned share of 512 frames maps one block (ABI §2.8): fewer
+/// table pages, every page reported on its own, one invalidation to
+/// remove it whole; a change to part of it splits it with one memcache
+/// page, or fails with `HYP_ENOMEM` and changes nothing.
+#[test]
+fn blocks() {
+    let h = hyp();
+    let vm = create(&h, 40, HOST0);
+    topup(&h, vm, HOST0 + 2, 8);
+    // A page at gfn 0x10 brings the level-2 table of the first GiB.
+    ok(&h, share(vm, HOST0 + 20, 0x10, 1));
+    let rt0 = runtime_counters(&h, vm);
+    let s0 = stage2_counters(&h, vm);
+    // The block: both pfn and gfn 2 MiB-aligned. No new table.
+    let (p, g) = (HOST0 + 0x100, 0x400);
+    ok(&h, share(vm, p, g, 512));
+    let rt1 = runtime_counters(&h, vm);
+    assert_eq!(rt1.table_pages, rt0.table_pages);
+    assert_eq!(rt1.memcache_pages, rt0.memcache_pages);
+    for k in [0, 1, 255, 511] {
+        assert_eq!(
+            guest_page(&h, vm, g + k),
+            GuestPage::Mapped {
+                state: PageState::SharedBorrowed,
+                pfn: pfn(p + k),
+                prot: Prot::RW
+            }
+        );
+        assert_eq!(host_page(&h, p + k).share_count, 1);
+    }
+    // The same 512 pages at an unaligned gfn: 4 KiB pages, two level-3
+    // tables (the range crosses a 2 MiB boundary).
+    ok(&h, share(vm, p, 0x801, 512));
+    let rt2 = runtime_counters(&h, vm);
+    assert_eq!(rt2.table_pages, rt1.table_pages + 2);
+
+    // Write-protect of the whole block: no split, no memory.
+    let wp = |gfn: u64, n: u32| Hypercall::WrProtect {
+        vm,
+        gfn: super::tests::gfn(gfn),
+        nr: count(n),
+    };
+    assert_eq!(ok(&h, wp(g, 512)), Reply::WrProtected { pages: 512 });
+    assert_eq!(runtime_counters(&h, vm).memcache_pages, rt2.memcache_pages);
+    // Relax of one page: the block is split (one memcache page), only
+    // that page becomes writable.
+    let relax = Hypercall::RelaxPerms {
+        vm,
+        gfn: gfn(g + 7),
+        prot: Prot::W,
+    };
+    ok(&h, relax);
+    let rt3 = runtime_counters(&h, vm);
+    assert_eq!(rt3.memcache_pages, rt2.memcache_pages - 1);
+    assert_eq!(rt3.table_pages, rt2.table_pages + 1);
+    let prot = |k: u64| match guest_page(&h, vm, g + k) {
+        GuestPage::Mapped { prot, .. } => prot,
+        GuestPage::Unmapped => panic!("gfn {k} unmapped"),
+    };
+    assert_eq!((prot(6), prot(7), prot(8)), (Prot::R, Prot::RW, Prot::R));
+    // Split pages unshare one by one; unsharing them all frees the table.
+    ok(&h, unshare(vm, p, g, 512));
+    assert_eq!(runtime_counters(&h, vm).table_pages, rt2.table_pages);
+
+    // Whole-block unshare: one invalidation; the same 512 pages mapped as
+    // pages: one per page and one for the emptied level-3 table.
+    ok(&h, share(vm, p, g, 512));
+    let before = stage2_counters(&h, vm);
+    ok(&h, unshare(vm, p, g, 512));
+    let block_tlbi = stage2_counters(&h, vm).tlbi - before.tlbi;
+    assert_eq!(block_tlbi, 1);
+    let before = stage2_counters(&h, vm);
+    ok(&h, unshare(vm, p, 0x801, 512));
+    let after = stage2_counters(&h, vm);
+    assert_eq!(after.tlbi - before.tlbi, 512 + 2);
+    assert_eq!(after.unshares - s0.unshares, 3 * 512);
+
+    // Partial unshare splits; the rest stays mapped.
+    ok(&h, share(vm, p, g, 512));
+    ok(&h, unshare(vm, p + 3, g + 3, 2));
+    assert_eq!(guest_page(&h, vm, g + 3), GuestPage::Unmapped);
+    assert!(matches!(
+        guest_page(&h, vm, g + 5),
+        GuestPage::Mapped { .. }
+    ));
+    assert_eq!(host_page(&h, p + 3), HOST_OWNED);
+    assert_eq!(host_page(&h, p + 5).share_count, 1);
+    teardown(&h, vm);
+    h.check_all_returned().unwrap();
+}
+
+/// With an empty memcache a block can still be shared into a VM whose
+/// root is at level 2 (no table needed), but no call may split it:
+/// `HYP_ENOMEM`, nothing changed. Whole-block calls still work.
+#[test]
+fn block_split_without_memory() {
+    let h = hyp();
+    let vm = create(&h, 32, HOST0);
+    let (p, g) = (HOST0 + 0x100, 0x200);
+    ok(&h, share(vm, p, g, 512));
+    assert_eq!(runtime_counters(&h, vm).memcache_pages, 0);
+    refused(&h, unshare(vm, p, g, 1), HypError::NoMemory);
+    refused(&h, unshare(vm, p + 500, g + 500, 12), HypError::NoMemory);
+    let wp = |gfn: u64, n: u32| Hypercall::WrProtect {
+        vm,
+        gfn: super::tests::gfn(gfn),
+        nr: count(n),
+    };
+    refused(&h, wp(g + 511, 2), HypError::NoMemory);
+    refused(
+        &h,
+        Hypercall::RelaxPerms {
+            vm,
+            gfn: gfn(g + 1),
+            prot: Prot::X,
+        },
+        HypError::NoMemory,
+    );
+    // Relaxing to what is there changes nothing and needs nothing.
+    ok(
+        &h,
+        Hypercall::RelaxPerms {
+            vm,
+            gfn: gfn(g + 1),
+            prot: Prot::W,
+        },
+    );
+    // Test-and-clear-young on part of the block clears the whole block's
+    // flag without a split.
+    let young = |gfn: u64| Hypercall::TestClearYoung {
+        vm,
+        gfn: super::tests::gfn(gfn),
+        nr: count(1),
+    };
+    assert_eq!(ok(&h, young(g + 9)), Reply::Young { young: true });
+    assert_eq!(ok(&h, young(g + 300)), Reply::Young { young: false });
+    // Whole-block write-protect and unshare need no memory.
+    assert_eq!(ok(&h, wp(g, 512)), Reply::WrProtected { pages: 512 });
+    let before = stage2_counters(&h, vm);
+    ok(&h, unshare(vm, p, g, 512));
+    assert_eq!(stage2_counters(&h, vm).tlbi - before.tlbi, 1);
+    assert_eq!(host_page(&h, p + 511), HOST_OWNED);
+    // Donated as a block, reclaimed as one; a partial reclaim is ENOMEM.
+    ok(&h, donate(vm, HOST1, g, 512));
+    refused(&h, reclaim(vm, HOST1 + 1, g + 1, 1), HypError::NoMemory);
+    ok(&h, reclaim(vm, HOST1, g, 512));
+    assert_eq!(host_page(&h, HOST1 + 100), HOST_OWNED);
+    teardown(&h, vm);
+    h.check_all_returned().unwrap();
+}
+
+/// A teardown batch never exceeds `HYP_TEARDOWN_BATCH` page updates: a
+/// block that does not fit in what is left waits for the next batch.
+#[test]
+fn teardown_batches_hold_whole_blocks() {
+    let h = hyp();
+    let vm = create(&h, 40, HOST0);
+    topup(&h, vm, HOST0 + 2, 8);
+    ok(&h, share(vm, HOST0 + 20, 0x10, 3));
+    ok(&h, share(vm, HOST0 + 0x100, 0x200, 512));
+    ok(&h, donate(vm, HOST1, 0x400, 512));
+    let steps = teardown(&h, vm);
+    let batches: Vec<u32> = steps.iter().map(|s| s.reclaimed).collect();
+    // 3 pages, then a block that does not fit, then the other block, then
+    // the 8 memcache pages (the tables are back among them).
+    assert_eq!(batches, [3, 512, 512, 8]);
+    h.check_all_returned().unwrap();
+}
+
 #[test]
 fn share_needs_memcache() {
     let h = hyp();
