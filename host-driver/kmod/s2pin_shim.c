@@ -31,10 +31,12 @@
 #include <linux/kref.h>
 #include <linux/log2.h>
 #include <linux/miscdevice.h>
+#include <linux/mmzone.h>
 #include <linux/mm.h>
 #include <linux/mmu_notifier.h>
 #include <linux/module.h>
 #include <linux/mutex.h>
+#include <linux/nodemask.h>
 #include <linux/sched.h>
 #include <linux/sched/mm.h>
 #include <linux/sched/signal.h>
@@ -1538,6 +1540,100 @@ static const struct file_operations hps_fops = {
 	.llseek = default_llseek,
 };
 
+/*
+ * `page_states`: HYP_HOST_PAGE_STATE for every pfn of the host's RAM, as
+ * counts (the nothing-leaked check of `s2vmm leakcheck`). The walk covers
+ * each online node's span [node_start_pfn, node_end_pfn): the hypervisor's
+ * own range is not host RAM and so is not in it. With no VM alive, every
+ * frame EL2 calls RAM must be host-owned and unshared: `vm`, `host_shared`
+ * and `hyp_host_pages` (frames the host allocated, e.g. a memcache page,
+ * that EL2 still owns) must all be 0. One walk at a time; it issues one HVC
+ * per pfn (about half a million for 2 GiB), yields every 1024 and stops
+ * with -EINTR on a fatal signal, so it is bounded by the node spans.
+ */
+struct s2pin_page_counts {
+	u64 lo, hi;		/* lowest and highest pfn + 1 walked */
+	u64 walked;
+	u64 host_owned;		/* owner host, state owned, count 0 */
+	u64 host_shared;	/* owner host but shared or a share count */
+	u64 hyp;		/* owner hyp */
+	u64 hyp_host_pages;	/* ... of which the host has a usable struct page */
+	u64 vm;			/* owner a VM */
+	u64 not_ram;		/* HYP_ERANGE: a hole in the span */
+	u64 malformed;		/* any other reply */
+};
+
+static DEFINE_MUTEX(page_states_mutex);
+
+static int page_counts_walk(struct s2pin_page_counts *c)
+{
+	int nid;
+
+	memset(c, 0, sizeof(*c));
+	c->lo = ULLONG_MAX;
+	for_each_online_node(nid) {
+		struct pglist_data *pg = NODE_DATA(nid);
+		unsigned long pfn, end;
+
+		if (!pg || !pg->node_spanned_pages)
+			continue;
+		pfn = pg->node_start_pfn;
+		end = pgdat_end_pfn(pg);
+		c->lo = min_t(u64, c->lo, pfn);
+		c->hi = max_t(u64, c->hi, end);
+		for (; pfn < end; pfn++) {
+			struct arm_smccc_1_2_regs r = hvc6(HYP_HOST_PAGE_STATE, pfn, 0, 0, 0, 0);
+
+			c->walked++;
+			if ((long)r.a0 == HYP_ERANGE) {
+				c->not_ram++;
+			} else if (r.a0 || r.a1 > HYP_OWNER_VM ||
+				   r.a3 > HYP_OWNER_STATE_SHARED_OWNED) {
+				c->malformed++;
+			} else if (r.a1 == HYP_OWNER_VM) {
+				c->vm++;
+			} else if (r.a1 == HYP_OWNER_HYP) {
+				c->hyp++;
+				if (pfn_valid(pfn) && !PageReserved(pfn_to_page(pfn)))
+					c->hyp_host_pages++;
+			} else if (r.a3 == HYP_OWNER_STATE_OWNED && !r.a4) {
+				c->host_owned++;
+			} else {
+				c->host_shared++;
+			}
+			if (!(c->walked % 1024)) {
+				if (fatal_signal_pending(current))
+					return -EINTR;
+				cond_resched();
+			}
+		}
+	}
+	if (c->lo == ULLONG_MAX)
+		c->lo = 0;
+	return 0;
+}
+
+static int page_states_show(struct seq_file *m, void *unused)
+{
+	struct s2pin_page_counts c;
+	int ret;
+
+	ret = mutex_lock_killable(&page_states_mutex);
+	if (ret)
+		return ret;
+	ret = page_counts_walk(&c);
+	mutex_unlock(&page_states_mutex);
+	if (ret)
+		return ret;
+	seq_printf(m, "pfn_lo %#llx\npfn_hi %#llx\nwalked %llu\nhost_owned %llu\n"
+		   "host_shared %llu\nhyp %llu\nhyp_host_pages %llu\nvm %llu\nnot_ram %llu\n"
+		   "malformed %llu\n",
+		   c.lo, c.hi, c.walked, c.host_owned, c.host_shared, c.hyp,
+		   c.hyp_host_pages, c.vm, c.not_ram, c.malformed);
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(page_states);
+
 int s2pin_shim_init(void)
 {
 	int ret;
@@ -1551,6 +1647,7 @@ int s2pin_shim_init(void)
 		debugfs_create_file("last_teardown", 0444, s2pin_dbg_root, NULL,
 				    &last_teardown_fops);
 		debugfs_create_file("host_page_state", 0600, s2pin_dbg_root, NULL, &hps_fops);
+		debugfs_create_file("page_states", 0400, s2pin_dbg_root, NULL, &page_states_fops);
 	}
 	ret = misc_register(&s2pin_misc);
 	if (ret) {

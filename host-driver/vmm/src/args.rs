@@ -162,6 +162,11 @@ pub enum Command {
         #[arg(long, default_value = "/root/guest.bin")]
         image: PathBuf,
     },
+    /// The nothing-leaked check (run it when no VM should exist): every frame of the host's RAM
+    /// host-owned and unshared at EL2, the module's pin and VM counts 0, locked_vm and MemFree
+    /// back, no oops/WARNING/lockdep in the kernel log. One line `leakcheck: OK|LEAK ...`;
+    /// exit status 0, or 1 on a leak.
+    Leakcheck(crate::leakcheck::LeakcheckArgs),
 }
 
 /// A checked configuration for one guest run.

@@ -18,6 +18,7 @@ pub mod args;
 pub mod backend;
 pub mod console;
 pub mod layout;
+pub mod leakcheck;
 pub mod mmio;
 pub mod runner;
 pub mod stats;

@@ -19,6 +19,7 @@ fn main() -> ExitCode {
     };
     let result = match &cli.command {
         Some(Command::Hostile { image }) => run_hostile(image),
+        Some(Command::Leakcheck(a)) => run_leakcheck(a),
         None => match cli.config() {
             Ok(cfg) => run_guest(&cfg),
             Err(e) => {
@@ -54,5 +55,15 @@ fn run_guest(_: &s2vmm::args::Config) -> anyhow::Result<i32> {
 
 #[cfg(not(target_os = "linux"))]
 fn run_hostile(_: &std::path::Path) -> anyhow::Result<i32> {
+    anyhow::bail!("s2vmm runs on Linux only")
+}
+
+#[cfg(target_os = "linux")]
+fn run_leakcheck(a: &s2vmm::leakcheck::LeakcheckArgs) -> anyhow::Result<i32> {
+    s2vmm::leakcheck::run(a)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn run_leakcheck(_: &s2vmm::leakcheck::LeakcheckArgs) -> anyhow::Result<i32> {
     anyhow::bail!("s2vmm runs on Linux only")
 }
