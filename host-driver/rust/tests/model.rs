@@ -1,0 +1,1721 @@
+//! The host side, model-checked (issue 12, item 4).
+//!
+//! `s2pin.ko` keeps its state in C (`host-driver/kmod/s2pin_shim.c`) and asks
+//! this crate for every decision: slot validation and lookup, the
+//! fault/invalidate sequence count ([`InvState`]), which pinned pages a host
+//! range covers, unshare runs, and each policy's decision at
+//! `invalidate_range_start` and per page at `invalidate_range_end`. This test
+//! puts those decisions into a world they can get wrong:
+//!
+//! - a fake host mm: per page a VMA protection and a PTE (absent, or a frame
+//!   with its write and `PROT_NONE` bits), frames with the host's reference
+//!   and the pins on them, GUP (demand fault, NUMA hint fault, write fault,
+//!   `FOLL_FORCE` under keep), and the changes the kernel makes between
+//!   `range_start` and `range_end` of each MMU-notifier event (zap, migrate,
+//!   NUMA `PROT_NONE`, `mprotect`, write-protect);
+//! - a fake EL2 that maps gfn -> (frame, writable) and refuses any share,
+//!   unshare, write-protect or relax that does not fit what it maps;
+//! - [`Shim`]: the C glue's sequence of steps (fault: look up, snapshot,
+//!   pin, recheck, share; notifier start, end; slot changes; teardown),
+//!   line for line, calling the crate's real functions for every decision;
+//! - [`Model`]: a reference model written from docs/DESIGN.md §9, not from
+//!   the code, that predicts after every operation exactly which gfns EL2
+//!   maps, to which frame and whether writable.
+//!
+//! Random operations (faults in one step or split into start / pin /
+//! finish so that invalidations and slot changes fall in between, every
+//! notifier event type with a PTE change applied between its start and
+//! end, overlapping invalidations, host accesses, slot creation and
+//! deletion, `HYP_SHARE` failing with `ENOMEM`, teardown) run under each
+//! policy. After every operation:
+//!
+//! 1. EL2's mappings are exactly the model's.
+//! 2. The pin table and EL2 agree page for page (same frame, read-only bit
+//!    = not writable), and `pinned_now` equals the mapped pages: every
+//!    mapped gfn holds exactly one pin, on the frame it maps. Each frame's
+//!    pins equal its stage-2 mappings plus the faults that hold a pin on it
+//!    between pin and recheck (the only other pins).
+//! 3. Every mapped gfn's host PTE maps the same frame (no gfn maps a frame
+//!    the host replaced or freed); no freed frame is mapped.
+//! 4. With no invalidation in progress: a gfn mapped writable has a
+//!    writable PTE, and a mapped page is `PROT_NONE` only under keep in an
+//!    accessible VMA.
+//! 5. Per event: a frame-changing event leaves nothing of its range mapped
+//!    when `range_start` returns; a protection event unmaps nothing at
+//!    start under confirm and keep; at `range_end`, confirm never unmaps a
+//!    page whose PTE kept its access (present, same frame, not
+//!    `PROT_NONE`), and keep unmaps nothing whose frame stayed when the VMA
+//!    is accessible.
+//! 6. Every unpin happens after EL2 stopped mapping that pin's page: after
+//!    it, the frame still has at least as many pins as stage-2 mappings.
+//!
+//! `cargo test` runs 20,000 operations; the long form 10^6 (or
+//! `S2PIN_MODEL_OPS`): `cargo test --release -p s2pin-core --test model --
+//! --ignored --nocapture`, or `cargo xtask model`. Both print their count.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use s2pin_core::shim::{
+    at_end, at_start, check_region, event, find_slot, is_protection, slot_page_range, walk_at_end,
+    InvState, Memslot, PageAction, PteState, RegionOp, StartAction, UnshareRun, Window,
+};
+use s2pin_uapi::{Policy, S2pinUserspaceMemoryRegion, S2PIN_MEM_READONLY};
+
+/// Host pages the test's address space has.
+const HVA_PAGES: usize = 24;
+/// Host address of page 0.
+const HVA_BASE: u64 = 0x7f00_0000_0000;
+/// The VM's RAM window.
+const WIN: Window = Window {
+    base_gfn: 0x40000,
+    pages: 24,
+};
+/// Slot ids the test uses (the module has 32; 3 collide more).
+const NSLOTS: usize = 3;
+/// Pages one lock hold unmaps at most (`BATCH` in s2pin_shim.c).
+const BATCH: usize = 32;
+/// At most this many invalidations in progress at once.
+const MAX_INVS: usize = 2;
+/// At most this many faults between start and finish at once.
+const MAX_FAULTS: usize = 3;
+/// Operations per generated case.
+const CASE_OPS: usize = 200;
+/// `EFAULT`.
+const EFAULT: i32 = 14;
+
+fn hva(page: usize) -> u64 {
+    HVA_BASE + ((page as u64) << 12)
+}
+
+fn page_of(hva: u64) -> usize {
+    usize::try_from((hva - HVA_BASE) >> 12).unwrap()
+}
+
+/// What the runs did, summed over every case (printed with the count, so
+/// that a run that exercises nothing shows).
+mod stats {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    pub static MAPPED: AtomicU64 = AtomicU64::new(0);
+    pub static UPGRADED: AtomicU64 = AtomicU64::new(0);
+    pub static RETRIED: AtomicU64 = AtomicU64::new(0);
+    pub static UNMAPPED_START: AtomicU64 = AtomicU64::new(0);
+    pub static UNMAPPED_END: AtomicU64 = AtomicU64::new(0);
+    pub static WRPROTECTED: AtomicU64 = AtomicU64::new(0);
+    pub static KEPT_PROTNONE: AtomicU64 = AtomicU64::new(0);
+
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn line() -> std::string::String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        std::format!(
+            "{} faults mapped, {} write upgrades, {} retries; notifiers unmapped {} pages at start, {} at end, write-protected {}, kept {} PROT_NONE",
+            g(&MAPPED), g(&UPGRADED), g(&RETRIED), g(&UNMAPPED_START), g(&UNMAPPED_END), g(&WRPROTECTED), g(&KEPT_PROTNONE)
+        )
+    }
+}
+
+// ---- the fake host mm -------------------------------------------------
+
+/// A VMA's protection (per page here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Vma {
+    Rw,
+    Ro,
+    None,
+}
+
+/// A host PTE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pte {
+    Absent,
+    Present {
+        frame: u64,
+        /// The write bit (kept under a NUMA `PROT_NONE`, as on 6.1).
+        write: bool,
+        protnone: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Frame {
+    /// A PTE maps it (the host's reference).
+    host_ref: bool,
+    /// Our pins.
+    pins: u32,
+    /// Back with the allocator (never reused: frame ids only grow).
+    freed: bool,
+}
+
+/// What the kernel does to the PTEs between `range_start` and `range_end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    /// Nothing (a THP split, a VMA split, a failed attempt).
+    Nothing,
+    /// The PTE goes and the host drops the frame (munmap, MADV_DONTNEED).
+    Zap,
+    /// Migration: a new frame, unless the old one has pins.
+    Migrate,
+    /// NUMA balancing's `PROT_NONE` (accessible VMAs only).
+    NumaNone,
+    /// `mprotect()` to this protection.
+    Mprotect(Vma),
+    /// Write-protect (soft dirty, `PROTECTION_PAGE`).
+    WrProtect,
+}
+
+#[derive(Debug)]
+struct Host {
+    vma: [Vma; HVA_PAGES],
+    pte: [Pte; HVA_PAGES],
+    /// Index = frame number; frame 0 is never used (0 is "no pin").
+    frames: Vec<Frame>,
+}
+
+impl Host {
+    fn new() -> Self {
+        Self {
+            vma: [Vma::Rw; HVA_PAGES],
+            pte: [Pte::Absent; HVA_PAGES],
+            frames: vec![Frame::default()],
+        }
+    }
+
+    fn alloc(&mut self) -> u64 {
+        self.frames.push(Frame {
+            host_ref: true,
+            pins: 0,
+            freed: false,
+        });
+        (self.frames.len() - 1) as u64
+    }
+
+    fn frame(&mut self, f: u64) -> &mut Frame {
+        &mut self.frames[usize::try_from(f).unwrap()]
+    }
+
+    /// Frees `f` if nothing holds it.
+    fn maybe_free(&mut self, f: u64) {
+        let fr = self.frame(f);
+        if !fr.host_ref && fr.pins == 0 {
+            fr.freed = true;
+        }
+    }
+
+    /// A host access (the VMM, a NUMA hint fault): demand fault, hint fault
+    /// (restores the protection, no notifier), write fault (sets write).
+    /// The frame never changes here.
+    fn touch(&mut self, p: usize, write: bool) -> Result<(), i32> {
+        let vma = self.vma[p];
+        if vma == Vma::None || (write && vma != Vma::Rw) {
+            return Err(EFAULT);
+        }
+        match self.pte[p] {
+            Pte::Absent => {
+                let frame = self.alloc();
+                self.pte[p] = Pte::Present {
+                    frame,
+                    write: vma == Vma::Rw,
+                    protnone: false,
+                };
+            }
+            Pte::Present {
+                frame,
+                write: w,
+                protnone,
+            } => {
+                let _ = protnone;
+                self.pte[p] = Pte::Present {
+                    frame,
+                    write: w || write,
+                    protnone: false,
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// `pin_user_pages(FOLL_LONGTERM [| FOLL_WRITE] [| FOLL_FORCE])` of page
+    /// `p`: the frame, pinned.
+    fn gup(&mut self, p: usize, write: bool, force: bool) -> Result<u64, i32> {
+        let vma = self.vma[p];
+        if vma == Vma::None || (write && vma != Vma::Rw) {
+            return Err(EFAULT);
+        }
+        let follow = match self.pte[p] {
+            // FOLL_FORCE follows a protnone entry unless it must fault
+            // for write anyway.
+            Pte::Present {
+                frame,
+                write: w,
+                protnone: true,
+            } if force && (w || !write) => Some(frame),
+            Pte::Present {
+                frame,
+                write: w,
+                protnone: false,
+            } if w || !write => Some(frame),
+            _ => None,
+        };
+        let frame = if let Some(f) = follow {
+            f
+        } else {
+            self.touch(p, write)?;
+            match self.pte[p] {
+                Pte::Present { frame, .. } => frame,
+                Pte::Absent => unreachable!(),
+            }
+        };
+        self.frame(frame).pins += 1;
+        Ok(frame)
+    }
+
+    /// Applies `c` to the pages `[p0, p1)`.
+    fn apply(&mut self, c: Change, p0: usize, p1: usize) {
+        for p in p0..p1 {
+            let pte = self.pte[p];
+            match (c, pte) {
+                (Change::Nothing, _) | (_, Pte::Absent) => {
+                    if let Change::Mprotect(v) = c {
+                        self.vma[p] = v;
+                    }
+                }
+                (Change::Zap, Pte::Present { frame, .. }) => {
+                    self.pte[p] = Pte::Absent;
+                    self.frame(frame).host_ref = false;
+                    self.maybe_free(frame);
+                }
+                (
+                    Change::Migrate,
+                    Pte::Present {
+                        frame,
+                        write,
+                        protnone,
+                    },
+                ) => {
+                    if self.frame(frame).pins == 0 {
+                        let new = self.alloc();
+                        self.pte[p] = Pte::Present {
+                            frame: new,
+                            write,
+                            protnone,
+                        };
+                        self.frame(frame).host_ref = false;
+                        self.maybe_free(frame);
+                    }
+                }
+                (Change::NumaNone, Pte::Present { frame, write, .. }) => {
+                    if self.vma[p] != Vma::None {
+                        self.pte[p] = Pte::Present {
+                            frame,
+                            write,
+                            protnone: true,
+                        };
+                    }
+                }
+                (Change::Mprotect(v), Pte::Present { frame, write, .. }) => {
+                    self.vma[p] = v;
+                    self.pte[p] = match v {
+                        Vma::Rw => Pte::Present {
+                            frame,
+                            write,
+                            protnone: false,
+                        },
+                        Vma::Ro => Pte::Present {
+                            frame,
+                            write: false,
+                            protnone: false,
+                        },
+                        Vma::None => Pte::Present {
+                            frame,
+                            write: false,
+                            protnone: true,
+                        },
+                    };
+                }
+                (
+                    Change::WrProtect,
+                    Pte::Present {
+                        frame, protnone, ..
+                    },
+                ) => {
+                    self.pte[p] = Pte::Present {
+                        frame,
+                        write: false,
+                        protnone,
+                    };
+                }
+            }
+        }
+    }
+}
+
+// ---- the fake EL2 -------------------------------------------------------
+
+#[derive(Debug, Default)]
+struct El2 {
+    /// gfn -> (frame, writable).
+    map: BTreeMap<u64, (u64, bool)>,
+}
+
+impl El2 {
+    fn share(&mut self, gfn: u64, frame: u64, writable: bool) -> Result<(), String> {
+        if self.map.contains_key(&gfn) {
+            return Err(format!("HYP_SHARE of mapped gfn {gfn:#x}"));
+        }
+        self.map.insert(gfn, (frame, writable));
+        Ok(())
+    }
+
+    fn unshare(&mut self, r: UnshareRun) -> Result<(), String> {
+        if r.len == 0 || r.len > u64::from(hypercalls::MAX_PAGES_PER_CALL) {
+            return Err(format!("HYP_UNSHARE of {} pages", r.len));
+        }
+        for i in 0..r.len {
+            match self.map.get(&(r.gfn + i)) {
+                Some(&(f, _)) if f == r.pfn + i => {}
+                other => {
+                    return Err(format!(
+                        "HYP_UNSHARE gfn {:#x} pfn {:#x}: EL2 maps {other:?}",
+                        r.gfn + i,
+                        r.pfn + i
+                    ))
+                }
+            }
+        }
+        for i in 0..r.len {
+            self.map.remove(&(r.gfn + i));
+        }
+        Ok(())
+    }
+
+    fn set_writable(&mut self, gfn: u64, w: bool) -> Result<(), String> {
+        match self.map.get_mut(&gfn) {
+            Some(m) => {
+                m.1 = w;
+                Ok(())
+            }
+            None => Err(format!("permission change of unmapped gfn {gfn:#x}")),
+        }
+    }
+
+    fn mappings_of(&self, frame: u64) -> u32 {
+        self.map.values().filter(|m| m.0 == frame).count() as u32
+    }
+}
+
+// ---- the shim: s2pin_shim.c's steps, with the crate's decisions --------
+
+/// A pin table entry: `frame << 1 | read-only` (0: nothing pinned), as the
+/// C table's `struct page *` with bit 0.
+fn entry(frame: u64, ro: bool) -> u64 {
+    frame << 1 | u64::from(ro)
+}
+
+fn entry_frame(e: u64) -> u64 {
+    e >> 1
+}
+
+#[derive(Debug)]
+struct Shim {
+    policy: Policy,
+    slots: [Memslot; NSLOTS],
+    pins: [Option<Vec<u64>>; NSLOTS],
+    slot_gen: [u64; NSLOTS],
+    inv: InvState,
+    dead: bool,
+    pinned_now: u64,
+}
+
+/// A fault between its first look and its recheck.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    gfn: u64,
+    write: bool,
+    idx: usize,
+    i: usize,
+    hva: u64,
+    gen: u64,
+    seq: u64,
+    /// `Some(e)`: a write-permission fault on a page mapped read-only
+    /// (`vcpu_write_upgrade`), e the entry seen.
+    upgrade: Option<u64>,
+    ro_slot: bool,
+    /// After the pin: the frame and whether it is to be mapped read-only.
+    pinned: Option<(u64, bool)>,
+    /// The model's view when the fault started.
+    model_slot_epoch: u64,
+    model_end_epoch: u64,
+}
+
+/// How a fault ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Mapped,
+    Upgraded,
+    Retry,
+    Topup,
+    /// Nothing to do (mapped meanwhile, VM dead).
+    Nothing,
+    /// `S2PIN_EXIT_MEM_FAULT` to user space.
+    User,
+}
+
+/// An invalidation between `range_start` and `range_end`.
+#[derive(Clone, Copy, Debug)]
+struct Inv {
+    ev: u32,
+    p0: usize,
+    p1: usize,
+    change: Change,
+    applied: bool,
+}
+
+/// Pages EL2 stopped mapping whose pins are dropped after the lock.
+#[derive(Debug, Default)]
+struct Batch {
+    run: UnshareRun,
+    pages: Vec<(u64, u64)>,
+}
+
+/// The whole world: host, EL2, the shim, and the operations in flight.
+#[derive(Debug)]
+struct World {
+    host: Host,
+    el2: El2,
+    shim: Shim,
+    faults: Vec<Pending>,
+    invs: Vec<Inv>,
+}
+
+impl World {
+    fn new(policy: Policy) -> Self {
+        Self {
+            host: Host::new(),
+            el2: El2::default(),
+            shim: Shim {
+                policy,
+                slots: [Memslot::default(); NSLOTS],
+                pins: [None, None, None],
+                slot_gen: [0; NSLOTS],
+                inv: InvState::default(),
+                dead: false,
+                pinned_now: 0,
+            },
+            faults: Vec::new(),
+            invs: Vec::new(),
+        }
+    }
+
+    /// `unpin_pages()`: property 6 at every unpin.
+    fn unpin(&mut self, frame: u64) -> Result<(), String> {
+        let mapped = self.el2.mappings_of(frame);
+        let fr = self.host.frame(frame);
+        if fr.pins == 0 {
+            return Err(format!("unpin of frame {frame:#x} without a pin"));
+        }
+        fr.pins -= 1;
+        if fr.pins < mapped {
+            return Err(format!(
+                "frame {frame:#x} unpinned while EL2 maps it {mapped} times with {} pins",
+                fr.pins
+            ));
+        }
+        self.host.maybe_free(frame);
+        Ok(())
+    }
+
+    fn batch_add(&mut self, b: &mut Batch, gfn: u64, frame: u64) -> Result<(), String> {
+        if !b.run.extend(gfn, frame) {
+            self.batch_flush(b)?;
+            b.run.start(gfn, frame);
+        }
+        b.pages.push((gfn, frame));
+        Ok(())
+    }
+
+    fn batch_flush(&mut self, b: &mut Batch) -> Result<(), String> {
+        if b.run.len == 0 {
+            return Ok(());
+        }
+        self.el2.unshare(b.run)?;
+        b.run.len = 0;
+        Ok(())
+    }
+
+    /// `batch_close()` under the lock, then the unpins after it.
+    fn batch_finish(&mut self, mut b: Batch) -> Result<(), String> {
+        self.batch_flush(&mut b)?;
+        self.shim.pinned_now -= b.pages.len() as u64;
+        for (_, f) in b.pages {
+            self.unpin(f)?;
+        }
+        Ok(())
+    }
+
+    /// `vm_set_region()`. Returns what `check_region` said.
+    fn set_region(
+        &mut self,
+        r: &S2pinUserspaceMemoryRegion,
+    ) -> Result<Result<RegionOp, i32>, String> {
+        if self.shim.dead {
+            return Ok(Err(108));
+        }
+        let got = check_region(&self.shim.slots, r, WIN);
+        let id = r.slot as usize;
+        match got {
+            Ok(RegionOp::Delete) => {
+                let old = self.shim.slots[id];
+                let pins = self.shim.pins[id].take();
+                self.shim.slots[id] = Memslot::default();
+                self.shim.slot_gen[id] += 1;
+                self.shim.inv.bump();
+                if let Some(mut pins) = pins {
+                    // vm_drop_slot_pins()
+                    let mut cur = 0;
+                    while cur < pins.len() {
+                        let mut b = Batch::default();
+                        while cur < pins.len() && b.pages.len() < BATCH {
+                            if pins[cur] != 0 {
+                                let f = entry_frame(pins[cur]);
+                                self.batch_add(&mut b, old.base_gfn + cur as u64, f)?;
+                                pins[cur] = 0;
+                            }
+                            cur += 1;
+                        }
+                        self.batch_finish(b)?;
+                    }
+                }
+            }
+            Ok(RegionOp::Create(s)) => {
+                self.shim.slots[id] = s;
+                self.shim.pins[id] = Some(vec![0; usize::try_from(s.npages).unwrap()]);
+                self.shim.slot_gen[id] += 1;
+            }
+            Err(_) => {}
+        }
+        Ok(got)
+    }
+
+    /// `s2pin_mn_start()`.
+    fn mn_start(&mut self, ev: u32, start: u64, end: u64) -> Result<StartAction, String> {
+        self.shim.inv.begin(start, end);
+        let act = at_start(self.shim.policy, ev);
+        if act != StartAction::Nothing {
+            self.unmap_hva_range(start, end)?;
+        }
+        Ok(act)
+    }
+
+    /// `vm_unmap_hva_range()`.
+    fn unmap_hva_range(&mut self, start: u64, end: u64) -> Result<(), String> {
+        for id in 0..NSLOTS {
+            if self.shim.dead {
+                continue;
+            }
+            let slot = self.shim.slots[id];
+            let Some((first, last)) = slot_page_range(&slot, start, end) else {
+                continue;
+            };
+            let (mut cur, last) = (
+                usize::try_from(first).unwrap(),
+                usize::try_from(last).unwrap(),
+            );
+            while cur < last {
+                let mut b = Batch::default();
+                while cur < last && b.pages.len() < BATCH {
+                    let e = self.shim.pins[id].as_ref().unwrap()[cur];
+                    if e != 0 {
+                        self.batch_add(&mut b, slot.base_gfn + cur as u64, entry_frame(e))?;
+                        self.shim.pins[id].as_mut().unwrap()[cur] = 0;
+                    }
+                    cur += 1;
+                }
+                self.batch_finish(b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `host_walk()` plus the fields `vm_confirm_range()` fills in.
+    fn pte_state(&self, p: usize, e: u64, accessible: bool) -> PteState {
+        let mut st = PteState::default();
+        if let Pte::Present {
+            frame,
+            write,
+            protnone,
+        } = self.host.pte[p]
+        {
+            st.present = 1;
+            st.protnone = protnone.into();
+            st.writable = write.into();
+            st.same_frame = (frame == entry_frame(e)).into();
+        }
+        st.vma_accessible = accessible.into();
+        st.mapped_writable = (e & 1 == 0).into();
+        st
+    }
+
+    /// `s2pin_mn_end()`.
+    fn mn_end(&mut self, ev: u32, start: u64, end: u64, accessible: bool) -> Result<(), String> {
+        if walk_at_end(self.shim.policy, ev) {
+            self.confirm_range(start, end, accessible)?;
+        }
+        self.shim.inv.finish();
+        Ok(())
+    }
+
+    /// `vm_confirm_range()`.
+    fn confirm_range(&mut self, start: u64, end: u64, accessible: bool) -> Result<(), String> {
+        for id in 0..NSLOTS {
+            if self.shim.dead {
+                continue;
+            }
+            let slot = self.shim.slots[id];
+            let Some((first, last)) = slot_page_range(&slot, start, end) else {
+                continue;
+            };
+            let (mut cur, last) = (
+                usize::try_from(first).unwrap(),
+                usize::try_from(last).unwrap(),
+            );
+            while cur < last {
+                let mut b = Batch::default();
+                let mut c = Batch::default();
+                while cur < last && b.pages.len() < BATCH && c.pages.len() < BATCH {
+                    let e = self.shim.pins[id].as_ref().unwrap()[cur];
+                    let gfn = slot.base_gfn + cur as u64;
+                    cur += 1;
+                    if e == 0 {
+                        continue;
+                    }
+                    let p = page_of(slot.uaddr) + cur - 1;
+                    let st = self.pte_state(p, e, accessible);
+                    match at_end(self.shim.policy, &st) {
+                        PageAction::Keep => continue,
+                        PageAction::UnmapProtNone => self.batch_add(&mut b, gfn, entry_frame(e))?,
+                        PageAction::WrProtect => {
+                            self.el2.set_writable(gfn, false)?;
+                            self.shim.pins[id].as_mut().unwrap()[cur - 1] = e | 1;
+                            continue;
+                        }
+                        PageAction::UnmapChanged => self.batch_add(&mut c, gfn, entry_frame(e))?,
+                    }
+                    self.shim.pins[id].as_mut().unwrap()[cur - 1] = 0;
+                }
+                self.batch_finish(b)?;
+                self.batch_finish(c)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `vcpu_fault()` up to the pin: a pending fault, or how it ended.
+    fn fault_start(&mut self, gfn: u64, write: bool, permission: bool) -> Result<Pending, Outcome> {
+        if self.shim.dead {
+            return Err(Outcome::Nothing);
+        }
+        let idx = find_slot(&self.shim.slots, gfn).ok_or(Outcome::User)?;
+        let slot = self.shim.slots[idx];
+        let ro = slot.flags & S2PIN_MEM_READONLY != 0;
+        if ro && write {
+            return Err(Outcome::User);
+        }
+        let i = usize::try_from(gfn - slot.base_gfn).unwrap();
+        let hva = slot.uaddr + ((i as u64) << 12);
+        let e = self.shim.pins[idx].as_ref().unwrap()[i];
+        let mut p = Pending {
+            gfn,
+            write,
+            idx,
+            i,
+            hva,
+            gen: self.shim.slot_gen[idx],
+            seq: self.shim.inv.seq,
+            upgrade: None,
+            ro_slot: ro,
+            pinned: None,
+            model_slot_epoch: 0,
+            model_end_epoch: 0,
+        };
+        if e != 0 {
+            if permission && write && e & 1 != 0 {
+                p.upgrade = Some(e);
+                return Ok(p);
+            }
+            return Err(Outcome::Nothing);
+        }
+        Ok(p)
+    }
+
+    /// `vm_pin()`.
+    fn vm_pin(&mut self, hva: u64, write: bool) -> Result<u64, i32> {
+        let p = page_of(hva);
+        let vma = self.host.vma[p];
+        let force =
+            self.shim.policy == Policy::Keep && vma != Vma::None && (!write || vma == Vma::Rw);
+        self.host.gup(p, write, force)
+    }
+
+    /// The pin of a pending fault; `Err` when the fault went to user space.
+    fn fault_pin(&mut self, f: &mut Pending) -> Result<(), Outcome> {
+        if f.upgrade.is_some() {
+            let page = self.vm_pin(f.hva, true).map_err(|_| Outcome::User)?;
+            f.pinned = Some((page, false));
+            return Ok(());
+        }
+        let (page, map_ro) = match self.vm_pin(f.hva, !f.ro_slot) {
+            Ok(p) => (p, false),
+            Err(_) if !f.ro_slot && !f.write => {
+                (self.vm_pin(f.hva, false).map_err(|_| Outcome::User)?, true)
+            }
+            Err(_) => return Err(Outcome::User),
+        };
+        f.pinned = Some((page, map_ro));
+        Ok(())
+    }
+
+    /// The recheck under the lock and the map.
+    fn fault_finish(&mut self, f: &Pending, enomem: bool) -> Result<Outcome, String> {
+        let (page, map_ro) = f.pinned.unwrap();
+        let want = f.upgrade.unwrap_or(0);
+        // In the C order: the generation first, then the table.
+        if self.shim.dead
+            || self.shim.slot_gen[f.idx] != f.gen
+            || self.shim.pins[f.idx].as_ref().map(|t| t[f.i]) != Some(want)
+            || !self.shim.inv.may_map(f.seq, f.hva)
+        {
+            self.unpin(page)?;
+            return Ok(Outcome::Retry);
+        }
+        if let Some(e) = f.upgrade {
+            if page == entry_frame(e) {
+                self.el2.set_writable(f.gfn, true)?;
+                self.shim.pins[f.idx].as_mut().unwrap()[f.i] = e & !1;
+                self.unpin(page)?;
+            } else {
+                self.el2.unshare(UnshareRun {
+                    gfn: f.gfn,
+                    pfn: entry_frame(e),
+                    len: 1,
+                })?;
+                self.el2.share(f.gfn, page, true)?;
+                self.shim.pins[f.idx].as_mut().unwrap()[f.i] = entry(page, false);
+                self.unpin(entry_frame(e))?;
+            }
+            return Ok(Outcome::Upgraded);
+        }
+        if enomem {
+            self.unpin(page)?;
+            return Ok(Outcome::Topup);
+        }
+        let ro = f.ro_slot || map_ro;
+        self.el2.share(f.gfn, page, !ro)?;
+        self.shim.pins[f.idx].as_mut().unwrap()[f.i] = entry(page, ro);
+        self.shim.pinned_now += 1;
+        Ok(Outcome::Mapped)
+    }
+
+    /// `vm_teardown()`: dead, EL2 reclaims every mapping, then every pin
+    /// goes.
+    fn teardown(&mut self) -> Result<(), String> {
+        if self.shim.dead {
+            return Ok(());
+        }
+        self.shim.dead = true;
+        self.el2.map.clear();
+        for id in 0..NSLOTS {
+            let Some(t) = self.shim.pins[id].as_mut() else {
+                continue;
+            };
+            let frames: Vec<u64> = t
+                .iter()
+                .filter(|&&e| e != 0)
+                .map(|&e| entry_frame(e))
+                .collect();
+            t.fill(0);
+            for f in frames {
+                self.unpin(f)?;
+                self.shim.pinned_now -= 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---- the reference model ------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+struct MSlot {
+    gfn: u64,
+    npages: u64,
+    page: usize,
+    ro: bool,
+}
+
+/// What DESIGN.md §9 says EL2 maps. Independent of the shim's tables.
+#[derive(Debug)]
+struct Model {
+    policy: Policy,
+    slots: [Option<MSlot>; NSLOTS],
+    /// Bumped at every slot create/delete.
+    slot_epoch: [u64; NSLOTS],
+    /// Bumped at every invalidation end and slot deletion.
+    end_epoch: u64,
+    /// gfn -> (frame, writable).
+    mapped: BTreeMap<u64, (u64, bool)>,
+    dead: bool,
+}
+
+impl Model {
+    fn slot_of(&self, gfn: u64) -> Option<(usize, MSlot)> {
+        (0..NSLOTS).find_map(|id| {
+            self.slots[id]
+                .filter(|s| gfn >= s.gfn && gfn < s.gfn + s.npages)
+                .map(|s| (id, s))
+        })
+    }
+
+    /// The host page of a mapped gfn.
+    fn page(&self, gfn: u64) -> usize {
+        let (_, s) = self.slot_of(gfn).unwrap();
+        s.page + usize::try_from(gfn - s.gfn).unwrap()
+    }
+
+    /// The mapped gfns whose host page is in `[p0, p1)`.
+    fn mapped_in(&self, p0: usize, p1: usize) -> Vec<u64> {
+        self.mapped
+            .keys()
+            .copied()
+            .filter(|&g| (p0..p1).contains(&self.page(g)))
+            .collect()
+    }
+
+    /// A valid slot change: the id's slot is free (or deleted with size 0),
+    /// inside the window, no overlap in guest frames.
+    fn region_ok(&self, id: usize, s: Option<MSlot>) -> bool {
+        match s {
+            None => self.slots[id].is_some(),
+            Some(s) => {
+                self.slots[id].is_none()
+                    && s.npages > 0
+                    && s.gfn >= WIN.base_gfn
+                    && s.gfn + s.npages <= WIN.base_gfn + WIN.pages
+                    && self
+                        .slots
+                        .iter()
+                        .flatten()
+                        .all(|o| o.gfn + o.npages <= s.gfn || s.gfn + s.npages <= o.gfn)
+            }
+        }
+    }
+
+    fn set_region(&mut self, id: usize, s: Option<MSlot>) {
+        if s.is_none() {
+            let old = self.slots[id].unwrap();
+            self.mapped
+                .retain(|&g, _| !(g >= old.gfn && g < old.gfn + old.npages));
+            self.end_epoch += 1;
+        }
+        self.slots[id] = s;
+        self.slot_epoch[id] += 1;
+    }
+
+    fn frame_changing(ev: u32) -> bool {
+        !matches!(
+            ev,
+            event::PROTECTION_VMA | event::PROTECTION_PAGE | event::SOFT_DIRTY
+        )
+    }
+
+    /// `range_start`: frame-changing events, and every event under eager,
+    /// unmap the range.
+    fn start(&mut self, ev: u32, p0: usize, p1: usize) {
+        if Self::frame_changing(ev) || self.policy == Policy::Eager {
+            for g in self.mapped_in(p0, p1) {
+                self.mapped.remove(&g);
+            }
+        }
+    }
+
+    /// `range_end` under confirm/keep of a protection event: each mapped
+    /// page of the range by its PTE now.
+    fn end(&mut self, ev: u32, p0: usize, p1: usize, host: &Host, accessible: bool) {
+        self.end_epoch += 1;
+        if Self::frame_changing(ev) || self.policy == Policy::Eager {
+            return;
+        }
+        for g in self.mapped_in(p0, p1) {
+            let (frame, w) = self.mapped[&g];
+            let p = self.page(g);
+            match host.pte[p] {
+                Pte::Present {
+                    frame: f,
+                    write,
+                    protnone,
+                } if f == frame => {
+                    if protnone {
+                        if !(self.policy == Policy::Keep && accessible) {
+                            self.mapped.remove(&g);
+                        }
+                    } else if w && !write {
+                        self.mapped.insert(g, (frame, false));
+                    }
+                }
+                _ => {
+                    self.mapped.remove(&g);
+                }
+            }
+        }
+    }
+}
+
+// ---- operations -----------------------------------------------------------
+
+/// One generated operation; small domains so that things collide.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    /// Create (`npages > 0`) or delete slot `id`.
+    Slot {
+        id: u8,
+        gfn: u8,
+        npages: u8,
+        page: u8,
+        ro: bool,
+    },
+    /// A whole fault: start, pin, finish.
+    Fault {
+        gfn: u8,
+        write: bool,
+        enomem: bool,
+    },
+    FaultStart {
+        gfn: u8,
+        write: bool,
+    },
+    FaultPin {
+        k: u8,
+    },
+    FaultFinish {
+        k: u8,
+        enomem: bool,
+    },
+    /// `range_start` of event `ev` over `len` pages at `page`, with the
+    /// change the kernel makes afterwards.
+    Begin {
+        ev: u8,
+        page: u8,
+        len: u8,
+        change: u8,
+    },
+    /// The kernel changes the PTEs of invalidation `k` now.
+    Apply {
+        k: u8,
+    },
+    /// `range_end` of invalidation `k` (changing the PTEs first if not yet).
+    End {
+        k: u8,
+    },
+    /// A host access (the VMM, NUMA hint fault): no notifier.
+    Touch {
+        page: u8,
+        write: bool,
+    },
+    Teardown,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let g = 0u8..(WIN.pages as u8 + 2);
+    prop_oneof![
+        2 => (0u8..NSLOTS as u8, 0u8..WIN.pages as u8, 0u8..10, 0u8..HVA_PAGES as u8, prop::bool::weighted(0.2))
+            .prop_map(|(id, gfn, npages, page, ro)| Op::Slot { id, gfn, npages, page, ro }),
+        12 => (g.clone(), any::<bool>(), prop::bool::weighted(0.05))
+            .prop_map(|(gfn, write, enomem)| Op::Fault { gfn, write, enomem }),
+        3 => (g, any::<bool>()).prop_map(|(gfn, write)| Op::FaultStart { gfn, write }),
+        3 => any::<u8>().prop_map(|k| Op::FaultPin { k }),
+        3 => (any::<u8>(), prop::bool::weighted(0.05)).prop_map(|(k, enomem)| Op::FaultFinish { k, enomem }),
+        3 => (0u8..10, 0u8..HVA_PAGES as u8, 1u8..10, any::<u8>())
+            .prop_map(|(ev, page, len, change)| Op::Begin { ev, page, len, change }),
+        2 => any::<u8>().prop_map(|k| Op::Apply { k }),
+        6 => any::<u8>().prop_map(|k| Op::End { k }),
+        2 => (0u8..HVA_PAGES as u8, any::<bool>()).prop_map(|(page, write)| Op::Touch { page, write }),
+        1 => Just(Op::Teardown),
+    ]
+}
+
+fn change_for(ev: u32, c: u8) -> Change {
+    if is_protection(ev) {
+        [
+            Change::Nothing,
+            Change::NumaNone,
+            Change::NumaNone,
+            Change::Mprotect(Vma::Rw),
+            Change::Mprotect(Vma::Ro),
+            Change::Mprotect(Vma::None),
+            Change::WrProtect,
+            Change::WrProtect,
+        ][usize::from(c) % 8]
+    } else {
+        [Change::Nothing, Change::Zap, Change::Migrate][usize::from(c) % 3]
+    }
+}
+
+/// The test: world, model, and what has run.
+struct Check {
+    w: World,
+    m: Model,
+}
+
+fn fail(msg: String) -> TestCaseError {
+    TestCaseError::fail(msg)
+}
+
+impl Check {
+    fn new(policy: Policy) -> Self {
+        Self {
+            w: World::new(policy),
+            m: Model {
+                policy,
+                slots: [None; NSLOTS],
+                slot_epoch: [0; NSLOTS],
+                end_epoch: 0,
+                mapped: BTreeMap::new(),
+                dead: false,
+            },
+        }
+    }
+
+    /// The range's VMA is accessible (every page of it).
+    fn accessible(&self, p0: usize, p1: usize) -> bool {
+        (p0..p1).all(|p| self.w.host.vma[p] != Vma::None)
+    }
+
+    fn run(&mut self, op: Op) -> Result<(), String> {
+        match op {
+            Op::Slot {
+                id,
+                gfn,
+                npages,
+                page,
+                ro,
+            } => {
+                let id = usize::from(id);
+                let page = usize::from(page);
+                let npages = u64::from(npages).min((HVA_PAGES - page) as u64);
+                let s = (npages > 0).then_some(MSlot {
+                    gfn: WIN.base_gfn + u64::from(gfn),
+                    npages,
+                    page,
+                    ro,
+                });
+                let r = S2pinUserspaceMemoryRegion {
+                    slot: id as u32,
+                    flags: if ro { S2PIN_MEM_READONLY } else { 0 },
+                    guest_phys_addr: (WIN.base_gfn + u64::from(gfn)) << 12,
+                    memory_size: npages << 12,
+                    userspace_addr: hva(page),
+                };
+                let ok = self.m.region_ok(id, s);
+                let got = self.w.set_region(&r)?;
+                if self.m.dead {
+                    return if got.is_ok() {
+                        Err("slot change after teardown".into())
+                    } else {
+                        Ok(())
+                    };
+                }
+                if got.is_ok() != ok {
+                    return Err(format!("check_region {r:?}: {got:?}, model {ok}"));
+                }
+                if ok {
+                    self.m.set_region(id, s);
+                }
+            }
+            Op::Fault { gfn, write, enomem } => {
+                if let Some(k) = self.fault_start(gfn, write) {
+                    self.fault_pin(k)?;
+                    if k < self.w.faults.len() {
+                        self.fault_finish(k, enomem)?;
+                    }
+                }
+            }
+            Op::FaultStart { gfn, write } => {
+                if self.w.faults.len() < MAX_FAULTS {
+                    self.fault_start(gfn, write);
+                }
+            }
+            Op::FaultPin { k } => {
+                if let Some(k) = self.pick_fault(k, false) {
+                    self.fault_pin(k)?;
+                }
+            }
+            Op::FaultFinish { k, enomem } => {
+                if let Some(k) = self.pick_fault(k, true) {
+                    self.fault_finish(k, enomem)?;
+                }
+            }
+            Op::Begin {
+                ev,
+                page,
+                len,
+                change,
+            } => {
+                if self.w.invs.len() >= MAX_INVS {
+                    return Ok(());
+                }
+                let ev = u32::from(ev);
+                let p0 = usize::from(page);
+                let p1 = (p0 + usize::from(len)).min(HVA_PAGES);
+                self.begin(ev, p0, p1, change_for(ev, change))?;
+            }
+            Op::Apply { k } => {
+                if !self.w.invs.is_empty() {
+                    let k = usize::from(k) % self.w.invs.len();
+                    self.apply(k);
+                }
+            }
+            Op::End { k } => {
+                if !self.w.invs.is_empty() {
+                    self.end(usize::from(k) % self.w.invs.len())?;
+                }
+            }
+            Op::Touch { page, write } => {
+                let _ = self.w.host.touch(usize::from(page), write);
+            }
+            Op::Teardown => {
+                // RUN holds the VM: no fault is in flight at teardown.
+                while !self.w.faults.is_empty() {
+                    self.finish_any(0)?;
+                }
+                self.w.teardown()?;
+                self.m.mapped.clear();
+                self.m.dead = true;
+                self.check()?;
+                // The dead VM sees the ends of the invalidations in flight.
+                while !self.w.invs.is_empty() {
+                    self.end(0)?;
+                    self.check()?;
+                }
+                self.check_frames()?;
+                // The VMM goes on with a new VM on the same mm.
+                let policy = self.w.shim.policy;
+                let fresh = Self::new(policy);
+                self.w.shim = fresh.w.shim;
+                self.w.el2 = fresh.w.el2;
+                self.m = fresh.m;
+                self.run(FIRST_SLOT)?;
+            }
+        }
+        self.check()
+    }
+
+    fn pick_fault(&self, k: u8, pinned: bool) -> Option<usize> {
+        let c: Vec<usize> = (0..self.w.faults.len())
+            .filter(|&i| self.w.faults[i].pinned.is_some() == pinned)
+            .collect();
+        (!c.is_empty()).then(|| c[usize::from(k) % c.len()])
+    }
+
+    /// A guest access to `gfn`: a fault if the hardware would take one.
+    fn fault_start(&mut self, gfn: u8, write: bool) -> Option<usize> {
+        let gfn = WIN.base_gfn + u64::from(gfn);
+        let permission = match self.w.el2.map.get(&gfn) {
+            Some(&(_, w)) if w || !write => return None,
+            Some(_) => true,
+            None => false,
+        };
+        match self.w.fault_start(gfn, write, permission) {
+            Ok(mut p) => {
+                p.model_slot_epoch = self
+                    .m
+                    .slot_of(gfn)
+                    .map_or(0, |(id, _)| self.m.slot_epoch[id]);
+                p.model_end_epoch = self.m.end_epoch;
+                self.w.faults.push(p);
+                Some(self.w.faults.len() - 1)
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Pins fault `k`; drops it if it went to user space.
+    fn fault_pin(&mut self, k: usize) -> Result<(), String> {
+        let mut f = self.w.faults[k];
+        match self.w.fault_pin(&mut f) {
+            Ok(()) => self.w.faults[k] = f,
+            Err(_) => {
+                self.w.faults.remove(k);
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_any(&mut self, k: usize) -> Result<(), String> {
+        if self.w.faults[k].pinned.is_none() {
+            self.fault_pin(k)?;
+            if k >= self.w.faults.len() || self.w.faults[k].pinned.is_none() {
+                return Ok(());
+            }
+        }
+        self.fault_finish(k, false)
+    }
+
+    /// Finishes fault `k` and checks the outcome against the model.
+    fn fault_finish(&mut self, k: usize, enomem: bool) -> Result<(), String> {
+        let f = self.w.faults.remove(k);
+        let out = self.w.fault_finish(&f, enomem)?;
+        let m = &self.m;
+        let slot = m.slot_of(f.gfn);
+        let same_slot =
+            slot.is_some_and(|(id, _)| m.slot_epoch[id] == f.model_slot_epoch && id == f.idx);
+        let covered = self
+            .w
+            .invs
+            .iter()
+            .any(|v| (v.p0..v.p1).contains(&page_of(f.hva)));
+        let quiet = f.model_end_epoch == m.end_epoch;
+        let page = page_of(f.hva);
+        let state_ok = match f.upgrade {
+            None => !m.mapped.contains_key(&f.gfn),
+            Some(e) => m.mapped.get(&f.gfn) == Some(&(entry_frame(e), false)),
+        };
+        let allowed = !m.dead && same_slot && quiet && !covered && state_ok;
+        let must = allowed && self.w.invs.is_empty() && !(enomem && f.upgrade.is_none());
+        let done = matches!(out, Outcome::Mapped | Outcome::Upgraded);
+        match out {
+            Outcome::Mapped => stats::add(&stats::MAPPED, 1),
+            Outcome::Upgraded => stats::add(&stats::UPGRADED, 1),
+            Outcome::Retry => stats::add(&stats::RETRIED, 1),
+            _ => {}
+        }
+        if done && !allowed {
+            return Err(format!(
+                "{f:?} mapped: {out:?}, model: dead {} same slot {same_slot} no invalidation ended {quiet} none covering {}",
+                m.dead, !covered
+            ));
+        }
+        if must && !done {
+            return Err(format!("{f:?}: {out:?}, the model maps it"));
+        }
+        if done {
+            let Pte::Present { frame, .. } = self.w.host.pte[page] else {
+                return Err(format!("{f:?} mapped a page the host does not map"));
+            };
+            let ro = slot.unwrap().1.ro;
+            let writable = f.upgrade.is_some() || (!ro && self.w.host.vma[page] == Vma::Rw);
+            self.m.mapped.insert(f.gfn, (frame, writable));
+        }
+        Ok(())
+    }
+
+    fn begin(&mut self, ev: u32, p0: usize, p1: usize, change: Change) -> Result<(), String> {
+        let before = self.w.el2.map.clone();
+        let act = self.w.mn_start(ev, hva(p0), hva(p1))?;
+        self.m.start(ev, p0, p1);
+        self.w.invs.push(Inv {
+            ev,
+            p0,
+            p1,
+            change,
+            applied: false,
+        });
+        stats::add(
+            &stats::UNMAPPED_START,
+            (before.len() - self.w.el2.map.len()) as u64,
+        );
+        // Property 5 at start.
+        let left = self.m_pages_mapped(p0, p1);
+        if Model::frame_changing(ev) && left > 0 {
+            return Err(format!(
+                "event {ev} {act:?}: {left} pages of the range still mapped"
+            ));
+        }
+        if !Model::frame_changing(ev)
+            && self.w.shim.policy != Policy::Eager
+            && self.w.el2.map != before
+        {
+            return Err(format!(
+                "protection event {ev} unmapped at start under {:?}",
+                self.w.shim.policy
+            ));
+        }
+        Ok(())
+    }
+
+    /// Pages EL2 maps (by the shim's slots) whose host page is in range.
+    fn m_pages_mapped(&self, p0: usize, p1: usize) -> usize {
+        let mut n = 0;
+        for (id, s) in self.w.shim.slots.iter().enumerate() {
+            let Some(t) = self.w.shim.pins[id].as_ref() else {
+                continue;
+            };
+            for (i, &e) in t.iter().enumerate() {
+                let p = page_of(s.uaddr) + i;
+                if e != 0
+                    && (p0..p1).contains(&p)
+                    && self.w.el2.map.contains_key(&(s.base_gfn + i as u64))
+                {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    fn apply(&mut self, k: usize) {
+        let v = &mut self.w.invs[k];
+        if !v.applied {
+            v.applied = true;
+            let (c, p0, p1) = (v.change, v.p0, v.p1);
+            self.w.host.apply(c, p0, p1);
+        }
+    }
+
+    fn end(&mut self, k: usize) -> Result<(), String> {
+        self.apply(k);
+        let v = self.w.invs.remove(k);
+        let accessible = self.accessible(v.p0, v.p1);
+        let before = self.w.el2.map.clone();
+        self.w.mn_end(v.ev, hva(v.p0), hva(v.p1), accessible)?;
+        self.m.end(v.ev, v.p0, v.p1, &self.w.host, accessible);
+        // Property 5 at end: what left, by its PTE.
+        let policy = self.w.shim.policy;
+        for (g, (frame, was_w)) in &before {
+            if let Some(&(_, w)) = self.w.el2.map.get(g) {
+                if *was_w && !w {
+                    stats::add(&stats::WRPROTECTED, 1);
+                }
+                let p = self.m_page_of_shim(*g);
+                if matches!(self.w.host.pte[p], Pte::Present { protnone: true, .. }) {
+                    stats::add(&stats::KEPT_PROTNONE, 1);
+                }
+                continue;
+            }
+            stats::add(&stats::UNMAPPED_END, 1);
+            let p = self.m_page_of_shim(*g);
+            let same = matches!(self.w.host.pte[p], Pte::Present { frame: f, .. } if f == *frame);
+            let kept_access = matches!(self.w.host.pte[p], Pte::Present { frame: f, protnone: false, .. } if f == *frame);
+            if policy == Policy::Confirm && kept_access {
+                return Err(format!(
+                    "confirm unmapped gfn {g:#x} whose PTE kept its access: {:?}",
+                    self.w.host.pte[p]
+                ));
+            }
+            if policy == Policy::Keep && same && accessible {
+                return Err(format!(
+                    "keep unmapped gfn {g:#x} of an accessible VMA, frame unchanged: {:?}",
+                    self.w.host.pte[p]
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The host page of `gfn` by the shim's slots.
+    fn m_page_of_shim(&self, gfn: u64) -> usize {
+        let id = find_slot(&self.w.shim.slots, gfn).unwrap();
+        let s = self.w.shim.slots[id];
+        page_of(s.uaddr) + usize::try_from(gfn - s.base_gfn).unwrap()
+    }
+
+    /// Properties 1 to 4 and the frames' pins.
+    fn check(&self) -> Result<(), String> {
+        let w = &self.w;
+        if w.el2.map != self.m.mapped {
+            return Err(format!(
+                "EL2 maps {:?}, model {:?}",
+                w.el2.map, self.m.mapped
+            ));
+        }
+        // 2: pin table == EL2, page for page.
+        let mut n = 0u64;
+        for (id, s) in w.shim.slots.iter().enumerate() {
+            let Some(t) = w.shim.pins[id].as_ref() else {
+                continue;
+            };
+            for (i, &e) in t.iter().enumerate() {
+                let gfn = s.base_gfn + i as u64;
+                let el2 = w.el2.map.get(&gfn).copied();
+                let want = (e != 0).then(|| (entry_frame(e), e & 1 == 0));
+                if el2 != want {
+                    return Err(format!("gfn {gfn:#x}: pin entry {e:#x}, EL2 {el2:?}"));
+                }
+                n += u64::from(e != 0);
+            }
+        }
+        if n != w.el2.map.len() as u64 || w.shim.pinned_now != n {
+            return Err(format!(
+                "EL2 maps {} pages, pin table {n}, pinned_now {}",
+                w.el2.map.len(),
+                w.shim.pinned_now
+            ));
+        }
+        for (f, fr) in w.host.frames.iter().enumerate().skip(1) {
+            let f = f as u64;
+            let want = w.el2.mappings_of(f)
+                + w.faults
+                    .iter()
+                    .filter(|p| p.pinned.is_some_and(|(x, _)| x == f))
+                    .count() as u32;
+            if fr.pins != want {
+                return Err(format!(
+                    "frame {f:#x}: {} pins, {want} mappings and faults in flight",
+                    fr.pins
+                ));
+            }
+            if fr.freed && w.el2.mappings_of(f) > 0 {
+                return Err(format!("freed frame {f:#x} mapped"));
+            }
+        }
+        // 3 and 4.
+        for (&gfn, &(frame, writable)) in &w.el2.map {
+            let p = self.m_page_of_shim(gfn);
+            let Pte::Present {
+                frame: f,
+                write,
+                protnone,
+            } = w.host.pte[p]
+            else {
+                return Err(format!(
+                    "gfn {gfn:#x} maps {frame:#x}; the host PTE is absent"
+                ));
+            };
+            if f != frame {
+                return Err(format!(
+                    "gfn {gfn:#x} maps {frame:#x}; the host PTE maps {f:#x}"
+                ));
+            }
+            if w.invs.is_empty() {
+                let kept = w.shim.policy == Policy::Keep && w.host.vma[p] != Vma::None;
+                if protnone && !kept {
+                    return Err(format!("gfn {gfn:#x} mapped; its PTE is PROT_NONE"));
+                }
+                if writable && !write && !(protnone && kept) {
+                    return Err(format!(
+                        "gfn {gfn:#x} mapped writable; its PTE is read-only"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the case: every invalidation ends, every fault finishes, then
+    /// teardown; nothing pinned, nothing mapped, every frame the host
+    /// dropped is free.
+    fn drain(&mut self) -> Result<(), String> {
+        while !self.w.invs.is_empty() {
+            self.end(0)?;
+            self.check()?;
+        }
+        while !self.w.faults.is_empty() {
+            self.finish_any(0)?;
+            self.check()?;
+        }
+        self.run(Op::Teardown)
+    }
+
+    /// After a teardown: nothing pinned, every frame the host dropped free.
+    fn check_frames(&self) -> Result<(), String> {
+        for (f, fr) in self.w.host.frames.iter().enumerate().skip(1) {
+            if fr.pins != 0 || (!fr.host_ref && !fr.freed) {
+                return Err(format!("after teardown frame {f:#x}: {fr:?}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every VM starts with this slot, so that early faults have somewhere to go.
+const FIRST_SLOT: Op = Op::Slot {
+    id: 0,
+    gfn: 0,
+    npages: 12,
+    page: 0,
+    ro: false,
+};
+
+/// Runs one case.
+fn case(policy: Policy, ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut c = Check::new(policy);
+    c.run(FIRST_SLOT).map_err(fail)?;
+    for (k, op) in ops.iter().enumerate() {
+        c.run(*op).map_err(|e| {
+            let mut s = String::new();
+            let _ = write!(s, "{policy:?} step {k} {op:?}: {e}");
+            fail(s)
+        })?;
+    }
+    c.drain()
+        .map_err(|e| fail(format!("{policy:?} at the end: {e}")))
+}
+
+/// Runs `total` operations in cases of `CASE_OPS`; returns the count run.
+fn run_model(total: u64) -> u64 {
+    let cases = u32::try_from(total.div_ceil(CASE_OPS as u64))
+        .unwrap()
+        .max(1);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let ran = std::cell::Cell::new(0u64);
+    let strategy = (
+        prop::sample::select(Policy::ALL.to_vec()),
+        proptest::collection::vec(op(), CASE_OPS),
+    );
+    let result = runner.run(&strategy, |(policy, ops)| {
+        ran.set(ran.get() + ops.len() as u64);
+        case(policy, &ops)
+    });
+    if let Err(e) = result {
+        panic!("s2pin-core model: {e}");
+    }
+    ran.get()
+}
+
+/// Runs `total` operations and prints the count and what they did.
+fn run_and_report(total: u64) {
+    let start = std::time::Instant::now();
+    let ran = run_model(total);
+    println!(
+        "s2pin-core model: {ran} operations, 0 failures ({:.1} s)\n  {}",
+        start.elapsed().as_secs_f64(),
+        stats::line()
+    );
+}
+
+/// The short form, in `cargo test` (`cargo xtask test host`).
+#[test]
+fn host_side_matches_the_model() {
+    run_and_report(20_000);
+}
+
+/// The long form (`cargo xtask model`): `S2PIN_MODEL_OPS` operations
+/// (default 10^6). `cargo test --release -p s2pin-core --test model --
+/// --ignored --nocapture`.
+#[test]
+#[ignore = "long form: cargo xtask model"]
+fn host_side_matches_the_model_long() {
+    let total = std::env::var("S2PIN_MODEL_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000u64);
+    run_and_report(total);
+}
+
+/// The model is not vacuous: each policy's characteristic step gives the
+/// expected mapping.
+#[test]
+fn policies_differ_on_numa() {
+    for policy in Policy::ALL {
+        let mut c = Check::new(*policy);
+        c.run(Op::Slot {
+            id: 0,
+            gfn: 0,
+            npages: 4,
+            page: 0,
+            ro: false,
+        })
+        .unwrap();
+        for g in 0..4 {
+            c.run(Op::Fault {
+                gfn: g,
+                write: true,
+                enomem: false,
+            })
+            .unwrap();
+        }
+        assert_eq!(c.w.el2.map.len(), 4);
+        // NUMA PROT_NONE over pages 0..2, then mprotect(PROT_READ) of 2..4.
+        c.run(Op::Begin {
+            ev: event::PROTECTION_VMA as u8,
+            page: 0,
+            len: 2,
+            change: 1,
+        })
+        .unwrap();
+        c.run(Op::End { k: 0 }).unwrap();
+        c.run(Op::Begin {
+            ev: event::PROTECTION_VMA as u8,
+            page: 2,
+            len: 2,
+            change: 4,
+        })
+        .unwrap();
+        c.run(Op::End { k: 0 }).unwrap();
+        let got: Vec<(u64, bool)> =
+            c.w.el2
+                .map
+                .iter()
+                .map(|(g, m)| (g - WIN.base_gfn, m.1))
+                .collect();
+        let want: &[(u64, bool)] = match policy {
+            Policy::Eager => &[],
+            Policy::Confirm => &[(2, false), (3, false)],
+            Policy::Keep => &[(0, true), (1, true), (2, false), (3, false)],
+        };
+        assert_eq!(got, want, "{policy:?}");
+        // A munmap unmaps under every policy.
+        c.run(Op::Begin {
+            ev: event::UNMAP as u8,
+            page: 0,
+            len: 4,
+            change: 1,
+        })
+        .unwrap();
+        assert!(c.w.el2.map.is_empty());
+        c.drain().unwrap();
+    }
+}
+
+/// An invalidation between a fault's pin and its map makes it retry.
+#[test]
+fn fault_racing_an_invalidation_retries() {
+    let mut c = Check::new(Policy::Confirm);
+    c.run(Op::Slot {
+        id: 0,
+        gfn: 0,
+        npages: 4,
+        page: 0,
+        ro: false,
+    })
+    .unwrap();
+    c.run(Op::FaultStart {
+        gfn: 1,
+        write: true,
+    })
+    .unwrap();
+    c.run(Op::FaultPin { k: 0 }).unwrap();
+    let old = c.w.faults[0].pinned.unwrap().0;
+    // munmap of the page: the host frees the frame (after our extra pin).
+    c.run(Op::Begin {
+        ev: event::UNMAP as u8,
+        page: 1,
+        len: 1,
+        change: 1,
+    })
+    .unwrap();
+    c.run(Op::End { k: 0 }).unwrap();
+    c.run(Op::FaultFinish {
+        k: 0,
+        enomem: false,
+    })
+    .unwrap();
+    assert!(c.w.el2.map.is_empty());
+    assert!(c.w.host.frames[old as usize].freed);
+    c.run(Op::Fault {
+        gfn: 1,
+        write: true,
+        enomem: false,
+    })
+    .unwrap();
+    assert_ne!(c.w.el2.map[&(WIN.base_gfn + 1)].0, old);
+    c.drain().unwrap();
+}
