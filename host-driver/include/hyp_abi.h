@@ -72,7 +72,7 @@
 #define HYP_PFN_BITS                            40 /* pfn and gfn registers: higher bits reserved */
 #define HYP_PFN_MASK                            0xFFFFFFFFFFULL /* largest pfn or gfn */
 #define HYP_MAX_PAGES_PER_CALL                  512 /* nr_pages maximum (else HYP_E2BIG) */
-#define HYP_TEARDOWN_BATCH                      512 /* leaf updates per HYP_TEARDOWN_RECLAIM */
+#define HYP_TEARDOWN_BATCH                      512 /* page updates per HYP_TEARDOWN_RECLAIM (a 2 MiB block: 512) */
 #define HYP_MEMCACHE_RECLAIM_MAX                6 /* pfns per HYP_MEMCACHE_RECLAIM */
 #define HYP_MAX_VCPUS                           64 /* vCPUs per VM */
 #define HYP_MIN_IPA_BITS                        32 /* smallest IPA size */

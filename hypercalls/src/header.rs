@@ -157,7 +157,7 @@ pub fn c_defines<E>(mut f: impl FnMut(CDefine) -> Result<(), E>) -> Result<(), E
         s,
         "HYP_TEARDOWN_BATCH",
         dec(u64::from(TEARDOWN_BATCH)),
-        "leaf updates per HYP_TEARDOWN_RECLAIM",
+        "page updates per HYP_TEARDOWN_RECLAIM (a 2 MiB block: 512)",
     )?;
     def(
         s,

@@ -68,7 +68,8 @@ pub const PAGE_SHIFT: u32 = 12;
 pub const PFN_BITS: u32 = 40;
 /// Largest `nr_pages` of one call; above it the call fails with `E2BIG`.
 pub const MAX_PAGES_PER_CALL: u32 = 512;
-/// Largest number of leaf updates one `HYP_TEARDOWN_RECLAIM` performs.
+/// Largest number of page updates one `HYP_TEARDOWN_RECLAIM` performs (a
+/// 2 MiB block is 512, done in one call: ABI §2.8).
 pub const TEARDOWN_BATCH: u32 = 512;
 /// Largest number of pages one `HYP_MEMCACHE_RECLAIM` returns (x2..x7).
 pub const MEMCACHE_RECLAIM_MAX: usize = 6;

@@ -647,7 +647,8 @@ impl Teardown {
     /// (`leaves == 0`) while [`is_done`](Self::is_done) stays false. With
     /// `max_pages` of 512 or more every guest leaf fits (guests have no
     /// leaves above 2 MiB), so a caller that starts each batch with at
-    /// least 512 always makes progress.
+    /// least 512 always makes progress. With `max_pages` 0 it changes
+    /// nothing and only finds out whether a leaf is left (`is_done`).
     ///
     /// Errors as [`step`](Self::step).
     pub fn step_leaf<HM, HT, GM, GT>(

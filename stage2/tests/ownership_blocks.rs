@@ -251,6 +251,11 @@ fn teardown_takes_a_block_only_within_the_budget() {
         .step_leaf(&mut w.tracker, &mut w.host, &mut w.guest, 100, &mut zero)
         .unwrap();
     assert_eq!((s.leaves, s.pages), (1, 1));
+    // A probe (budget 0) changes nothing.
+    let s = td
+        .step_leaf(&mut w.tracker, &mut w.host, &mut w.guest, 0, &mut zero)
+        .unwrap();
+    assert_eq!((s.leaves, td.is_done()), (0, false));
     // The block does not fit in 511 pages: nothing done, not finished.
     let s = td
         .step_leaf(&mut w.tracker, &mut w.host, &mut w.guest, 511, &mut zero)
@@ -263,7 +268,7 @@ fn teardown_takes_a_block_only_within_the_budget() {
         .unwrap();
     assert_eq!((s.leaves, s.pages), (1, 512));
     let s = td
-        .step_leaf(&mut w.tracker, &mut w.host, &mut w.guest, 512, &mut zero)
+        .step_leaf(&mut w.tracker, &mut w.host, &mut w.guest, 0, &mut zero)
         .unwrap();
     assert_eq!(s.leaves, 0);
     assert!(td.is_done());

@@ -878,6 +878,259 @@ fn teardown_everything_back(c: &mut Ctx) -> R {
     c.destroy(vm)
 }
 
+// ---- §2.8 2 MiB blocks ----
+
+/// Runtime counters (group 1) of `vm`.
+fn runtime(
+    c: &mut Ctx,
+    vm: VmHandle,
+) -> Result<hypercalls::RuntimeCounters, alloc::string::String> {
+    match c.counters(vm, CounterGroup::Runtime)? {
+        Reply::Counters(hypercalls::Counters::Runtime(r)) => Ok(r),
+        r => Err(format!("runtime counters replied {r:?}")),
+    }
+}
+/// TLB invalidations issued for `vm` so far (group 0, x3).
+fn tlbi(c: &mut Ctx, vm: VmHandle) -> Result<u64, alloc::string::String> {
+    match c.counters(vm, CounterGroup::Stage2)? {
+        Reply::Counters(hypercalls::Counters::Stage2(s)) => Ok(s.tlbi),
+        r => Err(format!("stage-2 counters replied {r:?}")),
+    }
+}
+/// `gfn` of `vm` maps frame `p` with `prot` as SHARED_BORROWED.
+fn borrowed(c: &mut Ctx, vm: VmHandle, g: u64, p: u64, prot: Prot) -> R {
+    let got = c.guest(vm, g)?;
+    let want = hypercalls::GuestPage::Mapped {
+        state: hypercalls::PageState::SharedBorrowed,
+        pfn: pfn(p),
+        prot,
+    };
+    ensure(got == want, || {
+        format!("gfn {g:#x}: {got:?}, expected {want:?}")
+    })
+}
+fn wrprotect(vm: VmHandle, g: u64, n: u32) -> Hypercall {
+    Hypercall::WrProtect {
+        vm,
+        gfn: gfn(g),
+        nr: count(n),
+    }
+}
+fn relax(vm: VmHandle, g: u64, prot: Prot) -> Hypercall {
+    Hypercall::RelaxPerms {
+        vm,
+        gfn: gfn(g),
+        prot,
+    }
+}
+
+fn block_share(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    // A page in the first GiB brings its level-2 table.
+    let q = c.pages(1, 1)?;
+    c.ok(share(vm, q, 0x10, 1))?;
+    let before = runtime(c, vm)?;
+    let p = c.pages(1024, 512)?;
+    c.ok(share(vm, p, 0x400, 512))?;
+    let after = runtime(c, vm)?;
+    ensure(
+        after.table_pages == before.table_pages && after.memcache_pages == before.memcache_pages,
+        || format!("a block took table pages: {before:?} -> {after:?}"),
+    )?;
+    for k in [0, 1, 255, 510, 511] {
+        borrowed(c, vm, 0x400 + k, p + k, Prot::RW)?;
+    }
+    // The other 512 frames at a gfn that is not 2 MiB-aligned: pages, in
+    // two last-level tables (the range crosses a 2 MiB boundary).
+    c.ok(share(vm, p + 512, 0x801, 512))?;
+    let pages = runtime(c, vm)?;
+    ensure(pages.table_pages == after.table_pages + 2, || {
+        format!("512 unaligned pages: {after:?} -> {pages:?}, expected 2 more tables")
+    })?;
+    // A 32-bit VM (root at level 2) takes a block with no memcache at all.
+    let small = c.vm(32, 1, 0)?;
+    c.ok(share(small, p, 0x200, 512))?;
+    borrowed(c, small, 0x3ff, p + 511, Prot::RW)?;
+    let host = c.ok(Hypercall::HostPageState { pfn: pfn(p + 7) })?;
+    ensure(
+        matches!(host, Reply::HostPage(h) if h.share_count == 2),
+        || format!("frame shared in two blocks: {host:?}"),
+    )
+}
+fn block_partial_unshare(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let q = c.pages(1, 1)?;
+    c.ok(share(vm, q, 0x10, 1))?;
+    let p = c.pages(1024, 512)?;
+    c.ok(share(vm, p, 0x400, 512))?;
+    let before = runtime(c, vm)?;
+    let t0 = tlbi(c, vm)?;
+    c.ok(unshare(vm, p + 3, 0x403, 2))?;
+    let after = runtime(c, vm)?;
+    ensure(
+        after.memcache_pages + 1 == before.memcache_pages
+            && after.table_pages == before.table_pages + 1,
+        || format!("a split takes one memcache page: {before:?} -> {after:?}"),
+    )?;
+    // The two pages are left out of the new table before it is linked:
+    // one break of the block is the only invalidation.
+    let t1 = tlbi(c, vm)?;
+    ensure(t1 - t0 == 1, || {
+        format!("split: {} invalidations, expected 1", t1 - t0)
+    })?;
+    ensure(
+        c.guest(vm, 0x403)? == hypercalls::GuestPage::Unmapped,
+        || "the unshared page is still mapped".into(),
+    )?;
+    for k in [0, 2, 5, 511] {
+        borrowed(c, vm, 0x400 + k, p + k, Prot::RW)?;
+    }
+    // Whole-block unshare: one invalidation. The same 512 frames mapped as
+    // pages: one per page and one for the emptied last-level table.
+    c.ok(share(vm, p + 512, 0x600, 512))?;
+    let t2 = tlbi(c, vm)?;
+    c.ok(unshare(vm, p + 512, 0x600, 512))?;
+    let t3 = tlbi(c, vm)?;
+    ensure(t3 - t2 == 1, || {
+        format!("whole-block unshare: {} invalidations, expected 1", t3 - t2)
+    })?;
+    c.ok(share(vm, p + 512, 0x801, 512))?;
+    let t4 = tlbi(c, vm)?;
+    c.ok(unshare(vm, p + 512, 0x801, 512))?;
+    let t5 = tlbi(c, vm)?;
+    ensure(t5 - t4 == 512 + 2, || {
+        format!(
+            "unshare of 512 pages: {} invalidations, expected 514",
+            t5 - t4
+        )
+    })
+}
+fn block_split_no_memory(c: &mut Ctx) -> R {
+    let vm = c.vm(32, 1, 0)?;
+    let p = c.pages(512, 512)?;
+    c.ok(share(vm, p, 0x200, 512))?;
+    // Every call that would split the block: ENOMEM, nothing changed (the
+    // harness reads every tracked page back).
+    c.fails(unshare(vm, p + 1, 0x201, 1), NoMemory)?;
+    c.fails(unshare(vm, p + 500, 0x3f4, 12), NoMemory)?;
+    c.fails(wrprotect(vm, 0x3ff, 2), NoMemory)?;
+    c.fails(relax(vm, 0x201, Prot::X), NoMemory)?;
+    // A page-state error still comes first.
+    c.fails(unshare(vm, p + 2, 0x201, 1), Denied)?;
+    // Relaxing to what is there and test-clear-young need nothing; the
+    // block ages as a whole.
+    c.ok(relax(vm, 0x201, Prot::W))?;
+    let y1 = c.ok(Hypercall::TestClearYoung {
+        vm,
+        gfn: gfn(0x209),
+        nr: count(1),
+    })?;
+    let y2 = c.ok(Hypercall::TestClearYoung {
+        vm,
+        gfn: gfn(0x300),
+        nr: count(1),
+    })?;
+    ensure(
+        y1 == Reply::Young { young: true } && y2 == Reply::Young { young: false },
+        || format!("one access flag per block: {y1:?} then {y2:?}"),
+    )?;
+    // Whole-block calls need no memory.
+    let r = c.ok(wrprotect(vm, 0x200, 512))?;
+    ensure(r == Reply::WrProtected { pages: 512 }, || format!("{r:?}"))?;
+    c.ok(unshare(vm, p, 0x200, 512))?;
+    // Donated as a block: a partial reclaim is ENOMEM, the whole one works.
+    c.ok(donate(vm, p, 0x400, 512))?;
+    c.fails(reclaim(vm, p + 1, 0x401, 1), NoMemory)?;
+    c.ok(reclaim(vm, p, 0x400, 512))?;
+    // With a page in the memcache the split goes through.
+    let mc = c.pages(1, 1)?;
+    c.ok(topup(vm, mc, 1))?;
+    c.ok(share(vm, p, 0x200, 512))?;
+    c.ok(unshare(vm, p + 1, 0x201, 1))?;
+    borrowed(c, vm, 0x202, p + 2, Prot::RW)
+}
+fn block_wrprotect_one_page(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let q = c.pages(1, 1)?;
+    c.ok(share(vm, q, 0x10, 1))?;
+    let p = c.pages(512, 512)?;
+    c.ok(share(vm, p, 0x400, 512))?;
+    let before = runtime(c, vm)?;
+    let r = c.ok(wrprotect(vm, 0x407, 1))?;
+    ensure(r == Reply::WrProtected { pages: 1 }, || format!("{r:?}"))?;
+    let after = runtime(c, vm)?;
+    ensure(after.memcache_pages + 1 == before.memcache_pages, || {
+        format!("write-protect of one page in a block: {before:?} -> {after:?}")
+    })?;
+    borrowed(c, vm, 0x406, p + 6, Prot::RW)?;
+    borrowed(c, vm, 0x407, p + 7, Prot::R)?;
+    borrowed(c, vm, 0x408, p + 8, Prot::RW)?;
+    // A second block: write-protected whole (no memory), then relaxing one
+    // page splits it and makes only that page writable.
+    let p2 = c.pages(512, 512)?;
+    c.ok(share(vm, p2, 0x600, 512))?;
+    let r = c.ok(wrprotect(vm, 0x600, 512))?;
+    ensure(r == Reply::WrProtected { pages: 512 }, || format!("{r:?}"))?;
+    let mid = runtime(c, vm)?;
+    ensure(mid.memcache_pages == after.memcache_pages, || {
+        format!("whole-block write-protect took memory: {after:?} -> {mid:?}")
+    })?;
+    c.ok(relax(vm, 0x6ff, Prot::W))?;
+    let end = runtime(c, vm)?;
+    ensure(end.memcache_pages + 1 == mid.memcache_pages, || {
+        format!("relax of one page in a block: {mid:?} -> {end:?}")
+    })?;
+    borrowed(c, vm, 0x6fe, p2 + 0xfe, Prot::R)?;
+    borrowed(c, vm, 0x6ff, p2 + 0xff, Prot::RW)?;
+    borrowed(c, vm, 0x700, p2 + 0x100, Prot::R)
+}
+fn block_teardown(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 2, MC)?;
+    let q = c.pages(3, 1)?;
+    c.ok(share(vm, q, 0x10, 3))?;
+    let p = c.pages(1024, 512)?;
+    for i in 0..512 {
+        if i % 64 == 0 {
+            arch::fill_page(p + 512 + i, 0xb10c_0000 + i).map_err(|f| format!("{f:x?}"))?;
+        }
+    }
+    c.ok(share(vm, p, 0x200, 512))?;
+    c.ok(donate(vm, p + 512, 0x400, 512))?;
+    c.ok(Hypercall::VcpuCreate {
+        vm,
+        vcpu: VcpuIndex::new(0).expect("valid"),
+        start: hypercalls::VcpuStart::On { entry: 0, arg: 0 },
+    })?;
+    c.track_pfns(p + 512 + 64, 16);
+    c.ok(Hypercall::TeardownStart { vm })?;
+    let mut batches = alloc::vec::Vec::new();
+    for _ in 0..100 {
+        match c.ok(Hypercall::TeardownReclaim { vm })? {
+            Reply::Teardown(t) => {
+                batches.push(t.reclaimed);
+                if !t.more {
+                    break;
+                }
+            }
+            r => return Err(format!("{r:?}")),
+        }
+    }
+    // 3 pages, then a block that does not fit in the rest of the batch,
+    // then the other block, then the memcache's pages: the vCPU page, the
+    // tables and the free ones.
+    let want = [3, 512, 512, MC];
+    ensure(batches == want, || {
+        format!("teardown batches {batches:?}, expected {want:?}")
+    })?;
+    // Every page back host OWNED (read-back), the donated block zeroed.
+    c.ok(Hypercall::TeardownFinalize { vm })?;
+    for i in [0u64, 64, 448] {
+        let v = arch::probe_read((p + 512 + i) << 12).map_err(|f| format!("{f:x?}"))?;
+        ensure(v == 0, || format!("reclaimed block page {i} reads {v:#x}"))?;
+    }
+    Ok(())
+}
+
 // ---- concurrency and random tests live in `random` ----
 
 /// Every case, in order.
@@ -938,6 +1191,11 @@ pub const CASES: &[Case] = &[
     Case { name: "§2.6 dying: mapping, vCPU and permission calls are EBUSY; counters, state, memcache reclaim work", run: dying_calls },
     Case { name: "§3.7 run of a dying VM is EBUSY until teardown returned the vCPU's state page, then ENOENT, and ENOENT once finalized", run: run_while_dying },
     Case { name: "§3.16/§3.17 teardown: every page (guest, table, vCPU, memcache, root) back with the host", run: teardown_everything_back },
+    Case { name: "§2.8 blocks: a 2 MiB-aligned share of 512 pages takes no last-level table (none at all under a level-2 root); every page reads back on its own", run: block_share },
+    Case { name: "§2.8 blocks: a partial unshare splits with one memcache page and leaves the rest mapped; a whole block goes with 1 TLB invalidation (512 pages: 514)", run: block_partial_unshare },
+    Case { name: "§2.8 blocks: with an empty memcache every split (unshare, wrprotect, relax, reclaim) is ENOMEM and changes nothing; whole-block calls and test-clear-young work", run: block_split_no_memory },
+    Case { name: "§2.8 blocks: write-protect of one page in a block splits it: only that page read-only; relax of one page in a read-only block: only that page writable", run: block_wrprotect_one_page },
+    Case { name: "§2.8/§3.16 blocks: teardown takes a block whole (512 updates in one batch), returns every page, the donated block zeroed", run: block_teardown },
 ];
 
 /// Runs every case, then the concurrency cases and the random tester.
