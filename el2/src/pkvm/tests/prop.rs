@@ -45,6 +45,8 @@ struct Driver {
     handles: Vec<VmHandle>,
     /// The generation of each VM slot's next handle.
     generations: [u16; MAX_VMS],
+    /// Calls made (and checked) so far.
+    calls: u64,
 }
 
 impl Driver {
@@ -53,6 +55,7 @@ impl Driver {
             model: abi_model(SHARE_LIMIT),
             handles: Vec::new(),
             generations: [1; MAX_VMS],
+            calls: 0,
         }
     }
 }
@@ -416,6 +419,7 @@ fn exec(h: &FakeHyp, d: &mut Driver, call: Hypercall) -> Result<Result<Reply, Hy
             .any(|v| usize::from(v.handle.index()) == i)
     });
     let got = run(h, call);
+    d.calls += 1;
     d.model
         .step_observed(&call, &got, &mut Abi(h))
         .map_err(|e| e.0)?;
@@ -532,20 +536,71 @@ fn teardown_all(h: &FakeHyp, d: &mut Driver) -> Result<(), String> {
     h.check_all_returned()
 }
 
+/// One case: the calls, then teardown of everything. The number of calls
+/// made, or what went wrong.
+fn case(ops: &[Op]) -> Result<u64, String> {
+    let h = fake_hyp(256, SHARE_LIMIT).map_err(|e| format!("{e:?}"))?;
+    let mut d = Driver::new();
+    for (k, op) in ops.iter().enumerate() {
+        step(&h, &mut d, op).map_err(|e| format!("step {k} {op:?}: {e}"))?;
+    }
+    teardown_all(&h, &mut d).map_err(|e| format!("teardown: {e}"))?;
+    Ok(d.calls)
+}
+
+fn ops_s() -> impl Strategy<Value = Vec<Op>> {
+    proptest::collection::vec(op_s(), 1..120)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
-    fn random_calls_match_the_model(ops in proptest::collection::vec(op_s(), 1..120)) {
-        let h = fake_hyp(256, SHARE_LIMIT).unwrap();
-        let mut d = Driver::new();
-        for (k, op) in ops.iter().enumerate() {
-            if let Err(e) = step(&h, &mut d, op) {
-                prop_assert!(false, "step {k} {op:?}: {e}");
-            }
-        }
-        if let Err(e) = teardown_all(&h, &mut d) {
-            prop_assert!(false, "teardown: {e}");
+    fn random_calls_match_the_model(ops in ops_s()) {
+        if let Err(e) = case(&ops) {
+            prop_assert!(false, "{}", e);
         }
     }
+}
+
+/// The long form (`cargo xtask model`): cases of the test above until
+/// `EL2_MODEL_CALLS` calls (default 10^6) have run, each checked against
+/// the model; prints the count. `cargo test --release -p el2 --lib
+/// random_calls_long -- --ignored --nocapture`.
+#[test]
+#[ignore = "long form (minutes): cargo xtask model"]
+fn random_calls_long() {
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    use std::time::Instant;
+
+    let total: u64 = std::env::var("EL2_MODEL_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let start = Instant::now();
+    let calls = core::cell::Cell::new(0u64);
+    let mut cases = 0u64;
+    while calls.get() < total {
+        // About 60 calls a case: batches that end near the target.
+        let left = (total - calls.get()).div_ceil(60).clamp(1, 4096);
+        let mut runner = TestRunner::new(Config {
+            cases: u32::try_from(left).unwrap_or(4096),
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let r = runner.run(&ops_s(), |ops| {
+            let n = case(&ops).map_err(TestCaseError::fail)?;
+            calls.set(calls.get() + n);
+            Ok(())
+        });
+        if let Err(e) = r {
+            panic!("el2 model: {e}");
+        }
+        cases += left;
+    }
+    std::println!(
+        "el2 model: {} calls in {cases} cases, 0 failures ({:.1} s)",
+        calls.get(),
+        start.elapsed().as_secs_f64()
+    );
 }
