@@ -4,12 +4,16 @@
 //!
 //! Nothing here is installed for arm64: the arm64 packages are only
 //! downloaded and unpacked, so the machine's own compilers stay untouched
-//! (installing `linux-headers-*:arm64` would remove them; see PLATFORM.md).
+//! (installing `linux-headers-*:arm64` would remove them; docs/BUILD.md).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, SystemTime};
 
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::initramfs::Extra;
 use crate::install::{apt_get, privileged};
 use crate::util::{capture, capture_ok, on_path, progress, unique_name};
 
@@ -17,9 +21,6 @@ use crate::util::{capture, capture_ok, on_path, progress, unique_name};
 pub const HOST_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-arm", "qemu-system-aarch64"),
     ("gcc-aarch64-linux-gnu", "aarch64-linux-gnu-gcc"),
-    ("binutils-aarch64-linux-gnu", "aarch64-linux-gnu-objcopy"),
-    ("device-tree-compiler", "dtc"),
-    ("cpio", "cpio"),
 ];
 
 /// The meta-package whose dependency names the current kernel ABI.
@@ -62,7 +63,7 @@ impl Debian {
 }
 
 /// Installs the host packages that are missing, in one `apt-get install`.
-pub fn host_tools() -> Result<(), String> {
+pub fn host_tools() -> Result<()> {
     let missing: Vec<&str> = HOST_PACKAGES
         .iter()
         .filter(|(_, prog)| !on_path(prog))
@@ -82,7 +83,7 @@ pub fn host_tools() -> Result<(), String> {
     )?;
     for (pkg, prog) in HOST_PACKAGES {
         if !on_path(prog) {
-            return Err(format!("installed {pkg} but `{prog}` is still not on PATH"));
+            return Err(anyhow!("installed {pkg} but `{prog}` is still not on PATH"));
         }
     }
     Ok(())
@@ -90,11 +91,13 @@ pub fn host_tools() -> Result<(), String> {
 
 /// Makes sure the kernel image and busybox are unpacked under
 /// `<root>/build/debian/`, downloading only what is not there yet.
-pub fn debian(root: &Path) -> Result<Debian, String> {
+pub fn debian(root: &Path) -> Result<Debian> {
     multiarch()?;
+    refresh_lists();
     let kernel_pkg = kernel_package()?;
     let base = root.join("build").join("debian");
     let kernel = fetch(&base, &kernel_pkg)?;
+    note_other_versions(&base, "linux-image-", &kernel);
     let release = kernel_pkg
         .strip_prefix("linux-image-")
         .unwrap_or(&kernel_pkg)
@@ -102,9 +105,10 @@ pub fn debian(root: &Path) -> Result<Debian, String> {
     let image = kernel.dir.join("boot").join(format!("vmlinuz-{release}"));
     check_image(&image)?;
     let busybox = fetch(&base, "busybox-static")?;
+    note_other_versions(&base, "busybox-static_", &busybox);
     let busybox_bin = busybox.dir.join("bin").join("busybox");
     if !busybox_bin.is_file() {
-        return Err(format!(
+        return Err(anyhow!(
             "{} has no bin/busybox; delete {} and retry",
             busybox.package,
             busybox.dir.display()
@@ -119,9 +123,153 @@ pub fn debian(root: &Path) -> Result<Debian, String> {
     })
 }
 
+/// Fetches Debian's current arm64 package `pkg` (cached under
+/// `build/debian/` like the kernel and busybox) and returns it unpacked.
+/// Use [`Unpacked::extras`] to put files of it into the host's initramfs.
+/// A dynamically linked program also needs its libraries: fetch `libc6`
+/// and each library package it depends on the same way and add their
+/// [`Unpacked::libraries`].
+#[allow(
+    dead_code,
+    reason = "the API for suites that need more of Debian (issue 12's soak)"
+)]
+pub fn debian_package(root: &Path, pkg: &str) -> Result<Unpacked> {
+    multiarch()?;
+    refresh_lists();
+    let base = root.join("build").join("debian");
+    let p = fetch(&base, pkg).with_context(|| format!("fetching Debian's arm64 {pkg}"))?;
+    note_other_versions(&base, &format!("{pkg}_"), &p);
+    progress(&format!("using {} {}", p.package, p.version));
+    Ok(p)
+}
+
+#[allow(
+    dead_code,
+    reason = "the API for suites that need more of Debian (issue 12's soak)"
+)]
+impl Unpacked {
+    /// Initramfs entries for `files` of the package (paths inside it, e.g.
+    /// `usr/bin/stress-ng`), each at the same path in the initramfs.
+    pub fn extras(&self, files: &[&str]) -> Result<Vec<Extra>> {
+        files
+            .iter()
+            .map(|f| {
+                let rel = f.trim_start_matches('/');
+                let source = self.dir.join(rel);
+                if !source.is_file() {
+                    bail!("{} {} has no {rel}", self.package, self.version);
+                }
+                Ok(Extra {
+                    source,
+                    dest: format!("/{rel}"),
+                })
+            })
+            .collect()
+    }
+
+    /// Initramfs entries for every shared library of the package (files
+    /// under `lib/` and `usr/lib/` whose name contains `.so`), at the same
+    /// paths; symbolic links become copies.
+    pub fn libraries(&self) -> Vec<Extra> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.dir.join("lib"), self.dir.join("usr/lib")];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.filter_map(|e| e.ok()) {
+                let path = e.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.is_file() && e.file_name().to_string_lossy().contains(".so") {
+                    if let Ok(rel) = path.strip_prefix(&self.dir) {
+                        out.push(Extra {
+                            dest: format!("/{}", rel.display()),
+                            source: path,
+                        });
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.dest.cmp(&b.dest));
+        out
+    }
+}
+
+/// apt's package lists older than this are refreshed before the kernel and
+/// busybox versions are chosen, so a run uses what Debian's archive serves
+/// now and not what a stale list remembers.
+const LISTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// Where apt keeps its package lists.
+const APT_LISTS: &str = "/var/lib/apt/lists";
+
+/// Age of the newest arm64 package list, `None` if there is none.
+fn arm64_lists_age() -> Option<Duration> {
+    fs::read_dir(APT_LISTS)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .ends_with("binary-arm64_Packages")
+        })
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .filter_map(|t| SystemTime::now().duration_since(t).ok())
+        .min()
+}
+
+/// Runs `apt-get update` when the arm64 lists are missing or older than
+/// [`LISTS_MAX_AGE`]; if that fails (no network), says clearly that the
+/// versions used may be older than the archive's and goes on with the
+/// lists (and the cache) it has.
+fn refresh_lists() {
+    let age = arm64_lists_age();
+    if age.is_some_and(|a| a < LISTS_MAX_AGE) {
+        return;
+    }
+    let how_old = age.map_or("missing".into(), |a| {
+        format!("{} h old", a.as_secs() / 3600)
+    });
+    progress(&format!(
+        "apt's arm64 package lists are {how_old}: apt-get update, so the kernel and busybox are \
+         the versions Debian's archive serves now"
+    ));
+    if let Err(e) = apt_get(&["update", "-qq"]) {
+        progress(&format!(
+            "WARNING: apt-get update failed ({e:#}); the kernel and busybox below are the newest \
+             that lists {how_old} know, and Debian's archive may serve newer ones"
+        ));
+    }
+}
+
+/// Says so when `base` holds versions of a package other than `chosen` (an
+/// older kernel or busybox from an earlier run): they are not used, so one
+/// run never mixes versions.
+fn note_other_versions(base: &Path, prefix: &str, chosen: &Unpacked) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    let Some(used) = chosen.dir.file_name() else {
+        return;
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name();
+        if name != used && name.to_string_lossy().starts_with(prefix) && e.path().is_dir() {
+            progress(&format!(
+                "note: build/debian/{} is not the version Debian's archive serves now \
+                 ({} {}); it is not used",
+                name.to_string_lossy(),
+                chosen.package,
+                chosen.version
+            ));
+        }
+    }
+}
+
 /// Enables arm64 as a foreign dpkg architecture (once) so apt knows the
 /// arm64 packages.
-pub fn multiarch() -> Result<(), String> {
+pub fn multiarch() -> Result<()> {
     let out = capture(Command::new("dpkg").arg("--print-foreign-architectures"))?;
     if String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -136,8 +284,8 @@ pub fn multiarch() -> Result<(), String> {
 
 /// The current kernel package, e.g. `linux-image-6.1.0-56-arm64`, from the
 /// dependency of `linux-image-arm64:arm64`.
-fn kernel_package() -> Result<String, String> {
-    let query = || -> Result<Option<String>, String> {
+fn kernel_package() -> Result<String> {
+    let query = || -> Result<Option<String>> {
         let out = capture(Command::new("apt-cache").args(["depends", KERNEL_META]))?;
         Ok(parse_kernel_depends(&String::from_utf8_lossy(&out.stdout)))
     };
@@ -148,7 +296,7 @@ fn kernel_package() -> Result<String, String> {
     progress("apt-get update (to find the current arm64 kernel)");
     apt_get(&["update", "-qq"])?;
     query()?.ok_or_else(|| {
-        format!("`apt-cache depends {KERNEL_META}` names no linux-image-*-arm64 package")
+        anyhow!("`apt-cache depends {KERNEL_META}` names no linux-image-*-arm64 package")
     })
 }
 
@@ -166,10 +314,10 @@ pub fn parse_kernel_depends(text: &str) -> Option<String> {
 }
 
 /// Downloads (unless cached) and unpacks (unless done) `pkg:arm64`.
-fn fetch(base: &Path, pkg: &str) -> Result<Unpacked, String> {
+fn fetch(base: &Path, pkg: &str) -> Result<Unpacked> {
     let version = candidate_version(pkg)?;
     let debs = base.join("debs");
-    fs::create_dir_all(&debs).map_err(|e| format!("{}: {e}", debs.display()))?;
+    fs::create_dir_all(&debs).with_context(|| debs.display().to_string())?;
     let deb = debs.join(deb_file_name(pkg, &version, "arm64"));
     // Other runs may fill the cache at the same time: work in a folder of
     // our own and rename into place (atomic on one file system).
@@ -192,8 +340,8 @@ fn download_and_unpack(
     deb: &Path,
     tmp: &Path,
     base: &Path,
-) -> Result<PathBuf, String> {
-    let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+) -> Result<PathBuf> {
+    let io = |p: &Path, e: std::io::Error| anyhow!("{}: {e}", p.display());
     fs::create_dir_all(tmp).map_err(|e| io(tmp, e))?;
     if !deb.is_file() {
         let got = tmp.join(deb.file_name().unwrap_or_default());
@@ -223,7 +371,7 @@ fn download_and_unpack(
 
 /// Runs `apt-get download SPEC` (`pkg[:arch][=version]`) in `deb`'s folder,
 /// which must then hold `deb` (the name apt gives it, see [`deb_file_name`]).
-pub fn download(spec: &str, deb: &Path) -> Result<(), String> {
+pub fn download(spec: &str, deb: &Path) -> Result<()> {
     progress(&format!("apt-get download {spec}"));
     let dir = deb.parent().unwrap_or(Path::new("."));
     capture_ok(
@@ -234,7 +382,7 @@ pub fn download(spec: &str, deb: &Path) -> Result<(), String> {
     if deb.is_file() {
         Ok(())
     } else {
-        Err(format!(
+        Err(anyhow!(
             "`apt-get download {spec}` did not write {}",
             deb.display()
         ))
@@ -242,15 +390,15 @@ pub fn download(spec: &str, deb: &Path) -> Result<(), String> {
 }
 
 /// Unpacks the files of `deb` under `dir` (`dpkg-deb -x`).
-pub fn unpack(deb: &Path, dir: &Path) -> Result<(), String> {
+pub fn unpack(deb: &Path, dir: &Path) -> Result<()> {
     capture_ok(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir)).map(drop)
 }
 
 /// The version apt would pick for `pkg:arm64`.
-fn candidate_version(pkg: &str) -> Result<String, String> {
+fn candidate_version(pkg: &str) -> Result<String> {
     let out = capture(Command::new("apt-cache").args(["policy", &format!("{pkg}:arm64")]))?;
     parse_candidate(&String::from_utf8_lossy(&out.stdout))
-        .ok_or_else(|| format!("apt knows no candidate version of {pkg}:arm64"))
+        .ok_or_else(|| anyhow!("apt knows no candidate version of {pkg}:arm64"))
 }
 
 /// The `Candidate:` line of `apt-cache policy` output.
@@ -274,12 +422,12 @@ pub fn is_arm64_image(data: &[u8]) -> bool {
 }
 
 /// Checks that `path` is an arm64 Linux `Image`.
-fn check_image(path: &Path) -> Result<(), String> {
-    let data = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn check_image(path: &Path) -> Result<()> {
+    let data = fs::read(path).with_context(|| path.display().to_string())?;
     if is_arm64_image(&data) {
         Ok(())
     } else {
-        Err(format!(
+        Err(anyhow!(
             "{} is not an uncompressed arm64 Image (no ARM\\x64 magic)",
             path.display()
         ))
@@ -289,6 +437,28 @@ fn check_image(path: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn package_files_and_libraries_become_initramfs_entries() {
+        let dir = std::env::temp_dir().join(format!("xtask-unpacked-{}", unique_name()));
+        fs::create_dir_all(dir.join("usr/bin")).unwrap();
+        fs::create_dir_all(dir.join("usr/lib/aarch64-linux-gnu")).unwrap();
+        fs::write(dir.join("usr/bin/tool"), "x").unwrap();
+        fs::write(dir.join("usr/lib/aarch64-linux-gnu/libx.so.1"), "y").unwrap();
+        fs::write(dir.join("usr/lib/aarch64-linux-gnu/README"), "z").unwrap();
+        let p = Unpacked {
+            package: "tool".into(),
+            version: "1".into(),
+            dir: dir.clone(),
+        };
+        let e = p.extras(&["usr/bin/tool"]).unwrap();
+        assert_eq!(e[0].dest, "/usr/bin/tool");
+        assert!(p.extras(&["usr/bin/none"]).is_err());
+        let libs = p.libraries();
+        assert_eq!(libs.len(), 1);
+        assert_eq!(libs[0].dest, "/usr/lib/aarch64-linux-gnu/libx.so.1");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn kernel_abi_comes_from_the_meta_package() {

@@ -10,7 +10,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::util::{capture, cargo_bin, progress};
+use anyhow::{anyhow, Context, Result};
+
+use crate::util::{capture, cargo_bin, progress, tail};
 
 /// The fuzz target.
 pub const TARGET: &str = "host_call";
@@ -23,18 +25,18 @@ const MAX_LEN: u32 = 512;
 /// Builds the target and fuzzes it for [`BOUNDED_SECONDS`]; returns a
 /// one-line summary, or the failure (build error, or the crash with its
 /// reproducer path).
-pub fn run_bounded(root: &Path) -> Result<String, String> {
+pub fn run_bounded(root: &Path) -> Result<String> {
     run_for(root, BOUNDED_SECONDS)
 }
 
 /// As [`run_bounded`], for `seconds` (use a long time, or run `cargo fuzz`
 /// directly as `fuzz/README.md` says, for real fuzzing).
-pub fn run_for(root: &Path, seconds: u32) -> Result<String, String> {
+pub fn run_for(root: &Path, seconds: u32) -> Result<String> {
     let fuzz_dir = root.join("fuzz");
     let target_dir = root.join("target").join("fuzz");
     let corpus = target_dir.join("corpus").join(TARGET);
     std::fs::create_dir_all(&corpus)
-        .map_err(|e| format!("cannot create {}: {e}", corpus.display()))?;
+        .with_context(|| format!("cannot create {}", corpus.display()))?;
     ensure_cargo_fuzz()?;
 
     progress("fuzz: building the host_call target (cargo fuzz build -s none)");
@@ -42,7 +44,7 @@ pub fn run_for(root: &Path, seconds: u32) -> Result<String, String> {
     build.args(["build", "-s", "none", TARGET]);
     let out = capture(&mut build)?;
     if !out.status.success() {
-        return Err(format!(
+        return Err(anyhow!(
             "cargo fuzz build failed:\n{}",
             tail(&String::from_utf8_lossy(&out.stderr), 30)
         ));
@@ -60,13 +62,13 @@ pub fn run_for(root: &Path, seconds: u32) -> Result<String, String> {
     let out = capture(&mut run)?;
     let log = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        return Err(format!(
+        return Err(anyhow!(
             "fuzz target {TARGET} failed ({}); reproduce with `cd fuzz && cargo fuzz run -s none {TARGET} <artifact>`:\n{}",
             out.status,
             tail(&log, 40)
         ));
     }
-    summary(&log).ok_or_else(|| format!("no libFuzzer summary in:\n{}", tail(&log, 20)))
+    summary(&log).ok_or_else(|| anyhow!("no libFuzzer summary in:\n{}", tail(&log, 20)))
 }
 
 /// `cargo fuzz` in `fuzz/` with its build under `target_dir`.
@@ -78,19 +80,38 @@ fn cargo_fuzz(fuzz_dir: &Path, target_dir: &Path) -> Command {
     cmd
 }
 
-/// Installs cargo-fuzz unless `cargo fuzz` already works.
-fn ensure_cargo_fuzz() -> Result<(), String> {
-    let works = capture(Command::new(cargo_bin()).args(["fuzz", "--version"]))
-        .is_ok_and(|o| o.status.success());
-    if works {
+/// The cargo-fuzz release the runner installs and expects (docs/BUILD.md):
+/// pinned, so a new release cannot change the fuzz run under us.
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Installs cargo-fuzz [`CARGO_FUZZ_VERSION`] unless `cargo fuzz --version`
+/// already says that version.
+fn ensure_cargo_fuzz() -> Result<()> {
+    let installed = capture(Command::new(cargo_bin()).args(["fuzz", "--version"]))
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if installed.as_deref() == Some(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}")) {
         return Ok(());
     }
-    progress("fuzz: installing cargo-fuzz (cargo install cargo-fuzz --locked)");
-    let out = capture(Command::new(cargo_bin()).args(["install", "cargo-fuzz", "--locked"]))?;
+    progress(&format!(
+        "fuzz: installing cargo-fuzz {CARGO_FUZZ_VERSION} (found: {}; cargo install cargo-fuzz \
+         --version ={CARGO_FUZZ_VERSION} --locked)",
+        installed.as_deref().unwrap_or("none")
+    ));
+    let version = format!("={CARGO_FUZZ_VERSION}");
+    let out = capture(Command::new(cargo_bin()).args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        &version,
+        "--locked",
+        "--force",
+    ]))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
+        Err(anyhow!(
             "cannot install cargo-fuzz:\n{}",
             tail(&String::from_utf8_lossy(&out.stderr), 20)
         ))
@@ -121,11 +142,6 @@ fn summary(log: &str) -> Option<String> {
         field("cov:"),
         field("corp:")
     ))
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@
 use std::fs;
 use std::path::Path;
 
+use anyhow::{anyhow, Context, Result};
+
 /// Writes a `newc` ("070701") cpio archive in memory.
 #[derive(Debug, Default)]
 pub struct Cpio {
@@ -220,8 +222,8 @@ const DIRS: &[&str] = &[
 ];
 
 /// Builds the archive.
-pub fn build(spec: &Spec<'_>) -> Result<Vec<u8>, String> {
-    let busybox = fs::read(spec.busybox).map_err(|e| format!("{}: {e}", spec.busybox.display()))?;
+pub fn build(spec: &Spec<'_>) -> Result<Vec<u8>> {
+    let busybox = fs::read(spec.busybox).with_context(|| spec.busybox.display().to_string())?;
     let mut cpio = Cpio::new();
     for d in DIRS {
         let perm = match *d {
@@ -235,26 +237,26 @@ pub fn build(spec: &Spec<'_>) -> Result<Vec<u8>, String> {
     cpio.char_dev("dev/console", 0o600, 5, 1);
     cpio.char_dev("dev/null", 0o666, 1, 3);
     cpio.file("bin/busybox", 0o755, &busybox)
-        .map_err(|e| format!("{} is too large", e.name))?;
+        .map_err(|e| anyhow!("{} is too large", e.name))?;
     cpio.symlink("bin/sh", "busybox");
     cpio.file(
         "init",
         0o755,
         init_script(spec.markers, &spec.mode).as_bytes(),
     )
-    .map_err(|e| format!("{} is too large", e.name))?;
+    .map_err(|e| anyhow!("{} is too large", e.name))?;
     cpio.file("etc/inittab", 0o644, INITTAB.as_bytes())
-        .map_err(|e| format!("{} is too large", e.name))?;
+        .map_err(|e| anyhow!("{} is too large", e.name))?;
     cpio.file("etc/profile", 0o644, profile(spec.markers).as_bytes())
-        .map_err(|e| format!("{} is too large", e.name))?;
+        .map_err(|e| anyhow!("{} is too large", e.name))?;
     if let Mode::Exec { script, .. } = &spec.mode {
         cpio.file("exec.sh", 0o755, script.as_bytes())
-            .map_err(|e| format!("{} is too large", e.name))?;
+            .map_err(|e| anyhow!("{} is too large", e.name))?;
     }
     let mut made: Vec<String> = DIRS.iter().map(|d| d.to_string()).collect();
     for extra in spec.extras {
-        let body = fs::read(&extra.source)
-            .map_err(|e| format!("--add {}: {e}", extra.source.display()))?;
+        let body =
+            fs::read(&extra.source).with_context(|| format!("--add {}", extra.source.display()))?;
         let dest = extra.dest.trim_start_matches('/');
         // Parent directories the image does not have yet.
         let mut parent = String::new();
@@ -273,7 +275,7 @@ pub fn build(spec: &Spec<'_>) -> Result<Vec<u8>, String> {
         }
         let perm = file_perm(&extra.source);
         cpio.file(dest, perm, &body)
-            .map_err(|e| format!("--add {}: too large", e.name))?;
+            .map_err(|e| anyhow!("--add {}: too large", e.name))?;
     }
     Ok(cpio.finish())
 }
@@ -436,7 +438,7 @@ mod tests {
             }],
             ..spec
         };
-        assert!(build(&missing).unwrap_err().contains("nope"));
+        assert!(format!("{:#}", build(&missing).unwrap_err()).contains("nope"));
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use anyhow::{anyhow, Result};
+
 use crate::util::{capture, on_path, progress, run};
 
 /// Targets from rust-toolchain.toml; rustup normally installs them on first
@@ -13,7 +15,7 @@ const TARGETS: &[&str] = &[
 ];
 
 /// Ensures the rustup targets and components exist for the pinned toolchain.
-pub fn rust_targets() -> Result<(), String> {
+pub fn rust_targets() -> Result<()> {
     if !on_path("rustup") {
         // A toolchain without rustup (e.g. a distro rustc) cannot add targets;
         // the cross builds will say what is missing.
@@ -44,7 +46,7 @@ pub fn rust_targets() -> Result<(), String> {
 }
 
 /// Installs Debian packages that provide `prog` if it is not on PATH.
-pub fn apt_for(prog: &str, packages: &[&str]) -> Result<(), String> {
+pub fn apt_for(prog: &str, packages: &[&str]) -> Result<()> {
     if on_path(prog) {
         return Ok(());
     }
@@ -53,7 +55,7 @@ pub fn apt_for(prog: &str, packages: &[&str]) -> Result<(), String> {
     let _ = apt_get(&["update", "-qq"]);
     let installed = apt_get(&[&["install", "-y", "-qq"], packages].concat());
     if installed.is_err() || !on_path(prog) {
-        return Err(format!(
+        return Err(anyhow!(
             "could not install {} (needed for `{prog}`)",
             packages.join(" ")
         ));
@@ -62,13 +64,13 @@ pub fn apt_for(prog: &str, packages: &[&str]) -> Result<(), String> {
 }
 
 /// Runs `apt-get` as root, non-interactively.
-pub fn apt_get(args: &[&str]) -> Result<(), String> {
+pub fn apt_get(args: &[&str]) -> Result<()> {
     privileged("apt-get", args)
 }
 
 /// Runs a command as root (through sudo when we are not root), with the
 /// terminal's output.
-pub fn privileged(prog: &str, args: &[&str]) -> Result<(), String> {
+pub fn privileged(prog: &str, args: &[&str]) -> Result<()> {
     let mut cmd = if is_root() {
         Command::new(prog)
     } else {

@@ -1,104 +1,76 @@
-//! `cargo xtask`: the project's runner.
+//! `cargo xtask`: the project's runner (`cargo xtask --help`).
 //!
-//! ```text
-//! cargo xtask run [OPTIONS]       boot Debian's kernel at EL1 under el2 in QEMU (a shell, or --exec CMD)
-//! cargo xtask test [SUITE...]     run test suites (default: all); ends with "N passed, N failed"
-//! cargo xtask bench stage2        instruction counts: our stage2 vs aarch64-paging (callgrind)
-//! cargo xtask bench boot          boot time with and without el2, 3 runs each
-//! cargo xtask bench hvc           guest instructions per hypercall round trip
-//! cargo xtask bench numa          stock KVM vs the s2pin policies under NUMA balancing
-//! cargo xtask gen-header          regenerate host-driver/include/hyp_abi.h and s2pin_uapi.h from hypercalls and s2pin-uapi
-//! cargo xtask install             install the toolchain pieces the project needs
-//! ```
+//! Layout: `cli.rs` (the command line), `run.rs` (the Linux run path and
+//! `cargo xtask run`), `qemu.rs` (the one QEMU launcher), `check.rs` (the
+//! one check-result type), `suites/` (`cargo xtask test`), `benches/`
+//! (`cargo xtask bench`), `testhost.rs` (the bare-metal test programs), and
+//! what they build on: `assets.rs` (Debian packages), `modules.rs` (the
+//! kernel module's cross build), `initramfs.rs`, `vmm.rs`, `fuzz.rs`,
+//! `install.rs`, `versions.rs`, `util.rs`. docs/BUILD.md explains each step.
 //!
-//! Every step that needs a tool installs it first, so a fresh clone needs
-//! nothing but rustup and cargo.
+//! To add a top-level command: a variant of [`cli::Command`] (its options a
+//! `#[derive(clap::Args)]` struct in the command's own file) and its arm in
+//! [`main`].
 
 mod assets;
-mod bench;
-mod boot;
-mod conformance;
+mod benches;
+mod check;
+mod cli;
 mod fuzz;
-mod guest;
 mod initramfs;
 mod install;
 mod modules;
-mod numa_bench;
 mod qemu;
-mod shim;
-mod suite;
+mod run;
+mod suites;
+mod testhost;
 mod util;
+mod versions;
 mod vmm;
 
+use std::path::Path;
 use std::process::ExitCode;
 
-const USAGE: &str = "\
-usage: cargo xtask <command> [args]
+use anyhow::{Context, Result};
+use clap::Parser;
 
-commands:
-  run [OPTIONS]        boot Debian's arm64 kernel at EL1 under el2 (`run --help` for options)
-  test [SUITE...]      run test suites (default: all): host, boot, conformance, guest, shim, numa
-  bench stage2         count instructions of stage2 vs aarch64-paging under callgrind
-  bench boot           time boots to user space with and without el2 (3 runs each)
-  bench hvc            guest instructions per hypercall round trip (QEMU -icount)
-  bench numa [--minutes M] [--mem SIZE] [--quick]
-                       stock KVM vs eager/confirm/keep under NUMA balancing (docs/PERFORMANCE.md)
-  gen-header           regenerate host-driver/include/hyp_abi.h and s2pin_uapi.h
-  install              install rustup targets and components
-  help                 this text";
+use crate::cli::{BenchCommand, Cli, Command};
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some((cmd, rest)) = args.split_first() else {
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
-    };
+    let cli = Cli::parse();
     let root = util::workspace_root();
-    let result = match cmd.as_str() {
-        "run" => run(&root, rest),
-        "test" => suite::test(&root, rest),
-        "bench" => match rest {
-            [what] if what == "stage2" => bench::stage2(&root),
-            [what, more @ ..] if what == "boot" => boot::bench(&root, more),
-            [what] if what == "hvc" => guest::bench_hvc(&root),
-            [what, more @ ..] if what == "numa" => numa_bench::bench(&root, more),
-            _ => Err(format!(
-                "usage: cargo xtask bench stage2|boot|hvc|numa (got {rest:?}); other benchmarks arrive with later issues"
-            )),
+    let result = match &cli.command {
+        Command::Run(args) => run::run(&root, args),
+        Command::Test(args) => suites::test(&root, &args.suites),
+        Command::Bench(b) => match b {
+            BenchCommand::Stage2 => benches::stage2::stage2(&root),
+            BenchCommand::Boot(args) => benches::boot::bench(&root, args),
+            BenchCommand::Hvc => benches::hvc::bench(&root),
+            BenchCommand::Numa(args) => benches::numa::bench(&root, args),
         },
-        "gen-header" => gen_header(&root),
-        "install" => install::rust_targets(),
-        "help" | "-h" | "--help" => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        other => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+        Command::GenHeader => gen_header(&root),
+        Command::Install => install::rust_targets(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("xtask: error: {e}");
+            eprintln!("xtask: error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-/// `cargo xtask run [options]`: boot the host kernel under el2 in QEMU (or
-/// directly with `--no-hyp`); see `boot::RUN_USAGE`.
-fn run(root: &std::path::Path, args: &[String]) -> Result<(), String> {
-    boot::run(root, args)
-}
-
-fn gen_header(root: &std::path::Path) -> Result<(), String> {
+/// `cargo xtask gen-header`.
+fn gen_header(root: &Path) -> Result<()> {
     for (rel, text) in [
         (hypercalls::C_HEADER_PATH, hypercalls::c_header()),
         (s2pin_uapi::C_HEADER_PATH, s2pin_uapi::c_header()),
     ] {
         let path = root.join(rel);
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
         }
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(&path, text).with_context(|| path.display().to_string())?;
         println!("wrote {}", path.display());
     }
     Ok(())

@@ -3,7 +3,7 @@
 //!
 //! The kernel headers are never installed: `apt-get install
 //! linux-headers-*:arm64` pulls `gcc-12:arm64` and removes the machine's own
-//! compilers (PLATFORM.md). Instead three packages are fetched with
+//! compilers (docs/BUILD.md). Instead three packages are fetched with
 //! `apt-get download` and unpacked with `dpkg-deb -x` into one folder under
 //! `build/kernel-headers/`: the arm64 headers, the arch-independent common
 //! headers, and the *amd64* kbuild tools (fixdep and modpost run here). The
@@ -35,6 +35,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use anyhow::{anyhow, Context, Result};
+
 use crate::assets::{deb_file_name, download, multiarch, unpack};
 use crate::install::apt_for;
 use crate::util::{capture_ok, cargo_bin, progress, BARE_METAL_TARGET};
@@ -53,16 +55,16 @@ struct Kernel {
 
 impl Kernel {
     /// `6.1.0-56` from `6.1.0-56-arm64`: names the `-common` headers.
-    fn abi(&self) -> Result<&str, String> {
+    fn abi(&self) -> Result<&str> {
         self.release
             .strip_suffix("-arm64")
-            .ok_or_else(|| format!("kernel release `{}` does not end in -arm64", self.release))
+            .ok_or_else(|| anyhow!("kernel release `{}` does not end in -arm64", self.release))
     }
 
     /// `6.1` from `6.1.0-56-arm64`: names the `linux-kbuild-<series>` package.
-    fn series(&self) -> Result<String, String> {
+    fn series(&self) -> Result<String> {
         kbuild_series(&self.release)
-            .ok_or_else(|| format!("cannot read major.minor from `{}`", self.release))
+            .ok_or_else(|| anyhow!("cannot read major.minor from `{}`", self.release))
     }
 }
 
@@ -71,11 +73,7 @@ impl Kernel {
 /// version of its packages (e.g. `6.1.192-2`), and returns the paths of the
 /// `.ko` files under `build/modules/`. The runner passes the kernel it has
 /// just fetched, so the modules cannot be built for another one.
-pub fn build_modules_for(
-    root: &Path,
-    release: &str,
-    version: &str,
-) -> Result<Vec<PathBuf>, String> {
+pub fn build_modules_for(root: &Path, release: &str, version: &str) -> Result<Vec<PathBuf>> {
     multiarch()?;
     let kernel = Kernel {
         release: release.to_string(),
@@ -89,7 +87,7 @@ pub fn build_modules_for(
     apt_for("dpkg-deb", &["dpkg"])?;
     let build = root.join("build");
     if build.to_string_lossy().contains(char::is_whitespace) {
-        return Err(format!(
+        return Err(anyhow!(
             "{}: make cannot handle a path with spaces; move the checkout",
             build.display()
         ));
@@ -107,28 +105,28 @@ pub fn build_modules_for(
             .arg(format!("CROSS_COMPILE={CROSS_COMPILE}"))
             .arg("modules"),
     )
-    .map_err(|e| format!("building the kernel modules failed: {e}"))?;
+    .map_err(|e| anyhow!("building the kernel modules failed: {e}"))?;
 
     let order = kmod.join("modules.order");
-    let listed = fs::read_to_string(&order).map_err(|e| format!("{}: {e}", order.display()))?;
+    let listed = fs::read_to_string(&order).with_context(|| order.display().to_string())?;
     let mut kos = Vec::new();
     for line in listed.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let ko = kmod.join(line.rsplit('/').next().unwrap_or(line));
-        let data = fs::read(&ko).map_err(|e| format!("{}: {e}", ko.display()))?;
+        let data = fs::read(&ko).with_context(|| ko.display().to_string())?;
         match vermagic(&data) {
             Some(v) if vermagic_matches(v, &kernel.release) => kos.push(ko),
             Some(v) => {
-                return Err(format!(
+                return Err(anyhow!(
                     "{}: vermagic `{v}` is not for {}",
                     ko.display(),
                     kernel.release
                 ))
             }
-            None => return Err(format!("{}: no vermagic", ko.display())),
+            None => return Err(anyhow!("{}: no vermagic", ko.display())),
         }
     }
     if kos.is_empty() {
-        return Err(format!("{} lists no module", order.display()));
+        return Err(anyhow!("{} lists no module", order.display()));
     }
     Ok(kos)
 }
@@ -179,8 +177,8 @@ const RUST_STRIP_SECTIONS: &[&str] = &[
     ".eh_frame",
     ".rela.eh_frame",
 ];
-/// The relocation types the merged object may hold: those PLATFORM.md
-/// found after the recipe above, plus the load/store page offsets that
+/// The relocation types the merged object may hold: those the recipe above
+/// leaves (docs/BUILD.md), plus the load/store page offsets that
 /// `arch/arm64/kernel/module.c` also applies (code reading a static).
 const RUST_RELOCATIONS: &[&str] = &[
     "R_AARCH64_ABS64",
@@ -199,14 +197,14 @@ const RUST_RELOCATIONS: &[&str] = &[
 /// `<kmod>/s2pin_rust.o_shipped` (rewritten only when it changed, so make
 /// relinks only then). Cargo rebuilds the crate only when needed; the merge
 /// runs only when the archive is newer than the merged object.
-fn build_rust_part(root: &Path, out: &Path, kmod: &Path) -> Result<(), String> {
+fn build_rust_part(root: &Path, out: &Path, kmod: &Path) -> Result<()> {
     let ld = format!("{CROSS_COMPILE}ld");
     let objcopy = format!("{CROSS_COMPILE}objcopy");
     let objdump = format!("{CROSS_COMPILE}objdump");
     for tool in [&ld, &objcopy, &objdump] {
         apt_for(tool, &["binutils-aarch64-linux-gnu"])?;
     }
-    fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    fs::create_dir_all(out).with_context(|| out.display().to_string())?;
     let target_dir = out.join("target");
     let mut cargo = Command::new(cargo_bin());
     cargo
@@ -218,10 +216,10 @@ fn build_rust_part(root: &Path, out: &Path, kmod: &Path) -> Result<(), String> {
         // would take precedence over it.
         .env("RUSTFLAGS", RUST_FLAGS)
         .env_remove("CARGO_ENCODED_RUSTFLAGS");
-    capture_ok(&mut cargo).map_err(|e| {
+    capture_ok(&mut cargo).with_context(|| {
         format!(
             "building the Rust part of s2pin.ko failed (is the {BARE_METAL_TARGET} target \
-             installed? `rustup target add {BARE_METAL_TARGET}`): {e}"
+             installed? `rustup target add {BARE_METAL_TARGET}`)"
         )
     })?;
     let archive = target_dir
@@ -260,23 +258,23 @@ fn build_rust_part(root: &Path, out: &Path, kmod: &Path) -> Result<(), String> {
         let dump = capture_ok(Command::new(&objdump).arg("-r").arg(&tmp))?;
         let odd = unexpected_relocations(&String::from_utf8_lossy(&dump.stdout));
         if !odd.is_empty() {
-            return Err(format!(
+            return Err(anyhow!(
                 "{}: relocation types the kernel module loader may not take: {} \
-                 (see PLATFORM.md and RUST_RELOCATIONS in qemu/src/modules.rs)",
+                 (see docs/BUILD.md and RUST_RELOCATIONS in qemu/src/modules.rs)",
                 tmp.display(),
                 odd.join(" ")
             ));
         }
-        fs::rename(&tmp, &merged).map_err(|e| format!("{}: {e}", merged.display()))?;
-        fs::write(&syms_stamp, &syms).map_err(|e| format!("{}: {e}", syms_stamp.display()))?;
+        fs::rename(&tmp, &merged).with_context(|| merged.display().to_string())?;
+        fs::write(&syms_stamp, &syms).with_context(|| syms_stamp.display().to_string())?;
     }
     copy_if_changed(&merged, &kmod.join(RUST_SHIPPED))
 }
 
 /// Whether `src` was modified after `dst` (true when `dst` does not exist).
-fn newer(src: &Path, dst: &Path) -> Result<bool, String> {
+fn newer(src: &Path, dst: &Path) -> Result<bool> {
     let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified());
-    let s = mtime(src).map_err(|e| format!("{}: {e}", src.display()))?;
+    let s = mtime(src).with_context(|| src.display().to_string())?;
     Ok(match mtime(dst) {
         Ok(d) => s > d,
         Err(_) => true,
@@ -300,7 +298,7 @@ fn unexpected_relocations(objdump: &str) -> Vec<String> {
 
 /// Downloads and unpacks the three header packages for `kernel` under
 /// `base` (once) and returns the folder to pass to `make -C`.
-fn headers(base: &Path, kernel: &Kernel) -> Result<PathBuf, String> {
+fn headers(base: &Path, kernel: &Kernel) -> Result<PathBuf> {
     let dir = base.join(format!(
         "{}_{}",
         kernel.release,
@@ -332,11 +330,11 @@ fn headers(base: &Path, kernel: &Kernel) -> Result<PathBuf, String> {
         ),
     ];
     let debs = base.join("debs");
-    fs::create_dir_all(&debs).map_err(|e| format!("{}: {e}", debs.display()))?;
+    fs::create_dir_all(&debs).with_context(|| debs.display().to_string())?;
     if dir.exists() {
-        fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        fs::remove_dir_all(&dir).with_context(|| dir.display().to_string())?;
     }
-    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
     for (spec, file) in &packages {
         let deb = debs.join(file);
         if !deb.is_file() {
@@ -345,11 +343,11 @@ fn headers(base: &Path, kernel: &Kernel) -> Result<PathBuf, String> {
         unpack(&deb, &dir)?;
     }
     let makefile = src.join("Makefile");
-    let text = fs::read_to_string(&makefile).map_err(|e| format!("{}: {e}", makefile.display()))?;
+    let text = fs::read_to_string(&makefile).with_context(|| makefile.display().to_string())?;
     let fixed = relocate_includes(&text, &dir)
-        .ok_or_else(|| format!("{}: no `include /usr/src/...` line", makefile.display()))?;
-    fs::write(&makefile, fixed).map_err(|e| format!("{}: {e}", makefile.display()))?;
-    fs::write(&stamp, v).map_err(|e| format!("{}: {e}", stamp.display()))?;
+        .ok_or_else(|| anyhow!("{}: no `include /usr/src/...` line", makefile.display()))?;
+    fs::write(&makefile, fixed).with_context(|| makefile.display().to_string())?;
+    fs::write(&stamp, v).with_context(|| stamp.display().to_string())?;
     Ok(src)
 }
 
@@ -357,10 +355,10 @@ fn headers(base: &Path, kernel: &Kernel) -> Result<PathBuf, String> {
 /// `<out>/include/`, keeping the `../include` layout Kbuild expects. Files
 /// whose content did not change are not rewritten, so make stays incremental.
 /// Returns `<out>/kmod`.
-fn stage_sources(root: &Path, out: &Path) -> Result<PathBuf, String> {
+fn stage_sources(root: &Path, out: &Path) -> Result<PathBuf> {
     let header = root.join("host-driver/include/hyp_abi.h");
     if !header.is_file() {
-        return Err(format!(
+        return Err(anyhow!(
             "{} is missing; run `cargo xtask gen-header`",
             header.display()
         ));
@@ -368,7 +366,7 @@ fn stage_sources(root: &Path, out: &Path) -> Result<PathBuf, String> {
     copy_if_changed(&header, &out.join("include/hyp_abi.h"))?;
     let uapi = root.join("host-driver/include/s2pin_uapi.h");
     if !uapi.is_file() {
-        return Err(format!(
+        return Err(anyhow!(
             "{} is missing; run `cargo xtask gen-header`",
             uapi.display()
         ));
@@ -376,9 +374,9 @@ fn stage_sources(root: &Path, out: &Path) -> Result<PathBuf, String> {
     copy_if_changed(&uapi, &out.join("include/s2pin_uapi.h"))?;
     let src = root.join("host-driver/kmod");
     let kmod = out.join("kmod");
-    let entries = fs::read_dir(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+    let entries = fs::read_dir(&src).with_context(|| src.display().to_string())?;
     for entry in entries {
-        let path = entry.map_err(|e| format!("{}: {e}", src.display()))?.path();
+        let path = entry.with_context(|| src.display().to_string())?.path();
         if path.is_file() {
             if let Some(name) = path.file_name() {
                 copy_if_changed(&path, &kmod.join(name))?;
@@ -388,15 +386,15 @@ fn stage_sources(root: &Path, out: &Path) -> Result<PathBuf, String> {
     Ok(kmod)
 }
 
-fn copy_if_changed(from: &Path, to: &Path) -> Result<(), String> {
-    let data = fs::read(from).map_err(|e| format!("{}: {e}", from.display()))?;
+fn copy_if_changed(from: &Path, to: &Path) -> Result<()> {
+    let data = fs::read(from).with_context(|| from.display().to_string())?;
     if fs::read(to).ok().as_deref() == Some(data.as_slice()) {
         return Ok(());
     }
     if let Some(dir) = to.parent() {
-        fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     }
-    fs::write(to, data).map_err(|e| format!("{}: {e}", to.display()))
+    fs::write(to, data).with_context(|| to.display().to_string())
 }
 
 /// `6.1` from a release such as `6.1.0-56-arm64`.
@@ -451,8 +449,8 @@ mod tests {
             release: "6.1.0-56-arm64".into(),
             version: "6.1.192-2".into(),
         };
-        assert_eq!(k.abi(), Ok("6.1.0-56"));
-        assert_eq!(k.series().as_deref(), Ok("6.1"));
+        assert_eq!(k.abi().unwrap(), "6.1.0-56");
+        assert_eq!(k.series().unwrap(), "6.1");
         assert_eq!(kbuild_series("10.12.0-1-arm64").as_deref(), Some("10.12"));
         assert_eq!(kbuild_series("6"), None);
         assert_eq!(kbuild_series("6.x.0"), None);

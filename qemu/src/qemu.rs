@@ -4,26 +4,27 @@
 //! stalls).
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use anyhow::{Context, Result};
+use wait_timeout::ChildExt;
+
 /// The QEMU binary.
 pub const QEMU: &str = "qemu-system-aarch64";
 
-/// Where QEMU's loader device puts the host kernel in the hypervisor boot
-/// (boot contract): 2 MiB aligned and inside RAM for every `--mem` >= 1 GiB.
-pub const HOST_KERNEL_ADDR: u64 = 0x7000_0000;
+/// Where QEMU's loader device puts the host kernel in the hypervisor boot.
+pub use boot_contract::HOST_KERNEL_ADDR;
 
-/// The smallest memory size that holds [`HOST_KERNEL_ADDR`] plus a kernel.
-pub const MIN_HYP_MEM_MIB: u64 = 1024;
+/// The smallest memory size of the hypervisor boot (boot contract).
+pub const MIN_HYP_MEM_MIB: u64 = boot_contract::MIN_RAM >> 20;
 
-/// The largest memory size el2 boots with: its 32 MiB must hold the page
-/// tracker (8 bytes per 4 KiB page) and the host stage-2 pool (a table per
-/// 2 MiB); at 6 GiB they no longer fit and el2 powers off with an error.
-pub const MAX_HYP_MEM_MIB: u64 = 4096;
+/// The largest memory size el2 boots with (boot contract): el2's memory
+/// must hold the page tracker and the host stage-2 tables for all of RAM.
+pub const MAX_HYP_MEM_MIB: u64 = boot_contract::MAX_RAM >> 20;
 
 /// The CPU model unless `--cpu` says otherwise (3x faster than plain `max`).
 pub const DEFAULT_CPU: &str = "max,pauth-impdef=on";
@@ -39,6 +40,19 @@ pub struct Machine {
     pub numa_nodes: u32,
     /// `-cpu` argument.
     pub cpu: String,
+}
+
+impl Default for Machine {
+    /// `-smp 4 -m 2G`, one node, [`DEFAULT_CPU`]: `cargo xtask run`'s
+    /// defaults and the suites' machine.
+    fn default() -> Self {
+        Self {
+            smp: 4,
+            mem_mib: 2048,
+            numa_nodes: 1,
+            cpu: DEFAULT_CPU.to_string(),
+        }
+    }
 }
 
 /// What QEMU loads and enters at EL2.
@@ -69,19 +83,44 @@ pub enum Console {
     Captured,
 }
 
-/// A complete QEMU invocation.
+/// Something QEMU's generic loader device puts into guest RAM before the
+/// CPUs start (`-device loader`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Load {
+    /// A file's raw bytes at `addr`.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Guest physical address.
+        addr: u64,
+    },
+    /// One little-endian 64-bit word at `addr`.
+    Word {
+        /// The value.
+        value: u64,
+        /// Guest physical address.
+        addr: u64,
+    },
+}
+
+/// A complete QEMU invocation, built step by step: every boot of every
+/// command, suite and benchmark is one of these (docs/BUILD.md, "QEMU").
+///
+/// ```ignore
+/// let run = Launch::new(Machine::default(), Boot::Hyp { el2, host_kernel })
+///     .initrd(&initrd)
+///     .append("console=ttyAMA0 panic=-1 quiet")
+///     .run_captured(Duration::from_secs(120), &mut quiet())?;
+/// ```
 #[derive(Debug, Clone)]
 pub struct Launch {
-    /// The machine.
-    pub machine: Machine,
-    /// What is booted.
-    pub boot: Boot,
-    /// The initramfs.
-    pub initrd: PathBuf,
-    /// The kernel command line.
-    pub append: String,
-    /// The console.
-    pub console: Console,
+    machine: Machine,
+    boot: Boot,
+    initrd: Option<PathBuf>,
+    append: Option<String>,
+    console: Console,
+    loads: Vec<Load>,
+    icount: bool,
 }
 
 /// A machine or boot QEMU cannot run the way the boot contract needs.
@@ -109,9 +148,10 @@ impl std::fmt::Display for LaunchError {
             ),
             Self::MemTooLarge(m) => write!(
                 f,
-                "--mem {m}M is too large for the hypervisor boot: el2's 32 MiB holds the page \
-                 tracker and host stage-2 tables for at most {MAX_HYP_MEM_MIB}M (use --no-hyp \
-                 for more)"
+                "--mem {m}M is too large for the hypervisor boot: el2's memory ({} MiB) holds \
+                 the page tracker and host stage-2 tables for at most {MAX_HYP_MEM_MIB}M (use \
+                 --no-hyp for more)",
+                boot_contract::HYP_SIZE >> 20
             ),
             Self::NumaNeedsTwoCpus => write!(f, "--numa 2 needs --smp 2 or more"),
             Self::NumaNodes(n) => write!(f, "--numa {n}: only 1 or 2 nodes are supported"),
@@ -152,6 +192,73 @@ fn cpu_range(first: u32, last: u32) -> String {
 }
 
 impl Launch {
+    /// `machine` booting `boot`, console captured, nothing else loaded.
+    pub fn new(machine: Machine, boot: Boot) -> Self {
+        Self {
+            machine,
+            boot,
+            initrd: None,
+            append: None,
+            console: Console::Captured,
+            loads: Vec::new(),
+            icount: false,
+        }
+    }
+
+    /// The initramfs (`-initrd`).
+    #[must_use]
+    pub fn initrd(mut self, path: &Path) -> Self {
+        self.initrd = Some(path.to_path_buf());
+        self
+    }
+
+    /// The kernel command line (`-append`).
+    #[must_use]
+    pub fn append(mut self, cmdline: &str) -> Self {
+        self.append = Some(cmdline.to_string());
+        self
+    }
+
+    /// How the console is connected (default [`Console::Captured`]).
+    #[must_use]
+    pub fn console(mut self, console: Console) -> Self {
+        self.console = console;
+        self
+    }
+
+    /// Another file put into RAM at `addr` by the loader device.
+    #[must_use]
+    pub fn load_file(mut self, path: &Path, addr: u64) -> Self {
+        self.loads.push(Load::File {
+            path: path.to_path_buf(),
+            addr,
+        });
+        self
+    }
+
+    /// A 64-bit word put into RAM at `addr` by the loader device.
+    #[must_use]
+    pub fn load_word(mut self, value: u64, addr: u64) -> Self {
+        self.loads.push(Load::Word { value, addr });
+        self
+    }
+
+    /// `-icount shift=0`: the virtual clock advances 1 ns per instruction.
+    /// It needs single-threaded TCG, so `-accel tcg` replaces
+    /// `tcg,thread=multi`.
+    #[must_use]
+    pub fn icount(mut self) -> Self {
+        self.icount = true;
+        self
+    }
+
+    /// Only `n` CPUs (`-smp n`).
+    #[must_use]
+    pub fn smp(mut self, n: u32) -> Self {
+        self.machine.smp = n;
+        self
+    }
+
     /// The arguments after the program name.
     pub fn args(&self) -> Result<Vec<String>, LaunchError> {
         let m = &self.machine;
@@ -162,7 +269,11 @@ impl Launch {
         push(&["-cpu", &m.cpu]);
         push(&["-smp", &m.smp.to_string()]);
         push(&["-m", &format!("{}M", m.mem_mib)]);
-        push(&["-accel", "tcg,thread=multi"]);
+        if self.icount {
+            push(&["-accel", "tcg", "-icount", "shift=0"]);
+        } else {
+            push(&["-accel", "tcg,thread=multi"]);
+        }
         // Machine::check allowed only 1 or 2 nodes.
         if m.numa_nodes == 2 {
             let m0 = m.mem_mib / 2;
@@ -205,8 +316,23 @@ impl Launch {
             }
             Boot::Direct { kernel } => push(&["-kernel", &kernel.display().to_string()]),
         }
-        push(&["-initrd", &self.initrd.display().to_string()]);
-        push(&["-append", &self.append]);
+        for load in &self.loads {
+            let dev = match load {
+                Load::File { path, addr } => {
+                    format!("loader,file={},addr={addr:#x},force-raw=on", path.display())
+                }
+                Load::Word { value, addr } => {
+                    format!("loader,data={value:#x},data-len=8,addr={addr:#x}")
+                }
+            };
+            push(&["-device", &dev]);
+        }
+        if let Some(initrd) = &self.initrd {
+            push(&["-initrd", &initrd.display().to_string()]);
+        }
+        if let Some(append) = &self.append {
+            push(&["-append", append]);
+        }
         Ok(a)
     }
 
@@ -225,25 +351,36 @@ impl Launch {
         }
         Ok(s)
     }
+
+    /// Runs QEMU on the user's terminal until it exits, or kills it after
+    /// `timeout`; `None` means it was killed.
+    pub fn run_terminal(&self, timeout: Option<Duration>) -> Result<Option<ExitStatus>> {
+        let args = self.args()?;
+        let mut child = Command::new(QEMU)
+            .args(&args)
+            .spawn()
+            .with_context(|| format!("cannot run {QEMU}"))?;
+        match timeout {
+            None => child
+                .wait()
+                .map(Some)
+                .with_context(|| format!("waiting for {QEMU}")),
+            Some(t) => Ok(wait_or_kill(&mut child, t)),
+        }
+    }
+
+    /// Runs QEMU with the console captured, handing each line to `watch`,
+    /// and kills it if it has not exited after `timeout`.
+    pub fn run_captured(&self, timeout: Duration, watch: &mut dyn Watcher) -> Result<Captured> {
+        run_captured(&self.args()?, timeout, watch)
+    }
 }
 
-/// Runs QEMU on the user's terminal until it exits, or kills it after
-/// `timeout`; `None` means it was killed.
-pub fn run_terminal(
-    args: &[String],
-    timeout: Option<Duration>,
-) -> Result<Option<ExitStatus>, String> {
-    let mut child = Command::new(QEMU)
-        .args(args)
-        .spawn()
-        .map_err(|e| format!("cannot run {QEMU}: {e}"))?;
-    match timeout {
-        None => child
-            .wait()
-            .map(Some)
-            .map_err(|e| format!("waiting for {QEMU}: {e}")),
-        Some(t) => Ok(wait_until(&mut child, Instant::now() + t)),
-    }
+impl std::error::Error for LaunchError {}
+
+/// A [`Watcher`] that ignores every line.
+pub fn quiet() -> impl Watcher {
+    |_: &str, _: Duration, _: &mut dyn Write| {}
 }
 
 /// What a captured run produced.
@@ -264,7 +401,7 @@ pub struct Captured {
 impl Captured {
     /// The last `n` console lines, for failure messages.
     pub fn tail(&self, n: usize) -> String {
-        self.lines[self.lines.len().saturating_sub(n)..].join("\n")
+        crate::util::last_lines(&self.lines, n)
     }
 }
 
@@ -287,13 +424,9 @@ enum Event {
     Err(Vec<u8>),
 }
 
-/// Runs QEMU with the console captured, handing each line to `watch`, and
-/// kills it if it has not exited after `timeout`.
-pub fn run_captured(
-    args: &[String],
-    timeout: Duration,
-    watch: &mut dyn Watcher,
-) -> Result<Captured, String> {
+/// Runs QEMU with `args` and the console captured (see
+/// [`Launch::run_captured`]).
+fn run_captured(args: &[String], timeout: Duration, watch: &mut dyn Watcher) -> Result<Captured> {
     let start = Instant::now();
     let mut child = Command::new(QEMU)
         .args(args)
@@ -301,7 +434,7 @@ pub fn run_captured(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run {QEMU}: {e}"))?;
+        .with_context(|| format!("cannot run {QEMU}"))?;
     let (tx, rx) = mpsc::channel();
     let readers = spawn_readers(&mut child, tx);
     let mut stdin: Box<dyn Write> = match child.stdin.take() {
@@ -350,10 +483,8 @@ pub fn run_captured(
         None
     } else {
         // stdout closed: QEMU is exiting; still bound the wait.
-        wait_until(
-            &mut child,
-            deadline.max(Instant::now() + Duration::from_secs(5)),
-        )
+        let left = deadline.saturating_duration_since(Instant::now());
+        wait_or_kill(&mut child, left.max(Duration::from_secs(5)))
     };
     let timed_out = timed_out || status.is_none();
     let elapsed = start.elapsed();
@@ -435,16 +566,13 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Waits for the child until `deadline`; kills it after that.
-fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) => return Some(st),
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-            _ => {
-                kill(child);
-                return None;
-            }
+/// Waits for the child for at most `timeout`; kills it after that.
+fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    match child.wait_timeout(timeout) {
+        Ok(Some(st)) => Some(st),
+        _ => {
+            kill(child);
+            None
         }
     }
 }
@@ -461,18 +589,15 @@ mod tests {
     use super::*;
 
     fn launch(boot: Boot, numa: u32, smp: u32, mem: u64) -> Launch {
-        Launch {
-            machine: Machine {
-                smp,
-                mem_mib: mem,
-                numa_nodes: numa,
-                cpu: DEFAULT_CPU.into(),
-            },
-            boot,
-            initrd: "/b/initrd".into(),
-            append: "console=ttyAMA0 quiet".into(),
-            console: Console::Captured,
-        }
+        let machine = Machine {
+            smp,
+            mem_mib: mem,
+            numa_nodes: numa,
+            cpu: DEFAULT_CPU.into(),
+        };
+        Launch::new(machine, boot)
+            .initrd(Path::new("/b/initrd"))
+            .append("console=ttyAMA0 quiet")
     }
 
     fn hyp() -> Boot {
@@ -576,12 +701,27 @@ mod tests {
 
     #[test]
     fn console_modes() {
-        let mut l = launch(hyp(), 1, 1, 1024);
+        let l = launch(hyp(), 1, 1, 1024);
         assert!(l.args().unwrap().join(" ").contains("-serial stdio"));
-        l.console = Console::Terminal;
-        let a = l.args().unwrap();
+        let a = l.console(Console::Terminal).args().unwrap();
         assert!(a.contains(&"-nographic".to_string()));
         assert!(!a.contains(&"stdio".to_string()));
+    }
+
+    #[test]
+    fn loads_and_icount() {
+        let a = launch(hyp(), 1, 1, 2048)
+            .load_file(Path::new("/b/guest.bin"), 0x6000_0000)
+            .load_word(0x1122, 0x5fff_f000)
+            .icount()
+            .args()
+            .unwrap()
+            .join(" ");
+        assert!(a.contains("-device loader,file=/b/guest.bin,addr=0x60000000,force-raw=on"));
+        assert!(a.contains("-device loader,data=0x1122,data-len=8,addr=0x5ffff000"));
+        assert!(a.contains("-accel tcg -icount shift=0") && !a.contains("thread=multi"));
+        let plain = Launch::new(Machine::default(), hyp()).args().unwrap();
+        assert!(!plain.iter().any(|x| x == "-initrd" || x == "-append"));
     }
 
     #[test]

@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use anyhow::{anyhow, bail, Context, Result};
+
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -21,7 +23,7 @@ pub fn cargo_bin() -> String {
 }
 
 /// Runs cargo with `args` in `root`, streaming its output; fails on non-zero exit.
-pub fn cargo(root: &Path, args: &[&str]) -> Result<(), String> {
+pub fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     run(Command::new(cargo_bin()).args(args).current_dir(root))
 }
 
@@ -42,31 +44,31 @@ pub fn command_line(cmd: &Command) -> String {
 }
 
 /// Runs a command with the terminal's stdout and stderr; fails on non-zero exit.
-pub fn run(cmd: &mut Command) -> Result<(), String> {
+pub fn run(cmd: &mut Command) -> Result<()> {
     let st = cmd
         .status()
-        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+        .map_err(|e| anyhow!("cannot run {:?}: {e}", cmd.get_program()))?;
     if st.success() {
         Ok(())
     } else {
-        Err(format!("`{}` failed ({st})", command_line(cmd)))
+        Err(anyhow!("`{}` failed ({st})", command_line(cmd)))
     }
 }
 
 /// Runs a command and captures its output (stdout and stderr separately).
-pub fn capture(cmd: &mut Command) -> Result<Output, String> {
+pub fn capture(cmd: &mut Command) -> Result<Output> {
     cmd.stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))
+        .map_err(|e| anyhow!("cannot run {:?}: {e}", cmd.get_program()))
 }
 
 /// Like [`capture`], and fails on non-zero exit with what the command printed.
-pub fn capture_ok(cmd: &mut Command) -> Result<Output, String> {
+pub fn capture_ok(cmd: &mut Command) -> Result<Output> {
     let out = capture(cmd)?;
     if out.status.success() {
         Ok(out)
     } else {
-        Err(failure(&command_line(cmd), &out))
+        Err(anyhow!(failure(&command_line(cmd), &out)))
     }
 }
 
@@ -92,7 +94,7 @@ pub const BARE_METAL_TARGET: &str = "aarch64-unknown-none-softfloat";
 
 /// Builds `package` in release for [`BARE_METAL_TARGET`], announced as
 /// `building <what>`.
-pub fn build_bare_metal(root: &Path, package: &str, what: &str) -> Result<(), String> {
+pub fn build_bare_metal(root: &Path, package: &str, what: &str) -> Result<()> {
     progress(&format!(
         "building {what} (cargo build --release -p {package} --target {BARE_METAL_TARGET})"
     ));
@@ -125,29 +127,64 @@ pub fn bare_metal_elf(root: &Path, package: &str) -> PathBuf {
 /// Writes `package`'s ELF as a raw image, `build/<package>.bin`, and
 /// returns its path and contents; fails unless it starts with an arm64
 /// `Image` header, which `needed_by` requires.
-pub fn raw_image(
-    root: &Path,
-    package: &str,
-    needed_by: &str,
-) -> Result<(PathBuf, Vec<u8>), String> {
+pub fn raw_image(root: &Path, package: &str, needed_by: &str) -> Result<(PathBuf, Vec<u8>)> {
     let elf = bare_metal_elf(root, package);
     let bin = root.join("build").join(format!("{package}.bin"));
-    std::fs::create_dir_all(root.join("build")).map_err(|e| format!("build/: {e}"))?;
+    std::fs::create_dir_all(root.join("build")).map_err(|e| anyhow!("build/: {e}"))?;
     capture_ok(
-        Command::new("aarch64-linux-gnu-objcopy")
+        Command::new(llvm_tool("llvm-objcopy")?)
             .args(["-O", "binary"])
             .arg(&elf)
             .arg(&bin),
     )?;
-    let image = std::fs::read(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
+    let image = std::fs::read(&bin).with_context(|| bin.display().to_string())?;
     if !crate::assets::is_arm64_image(&image) {
-        return Err(format!(
+        return Err(anyhow!(
             "{} has no arm64 Image header (magic ARM\\x64 at offset 56), which {needed_by} \
              requires",
             bin.display()
         ));
     }
     Ok((bin, image))
+}
+
+/// A tool of the toolchain's `llvm-tools` component (rust-toolchain.toml),
+/// e.g. `llvm-objcopy`: `<sysroot>/lib/rustlib/<host>/bin/<name>`.
+pub fn llvm_tool(name: &str) -> Result<PathBuf> {
+    let rustc = |arg: &str| -> Result<String> {
+        let out = capture_ok(Command::new("rustc").arg(arg))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let sysroot = rustc("--print=sysroot")?;
+    let vv = rustc("-vV")?;
+    let host = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .ok_or_else(|| anyhow!("`rustc -vV` names no host"))?;
+    let tool = Path::new(sysroot.trim())
+        .join("lib/rustlib")
+        .join(host.trim())
+        .join("bin")
+        .join(name);
+    if !tool.is_file() {
+        bail!(
+            "{} is missing: the llvm-tools component is not installed (`rustup component add \
+             llvm-tools`, or `cargo xtask install`)",
+            tool.display()
+        );
+    }
+    Ok(tool)
+}
+
+/// The last `n` lines of `text`, for failure messages.
+pub fn tail(text: &str, n: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(n)..].join("\n")
+}
+
+/// The last `n` of `lines`, joined, for failure messages.
+pub fn last_lines(lines: &[String], n: usize) -> String {
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Whether `prog` is found on PATH.
@@ -178,18 +215,22 @@ mod tests {
     #[test]
     fn failures_say_what_ran_and_what_it_printed() {
         let e = capture_ok(Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("`sh -c echo out; echo err >&2; exit 3` failed ("),
             "{e}"
         );
         assert!(e.contains("3"), "{e}");
         assert!(e.ends_with(":\nout\nerr"), "{e}");
-        let e = capture_ok(Command::new("sh").args(["-c", "exit 1"])).unwrap_err();
+        let e = capture_ok(Command::new("sh").args(["-c", "exit 1"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.ends_with(')'), "{e}");
         assert!(capture_ok(&mut Command::new("true")).is_ok());
         assert!(run(&mut Command::new("false"))
             .unwrap_err()
+            .to_string()
             .starts_with("`false` failed"));
         assert!(capture(&mut Command::new("/nonexistent/prog")).is_err());
     }

@@ -10,6 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::{anyhow, Result};
+
 use crate::initramfs::Extra;
 use crate::util::{cargo, progress};
 
@@ -23,7 +25,7 @@ pub const VMM_DEST: &str = "/usr/bin/s2vmm";
 pub const GUEST_DEST: &str = "/root/guest.bin";
 
 /// Builds s2vmm and returns the binary.
-pub fn build(root: &Path) -> Result<PathBuf, String> {
+pub fn build(root: &Path) -> Result<PathBuf> {
     progress(&format!(
         "building s2vmm (cargo build --profile {PROFILE} -p s2vmm --target {VMM_TARGET})"
     ));
@@ -47,14 +49,14 @@ pub fn build(root: &Path) -> Result<PathBuf, String> {
     if bin.is_file() {
         Ok(bin)
     } else {
-        Err(format!("s2vmm built, but {} is missing", bin.display()))
+        Err(anyhow!("s2vmm built, but {} is missing", bin.display()))
     }
 }
 
 /// The initramfs entries: s2vmm at [`VMM_DEST`], the payload at [`GUEST_DEST`].
-pub fn extras(root: &Path) -> Result<Vec<Extra>, String> {
+pub fn extras(root: &Path) -> Result<Vec<Extra>> {
     let vmm = build(root)?;
-    let guest = crate::guest::build_guest(root)?;
+    let guest = crate::testhost::build_guest(root)?;
     Ok(vec![
         Extra {
             source: vmm,

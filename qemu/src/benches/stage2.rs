@@ -7,7 +7,7 @@
 //! release mode, run every pair under `valgrind --tool=callgrind` with
 //! collection toggled on that function only, read the `Ir` total from each
 //! callgrind file, print a table and rewrite the stage2 section of
-//! `docs/PERFORMANCE.md` (between [`BEGIN`] and [`END`]).
+//! `docs/PERFORMANCE.md` (`bench:stage2` markers).
 //!
 //! A ratio above 1.0 or descriptor memory off its target is reported (and
 //! flagged) but is not an error; a run that fails is.
@@ -15,12 +15,8 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Start marker of our section in `docs/PERFORMANCE.md`.
-pub const BEGIN: &str = "<!-- bench:stage2:begin -->";
-/// End marker of our section in `docs/PERFORMANCE.md`.
-pub const END: &str = "<!-- bench:stage2:end -->";
+use anyhow::{anyhow, bail, Context, Result};
 
 /// Callgrind `--toggle-collect` pattern matching the measured functions.
 const TOGGLE: &str = "*s2bench_measured_*";
@@ -63,16 +59,16 @@ struct Row {
 }
 
 /// Runs the benchmark and writes `docs/PERFORMANCE.md`.
-pub fn stage2(root: &Path) -> Result<(), String> {
+pub fn stage2(root: &Path) -> Result<()> {
     ensure_valgrind()?;
     println!("==> building bench-stage2 (release)");
     let exe = build_bench(root)?;
     let out_dir = exe
         .parent()
-        .ok_or_else(|| format!("bench binary {} has no parent directory", exe.display()))?
+        .ok_or_else(|| anyhow!("bench binary {} has no parent directory", exe.display()))?
         .join("callgrind-stage2");
     std::fs::create_dir_all(&out_dir)
-        .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
 
     let mut rows = Vec::new();
     for (name, what) in WORKLOADS {
@@ -110,20 +106,7 @@ pub fn stage2(root: &Path) -> Result<(), String> {
         out_dir.display()
     );
 
-    let doc = root.join("docs").join("PERFORMANCE.md");
-    let old = match std::fs::read_to_string(&doc) {
-        Ok(s) => Some(s),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(format!("cannot read {}: {e}", doc.display())),
-    };
-    let new = splice_section(old.as_deref(), &report)?;
-    if let Some(dir) = doc.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    std::fs::write(&doc, new).map_err(|e| format!("cannot write {}: {e}", doc.display()))?;
-    println!("wrote {}", doc.display());
-    Ok(())
+    super::write_section(root, "stage2", &report)
 }
 
 // ---------------------------------------------------------------------------
@@ -132,12 +115,12 @@ pub fn stage2(root: &Path) -> Result<(), String> {
 
 /// Installs valgrind (which brings `callgrind_annotate`) with apt-get when
 /// it is missing.
-fn ensure_valgrind() -> Result<(), String> {
+fn ensure_valgrind() -> Result<()> {
     crate::install::apt_for("valgrind", &["valgrind"])
 }
 
 /// Builds `bench-stage2` in release mode and returns the executable's path.
-fn build_bench(root: &Path) -> Result<PathBuf, String> {
+fn build_bench(root: &Path) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .args([
@@ -152,44 +135,29 @@ fn build_bench(root: &Path) -> Result<PathBuf, String> {
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
+        .context("cannot run cargo")?;
     if !out.status.success() {
-        return Err(format!("building bench-stage2 failed ({})", out.status));
+        bail!("building bench-stage2 failed ({})", out.status);
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     executable_from_cargo_json(&stdout, "bench-stage2")
         .map(PathBuf::from)
-        .ok_or_else(|| "cargo did not report the bench-stage2 executable".into())
+        .ok_or_else(|| anyhow!("cargo did not report the bench-stage2 executable"))
 }
 
 /// The `"executable"` path of the artifact whose file name is `bin`, from
-/// cargo's JSON messages (one object per line). Paths with JSON escapes other
-/// than `\\` are not expected and are rejected.
+/// cargo's JSON messages (one object per line).
 fn executable_from_cargo_json(messages: &str, bin: &str) -> Option<String> {
-    const KEY: &str = "\"executable\":\"";
     messages.lines().find_map(|line| {
-        let start = line.find(KEY)? + KEY.len();
-        let rest = &line[start..];
-        let mut path = String::new();
-        let mut chars = rest.chars();
-        loop {
-            match chars.next()? {
-                '"' => break,
-                '\\' => match chars.next()? {
-                    '\\' => path.push('\\'),
-                    '/' => path.push('/'),
-                    _ => return None,
-                },
-                c => path.push(c),
-            }
-        }
-        let name = Path::new(&path).file_name()?.to_str()?;
-        (name == bin || name == format!("{bin}.exe")).then_some(path)
+        let msg: serde_json::Value = serde_json::from_str(line).ok()?;
+        let path = msg.get("executable")?.as_str()?;
+        let name = Path::new(path).file_name()?.to_str()?;
+        (name == bin || name == format!("{bin}.exe")).then(|| path.to_string())
     })
 }
 
 /// Runs one (implementation, workload) pair under callgrind.
-fn run_one(exe: &Path, out_dir: &Path, imp: &str, workload: &str) -> Result<Run, String> {
+fn run_one(exe: &Path, out_dir: &Path, imp: &str, workload: &str) -> Result<Run> {
     let cg = out_dir.join(format!("callgrind.{imp}.{workload}.out"));
     let _ = std::fs::remove_file(&cg);
     let out = Command::new("valgrind")
@@ -201,26 +169,26 @@ fn run_one(exe: &Path, out_dir: &Path, imp: &str, workload: &str) -> Result<Run,
         .args([imp, workload])
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("cannot run valgrind: {e}"))?;
+        .map_err(|e| anyhow!("cannot run valgrind: {e}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        return Err(format!(
+        return Err(anyhow!(
             "{imp} {workload} failed under callgrind ({}):\n{stdout}{}",
             out.status,
             tail.join("\n")
         ));
     }
     let (tables, mapped) = parse_result_line(&stdout)
-        .ok_or_else(|| format!("{imp} {workload}: no `result` line in output:\n{stdout}"))?;
+        .ok_or_else(|| anyhow!("{imp} {workload}: no `result` line in output:\n{stdout}"))?;
     let text = std::fs::read_to_string(&cg)
-        .map_err(|e| format!("cannot read callgrind output {}: {e}", cg.display()))?;
+        .with_context(|| format!("cannot read callgrind output {}", cg.display()))?;
     let ir = parse_ir(&text)
-        .ok_or_else(|| format!("no `totals:`/`summary:` line in {}", cg.display()))?;
+        .ok_or_else(|| anyhow!("no `totals:`/`summary:` line in {}", cg.display()))?;
     if ir == 0 {
-        return Err(format!(
+        return Err(anyhow!(
             "{imp} {workload}: 0 instructions collected; the toggle `{TOGGLE}` matched nothing"
         ));
     }
@@ -333,31 +301,13 @@ impl Meta {
                 files.join(", ")
             );
         }
-        let secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         Self {
-            date: utc_date(secs),
+            date: super::today(),
             commit,
             rustc: cmd("rustc", &["--version"]),
             valgrind: cmd("valgrind", &["--version"]),
         }
     }
-}
-
-/// `YYYY-MM-DD` (UTC) of a Unix time, by the days-to-civil algorithm.
-fn utc_date(unix_secs: u64) -> String {
-    let days = (unix_secs / 86_400) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
 }
 
 /// `1234567` -> `1,234,567`.
@@ -374,19 +324,19 @@ fn thousands(n: u64) -> String {
 }
 
 /// Descriptor memory of a run, in `unit` bytes per GiB mapped.
-fn per_gib(run: &Run, unit: f64) -> Result<f64, String> {
+fn per_gib(run: &Run, unit: f64) -> Result<f64> {
     if run.mapped == 0 {
-        return Err("descriptor memory asked of a run that maps nothing".into());
+        bail!("descriptor memory asked of a run that maps nothing");
     }
     Ok(run.tables as f64 * 4096.0 / unit / (run.mapped as f64 / f64::from(1u32 << 30)))
 }
 
 /// The Markdown section: what, with what, the table, memory, and method.
-fn render(rows: &[Row], meta: &Meta) -> Result<String, String> {
+fn render(rows: &[Row], meta: &Meta) -> Result<String> {
     let find = |name: &str| {
         rows.iter()
             .find(|r| r.name == name)
-            .ok_or_else(|| format!("no `{name}` row"))
+            .ok_or_else(|| anyhow!("no `{name}` row"))
     };
     let map4k = find("map4k")?;
     let map2m = find("map2m")?;
@@ -491,29 +441,6 @@ Method:
 - The ratio is ours / aarch64-paging; `ABOVE TARGET` marks a ratio above 1.00.
 ";
 
-/// The document with our section replaced by `body`, or added at the end if
-/// it has none; a new document if `existing` is `None`.
-fn splice_section(existing: Option<&str>, body: &str) -> Result<String, String> {
-    let section = format!("{BEGIN}\n{}\n{END}", body.trim_end());
-    let Some(doc) = existing else {
-        return Ok(format!(
-            "# Performance\n\nBenchmark results, each section written by its `cargo xtask bench` command.\n\n{section}\n"
-        ));
-    };
-    match (doc.find(BEGIN), doc.find(END)) {
-        (Some(b), Some(e)) if b < e => {
-            Ok(format!("{}{section}{}", &doc[..b], &doc[e + END.len()..]))
-        }
-        (None, None) => {
-            let sep = if doc.ends_with('\n') { "\n" } else { "\n\n" };
-            Ok(format!("{doc}{sep}{section}\n"))
-        }
-        _ => Err(format!(
-            "docs/PERFORMANCE.md has a broken stage2 section: `{BEGIN}` and `{END}` must both appear, in that order"
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -567,33 +494,7 @@ mod tests {
     }
 
     #[test]
-    fn section_is_created_replaced_and_appended() {
-        let new = splice_section(None, "one\n").unwrap();
-        assert!(new.starts_with("# Performance"));
-        assert!(new.contains(&format!("{BEGIN}\none\n{END}")));
-
-        let doc = format!("# P\n\nbefore\n{BEGIN}\nold\n{END}\nafter\n");
-        let replaced = splice_section(Some(&doc), "two").unwrap();
-        assert_eq!(
-            replaced,
-            format!("# P\n\nbefore\n{BEGIN}\ntwo\n{END}\nafter\n")
-        );
-
-        let other = "# P\n\n<!-- bench:other:begin -->\nx\n<!-- bench:other:end -->\n";
-        let appended = splice_section(Some(other), "three").unwrap();
-        assert!(appended.starts_with(other));
-        assert!(appended.ends_with(&format!("{BEGIN}\nthree\n{END}\n")));
-
-        let broken = format!("{END}\n{BEGIN}\n");
-        assert!(splice_section(Some(&broken), "x").is_err());
-        assert!(splice_section(Some(&format!("{BEGIN}\n")), "x").is_err());
-    }
-
-    #[test]
-    fn dates_and_numbers_format() {
-        assert_eq!(utc_date(0), "1970-01-01");
-        assert_eq!(utc_date(951_782_400), "2000-02-29");
-        assert_eq!(utc_date(1_767_225_599), "2025-12-31");
+    fn numbers_format() {
         assert_eq!(thousands(0), "0");
         assert_eq!(thousands(999), "999");
         assert_eq!(thousands(1_000), "1,000");

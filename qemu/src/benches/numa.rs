@@ -17,27 +17,24 @@
 //! guest memory bound to node 1 (`--node 1`), the VMM's threads on node 0's
 //! CPUs (`taskset -c 0,1`), so NUMA balancing wants to move the memory.
 //! The script prints `== CASE <row>` and s2vmm's `--stats` lines;
-//! [`crate::shim::sections`] splits them.
+//! [`crate::suites::shim::sections`] splits them.
 //!
 //! Output: a table on stdout, `build/bench-numa.csv`, the chart
 //! `docs/numa-bench.svg` (plotters' SVG backend) and a section of
-//! `docs/PERFORMANCE.md` between [`BEGIN`] and [`END`].
+//! `docs/PERFORMANCE.md` (`bench:numa` markers).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::boot;
+use anyhow::{anyhow, Context, Result};
+
 use crate::initramfs::{Extra, Mode};
 use crate::qemu::{Console, Machine};
-use crate::shim::{sections, Outcome, Section};
+use crate::run::{self, Ingredients};
+use crate::suites::shim::{sections, Section};
 use crate::util::progress;
-
-/// Start marker of the section in `docs/PERFORMANCE.md`.
-pub const BEGIN: &str = "<!-- bench:numa:begin -->";
-/// End marker.
-pub const END: &str = "<!-- bench:numa:end -->";
 
 /// Where the chart goes (relative to the workspace root).
 const CHART: &str = "docs/numa-bench.svg";
@@ -590,7 +587,7 @@ pub fn csv(rows: &[(Row, Measured)]) -> String {
 /// The chart: pages unmapped and TLB invalidations per minute, one bar
 /// pair per row with balancing on, on a log scale (`1 +` the rate, so a
 /// row with none shows as an empty bar).
-pub fn chart(rows: &[(Row, Measured)], path: &Path) -> Result<(), String> {
+pub fn chart(rows: &[(Row, Measured)], path: &Path) -> Result<()> {
     use plotters::prelude::*;
     let on: Vec<&(Row, Measured)> = rows.iter().filter(|(r, _)| r.balancing).collect();
     let n = on.len().max(1);
@@ -598,7 +595,7 @@ pub fn chart(rows: &[(Row, Measured)], path: &Path) -> Result<(), String> {
         .iter()
         .flat_map(|(_, m)| [rate(m.unmapped, m.seconds), rate(m.tlbi, m.seconds)])
         .fold(10.0f64, f64::max);
-    let e = |e: DrawingAreaErrorKind<std::io::Error>| format!("{}: {e}", path.display());
+    let e = |e: DrawingAreaErrorKind<std::io::Error>| anyhow!("{}: {e}", path.display());
     let root = SVGBackend::new(path, (1200, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
     let mut ch = ChartBuilder::on(&root)
@@ -731,6 +728,7 @@ fn doc_section(
     rows: &[(Row, Measured)],
     td: Option<&Teardown>,
     wall: Duration,
+    versions: &str,
 ) -> String {
     let mut d = String::new();
     let _ = writeln!(
@@ -738,7 +736,7 @@ fn doc_section(
         "## NUMA balancing: stock KVM, eager, confirm, keep (`cargo xtask bench numa`)\n\n\
          Written by `cargo xtask bench numa --minutes {} --mem {}M{}` ({} rows, {:.0} min wall clock). \
          Every figure is a count from this one invocation, divided by the row's guest minutes \
-         (s2vmm's clock); raw totals: `{CSV}`.\n",
+         (s2vmm's clock); raw totals: `{CSV}`. Versions: {versions}.\n",
         plan.seconds as f64 / 60.0,
         plan.mem_mib,
         if plan.teardown { "" } else { " (no teardown)" },
@@ -835,28 +833,6 @@ const METHOD: &str = "
   twice and the difference is stated above.
 ";
 
-/// The section with our part of `docs/PERFORMANCE.md` replaced.
-pub fn splice(existing: Option<&str>, body: &str) -> Result<String, String> {
-    let section = format!("{BEGIN}\n{}\n{END}", body.trim_end());
-    let Some(doc) = existing else {
-        return Ok(format!("# Performance\n\n{section}\n"));
-    };
-    match (doc.find(BEGIN), doc.find(END)) {
-        (Some(b), Some(e)) if b < e => Ok(format!(
-            "{}{section}{}",
-            &doc[..b],
-            &doc[e + END.len()..]
-        )),
-        (None, None) => {
-            let sep = if doc.ends_with('\n') { "\n" } else { "\n\n" };
-            Ok(format!("{doc}{sep}{section}\n"))
-        }
-        _ => Err(format!(
-            "docs/PERFORMANCE.md has a broken numa section: `{BEGIN}` and `{END}` must both appear, in that order"
-        )),
-    }
-}
-
 fn machine() -> Machine {
     Machine {
         smp: 4,
@@ -880,13 +856,13 @@ struct Progress {
 /// One boot running `script`, printing a progress line per row.
 fn boot_rows(
     root: &Path,
-    ing: &boot::Ingredients,
+    ing: &Ingredients,
     extras: &[Extra],
     script: &str,
     timeout: Duration,
     pr: &mut Progress,
-) -> Result<Vec<String>, String> {
-    let p = boot::prepare(
+) -> Result<Vec<String>> {
+    let p = run::prepare(
         root,
         ing,
         &machine(),
@@ -896,9 +872,8 @@ fn boot_rows(
         },
         extras,
         Console::Captured,
-        boot::kernel_cmdline(false, &[]),
+        &run::kernel_cmdline(false, &[]),
     )?;
-    let args = p.launch.args().map_err(|e| e.to_string())?;
     let mut watch = |line: &str, _at: Duration, _: &mut dyn std::io::Write| {
         if let Some(rest) = line.trim().strip_prefix("== ROW ") {
             let mut w = rest.split_whitespace();
@@ -914,7 +889,7 @@ fn boot_rows(
             pr.left = pr.left.saturating_sub(secs + 15);
         }
     };
-    let cap = crate::qemu::run_captured(&args, timeout, &mut watch)?;
+    let cap = p.launch.run_captured(timeout, &mut watch)?;
     if cap.timed_out {
         progress(&format!(
             "numa bench: warning: the boot timed out after {} s; the rows it finished are kept",
@@ -933,14 +908,15 @@ fn save_log(root: &Path, tag: &str, lines: &[String]) {
 }
 
 /// The rows' figures, the teardown figures and every section, by boot.
-type Results = (
+pub type Results = (
     Vec<(Row, Measured)>,
     Option<Teardown>,
     BTreeMap<String, Section>,
+    String,
 );
 
 /// Measures `plan`: the KVM boot (if it has KVM rows), then the el2 boot.
-fn measure_plan(root: &Path, plan: &Plan) -> Result<Results, String> {
+pub fn measure_plan(root: &Path, plan: &Plan) -> Result<Results> {
     let with_kvm = plan.rows.iter().any(|r| r.hyp == Hyp::Kvm);
     let with_el2 = plan.rows.iter().any(|r| r.hyp != Hyp::Kvm) || plan.teardown;
     let per_row = plan.seconds + 15;
@@ -950,11 +926,17 @@ fn measure_plan(root: &Path, plan: &Plan) -> Result<Results, String> {
         done: 0,
     };
     let mut all: BTreeMap<String, Section> = BTreeMap::new();
+    let versions_file = root.join("build/bench-numa-versions.txt");
+    let mut versions = String::new();
     if plan.from_logs {
+        versions = std::fs::read_to_string(&versions_file)
+            .unwrap_or_else(|_| "unknown (no build/bench-numa-versions.txt)".into())
+            .trim()
+            .to_string();
         for tag in ["kvm", "el2"] {
             let path = root.join(format!("build/bench-numa-{tag}.log"));
             let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("{}: {e} (run the benchmark first)", path.display()))?;
+                .with_context(|| format!("{} (run the benchmark first)", path.display()))?;
             let lines: Vec<String> = text.lines().map(str::to_string).collect();
             for (k, v) in sections(&lines) {
                 all.insert(format!("{tag}:{k}"), v);
@@ -962,9 +944,9 @@ fn measure_plan(root: &Path, plan: &Plan) -> Result<Results, String> {
         }
     }
     if with_kvm && !plan.from_logs {
-        let ing = boot::ingredients(root, true)?;
-        let mut extras = boot::host_modules(root, &ing.debian)?;
-        extras.extend(crate::vmm::extras(root)?);
+        let ing = run::ingredients(root, true)?;
+        versions = crate::versions::with_debian(&ing.debian);
+        let extras = run::shim_extras(root, &ing.debian)?;
         let n = plan.rows.iter().filter(|r| r.hyp == Hyp::Kvm).count() as u64;
         let timeout = Duration::from_secs(240 + n * (plan.seconds + 60));
         progress(&format!(
@@ -978,9 +960,9 @@ fn measure_plan(root: &Path, plan: &Plan) -> Result<Results, String> {
         }
     }
     if with_el2 && !plan.from_logs {
-        let ing = boot::ingredients(root, false)?;
-        let mut extras = boot::host_modules(root, &ing.debian)?;
-        extras.extend(crate::vmm::extras(root)?);
+        let ing = run::ingredients(root, false)?;
+        versions = crate::versions::with_debian(&ing.debian);
+        let extras = run::shim_extras(root, &ing.debian)?;
         let n = plan.rows.iter().filter(|r| r.hyp != Hyp::Kvm).count() as u64;
         let timeout = Duration::from_secs(
             240 + n * (plan.seconds + 60) + if plan.teardown { 1500 } else { 0 },
@@ -1022,65 +1004,76 @@ fn measure_plan(root: &Path, plan: &Plan) -> Result<Results, String> {
     } else {
         None
     };
-    Ok((measured, td, all))
+    if !plan.from_logs {
+        let _ = std::fs::write(&versions_file, format!("{versions}\n"));
+    }
+    Ok((measured, td, all, versions))
 }
 
-const USAGE: &str = "usage: cargo xtask bench numa [--minutes M] [--mem SIZE] [--quick]
-  --minutes M   guest minutes per row (default 0.5; --quick 0.25)
-  --mem SIZE    tested guest memory per row, split between 2 vCPUs (default 16M)
-  --quick       anonymous 4K memory only, no teardown (CI-sized)
-  --from-logs   no QEMU: the table, CSV, chart and section again from build/bench-numa-*.log
-                (the same options as the run that wrote them)";
+/// `cargo xtask bench numa --help`, above the options.
+pub const ABOUT: &str = "Stock KVM against the s2pin policies eager, confirm and keep under NUMA \
+balancing: two boots (the kernel at EL2 running KVM, then under el2 with s2pin.ko), a fresh VM \
+per row. Writes a table to stdout, build/bench-numa.csv, docs/numa-bench.svg and its section of \
+docs/PERFORMANCE.md.";
 
-fn parse_args(args: &[String]) -> Result<Plan, String> {
-    let (mut minutes, mut mem, mut quick, mut from_logs) = (None::<f64>, 16u64, false, false);
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--minutes" => {
-                let v = it.next().ok_or(USAGE)?;
-                let m: f64 = v
-                    .parse()
-                    .map_err(|_| format!("--minutes {v}: not a number\n{USAGE}"))?;
-                if !(0.05..=60.0).contains(&m) {
-                    return Err(format!("--minutes {v}: expected 0.05 to 60\n{USAGE}"));
-                }
-                minutes = Some(m);
-            }
-            "--mem" => {
-                let v = it.next().ok_or(USAGE)?;
-                let t = v.trim_end_matches(['M', 'm']);
-                let n: u64 = t
-                    .parse()
-                    .map_err(|_| format!("--mem {v}: expected MiB like 16M\n{USAGE}"))?;
-                if !(2..=512).contains(&n) || !n.is_multiple_of(2) {
-                    return Err(format!(
-                        "--mem {v}: expected an even number of MiB, 2M to 512M\n{USAGE}"
-                    ));
-                }
-                mem = n;
-            }
-            "--quick" => quick = true,
-            "--from-logs" => from_logs = true,
-            "--help" | "-h" => return Err(USAGE.to_string()),
-            other => return Err(format!("unknown option `{other}`\n{USAGE}")),
+/// Options of `cargo xtask bench numa`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NumaArgs {
+    /// Guest minutes per row, 0.05 to 60 [default: 0.5; with --quick 0.25].
+    #[arg(long, value_name = "M", value_parser = parse_minutes)]
+    pub minutes: Option<f64>,
+    /// Tested guest memory per row in MiB, split between 2 vCPUs: an even
+    /// number from 2M to 512M.
+    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_row_mem)]
+    pub mem: u64,
+    /// Anonymous 4K memory only, no teardown (CI-sized).
+    #[arg(long)]
+    pub quick: bool,
+    /// No QEMU: the table, CSV, chart and section again from
+    /// build/bench-numa-*.log (give the same options as the run that wrote
+    /// them).
+    #[arg(long)]
+    pub from_logs: bool,
+}
+
+fn parse_minutes(v: &str) -> Result<f64, String> {
+    let m: f64 = v.parse().map_err(|_| format!("`{v}`: not a number"))?;
+    if !(0.05..=60.0).contains(&m) {
+        return Err(format!("`{v}`: expected 0.05 to 60"));
+    }
+    Ok(m)
+}
+
+fn parse_row_mem(v: &str) -> Result<u64, String> {
+    let t = v.trim_end_matches(['M', 'm']);
+    let n: u64 = t
+        .parse()
+        .map_err(|_| format!("`{v}`: expected MiB like 16M"))?;
+    if !(2..=512).contains(&n) || !n.is_multiple_of(2) {
+        return Err(format!("`{v}`: expected an even number of MiB, 2M to 512M"));
+    }
+    Ok(n)
+}
+
+impl NumaArgs {
+    /// The plan these options describe.
+    pub fn plan(&self) -> Plan {
+        let minutes = self.minutes.unwrap_or(if self.quick { 0.25 } else { 0.5 });
+        Plan {
+            rows: rows(self.quick),
+            seconds: (minutes * 60.0).round() as u64,
+            mem_mib: self.mem,
+            teardown: !self.quick,
+            from_logs: self.from_logs,
         }
     }
-    let minutes = minutes.unwrap_or(if quick { 0.25 } else { 0.5 });
-    Ok(Plan {
-        rows: rows(quick),
-        seconds: (minutes * 60.0).round() as u64,
-        mem_mib: mem,
-        teardown: !quick,
-        from_logs,
-    })
 }
 
 /// `cargo xtask bench numa ...`.
-pub fn bench(root: &Path, args: &[String]) -> Result<(), String> {
-    let plan = parse_args(args)?;
+pub fn bench(root: &Path, args: &NumaArgs) -> Result<()> {
+    let plan = args.plan();
     let t0 = Instant::now();
-    let (rows, td, _) = measure_plan(root, &plan)?;
+    let (rows, td, _, versions) = measure_plan(root, &plan)?;
     let wall_file = root.join("build/bench-numa-wall.txt");
     let wall = if plan.from_logs {
         std::fs::read_to_string(&wall_file)
@@ -1104,89 +1097,21 @@ pub fn bench(root: &Path, args: &[String]) -> Result<(), String> {
     }
     let csv_path = root.join(CSV);
     if let Some(d) = csv_path.parent() {
-        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
     }
-    std::fs::write(&csv_path, csv(&rows)).map_err(|e| format!("{}: {e}", csv_path.display()))?;
+    std::fs::write(&csv_path, csv(&rows)).with_context(|| csv_path.display().to_string())?;
     let chart_path = root.join(CHART);
     chart(&rows, &chart_path)?;
-    let doc = root.join("docs").join("PERFORMANCE.md");
-    let old = std::fs::read_to_string(&doc).ok();
-    let new = splice(
-        old.as_deref(),
-        &doc_section(&plan, &rows, td.as_ref(), wall),
-    )?;
-    std::fs::write(&doc, new).map_err(|e| format!("{}: {e}", doc.display()))?;
     progress(&format!(
-        "numa bench: wrote {}, {} and {}",
+        "numa bench: wrote {} and {}",
         csv_path.display(),
         chart_path.display(),
-        doc.display()
     ));
-    Ok(())
-}
-
-/// The short form inside `cargo xtask test` (suite `numa`): one el2 boot,
-/// eager and confirm on anonymous 4K memory, 30 s each: confirm's spurious
-/// unmaps stay 0, eager's are above 0.
-pub fn suite(root: &Path) -> Vec<Outcome> {
-    let row = |p| Row {
-        hyp: Hyp::S2pin(p),
-        backing: "anon",
-        balancing: true,
-        run: 1,
-    };
-    let plan = Plan {
-        rows: vec![row("eager"), row("confirm")],
-        seconds: 30,
-        mem_mib: 16,
-        teardown: false,
-        from_logs: false,
-    };
-    let (rows, _, all) = match measure_plan(root, &plan) {
-        Ok(x) => x,
-        Err(e) => {
-            return vec![(
-                "numa: boot under el2 with s2pin.ko and s2vmm".into(),
-                false,
-                e,
-            )]
-        }
-    };
-    let text = |id: &str| {
-        all.get(&format!("el2:{id}"))
-            .map(|s| s.lines.join("\n"))
-            .unwrap_or_else(|| "(no output for this row)".into())
-    };
-    let mut out = Vec::new();
-    let setup = all.get("el2:setup").cloned().unwrap_or_default();
-    out.push((
-        "numa: s2pin.ko loads, NUMA balancing's knobs set".into(),
-        setup.checks.get("insmod").map(String::as_str) == Some("0")
-            && setup.checks.get("knobs").map(String::as_str) == Some("0"),
-        setup.lines.join("\n"),
-    ));
-    let dm = all.get("el2:dmesg").cloned().unwrap_or_default();
-    out.push((
-        "numa: no Oops, BUG or WARNING in dmesg".into(),
-        dm.checks.get("bad").map(String::as_str) == Some("0"),
-        dm.lines.join("\n"),
-    ));
-    for (r, m) in &rows {
-        let id = r.id();
-        let scanned = m.range_start.get(2).copied().unwrap_or(0) > 0;
-        let (name, ok) = match r.hyp {
-            Hyp::S2pin("confirm") => (
-                "numa short bench, confirm on 4K anon under NUMA balancing: 0 spurious unmaps, 0 pages unmapped for protection events, passes made",
-                m.ok && scanned && m.spurious == 0 && m.passes > 0,
-            ),
-            _ => (
-                "numa short bench, eager on 4K anon under NUMA balancing: spurious unmaps above 0 (it unmaps pinned pages whose PTE 6.1 leaves alone: confirm's row unmaps none of them)",
-                m.ok && scanned && m.spurious > 0 && m.passes > 0,
-            ),
-        };
-        out.push((name.to_string(), ok, format!("{m:?}\n{}", text(&id))));
-    }
-    out
+    super::write_section(
+        root,
+        "numa",
+        &doc_section(&plan, &rows, td.as_ref(), wall, &versions),
+    )
 }
 
 #[cfg(test)]
@@ -1322,14 +1247,13 @@ mod tests {
         assert_eq!(per_min(m.tlbi, m.seconds), "902");
     }
 
-    #[test]
-    fn the_section_is_spliced() {
-        let doc = "# P\n\n<!-- bench:stage2:begin -->\nx\n<!-- bench:stage2:end -->\n";
-        let once = splice(Some(doc), "one").unwrap();
-        assert!(once.contains("bench:stage2:begin") && once.contains("one"));
-        let twice = splice(Some(&once), "two").unwrap();
-        assert!(twice.contains("two") && !twice.contains("one\n"));
-        assert!(splice(Some(&format!("{BEGIN}\n")), "x").is_err());
+    fn parse_args(args: &[&str]) -> Result<Plan, clap::Error> {
+        use clap::Parser;
+        let argv = ["cargo xtask", "bench", "numa"].iter().chain(args);
+        match crate::cli::Cli::try_parse_from(argv)?.command {
+            crate::cli::Command::Bench(crate::cli::BenchCommand::Numa(a)) => Ok(a.plan()),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -1339,7 +1263,7 @@ mod tests {
             (p.seconds, p.mem_mib, p.teardown, p.rows.len()),
             (30, 16, true, 21)
         );
-        let q = parse_args(&["--quick".into(), "--minutes".into(), "1".into()]).unwrap();
+        let q = parse_args(&["--quick", "--minutes", "1"]).unwrap();
         assert_eq!((q.seconds, q.teardown), (60, false));
         for bad in [
             &["--minutes", "x"][..],
@@ -1347,8 +1271,7 @@ mod tests {
             &["--mem", "0"],
             &["--bogus"],
         ] {
-            let v: Vec<String> = bad.iter().map(|s| s.to_string()).collect();
-            assert!(parse_args(&v).is_err(), "{bad:?}");
+            assert!(parse_args(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -1,133 +1,16 @@
-//! `cargo xtask test`: test suites and their tally.
-//!
-//! Each suite is a list of steps. A step that runs a test binary contributes
-//! that binary's own pass/fail counts; a check (clippy, fmt, a cross build)
-//! counts as one test. The last line printed is always `N passed, N failed`.
+//! The `host` suite: everything that runs on the build machine (unit and
+//! property tests of every crate, rustfmt, clippy for each target, rustdoc,
+//! a bounded fuzz run of the EL2 dispatcher).
 
 use std::path::Path;
 use std::process::Command;
 
-use crate::install;
-use crate::util::{capture, cargo_bin, progress};
-
-/// Suites in the order `cargo xtask test` runs them.
-const SUITES: &[(&str, &str)] = &[
-    (
-        "host",
-        "unit and property tests, clippy (host and aarch64), rustfmt, docs",
-    ),
-    (
-        "boot",
-        "boots Debian's kernel under el2 in QEMU and checks it (XTASK_BOOT_MODE=no-hyp: harness check at EL2)",
-    ),
-    (
-        "conformance",
-        "boots el2 with a bare-metal EL1 test host that checks every hypercall against docs/ABI.md",
-    ),
-    (
-        "guest",
-        "the EL1 test host runs guests under el2 (demand faults, SMP, isolation, hostile guest calls)",
-    ),
-    (
-        "shim",
-        "Debian under el2 with s2pin.ko and s2vmm: pinning, hooks, policies under NUMA balancing, kill -9, hostile user space (2 boots)",
-    ),
-    (
-        "numa",
-        "the short NUMA benchmark (issue 10): eager and confirm on 4K anon under NUMA balancing, 30 s each; confirm's spurious unmaps 0, eager's above 0",
-    ),
-];
-
-/// Suites that exist but are not in the default run yet: `cargo xtask test
-/// NAME` runs one; moving its line into [`SUITES`] enables it by default.
-const OPT_IN: &[(&str, &str)] = &[];
-
-#[derive(Default)]
-struct Tally {
-    passed: u64,
-    failed: u64,
-    failures: Vec<String>,
-}
-
-impl Tally {
-    fn check(&mut self, name: &str, ok: bool, detail: &str) {
-        if ok {
-            self.passed += 1;
-            println!("PASS {name}");
-        } else {
-            self.failed += 1;
-            println!("FAIL {name}");
-            if !detail.is_empty() {
-                println!("{detail}");
-            }
-            self.failures.push(name.to_string());
-        }
-    }
-}
-
-/// Runs the named suites (all available ones when `args` is empty).
-pub fn test(root: &Path, args: &[String]) -> Result<(), String> {
-    let mut wanted: Vec<&str> = Vec::new();
-    for a in args {
-        if let Some((name, _)) = SUITES.iter().chain(OPT_IN).find(|(n, _)| n == a) {
-            wanted.push(name);
-        } else {
-            let names: Vec<&str> = SUITES.iter().chain(OPT_IN).map(|(n, _)| *n).collect();
-            return Err(format!(
-                "unknown suite `{a}`; available: {}",
-                names.join(", ")
-            ));
-        }
-    }
-    if wanted.is_empty() {
-        wanted = SUITES.iter().map(|(n, _)| *n).collect();
-    }
-    install::rust_targets()?;
-    let mut tally = Tally::default();
-    for suite in wanted {
-        match suite {
-            "host" => host(root, &mut tally),
-            "boot" => boot(root, &mut tally),
-            "guest" => {
-                progress("guest: el2 + the EL1 test host running guests in QEMU (one boot, with a timeout)");
-                for (name, ok, detail) in crate::guest::suite(root) {
-                    tally.check(&name, ok, &detail);
-                }
-            }
-            "shim" => {
-                progress("shim: Debian under el2 with s2pin.ko and s2vmm (two boots, each with a timeout)");
-                for (name, ok, detail) in crate::shim::suite(root) {
-                    tally.check(&name, ok, &detail);
-                }
-            }
-            "numa" => {
-                progress("numa: the short NUMA benchmark under el2 (one boot, with a timeout)");
-                for (name, ok, detail) in crate::numa_bench::suite(root) {
-                    tally.check(&name, ok, &detail);
-                }
-            }
-            "conformance" => {
-                progress("conformance: el2 + the EL1 test host in QEMU (one boot, with a timeout)");
-                for (name, ok, detail) in crate::conformance::suite(root) {
-                    tally.check(&name, ok, &detail);
-                }
-            }
-            _ => unreachable!("suite names come from SUITES and OPT_IN"),
-        }
-    }
-    if !tally.failures.is_empty() {
-        println!("failed: {}", tally.failures.join(", "));
-    }
-    println!("{} passed, {} failed", tally.passed, tally.failed);
-    if tally.failed == 0 {
-        Ok(())
-    } else {
-        Err(format!("{} test(s) failed", tally.failed))
-    }
-}
+use crate::check::{Check, Tally};
+use crate::util::{capture, cargo_bin, progress, tail};
 
 /// The host suite: everything that runs on the build machine.
-fn host(root: &Path, tally: &mut Tally) {
+pub fn run(root: &Path, tally: &mut Tally) {
+    progress(&format!("host: versions: {}", crate::versions::rustc()));
     progress("host: cargo test --workspace");
     cargo_tests(root, tally, &["test", "--workspace", "--no-fail-fast"]);
 
@@ -171,6 +54,8 @@ fn host(root: &Path, tally: &mut Tally) {
             "abi-model",
             "-p",
             "s2pin-uapi",
+            "-p",
+            "boot-contract",
             "--target",
             "aarch64-unknown-none",
             "--",
@@ -184,7 +69,7 @@ fn host(root: &Path, tally: &mut Tally) {
     run_check(
         root,
         tally,
-        "clippy el2, testhost, guest, s2pin-core, baremetal aarch64-unknown-none-softfloat",
+        "clippy el2, testhost, guest, s2pin-core, baremetal, boot-contract aarch64-unknown-none-softfloat",
         &[
             "clippy",
             "-p",
@@ -197,6 +82,8 @@ fn host(root: &Path, tally: &mut Tally) {
             "s2pin-core",
             "-p",
             "baremetal",
+            "-p",
+            "boot-contract",
             "--target",
             "aarch64-unknown-none-softfloat",
             "--",
@@ -267,22 +154,9 @@ fn host(root: &Path, tally: &mut Tally) {
     match crate::fuzz::run_bounded(root) {
         Ok(summary) => {
             println!("{summary}");
-            tally.check("fuzz host_call (bounded)", true, "");
+            tally.record(Check::pass("fuzz host_call (bounded)"));
         }
-        Err(e) => tally.check("fuzz host_call (bounded)", false, &e),
-    }
-}
-
-/// The boot suite: QEMU boots, each assertion one check (see `boot::suite`).
-fn boot(root: &Path, tally: &mut Tally) {
-    progress("boot: QEMU boots with a timeout each");
-    match crate::boot::SuiteMode::from_env() {
-        Ok(mode) => {
-            for c in crate::boot::suite(root, mode) {
-                tally.check(&c.name, c.ok, &c.detail);
-            }
-        }
-        Err(e) => tally.check("boot: XTASK_BOOT_MODE", false, &e),
+        Err(e) => tally.record(Check::error("fuzz host_call (bounded)", &e)),
     }
 }
 
@@ -300,9 +174,9 @@ fn run_check(root: &Path, tally: &mut Tally, name: &str, args: &[&str], env: &[(
                 tail(&String::from_utf8_lossy(&out.stdout), 30),
                 tail(&String::from_utf8_lossy(&out.stderr), 60)
             );
-            tally.check(name, out.status.success(), &detail);
+            tally.record(Check::new(name, out.status.success(), detail));
         }
-        Err(e) => tally.check(name, false, &e),
+        Err(e) => tally.record(Check::error(name, &e)),
     }
 }
 
@@ -312,7 +186,7 @@ fn cargo_tests(root: &Path, tally: &mut Tally, args: &[&str]) {
     cmd.args(args).current_dir(root);
     let out = match capture(&mut cmd) {
         Ok(out) => out,
-        Err(e) => return tally.check("cargo test", false, &e),
+        Err(e) => return tally.record(Check::error("cargo test", &e)),
     };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -335,7 +209,7 @@ fn cargo_tests(root: &Path, tally: &mut Tally, args: &[&str]) {
     }
     if !out.status.success() && failed == 0 {
         // Nothing failed by name, so a test binary did not build or crashed.
-        tally.check("cargo test (build)", false, &tail(&stderr, 60));
+        tally.record(Check::new("cargo test (build)", false, tail(&stderr, 60)));
     }
 }
 
@@ -363,11 +237,6 @@ fn libtest_counts(output: &str) -> (u64, u64) {
         }
     }
     (passed, failed)
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 #[cfg(test)]

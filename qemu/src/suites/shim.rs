@@ -24,9 +24,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::boot::{self, ExecRun};
-use crate::initramfs::{Extra, Mode};
-use crate::qemu::{Console, Machine};
+use crate::check::{Check, Tally};
+use crate::qemu::Machine;
+use crate::run::{self, exec_script, ExecRun};
 use crate::util::progress;
 
 /// Hard limit on each boot of the suite.
@@ -248,60 +248,35 @@ fn script_numa() -> String {
     s
 }
 
-/// One named result.
-pub type Outcome = (String, bool, String);
-
-fn boot_script(
-    root: &Path,
-    ing: &boot::Ingredients,
-    machine: &Machine,
-    script: &str,
-    extras: &[Extra],
-) -> Result<ExecRun, String> {
-    let p = boot::prepare(
-        root,
-        ing,
-        machine,
-        Mode::Exec {
-            script: script.to_string(),
-            quiet: true,
-        },
-        extras,
-        Console::Captured,
-        boot::kernel_cmdline(false, &[]),
-    )?;
-    boot::exec_with(&p, BOOT_TIMEOUT, false, false)
+/// The shim suite (registered in `suites/mod.rs`).
+pub fn run(root: &Path, tally: &mut Tally) {
+    progress("shim: Debian under el2 with s2pin.ko and s2vmm (two boots, each with a timeout)");
+    tally.record_all(suite(root));
 }
 
 /// Runs the suite.
-pub fn suite(root: &Path) -> Vec<Outcome> {
-    let mut out: Vec<Outcome> = Vec::new();
-    let prep = (|| -> Result<_, String> {
-        let ing = boot::ingredients(root, false)?;
-        let mut extras = boot::host_modules(root, &ing.debian)?;
-        extras.extend(crate::vmm::extras(root)?);
+pub fn suite(root: &Path) -> Vec<Check> {
+    let mut out: Vec<Check> = Vec::new();
+    let prep = (|| -> anyhow::Result<_> {
+        let ing = run::ingredients(root, false)?;
+        let extras = run::shim_extras(root, &ing.debian)?;
         Ok((ing, extras))
     })();
     let (ing, extras) = match prep {
         Ok(x) => x,
-        Err(e) => return vec![("shim: build el2, the modules and s2vmm".into(), false, e)],
+        Err(e) => return vec![Check::error("shim: build el2, the modules and s2vmm", &e)],
     };
-    let one = Machine {
-        smp: 4,
-        mem_mib: 2048,
-        numa_nodes: 1,
-        cpu: crate::qemu::DEFAULT_CPU.into(),
-    };
+    let one = Machine::default();
     progress(&format!(
         "shim boot 1/2: s2pin.ko + s2vmm cases, one node (timeout {} s)",
         BOOT_TIMEOUT.as_secs()
     ));
-    match boot_script(root, &ing, &one, &script_one_node(), &extras) {
+    match exec_script(root, &ing, &one, &script_one_node(), &extras, BOOT_TIMEOUT) {
         Ok(r) => {
             out.extend(boot_checks("shim boot 1", &r));
             out.extend(one_node_checks(&sections(&r.output)));
         }
-        Err(e) => out.push(("shim boot 1".into(), false, e)),
+        Err(e) => out.push(Check::error("shim boot 1", &e)),
     }
     let two = Machine {
         smp: 2,
@@ -312,22 +287,22 @@ pub fn suite(root: &Path) -> Vec<Outcome> {
         "shim boot 2/2: NUMA balancing over pinned guest memory, two nodes (timeout {} s)",
         BOOT_TIMEOUT.as_secs()
     ));
-    match boot_script(root, &ing, &two, &script_numa(), &extras) {
+    match exec_script(root, &ing, &two, &script_numa(), &extras, BOOT_TIMEOUT) {
         Ok(r) => {
             out.extend(boot_checks("shim boot 2", &r));
             out.extend(numa_checks(&sections(&r.output)));
         }
-        Err(e) => out.push(("shim boot 2".into(), false, e)),
+        Err(e) => out.push(Check::error("shim boot 2", &e)),
     }
     out
 }
 
-fn boot_checks(what: &str, r: &ExecRun) -> Vec<Outcome> {
+fn boot_checks(what: &str, r: &ExecRun) -> Vec<Check> {
     let s = sections(&r.output);
     let setup = s.get("setup").cloned().unwrap_or_default();
     let dmesg = s.get("dmesg").cloned().unwrap_or_default();
     vec![
-        (
+        Check::new(
             format!("{what}: the script ends before the timeout"),
             r.status.is_some() && !r.captured.timed_out,
             format!(
@@ -337,12 +312,12 @@ fn boot_checks(what: &str, r: &ExecRun) -> Vec<Outcome> {
                 r.captured.tail(40)
             ),
         ),
-        (
+        Check::new(
             format!("{what}: s2pin.ko loads and /dev/s2pin exists"),
             setup.check("insmod") == Some("0") && setup.check("dev") == Some("/dev/s2pin"),
             setup.text(),
         ),
-        (
+        Check::new(
             format!("{what}: no Oops, BUG, WARNING, lockdep report or hung task in dmesg"),
             dmesg.check("bad") == Some("0"),
             dmesg.text(),
@@ -356,12 +331,12 @@ fn clean(s: &Section) -> bool {
     s.check("rc") == Some("0") && s.check("pinned") == Some("0") && s.check("vms") == Some("0")
 }
 
-fn one_node_checks(all: &BTreeMap<String, Section>) -> Vec<Outcome> {
+fn one_node_checks(all: &BTreeMap<String, Section>) -> Vec<Check> {
     let mut out = Vec::new();
     let empty = Section::default();
     let get = |n: &str| all.get(n).unwrap_or(&empty);
     let mut check = |name: &str, ok: bool, s: &Section| {
-        out.push((format!("shim: {name}"), ok, s.text()));
+        out.push(Check::new(format!("shim: {name}"), ok, s.text()));
     };
 
     let f = get("fill");
@@ -452,34 +427,38 @@ fn one_node_checks(all: &BTreeMap<String, Section>) -> Vec<Outcome> {
     for l in &h.lines {
         let l = l.trim();
         if let Some(name) = l.strip_prefix("PASS ") {
-            out.push((format!("shim: hostile: {name}"), true, String::new()));
+            out.push(Check::pass(format!("shim: hostile: {name}")));
         } else if let Some(name) = l.strip_prefix("FAIL ") {
-            out.push((format!("shim: hostile: {name}"), false, h.text()));
+            out.push(Check::new(
+                format!("shim: hostile: {name}"),
+                false,
+                h.text(),
+            ));
         }
     }
-    out.push((
-        "shim: hostile user space: every case gets its errno, s2vmm exits 0, nothing left".into(),
+    out.push(Check::new(
+        "shim: hostile user space: every case gets its errno, s2vmm exits 0, nothing left",
         clean(h) && h.has_line("s2vmm hostile:") && h.has_line(" 0 failed"),
         h.text(),
     ));
 
     let k = get("kill");
     let pinned_live = k.check_num("pinned_live").unwrap_or(0);
-    out.push((
-        "shim: kill -9 mid-run: the VM had pinned its memory and accounted it in locked_vm".into(),
+    out.push(Check::new(
+        "shim: kill -9 mid-run: the VM had pinned its memory and accounted it in locked_vm",
         pinned_live >= (64 << 8) && k.check_num("vmlck_kib") == Some(4 * pinned_live),
         k.text(),
     ));
-    out.push((
-        "shim: kill -9 mid-run: afterwards nothing pinned, no VM, every frame it had host-owned and unshared (HYP_HOST_PAGE_STATE)".into(),
+    out.push(Check::new(
+        "shim: kill -9 mid-run: afterwards nothing pinned, no VM, every frame it had host-owned and unshared (HYP_HOST_PAGE_STATE)",
         k.check("pinned") == Some("0")
             && k.check("vms") == Some("0")
             && k.check_num("checked").unwrap_or(0) >= (64 << 8)
             && k.check("not_host") == Some("0"),
         k.text(),
     ));
-    out.push((
-        "shim: kill -9 mid-run: MemFree is back (after drop_caches, within 16 MiB of before the 66 MiB VM; runs differ by up to ~7 MiB)".into(),
+    out.push(Check::new(
+        "shim: kill -9 mid-run: MemFree is back (after drop_caches, within 16 MiB of before the 66 MiB VM; runs differ by up to ~7 MiB)",
         k.check_num("memfree_drop_kib").is_some_and(|d| d < 16 << 10),
         k.text(),
     ));
@@ -490,12 +469,12 @@ fn s_eq(v: i64, want: u64) -> bool {
     v == want as i64
 }
 
-fn numa_checks(all: &BTreeMap<String, Section>) -> Vec<Outcome> {
+fn numa_checks(all: &BTreeMap<String, Section>) -> Vec<Check> {
     let mut out = Vec::new();
     let empty = Section::default();
     let get = |n: &str| all.get(n).unwrap_or(&empty);
     let mut check = |name: &str, ok: bool, s: &Section| {
-        out.push((format!("shim: {name}"), ok, s.text()));
+        out.push(Check::new(format!("shim: {name}"), ok, s.text()));
     };
     let scanned = |s: &Section| s.stat("range_start_protection_vma") > 0;
 
@@ -606,11 +585,8 @@ mod tests {
     fn checks_fail_without_evidence() {
         // An empty run fails every case: nothing is assumed.
         let none = BTreeMap::new();
-        for (n, ok, _) in one_node_checks(&none) {
-            assert!(!ok, "{n}");
-        }
-        for (n, ok, _) in numa_checks(&none) {
-            assert!(!ok, "{n}");
+        for c in one_node_checks(&none).into_iter().chain(numa_checks(&none)) {
+            assert!(!c.ok, "{}", c.name);
         }
     }
 
@@ -635,13 +611,13 @@ mod tests {
         let mut all = BTreeMap::new();
         all.insert("fill".to_string(), f.clone());
         let r = one_node_checks(&all);
-        let fill: Vec<_> = r.iter().filter(|(n, ..)| n.contains("fill")).collect();
+        let fill: Vec<_> = r.iter().filter(|c| c.name.contains("fill")).collect();
         assert_eq!(fill.len(), 4);
-        assert!(fill.iter().all(|(_, ok, _)| *ok), "{fill:?}");
+        assert!(fill.iter().all(|c| c.ok), "{fill:?}");
         f.checks.insert("pinned".into(), "3".into());
         all.insert("fill".to_string(), f);
         let r = one_node_checks(&all);
-        assert!(!r[0].1);
+        assert!(!r[0].ok);
     }
 
     #[test]
