@@ -162,6 +162,14 @@ pub enum Command {
         #[arg(long, default_value = "/root/guest.bin")]
         image: PathBuf,
     },
+    /// Hostile guests on the real path: garbage guest calls, PSCI abuse, accesses outside guest
+    /// memory and beyond the IPA space, an MMIO burst, trapped registers; each VM must end with
+    /// a clear exit and s2vmm and the host must go on (a normal guest passes afterwards).
+    HostileGuests(crate::hostile_guests::HostileGuestsArgs),
+    /// s2vmm killed with SIGKILL at random (seeded) moments: while guests of 1 to 4 vCPUs fault
+    /// memory in, while NUMA balancing or a munmap is forwarded, during an earlier VM's teardown;
+    /// the leak check after each kill and at the end. Exit status 0 when nothing leaked.
+    Killloop(crate::killloop::KillLoopArgs),
     /// The nothing-leaked check (run it when no VM should exist): every frame of the host's RAM
     /// host-owned and unshared at EL2, the module's pin and VM counts 0, locked_vm and MemFree
     /// back, no oops/WARNING/lockdep in the kernel log. One line `leakcheck: OK|LEAK ...`;

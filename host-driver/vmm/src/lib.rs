@@ -17,6 +17,8 @@
 pub mod args;
 pub mod backend;
 pub mod console;
+pub mod hostile_guests;
+pub mod killloop;
 pub mod layout;
 pub mod leakcheck;
 pub mod mmio;

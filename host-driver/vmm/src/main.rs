@@ -19,6 +19,8 @@ fn main() -> ExitCode {
     };
     let result = match &cli.command {
         Some(Command::Hostile { image }) => run_hostile(image),
+        Some(Command::HostileGuests(a)) => run_hostile_guests(a),
+        Some(Command::Killloop(a)) => run_killloop(a),
         Some(Command::Leakcheck(a)) => run_leakcheck(a),
         None => match cli.config() {
             Ok(cfg) => run_guest(&cfg),
@@ -65,5 +67,25 @@ fn run_leakcheck(a: &s2vmm::leakcheck::LeakcheckArgs) -> anyhow::Result<i32> {
 
 #[cfg(not(target_os = "linux"))]
 fn run_leakcheck(_: &s2vmm::leakcheck::LeakcheckArgs) -> anyhow::Result<i32> {
+    anyhow::bail!("s2vmm runs on Linux only")
+}
+
+#[cfg(target_os = "linux")]
+fn run_hostile_guests(a: &s2vmm::hostile_guests::HostileGuestsArgs) -> anyhow::Result<i32> {
+    s2vmm::hostile_guests::run(a)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn run_hostile_guests(_: &s2vmm::hostile_guests::HostileGuestsArgs) -> anyhow::Result<i32> {
+    anyhow::bail!("s2vmm runs on Linux only")
+}
+
+#[cfg(target_os = "linux")]
+fn run_killloop(a: &s2vmm::killloop::KillLoopArgs) -> anyhow::Result<i32> {
+    s2vmm::killloop::run(a)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn run_killloop(_: &s2vmm::killloop::KillLoopArgs) -> anyhow::Result<i32> {
     anyhow::bail!("s2vmm runs on Linux only")
 }
