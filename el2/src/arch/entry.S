@@ -1,5 +1,6 @@
 /*
- * Boot entry, secondary entry, stage-1 MMU enable and exception vectors.
+ * Boot entry, secondary entry, stage-1 MMU enable and exception vectors,
+ * built from the shared macros of baremetal/src/boot.S.
  *
  * Instruction budget: an exception vector slot is 128 bytes (32 instructions),
  * so each slot only makes room for the frame, saves x0/x1, records which slot
@@ -7,8 +8,8 @@
  */
 
 .equ FRAME_SIZE, 288          /* 31 GPRs + ELR, SPSR, ESR, FAR, HPFAR (see exception.rs) */
-.equ STACK_SIZE, 0x10000      /* layout::STACK_SIZE */
-.equ MAX_CPUS, 8              /* layout::MAX_CPUS */
+.equ STACK_SIZE, {stack_size} /* layout::STACK_SIZE */
+.equ MAX_CPUS, {max_cpus}     /* layout::MAX_CPUS */
 
 /* MAIR_EL2: attr0 = Device-nGnRE, attr1 = Normal WB RA WA. */
 .equ MAIR_VALUE, 0xff04
@@ -20,22 +21,15 @@
 .section .text.head, "ax"
 .global _start
 _start:
-    /* arm64 Image header (qemu/baremetal/src/image_header.S). */
-    arm64_image_header primary_entry, 0x80000
+    /* arm64 Image header (baremetal/src/image_header.S); QEMU loads the
+     * image at RAM base + text_offset (boot_contract::HYP_IMAGE_ADDR). */
+    arm64_image_header primary_entry, {text_offset}
 
 primary_entry:
     mov     x19, x0              /* DTB */
-    adrp    x1, __bss_start
-    add     x1, x1, :lo12:__bss_start
-    adrp    x2, __bss_end
-    add     x2, x2, :lo12:__bss_end
-1:  cmp     x1, x2
-    b.hs    2f
-    stp     xzr, xzr, [x1], #16
-    b       1b
-2:  mov     x0, #0
-    bl      set_stack
-    bl      enable_mmu
+    zero_bss
+    mov     x0, #0
+    bl      cpu_setup
     mov     x0, x19
     bl      primary_main
 3:  wfe
@@ -47,53 +41,20 @@ secondary_entry:
     mov     x19, x0
     cmp     x0, #MAX_CPUS
     b.hs    4f
-    bl      set_stack
-    bl      enable_mmu
+    bl      cpu_setup
     mov     x0, x19
     bl      secondary_main
 4:  wfe
     b       4b
 
-/* sp = top of CPU x0's stack. Clobbers x1, x2. */
-set_stack:
-    adrp    x1, STACKS
-    add     x1, x1, :lo12:STACKS
-    add     x2, x0, #1
-    mov     x0, #STACK_SIZE
-    madd    x1, x2, x0, x1
-    mov     sp, x1
-    ret
-
-/* Turns on the EL2 stage-1 MMU with the static identity map BOOT_PT. Clobbers x0, x1. */
-enable_mmu:
-    adrp    x0, BOOT_PT
-    add     x0, x0, :lo12:BOOT_PT
-    msr     ttbr0_el2, x0
-    ldr     x0, =MAIR_VALUE
-    msr     mair_el2, x0
-    mrs     x1, id_aa64mmfr0_el1
-    and     x1, x1, #0xf         /* PARange */
-    cmp     x1, #5
-    mov     x0, #5
-    csel    x1, x1, x0, ls       /* at most 48 bits */
-    ldr     x0, =TCR_VALUE
-    bfi     x0, x1, #16, #3      /* PS */
-    msr     tcr_el2, x0
-    isb
-    tlbi    alle2
-    dsb     nsh
-    isb
-    ldr     x0, =SCTLR_VALUE
-    msr     sctlr_el2, x0
-    isb
-    adrp    x0, VECTORS
-    add     x0, x0, :lo12:VECTORS
-    msr     vbar_el2, x0
-    isb
+/* x0 = CPU index: its stack, the MMU, the vectors. Clobbers x0..x2. */
+cpu_setup:
+    set_stack STACKS, STACK_SIZE, x0
+    mmu_on  el2, BOOT_PT, MAIR_VALUE, TCR_VALUE, SCTLR_VALUE, 16
+    set_vbar el2, VECTORS
     ret
 
 .macro vector kind
-    .balign 0x80
     sub     sp, sp, #FRAME_SIZE
     stp     x0, x1, [sp, #0]
     mov     x0, #\kind
@@ -101,42 +62,13 @@ enable_mmu:
 .endm
 
 .section .text.vectors, "ax"
-.balign 0x800
 .global VECTORS
-VECTORS:
-    vector 0    /* current EL, SP_EL0: sync */
-    vector 1    /*   irq */
-    vector 2    /*   fiq */
-    vector 3    /*   serror */
-    vector 4    /* current EL, SP_ELx: sync */
-    vector 5    /*   irq */
-    vector 6    /*   fiq */
-    vector 7    /*   serror */
-    vector 8    /* lower EL, AArch64: sync */
-    vector 9    /*   irq */
-    vector 10   /*   fiq */
-    vector 11   /*   serror */
-    vector 12   /* lower EL, AArch32: sync */
-    vector 13   /*   irq */
-    vector 14   /*   fiq */
-    vector 15   /*   serror */
+/* Slots 0-7: el2 itself (fatal); 8-11: the host or a guest (AArch64). */
+vector_table VECTORS, vector
 
 /* x0 = vector index; the interrupted x0/x1 are at [sp]. */
 trap_common:
-    stp     x2, x3, [sp, #16]
-    stp     x4, x5, [sp, #32]
-    stp     x6, x7, [sp, #48]
-    stp     x8, x9, [sp, #64]
-    stp     x10, x11, [sp, #80]
-    stp     x12, x13, [sp, #96]
-    stp     x14, x15, [sp, #112]
-    stp     x16, x17, [sp, #128]
-    stp     x18, x19, [sp, #144]
-    stp     x20, x21, [sp, #160]
-    stp     x22, x23, [sp, #176]
-    stp     x24, x25, [sp, #192]
-    stp     x26, x27, [sp, #208]
-    stp     x28, x29, [sp, #224]
+    gprs    stp, sp
     mrs     x1, elr_el2
     stp     x30, x1, [sp, #240]
     mrs     x1, spsr_el2
@@ -152,20 +84,7 @@ trap_common:
     msr     elr_el2, x1
     ldr     x1, [sp, #256]
     msr     spsr_el2, x1
-    ldp     x28, x29, [sp, #224]
-    ldp     x26, x27, [sp, #208]
-    ldp     x24, x25, [sp, #192]
-    ldp     x22, x23, [sp, #176]
-    ldp     x20, x21, [sp, #160]
-    ldp     x18, x19, [sp, #144]
-    ldp     x16, x17, [sp, #128]
-    ldp     x14, x15, [sp, #112]
-    ldp     x12, x13, [sp, #96]
-    ldp     x10, x11, [sp, #80]
-    ldp     x8, x9, [sp, #64]
-    ldp     x6, x7, [sp, #48]
-    ldp     x4, x5, [sp, #32]
-    ldp     x2, x3, [sp, #16]
+    gprs    ldp, sp
     ldp     x0, x1, [sp, #0]
     add     sp, sp, #FRAME_SIZE
     eret

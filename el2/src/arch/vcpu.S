@@ -41,76 +41,32 @@ __guest_enter:
     msr     elr_el2, x1
     msr     spsr_el2, x2
     isb
-    ldp     x2, x3, [x0, #16]
-    ldp     x4, x5, [x0, #32]
-    ldp     x6, x7, [x0, #48]
-    ldp     x8, x9, [x0, #64]
-    ldp     x10, x11, [x0, #80]
-    ldp     x12, x13, [x0, #96]
-    ldp     x14, x15, [x0, #112]
-    ldp     x16, x17, [x0, #128]
-    ldp     x18, x19, [x0, #144]
-    ldp     x20, x21, [x0, #160]
-    ldp     x22, x23, [x0, #176]
-    ldp     x24, x25, [x0, #192]
-    ldp     x26, x27, [x0, #208]
-    ldp     x28, x29, [x0, #224]
+    gprs    ldp, x0
     ldr     x30, [x0, #240]
     ldp     x0, x1, [x0, #0]
     eret
     dsb     nsh                  /* no speculation past the eret */
     isb
 
+/* Slots 0-7 (EL2 itself): the host table's slot. 8-15 (the guest): exit. */
 .macro guest_vector kind
-    .balign 0x80
+    .if \kind < 8
+    b       VECTORS + \kind * 0x80
+    .else
     stp     x0, x1, [sp, #-16]!
     mov     x0, #\kind
     b       guest_exit
-.endm
-
-.macro el2_vector kind
-    .balign 0x80
-    b       VECTORS + \kind * 0x80
+    .endif
 .endm
 
 .section .text.vectors, "ax"
-.balign 0x800
 .global GUEST_VECTORS
-GUEST_VECTORS:
-    el2_vector 0
-    el2_vector 1
-    el2_vector 2
-    el2_vector 3
-    el2_vector 4
-    el2_vector 5
-    el2_vector 6
-    el2_vector 7
-    guest_vector 8     /* lower EL, AArch64: sync */
-    guest_vector 9     /*   irq */
-    guest_vector 10    /*   fiq */
-    guest_vector 11    /*   serror */
-    guest_vector 12    /* lower EL, AArch32 (never runs) */
-    guest_vector 13
-    guest_vector 14
-    guest_vector 15
+vector_table GUEST_VECTORS, guest_vector
 
 /* x0 = slot; the guest's x0/x1 at [sp], the host's save area above them. */
 guest_exit:
     ldr     x1, [sp, #16 + HOST_CTX]
-    stp     x2, x3, [x1, #16]
-    stp     x4, x5, [x1, #32]
-    stp     x6, x7, [x1, #48]
-    stp     x8, x9, [x1, #64]
-    stp     x10, x11, [x1, #80]
-    stp     x12, x13, [x1, #96]
-    stp     x14, x15, [x1, #112]
-    stp     x16, x17, [x1, #128]
-    stp     x18, x19, [x1, #144]
-    stp     x20, x21, [x1, #160]
-    stp     x22, x23, [x1, #176]
-    stp     x24, x25, [x1, #192]
-    stp     x26, x27, [x1, #208]
-    stp     x28, x29, [x1, #224]
+    gprs    stp, x1
     str     x30, [x1, #240]
     ldp     x2, x3, [sp], #16
     stp     x2, x3, [x1, #0]

@@ -47,15 +47,13 @@
 //! - **Interrupts at EL2 stay masked** (we run from a trap handler or at
 //!   boot); physical IRQs reach EL2 only as guest exits.
 
-use core::arch::{asm, global_asm};
+use core::arch::asm;
 
 use aarch64_cpu::registers::*;
 use el2::features::{CpuFeatures, IdRegs};
 use el2::gic;
 use el2::sysreg::{cnt_ctl, cnthctl, icc_sre_el2};
 use el2::vcpu::{El1Sysregs, FpState, GicCpuIf, RawExit, VcpuContext};
-
-global_asm!(include_str!("vcpu.S"));
 
 extern "C" {
     /// Enters the guest whose context `ctx` points to; returns the EL2

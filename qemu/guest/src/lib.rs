@@ -37,12 +37,14 @@ extern crate std;
 
 use hypercalls::{ConsoleBytes, GuestCall, CONSOLE_MAX_BYTES};
 
-/// IPA where guest RAM starts (the image is linked at `+ 0x8_0000`).
-pub const GUEST_RAM_BASE: u64 = 0x4000_0000;
-/// IPA of the image.
-pub const GUEST_IMAGE_BASE: u64 = GUEST_RAM_BASE + 0x8_0000;
-/// The tested memory starts at the first multiple of this after the image.
-pub const TEST_ALIGN: u64 = 2 << 20;
+/// IPA where guest RAM starts (boot contract `GUEST_RAM_IPA`; the image
+/// is linked at `+ 0x8_0000`).
+pub const GUEST_RAM_BASE: u64 = boot_contract::GUEST_RAM_IPA;
+/// IPA of the image (boot contract `GUEST_IMAGE_IPA`).
+pub const GUEST_IMAGE_BASE: u64 = boot_contract::GUEST_IMAGE_IPA;
+/// The tested memory starts at the first multiple of this after the image
+/// (boot contract `GUEST_TEST_ALIGN`).
+pub const TEST_ALIGN: u64 = boot_contract::GUEST_TEST_ALIGN;
 /// Most vCPUs the payload runs on (stacks).
 pub const MAX_VCPUS: usize = 4;
 /// Largest N the argument can ask for.
@@ -50,13 +52,16 @@ pub const MAX_MIB: u16 = 1024;
 /// IPA of the test device the VMM emulates for [`Mode::Exits`]: a read
 /// of `base + off` returns [`mmio_test_value`]`(off)` until written; a
 /// write stores the value for later reads of the same offset.
-pub const MMIO_TEST_BASE: u64 = 0x0a00_0000;
+///
+/// The boot contract's `GUEST_MMIO_TEST_IPA`.
+pub const MMIO_TEST_BASE: u64 = boot_contract::GUEST_MMIO_TEST_IPA;
 
 /// IPA of the console UART (the data register of a PL011, as on QEMU's
 /// `virt` board) the payload writes its console bytes to, one byte per
 /// store, when [`Arg::uart`] is set: a VMM emulates it (MMIO exits), on
 /// any hypervisor. Otherwise the console is `HYP_GUEST_CONSOLE_WRITE`.
-pub const UART_BASE: u64 = 0x0900_0000;
+/// The boot contract's `GUEST_UART_IPA`.
+pub const UART_BASE: u64 = boot_contract::GUEST_UART_IPA;
 
 /// What the test device reads as at `off` before anything was written.
 #[must_use]

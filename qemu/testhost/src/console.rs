@@ -4,10 +4,8 @@ use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use baremetal::pl011::Pl011;
+use boot_contract::EARLY_UART;
 use spin::Mutex;
-
-/// QEMU virt's PL011, until the device tree says otherwise.
-const EARLY_UART: u64 = 0x0900_0000;
 
 static BASE: AtomicU64 = AtomicU64::new(EARLY_UART);
 static LOCK: Mutex<()> = Mutex::new(());

@@ -24,7 +24,8 @@ use crate::{arch, hv, rt, say};
 pub type R = Result<(), String>;
 
 /// Test pages come from [POOL_FIRST, POOL_END): 0x8000_0000.., far above the
-/// image at 0x7000_0000 and the DTB at 0x4200_0000.
+/// image at HOST_KERNEL_ADDR (0x7000_0000) and the DTB at HOST_DTB_ADDR
+/// (0x4200_0000) of the boot contract.
 const POOL_FIRST: u64 = 0x8_0000;
 const POOL_END: u64 = 0x9_0000;
 static POOL_NEXT: AtomicU64 = AtomicU64::new(POOL_FIRST);

@@ -14,9 +14,10 @@ pub mod serial;
 
 pub use abi_model::{show, ErrSet, Mismatch, Model};
 
-/// The hypervisor's own frames, `[0x4000_0000, 0x4200_0000)`: RAM the host
-/// is never told about, owned by Hyp.
-pub const HYP_PFNS: (u64, u64) = (0x4_0000, 0x4_2000);
+/// The hypervisor's own frames, `[HYP_BASE, HYP_END)` of the boot contract
+/// (`[0x4000_0000, 0x4200_0000)`): RAM the host is never told about, owned
+/// by Hyp.
+pub const HYP_PFNS: (u64, u64) = (boot_contract::HYP_BASE >> 12, boot_contract::HYP_END >> 12);
 
 /// A fresh model of el2 under the test host, whose RAM is `ram` (byte
 /// ranges `[base, end)` from the host's device tree). The test host owns

@@ -21,22 +21,22 @@ use spin::Mutex;
 use crate::harness::{gfn, pfn};
 use crate::{arch, hv, rt, say};
 
-/// Where QEMU's loader puts the guest payload (xtask `guest.rs`).
-pub const PAYLOAD_ADDR: u64 = 0x6000_0000;
+/// Where the runner's loader puts the guest payload (boot contract).
+pub const PAYLOAD_ADDR: u64 = boot_contract::GUEST_PAYLOAD_ADDR;
 /// Largest payload image (`__image_size`, bss included).
-pub const PAYLOAD_MAX: u64 = 1 << 20;
-/// The command word (xtask `guest.rs` `COMMAND_ADDR`).
-pub const COMMAND_ADDR: u64 = 0x5fff_f000;
+pub const PAYLOAD_MAX: u64 = boot_contract::GUEST_PAYLOAD_MAX;
+/// The command word the runner sets (boot contract).
+pub const COMMAND_ADDR: u64 = boot_contract::GUEST_COMMAND_ADDR;
 /// The command word that asks for the benchmark.
-pub const COMMAND_BENCH: u64 = u64::from_le_bytes(*b"benchhvc");
+pub const COMMAND_BENCH: u64 = boot_contract::GUEST_COMMAND_BENCH;
 
-/// Guest RAM IPA (qemu/guest `GUEST_RAM_BASE`) and its first frame.
-pub const RAM_GFN: u64 = 0x4_0000;
-/// The payload's load IPA (qemu/guest `GUEST_IMAGE_BASE`).
-pub const IMAGE_IPA: u64 = 0x4008_0000;
+/// The first frame of guest RAM (boot contract `GUEST_RAM_IPA`).
+pub const RAM_GFN: u64 = boot_contract::GUEST_RAM_IPA >> 12;
+/// The payload's load IPA.
+pub const IMAGE_IPA: u64 = boot_contract::GUEST_IMAGE_IPA;
 /// The payload's tested memory starts at this IPA (the first 2 MiB
-/// boundary after the image, which `payload()` checks is below it).
-pub const TEST_IPA: u64 = 0x4020_0000;
+/// boundary after the largest image, which `payload()` checks).
+pub const TEST_IPA: u64 = boot_contract::GUEST_TEST_IPA;
 
 /// Frames for guests: [FRAMES_FIRST, FRAMES_END), 512 MiB from 0x9000_0000,
 /// above the conformance pool (0x8000_0000..0x9000_0000).

@@ -4,11 +4,12 @@
  * 255 normal), then Rust `guest_main(arg)`; other vCPUs (PSCI CPU_ON) enter
  * at `secondary_entry` and run `guest_secondary(index)`.
  *
- * Instruction budget: each vector slot is 2 instructions (slot index, branch).
+ * Built from the shared macros of baremetal/src/boot.S. Instruction budget:
+ * each vector slot is 2 instructions (slot index, branch).
  */
 
-.equ STACK_SIZE, 0x4000         /* arch::STACK_SIZE */
-.equ MAX_VCPUS, 4              /* guest::MAX_VCPUS */
+.equ STACK_SIZE, {stack_size} /* arch::STACK_SIZE */
+.equ MAX_VCPUS, {max_vcpus}   /* guest::MAX_VCPUS */
 /* MAIR_EL1: attr0 = Device-nGnRE, attr1 = Normal WB RA WA. */
 .equ MAIR_VALUE, 0xff04
 /* TCR_EL1: EPD1, TG0 = 4K, SH0 = inner, ORGN0/IRGN0 = WB WA, T0SZ = 25 (39-bit VA), IPS = 40 bits. */
@@ -19,21 +20,15 @@
 .section .text.head, "ax"
 .global _start
 _start:
-    /* arm64 Image header (qemu/baremetal/src/image_header.S); res4 = this
-     * payload's secondary vCPU entry offset. */
-    arm64_image_header entry, 0x80000, (secondary_entry - _start)
+    /* arm64 Image header (baremetal/src/image_header.S); text_offset =
+     * GUEST_IMAGE_IPA - GUEST_RAM_IPA; res4 = this payload's secondary
+     * vCPU entry offset. */
+    arm64_image_header entry, {text_offset}, (secondary_entry - _start)
 
 entry:
     mov     x19, x0              /* the argument */
-    adrp    x1, __bss_start
-    add     x1, x1, :lo12:__bss_start
-    adrp    x2, __bss_end
-    add     x2, x2, :lo12:__bss_end
-1:  cmp     x1, x2
-    b.hs    2f
-    stp     xzr, xzr, [x1], #16
-    b       1b
-2:  mov     x0, #0
+    zero_bss
+    mov     x0, #0
     bl      cpu_setup
     mov     x0, x19
     bl      guest_main
@@ -53,57 +48,19 @@ secondary_entry:
 
 /* Stack of vCPU x0, vectors, MMU on. Clobbers x0..x2. */
 cpu_setup:
-    adrp    x1, STACK
-    add     x1, x1, :lo12:STACK
-    add     x2, x0, #1
-    mov     x0, #STACK_SIZE
-    madd    x1, x2, x0, x1
-    mov     sp, x1
-    adrp    x0, vectors
-    add     x0, x0, :lo12:vectors
-    msr     vbar_el1, x0
+    set_stack STACK, STACK_SIZE, x0
+    set_vbar el1, vectors
     mov     x0, #(3 << 20)       /* CPACR_EL1.FPEN: no FP traps */
     msr     cpacr_el1, x0
-    adrp    x0, PT
-    add     x0, x0, :lo12:PT
-    msr     ttbr0_el1, x0
-    ldr     x0, =MAIR_VALUE
-    msr     mair_el1, x0
-    ldr     x0, =TCR_VALUE
-    msr     tcr_el1, x0
-    isb
-    tlbi    vmalle1
-    dsb     nsh
-    isb
-    ldr     x0, =SCTLR_VALUE
-    msr     sctlr_el1, x0
-    isb
+    mmu_on  el1, PT, MAIR_VALUE, TCR_VALUE, SCTLR_VALUE
     ret
 
 .macro slot n
-    .balign 0x80
     mov     x0, #\n
     b       exception
 .endm
 
-.balign 0x800
-vectors:
-    slot 0
-    slot 1
-    slot 2
-    slot 3
-    slot 4
-    slot 5
-    slot 6
-    slot 7
-    slot 8
-    slot 9
-    slot 10
-    slot 11
-    slot 12
-    slot 13
-    slot 14
-    slot 15
+vector_table vectors, slot
 
 /* An exception at EL1: report it (Rust) and shut down. */
 exception:

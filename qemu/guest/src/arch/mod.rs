@@ -6,8 +6,12 @@ use core::cell::UnsafeCell;
 use hypercalls::{GuestCall, Regs};
 
 global_asm!(
-    include_str!("../../../baremetal/src/image_header.S"),
-    include_str!("entry.S")
+    include_str!("../../../../baremetal/src/image_header.S"),
+    include_str!("../../../../baremetal/src/boot.S"),
+    include_str!("entry.S"),
+    stack_size = const STACK_SIZE,
+    max_vcpus = const guest::MAX_VCPUS,
+    text_offset = const boot_contract::GUEST_IMAGE_IPA - boot_contract::GUEST_RAM_IPA,
 );
 
 /// Entries of the level-1 table (39-bit VA, 1 GiB blocks).

@@ -7,8 +7,11 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 global_asm!(
-    include_str!("../../../baremetal/src/image_header.S"),
-    include_str!("entry.S")
+    include_str!("../../../../baremetal/src/image_header.S"),
+    include_str!("../../../../baremetal/src/boot.S"),
+    include_str!("entry.S"),
+    stack_size = const STACK_SIZE,
+    max_cpus = const MAX_CPUS,
 );
 
 /// Most CPUs the test host drives.
