@@ -45,6 +45,9 @@ pub enum Command {
     GenHeader,
     /// Install the rustup targets and components of rust-toolchain.toml.
     Install,
+    /// The long forms of the model tests (10^6 operations each): the host
+    /// side of s2pin.ko and the EL2 dispatcher, each against its reference model.
+    Model(crate::model::ModelArgs),
 }
 
 /// `cargo xtask run --help`, above the options.

@@ -19,6 +19,7 @@ mod cli;
 mod fuzz;
 mod initramfs;
 mod install;
+mod model;
 mod modules;
 mod qemu;
 mod run;
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
         },
         Command::GenHeader => gen_header(&root),
         Command::Install => install::rust_targets(),
+        Command::Model(a) => model::model(&root, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
