@@ -175,6 +175,12 @@ pub enum Command {
     /// back, no oops/WARNING/lockdep in the kernel log. One line `leakcheck: OK|LEAK ...`;
     /// exit status 0, or 1 on a leak.
     Leakcheck(crate::leakcheck::LeakcheckArgs),
+    /// Random valid and invalid ioctls, slot changes, runs, mmaps and closes from several threads
+    /// and a forked child; every errno must be documented and nothing left at the end.
+    Fuzz(crate::fuzz::FuzzArgs),
+    /// VMs filling and checking their memory round after round while a VMM thread per VM
+    /// mprotects, drops and remaps random ranges of it; checksum failures must be 0.
+    Soak(crate::soak::SoakArgs),
 }
 
 /// A checked configuration for one guest run.

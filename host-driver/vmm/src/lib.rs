@@ -17,12 +17,14 @@
 pub mod args;
 pub mod backend;
 pub mod console;
+pub mod fuzz;
 pub mod hostile_guests;
 pub mod killloop;
 pub mod layout;
 pub mod leakcheck;
 pub mod mmio;
 pub mod runner;
+pub mod soak;
 pub mod stats;
 
 #[cfg(target_os = "linux")]

@@ -19,6 +19,8 @@ fn main() -> ExitCode {
     };
     let result = match &cli.command {
         Some(Command::Hostile { image }) => run_hostile(image),
+        Some(Command::Fuzz(a)) => run_fuzz(a),
+        Some(Command::Soak(a)) => run_soak(a),
         Some(Command::HostileGuests(a)) => run_hostile_guests(a),
         Some(Command::Killloop(a)) => run_killloop(a),
         Some(Command::Leakcheck(a)) => run_leakcheck(a),
@@ -87,5 +89,25 @@ fn run_killloop(a: &s2vmm::killloop::KillLoopArgs) -> anyhow::Result<i32> {
 
 #[cfg(not(target_os = "linux"))]
 fn run_killloop(_: &s2vmm::killloop::KillLoopArgs) -> anyhow::Result<i32> {
+    anyhow::bail!("s2vmm runs on Linux only")
+}
+
+#[cfg(target_os = "linux")]
+fn run_fuzz(a: &s2vmm::fuzz::FuzzArgs) -> anyhow::Result<i32> {
+    s2vmm::fuzz::run(a)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn run_fuzz(_: &s2vmm::fuzz::FuzzArgs) -> anyhow::Result<i32> {
+    anyhow::bail!("s2vmm runs on Linux only")
+}
+
+#[cfg(target_os = "linux")]
+fn run_soak(a: &s2vmm::soak::SoakArgs) -> anyhow::Result<i32> {
+    s2vmm::soak::run(a)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn run_soak(_: &s2vmm::soak::SoakArgs) -> anyhow::Result<i32> {
     anyhow::bail!("s2vmm runs on Linux only")
 }
