@@ -40,6 +40,9 @@ pub enum Command {
     /// Run a benchmark and write its section of docs/PERFORMANCE.md.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The kill loop (issue 12): s2vmm killed with SIGKILL at random moments under el2 (two NUMA
+    /// nodes), 100 times by default, plus one OOM kill; the nothing-leaked check after each.
+    Killloop(crate::reliability::KillLoopArgs),
     /// Regenerate host-driver/include/hyp_abi.h and s2pin_uapi.h from the
     /// hypercalls and s2pin-uapi crates.
     GenHeader,

@@ -22,6 +22,7 @@ mod install;
 mod model;
 mod modules;
 mod qemu;
+mod reliability;
 mod run;
 mod suites;
 mod testhost;
@@ -51,6 +52,7 @@ fn main() -> ExitCode {
         },
         Command::GenHeader => gen_header(&root),
         Command::Install => install::rust_targets(),
+        Command::Killloop(a) => reliability::killloop(&root, a),
         Command::Model(a) => model::model(&root, a),
     };
     match result {

@@ -13,8 +13,12 @@
 //!   a read loop at IPA `0x8000_0000`, outside guest RAM and every device:
 //!   an MMIO exit at exactly that address, which the VMM refuses (the run
 //!   ends there);
-//! * `beyond-ipa`: a read at 2^40 + 64 KiB, beyond the VM's 40-bit IPA
-//!   space: the run must end (any exit but a completed read), not hang;
+//! * `read-far-outside`: a read at 252 GiB, far above guest RAM where no
+//!   stage-2 table exists: an MMIO exit at exactly that address;
+//! * `unmapped-va`: a read at 512 GiB, beyond the payload's own stage-1 map
+//!   (the VM's 40-bit IPA space is not reachable past it with this
+//!   payload): the guest takes its own exception, reports it and shuts
+//!   down; it never reads a value;
 //! * `mmio-burst`: 255 reads of the MMIO test device, each answered;
 //! * `mmio-storm`: the payload's console over the UART, one MMIO exit per
 //!   byte, 2000 reports (tens of thousands of exits), then PSCI
@@ -47,8 +51,12 @@ pub struct HostileGuestsArgs {
 
 /// IPA outside guest RAM and every device.
 pub const OUTSIDE_IPA: u64 = 0x8000_0000;
-/// An IPA beyond the VM's 40-bit space.
-pub const BEYOND_IPA: u64 = (1 << 40) + 0x1_0000;
+/// A high IPA, far from guest RAM (252 GiB): no stage-2 table exists
+/// anywhere near it.
+pub const FAR_IPA: u64 = 0x3f_0000_0000;
+/// An address beyond the payload's own stage-1 map (it identity-maps the
+/// first 256 GiB): the guest faults in its own translation, before stage 2.
+pub const UNMAPPED_VA: u64 = 1 << 39;
 
 /// How a run ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,8 +112,9 @@ pub enum Expect {
     Calls,
     /// An MMIO exit at this address (read or write) ends it.
     MmioAt(u64, bool),
-    /// Any clear end except a completed read or a timeout.
-    NoRead,
+    /// The guest's own exception (reported on its console), then shutdown;
+    /// never a completed read.
+    GuestException,
     /// `n` reads of the test device, each its value, then shutdown.
     Burst(u8),
     /// `n` reports over the UART, then PSCI SYSTEM_OFF.
@@ -164,10 +173,16 @@ pub fn cases(storm_reports: u16) -> Vec<Case> {
             expect: Expect::MmioAt(OUTSIDE_IPA, false),
         },
         Case {
-            name: "beyond-ipa",
-            x0: poke(Op::Read, BEYOND_IPA, 1),
+            name: "read-far-outside",
+            x0: poke(Op::Read, FAR_IPA, 1),
             mib: 1,
-            expect: Expect::NoRead,
+            expect: Expect::MmioAt(FAR_IPA, false),
+        },
+        Case {
+            name: "unmapped-va",
+            x0: poke(Op::Read, UNMAPPED_VA, 1),
+            mib: 1,
+            expect: Expect::GuestException,
         },
         Case {
             name: "mmio-burst",
@@ -259,7 +274,9 @@ pub fn judge(c: &Case, o: &Outcome) -> Result<String, String> {
             }
         }
         Expect::MmioAt(addr, write) => end == End::Mmio { addr, write },
-        Expect::NoRead => !has("guest: read"),
+        Expect::GuestException => {
+            !has("guest: read") && has("guest: exception") && end == End::Event(SHUTDOWN)
+        }
         Expect::Burst(n) => {
             let want = format!("guest: read {:#x}", guest::mmio_test_value(0));
             let reads = o.lines.iter().filter(|l| **l == want).count();
@@ -540,8 +557,10 @@ mod tests {
                 }
             }
         }
-        let a = Arg::decode(case("beyond-ipa").x0).unwrap();
-        assert_eq!(a.gfn << 12, BEYOND_IPA);
+        let a = Arg::decode(case("read-far-outside").x0).unwrap();
+        assert_eq!(a.gfn << 12, FAR_IPA);
+        let a = Arg::decode(case("unmapped-va").x0).unwrap();
+        assert_eq!(a.gfn << 12, UNMAPPED_VA);
         assert!(Arg::decode(case("mmio-storm").x0).unwrap().uart);
     }
 
@@ -575,9 +594,11 @@ mod tests {
             write: false,
         };
         assert!(judge(&c, &out(elsewhere, &[], 0)).is_err());
-        let c = case("beyond-ipa");
-        assert!(judge(&c, &out(End::Unhandled { esr: 0x9200_0000 }, &[], 0)).is_ok());
+        let c = case("unmapped-va");
+        let exc = "guest: exception slot 4 ESR 0x96000004 ELR 0x0 FAR 0x8000000000";
+        assert!(judge(&c, &out(sd.clone(), &[exc], 0)).is_ok());
         assert!(judge(&c, &out(sd.clone(), &["guest: read 0x0"], 0)).is_err());
+        assert!(judge(&c, &out(End::Unhandled { esr: 0 }, &[exc], 0)).is_err());
         let c = case("mmio-storm");
         let lines = [
             "guest: touch 1 MiB",

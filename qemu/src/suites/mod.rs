@@ -76,6 +76,12 @@ pub const SUITES: &[Suite] = &[
         default: true,
         run: numa::run,
     },
+    Suite {
+        name: "reliability",
+        about: "hostile guests on /dev/s2pin and 10 SIGKILLs + an OOM kill of s2vmm at random moments, the leak check after each (one boot, two NUMA nodes)",
+        default: true,
+        run: crate::reliability::run,
+    },
 ];
 
 /// The suite names for clap, each with its line of help.
