@@ -225,11 +225,8 @@ impl Host {
                 };
             }
             Pte::Present {
-                frame,
-                write: w,
-                protnone,
+                frame, write: w, ..
             } => {
-                let _ = protnone;
                 self.pte[p] = Pte::Present {
                     frame,
                     write: w || write,
@@ -1329,7 +1326,7 @@ impl Check {
             (before.len() - self.w.el2.map.len()) as u64,
         );
         // Property 5 at start.
-        let left = self.m_pages_mapped(p0, p1);
+        let left = self.mapped_in_range(p0, p1);
         if Model::frame_changing(ev) && left > 0 {
             return Err(format!(
                 "event {ev} {act:?}: {left} pages of the range still mapped"
@@ -1348,7 +1345,7 @@ impl Check {
     }
 
     /// Pages EL2 maps (by the shim's slots) whose host page is in range.
-    fn m_pages_mapped(&self, p0: usize, p1: usize) -> usize {
+    fn mapped_in_range(&self, p0: usize, p1: usize) -> usize {
         let mut n = 0;
         for (id, s) in self.w.shim.slots.iter().enumerate() {
             let Some(t) = self.w.shim.pins[id].as_ref() else {
@@ -1390,14 +1387,14 @@ impl Check {
                 if *was_w && !w {
                     stats::add(&stats::WRPROTECTED, 1);
                 }
-                let p = self.m_page_of_shim(*g);
+                let p = self.shim_page_of(*g);
                 if matches!(self.w.host.pte[p], Pte::Present { protnone: true, .. }) {
                     stats::add(&stats::KEPT_PROTNONE, 1);
                 }
                 continue;
             }
             stats::add(&stats::UNMAPPED_END, 1);
-            let p = self.m_page_of_shim(*g);
+            let p = self.shim_page_of(*g);
             let same = matches!(self.w.host.pte[p], Pte::Present { frame: f, .. } if f == *frame);
             let kept_access = matches!(self.w.host.pte[p], Pte::Present { frame: f, protnone: false, .. } if f == *frame);
             if policy == Policy::Confirm && kept_access {
@@ -1417,7 +1414,7 @@ impl Check {
     }
 
     /// The host page of `gfn` by the shim's slots.
-    fn m_page_of_shim(&self, gfn: u64) -> usize {
+    fn shim_page_of(&self, gfn: u64) -> usize {
         let id = find_slot(&self.w.shim.slots, gfn).unwrap();
         let s = self.w.shim.slots[id];
         page_of(s.uaddr) + usize::try_from(gfn - s.base_gfn).unwrap()
@@ -1474,7 +1471,7 @@ impl Check {
         }
         // 3 and 4.
         for (&gfn, &(frame, writable)) in &w.el2.map {
-            let p = self.m_page_of_shim(gfn);
+            let p = self.shim_page_of(gfn);
             let Pte::Present {
                 frame: f,
                 write,
