@@ -5,6 +5,7 @@
 //! then the heap and the console as leaves.
 
 use alloc::vec::Vec;
+use core::alloc::{GlobalAlloc, Layout};
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
@@ -23,23 +24,107 @@ use el2::{inject, psci};
 
 use crate::machine::El2Platform;
 
+/// el2's allocator over its memory (docs/DESIGN.md §5): a buddy heap of
+/// `HYP_SMALL_HEAP` bytes after the image for everything below
+/// `HYP_LARGE_ALLOC`, and the rest of the hypervisor's memory, sized from
+/// the RAM at boot, for the large allocations (the page tracker and the host
+/// stage-2 pool), handed out page-aligned one after the other and never
+/// freed (both live as long as the machine).
+struct El2Heap {
+    small: LockedHeap<32>,
+    large: spin::Mutex<Bump>,
+}
+
+/// The large-allocation region: `[next, end)` is free.
+struct Bump {
+    next: usize,
+    end: usize,
+}
+
+impl Bump {
+    fn alloc(&mut self, layout: Layout) -> *mut u8 {
+        let align = layout.align().max(PAGE_SIZE as usize);
+        let start = self.next.next_multiple_of(align);
+        match start.checked_add(layout.size()) {
+            Some(end) if end <= self.end => {
+                self.next = end;
+                start as *mut u8
+            }
+            _ => core::ptr::null_mut(),
+        }
+    }
+}
+
+fn is_large(layout: Layout) -> bool {
+    layout.size() as u64 >= HYP_LARGE_ALLOC
+}
+
+// SAFETY: small allocations are the buddy heap's (whose GlobalAlloc is
+// sound); large ones are disjoint page-aligned ranges of the bump region,
+// which only grows `next` under its lock and never hands a byte out twice.
+unsafe impl GlobalAlloc for El2Heap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if is_large(layout) {
+            self.large.lock().alloc(layout)
+        } else {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { self.small.alloc(layout) }
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // Large blocks are never freed: the tracker and the pool stay.
+        if !is_large(layout) {
+            // SAFETY: the caller's contract; `ptr` came from `small` (the
+            // same layout is small at allocation and at deallocation).
+            unsafe { self.small.dealloc(ptr, layout) }
+        }
+    }
+}
+
 #[global_allocator]
-static HEAP: LockedHeap<32> = LockedHeap::empty();
+static HEAP: El2Heap = El2Heap {
+    small: LockedHeap::empty(),
+    large: spin::Mutex::new(Bump { next: 0, end: 0 }),
+};
 
 unsafe extern "C" {
-    /// End of the image's .bss (linker.ld); the heap runs from here to HYP_END.
+    /// End of the image's .bss (linker.ld); the small heap runs from here.
     static __image_end: u8;
 }
 
-/// Gives the hypervisor's memory after its image to the heap.
-fn init_heap() -> usize {
+/// Gives `[__image_end, HYP_BASE + HYP_IMAGE_RESERVE + HYP_SMALL_HEAP)` to
+/// the small heap; its size, or `None` if the image overruns its reserve.
+fn init_small_heap() -> Option<usize> {
     let start = core::ptr::addr_of!(__image_end) as usize;
-    let end = HYP_END as usize;
-    // SAFETY: [__image_end, HYP_END) is hypervisor memory that nothing else
-    // uses (linker.ld puts nothing after .bss; the host never sees it), and
-    // this runs once, on the boot CPU, before anything allocates.
-    unsafe { HEAP.lock().init(start, end - start) };
-    end - start
+    let image_end = (HYP_BASE + HYP_IMAGE_RESERVE) as usize;
+    if start > image_end {
+        return None;
+    }
+    let end = image_end + HYP_SMALL_HEAP as usize;
+    // SAFETY: [__image_end, end) is hypervisor memory (inside the least
+    // hyp_size, HYP_SIZE) that nothing else uses (linker.ld puts nothing
+    // after .bss; the host never sees it), and this runs once, on the boot
+    // CPU, before anything allocates.
+    unsafe { HEAP.small.lock().init(start, end - start) };
+    Some(end - start)
+}
+
+/// Gives the rest of the hypervisor's memory, up to `hyp_end`, to the
+/// large allocations.
+fn init_large_heap(hyp_end: u64) -> usize {
+    let start = (HYP_BASE + HYP_IMAGE_RESERVE + HYP_SMALL_HEAP) as usize;
+    let end = hyp_end as usize;
+    *HEAP.large.lock() = Bump { next: start, end };
+    end.saturating_sub(start)
+}
+
+/// Bytes of RAM from the first RAM byte to the last (what `hyp_size` is
+/// computed from), or 0 without RAM.
+fn ram_span(memory: &[Region]) -> u64 {
+    let first = memory.iter().map(|r| r.base).min().unwrap_or(0);
+    let last = memory.iter().map(Region::end).max().unwrap_or(0);
+    last.saturating_sub(first)
 }
 
 /// Table pages for the host stage-2: a block of the heap, reserved at boot.
@@ -220,7 +305,11 @@ fn fatal(msg: core::fmt::Arguments<'_>) -> ! {
 #[unsafe(no_mangle)]
 extern "C" fn primary_main(dtb_addr: u64) -> ! {
     crate::console::init(log::LevelFilter::Info);
-    let heap = init_heap();
+    let Some(small_heap) = init_small_heap() else {
+        fatal(format_args!(
+            "el2's image is larger than its {HYP_IMAGE_RESERVE:#x}-byte reserve"
+        ))
+    };
     info!(
         "pinned-s2 hypervisor {} starting, DTB at {dtb_addr:#x}",
         env!("CARGO_PKG_VERSION")
@@ -242,19 +331,34 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
             "PSCI must use the SMC conduit (virtualization=on)"
         ));
     }
+    // The hypervisor's memory, sized from the RAM (boot_contract::hyp_size).
+    let span = ram_span(&board.memory);
     let hyp = Region {
         base: HYP_BASE,
-        size: HYP_SIZE,
+        size: hyp_size(span),
     };
+    let hyp_end = hyp.end();
     if !board
         .memory
         .iter()
-        .any(|r| r.base <= hyp.base && r.end() >= hyp.end())
+        .any(|r| r.base <= hyp.base && r.end() >= hyp_end)
     {
         fatal(format_args!(
-            "RAM does not contain the hypervisor's range {HYP_BASE:#x}..{HYP_END:#x}"
+            "RAM does not contain the hypervisor's range {HYP_BASE:#x}..{hyp_end:#x}"
         ));
     }
+    if let Some(i) = board
+        .initrd
+        .filter(|i| i.base < hyp_end && hyp.base < i.end())
+    {
+        fatal(format_args!(
+            "the initrd ({:#x}..{:#x}) overlaps the hypervisor's memory {HYP_BASE:#x}..{hyp_end:#x} ({} MiB of RAM)",
+            i.base,
+            i.end(),
+            span >> 20
+        ));
+    }
+    let large_heap = init_large_heap(hyp_end);
     for r in &board.memory {
         let mut gib = r.base & !((1 << 30) - 1);
         while gib < r.end() {
@@ -274,8 +378,9 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
         Ok(d) => d,
         Err(e) => fatal(format_args!("cannot write the host device tree: {e:?}")),
     };
+    let host_dtb_addr = host_dtb_addr(span);
     let dtb_region = Region {
-        base: HOST_DTB_ADDR,
+        base: host_dtb_addr,
         size: host_dtb.len() as u64,
     };
     if host_dtb.len() > HOST_DTB_MAX
@@ -284,18 +389,19 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
             .is_some_and(|i| i.base < dtb_region.end() && dtb_region.base < i.end())
     {
         fatal(format_args!(
-            "no room for the host device tree at {HOST_DTB_ADDR:#x}"
+            "no room for the host device tree at {host_dtb_addr:#x}"
         ));
     }
-    // SAFETY: [HOST_DTB_ADDR, +len) is host RAM (the first host page onwards),
-    // identity-mapped, overlapping neither the initrd (checked), the kernel
-    // (at HOST_KERNEL_ADDR, far above) nor anything of ours.
+    // SAFETY: [host_dtb_addr, +len) is host RAM (the first host page
+    // onwards, hyp_end), identity-mapped, overlapping neither the initrd
+    // (checked), the kernel (at HOST_KERNEL_ADDR, far above) nor anything of
+    // ours.
     unsafe {
-        core::ptr::copy_nonoverlapping(host_dtb.as_ptr(), HOST_DTB_ADDR as *mut u8, host_dtb.len());
+        core::ptr::copy_nonoverlapping(host_dtb.as_ptr(), host_dtb_addr as *mut u8, host_dtb.len());
     }
 
     let ram_bytes: u64 = host_ram.iter().map(|r| r.size).sum();
-    let Some(pool) = HypPool::new(host_s2_pool_pages(ram_bytes)) else {
+    let Some(pool) = HypPool::new(host_s2_pool_pages(ram_bytes) as usize) else {
         fatal(format_args!(
             "no heap for the host stage-2 pool ({ram_bytes:#x} bytes of RAM)"
         ));
@@ -319,11 +425,18 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
         vtcr,
     };
     info!(
-        "host stage-2: {} RAM regions, {ipa_bits}-bit IPA, {} of {pool_pages} table pages used; hypervisor memory {HYP_BASE:#x}..{HYP_END:#x} hidden",
+        "host stage-2: {} RAM regions, {ipa_bits}-bit IPA, {} of {pool_pages} table pages used; hypervisor memory {HYP_BASE:#x}..{hyp_end:#x} hidden",
         host_ram.len(),
         pool_pages - state.host_tables_available(),
     );
-    info!("heap: {} KiB after the image", heap >> 10);
+    info!(
+        "hypervisor memory: {} MiB for {} MiB of RAM (heap {} KiB after the image; tracker and pool {} of {} KiB)",
+        hyp.size >> 20,
+        span >> 20,
+        small_heap >> 10,
+        (HEAP.large.lock().next - (HYP_BASE + HYP_IMAGE_RESERVE + HYP_SMALL_HEAP) as usize) >> 10,
+        large_heap >> 10,
+    );
     HYP.call_once(|| state);
     HOST_REGS.call_once(|| regs);
     let boot_cpu = board
@@ -340,7 +453,7 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
     log_guest_isolation();
     info!("entering the host kernel at {HOST_KERNEL_ADDR:#x} (EL1)");
     log::set_max_level(log::LevelFilter::Warn);
-    arch::run_host(HOST_DTB_ADDR, HOST_KERNEL_ADDR)
+    arch::run_host(host_dtb_addr, HOST_KERNEL_ADDR)
 }
 
 /// Rust entry of a secondary CPU, started by our PSCI CPU_ON (or resumed

@@ -14,10 +14,19 @@ pub mod serial;
 
 pub use abi_model::{show, ErrSet, Mismatch, Model};
 
-/// The hypervisor's own frames, `[HYP_BASE, HYP_END)` of the boot contract
-/// (`[0x4000_0000, 0x4200_0000)`): RAM the host is never told about, owned
-/// by Hyp.
-pub const HYP_PFNS: (u64, u64) = (boot_contract::HYP_BASE >> 12, boot_contract::HYP_END >> 12);
+/// The hypervisor's own frames, `[HYP_BASE, hyp_end)` of the boot contract
+/// on a machine whose host RAM is `ram` (byte ranges `[base, end)` from the
+/// host's device tree, which leaves them out): RAM the host is never told
+/// about, owned by Hyp. `[0x4000_0000, 0x4200_0000)` up to 4 GiB of RAM.
+#[must_use]
+pub fn hyp_pfns(ram: &[(u64, u64)]) -> (u64, u64) {
+    let end = ram.iter().map(|&(_, e)| e).max().unwrap_or(0);
+    let span = end.saturating_sub(boot_contract::RAM_BASE);
+    (
+        boot_contract::HYP_BASE >> 12,
+        boot_contract::hyp_end(span) >> 12,
+    )
+}
 
 /// A fresh model of el2 under the test host, whose RAM is `ram` (byte
 /// ranges `[base, end)` from the host's device tree). The test host owns
@@ -27,9 +36,28 @@ pub const HYP_PFNS: (u64, u64) = (boot_contract::HYP_BASE >> 12, boot_contract::
 pub fn model(ram: &[(u64, u64)]) -> Model {
     let config = abi_model::Config {
         max_vms: Some(hypercalls::MAX_VMS),
-        ..abi_model::Config::new(HYP_PFNS)
+        ..abi_model::Config::new(hyp_pfns(ram))
     };
     let frames: alloc::vec::Vec<(u64, u64)> =
         ram.iter().map(|&(b, e)| (b >> 12, e >> 12)).collect();
     Model::new(config, &frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hyp_pfns;
+
+    #[test]
+    fn hypervisor_frames_follow_the_ram() {
+        // Up to 4 GiB: the 32 MiB floor.
+        assert_eq!(
+            hyp_pfns(&[(0x4200_0000, 0xc000_0000)]),
+            (0x4_0000, 0x4_2000)
+        );
+        // 16 GiB from 0x4000_0000: 80 MiB (boot_contract::hyp_size).
+        assert_eq!(
+            hyp_pfns(&[(0x4500_0000, 0x4_4000_0000)]),
+            (0x4_0000, 0x4_5000)
+        );
+    }
 }
