@@ -10,7 +10,9 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use guest::{Arg, Mode, Op, Reg};
-use hypercalls::{Access, FaultKind, HypError, Hypercall, Prot, Reply, VcpuExit, VcpuStart};
+use hypercalls::{
+    Access, FaultKind, HypError, Hypercall, PageCount, Prot, Reply, VcpuExit, VcpuStart,
+};
 use spin::Mutex;
 
 use crate::gic::Gic;
@@ -269,6 +271,133 @@ fn exits_run() -> R {
         format!("{mmio} MMIO exits (expected 3), {wfx} WFx exits")
     })?;
     vm.destroy()
+}
+
+// ---- 2 MiB blocks (ABI §2.8) ----
+
+/// The block's first gfn: the payload's test memory, 2 MiB-aligned.
+const BLOCK_GFN: u64 = TEST_GFN;
+const _: () = assert!(BLOCK_GFN.is_multiple_of(512));
+
+/// Shares 512 fresh 2 MiB-aligned frames at [`BLOCK_GFN`] in one call
+/// (one stage-2 block); returns the first frame. The VM's memory must
+/// cover the block.
+fn share_block(vm: &Vm) -> Result<u64, String> {
+    let p = Frames::alloc(512, 512)?;
+    match vm.with_memcache(Hypercall::Share {
+        vm: vm.handle,
+        pfn: pfn(p),
+        gfn: gfn(BLOCK_GFN),
+        nr: harness::count(512),
+        prot: Prot::RWX,
+    })? {
+        Reply::Done => Ok(p),
+        r => Err(format!("HYP_SHARE of 512 pages replied {r:?}")),
+    }
+}
+
+/// Every page of the block reports its own frame, `p + i`, except `hole`.
+fn block_pages_mapped(vm: &Vm, p: u64, hole: Option<u64>) -> R {
+    for i in 0..512 {
+        let g = BLOCK_GFN + i;
+        let want = (Some(g) != hole).then_some(p + i);
+        let got = vm.mapped(g)?;
+        ensure(got == want, || {
+            format!("HYP_GUEST_PAGE_STATE of gfn {g:#x}: frame {got:x?}, expected {want:x?}")
+        })?;
+    }
+    Ok(())
+}
+
+fn block_share(_: &mut Ctx) -> R {
+    let img = image()?;
+    // 1. One call shares the 2 MiB; the guest fills and checks all of it
+    //    without a single memory fault, and the host sees every write.
+    let mut vm = Vm::new(IPA, 1, 2, arg_fill(2), img)?;
+    vm.demand = false;
+    let t0 = vm.runtime()?.table_pages;
+    let p = share_block(&vm)?;
+    let t1 = vm.runtime()?.table_pages;
+    // The root is at level 1 (40-bit IPA): a block takes at most the one
+    // level-2 table; 512 pages would take a level-3 table as well.
+    ensure(t1 - t0 <= 1, || {
+        format!(
+            "the block share took {} table pages (block: at most 1)",
+            t1 - t0
+        )
+    })?;
+    block_pages_mapped(&vm, p, None)?;
+    vm.run_to_end()?;
+    let lines = vm.lines(0);
+    let want = guest::expected_checksum(TEST_IPA, (2 << 20) / 8);
+    let line = format!("guest: checksum {want:#018x} PASS");
+    ensure(lines.contains(&line), || {
+        format!("expected `{line}`, console: {lines:?}")
+    })?;
+    let faults = vm.runtime()?.faults;
+    let image_pages = (img.len() as u64).div_ceil(4096);
+    ensure(faults <= image_pages, || {
+        format!("{faults} stage-2 faults, at most the image's {image_pages} expected (none in the block)")
+    })?;
+    for i in [0, 1, 255, 256, 257, 510, 511] {
+        for off in [0, 4088] {
+            let v = vmm::peek_frame(p + i, off).map_err(|f| format!("{f:x?}"))?;
+            let w = guest::pattern(((BLOCK_GFN + i) << 12) + off);
+            ensure(v == w, || {
+                format!(
+                    "frame {:#x} word {off:#x}: {v:#x}, the guest wrote {w:#x}",
+                    p + i
+                )
+            })?;
+        }
+    }
+    vm.destroy()?;
+    alive()?;
+
+    // 2. HYP_UNSHARE of the middle page splits the block with one memcache
+    //    page; the guest then faults on that page only and still reads
+    //    the pages on either side.
+    let g = BLOCK_GFN + 256;
+    for (target, value) in [(g - 1, 0x5555_aaaa_u64), (g, 0), (g + 1, 0x7777_cccc)] {
+        let mut vm = Vm::new(IPA, 1, 2, Arg::poke(Op::Read, target, 1).encode(), img)?;
+        vm.demand = false;
+        let p = share_block(&vm)?;
+        vmm::poke_frame(p + 255, 0, 0x5555_aaaa);
+        vmm::poke_frame(p + 257, 0, 0x7777_cccc);
+        let m0 = vm.runtime()?.memcache_pages;
+        ensure(m0 >= 1, || "no memcache page left for the split".into())?;
+        match vmm::ok(Hypercall::Unshare {
+            vm: vm.handle,
+            pfn: pfn(p + 256),
+            gfn: gfn(g),
+            nr: PageCount::ONE,
+        })? {
+            Reply::Done => {}
+            r => return Err(format!("HYP_UNSHARE of the middle page replied {r:?}")),
+        }
+        let m1 = vm.runtime()?.memcache_pages;
+        ensure(m0 - m1 == 1, || {
+            format!("the split took {} memcache pages (expected 1)", m0 - m1)
+        })?;
+        block_pages_mapped(&vm, p, Some(g))?;
+        let end = vm.serve(0, &mut |_, ev| match ev {
+            Event::Exit(e) if is_fault_at(e, target) => Flow::Stop,
+            _ => Flow::Default,
+        })?;
+        if target == g {
+            ensure(
+                matches!(&end, End::Exit(e) if is_fault(e, g, Access::Read, FaultKind::Unmapped)),
+                || format!("read of the unshared page {g:#x}: {end:?}"),
+            )?;
+        } else {
+            let reads: Vec<u64> = vm.lines(0).iter().filter_map(|l| read_value(l)).collect();
+            ensure(end == End::Done && reads == [value], || {
+                format!("read of gfn {target:#x} next to the unshared page: {end:?}, read {reads:x?}, expected [{value:#x}]")
+            })?;
+        }
+        vm.destroy()?;
+    }
+    alive()
 }
 
 // ---- isolation ----
@@ -1194,6 +1323,7 @@ pub const CASES: &[Case] = &[
     Case { name: "§3.9 guest: after unshare, a guest access faults again", run: unshare_faults_again },
     Case { name: "§3.12 guest: after write-protect a read works, a write takes a permission fault; relax lets it through", run: wrprotect_write_faults },
     Case { name: "§3.8 guest: guest writes land in the host's shared page", run: writes_land },
+    Case { name: "§2.8 guest: a 2 MiB block shared in one call: the guest writes and checks all of it without a fault, the host sees the writes, every page reports its frame; unsharing the middle page splits the block with one memcache page, the guest faults on that page only and still reads its neighbours", run: block_share },
     Case { name: "§3.10 guest: a donated page the guest wrote is invisible to the host (abort), zero after teardown", run: donated_invisible },
     Case { name: "§3.9 guest: a guest spinning on another CPU sees the unshare within 2 loops; meanwhile its vCPU and VM are EBUSY (§3.7, §3.15)", run: spin_sees_unshare },
     Case { name: "§3.7 guest: a vCPU moved between two physical CPUs every 128 exits fills 8 MiB, checksum right", run: migrate },
