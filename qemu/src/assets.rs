@@ -93,9 +93,9 @@ pub fn host_tools() -> Result<()> {
 /// `<root>/build/debian/`, downloading only what is not there yet.
 pub fn debian(root: &Path) -> Result<Debian> {
     multiarch()?;
-    refresh_lists();
-    let kernel_pkg = kernel_package()?;
     let base = root.join("build").join("debian");
+    refresh_lists(&base);
+    let kernel_pkg = kernel_package()?;
     let kernel = fetch(&base, &kernel_pkg)?;
     note_other_versions(&base, "linux-image-", &kernel);
     let release = kernel_pkg
@@ -135,8 +135,8 @@ pub fn debian(root: &Path) -> Result<Debian> {
 )]
 pub fn debian_package(root: &Path, pkg: &str) -> Result<Unpacked> {
     multiarch()?;
-    refresh_lists();
     let base = root.join("build").join("debian");
+    refresh_lists(&base);
     let p = fetch(&base, pkg).with_context(|| format!("fetching Debian's arm64 {pkg}"))?;
     note_other_versions(&base, &format!("{pkg}_"), &p);
     progress(&format!("using {} {}", p.package, p.version));
@@ -204,42 +204,50 @@ const LISTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// Where apt keeps its package lists.
 const APT_LISTS: &str = "/var/lib/apt/lists";
 
-/// Age of the newest arm64 package list, `None` if there is none.
-fn arm64_lists_age() -> Option<Duration> {
-    fs::read_dir(APT_LISTS)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter(|e| {
+/// Whether apt has an arm64 package list at all.
+fn have_arm64_lists() -> bool {
+    fs::read_dir(APT_LISTS).is_ok_and(|d| {
+        d.filter_map(|e| e.ok()).any(|e| {
             e.file_name()
                 .to_string_lossy()
-                .ends_with("binary-arm64_Packages")
+                .contains("binary-arm64_Packages")
         })
-        .filter_map(|e| e.metadata().ok()?.modified().ok())
-        .filter_map(|t| SystemTime::now().duration_since(t).ok())
-        .min()
+    })
 }
 
-/// Runs `apt-get update` when the arm64 lists are missing or older than
+/// Runs `apt-get update` when there is no arm64 list or the last update
+/// this runner made (the stamp `build/debian/.apt-updated`) is older than
 /// [`LISTS_MAX_AGE`]; if that fails (no network), says clearly that the
 /// versions used may be older than the archive's and goes on with the
 /// lists (and the cache) it has.
-fn refresh_lists() {
-    let age = arm64_lists_age();
-    if age.is_some_and(|a| a < LISTS_MAX_AGE) {
+fn refresh_lists(base: &Path) {
+    let stamp = base.join(".apt-updated");
+    let age = fs::metadata(&stamp)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok());
+    let have = have_arm64_lists();
+    if have && age.is_some_and(|a| a < LISTS_MAX_AGE) {
         return;
     }
-    let how_old = age.map_or("missing".into(), |a| {
-        format!("{} h old", a.as_secs() / 3600)
-    });
+    let how_old = match age {
+        _ if !have => "missing".to_string(),
+        Some(a) => format!("{} h old", a.as_secs() / 3600),
+        None => "of unknown age".to_string(),
+    };
     progress(&format!(
         "apt's arm64 package lists are {how_old}: apt-get update, so the kernel and busybox are \
          the versions Debian's archive serves now"
     ));
-    if let Err(e) = apt_get(&["update", "-qq"]) {
-        progress(&format!(
+    match apt_get(&["update", "-qq"]) {
+        Ok(()) => {
+            let _ = fs::create_dir_all(base);
+            let _ = fs::write(&stamp, "");
+        }
+        Err(e) => progress(&format!(
             "WARNING: apt-get update failed ({e:#}); the kernel and busybox below are the newest \
              that lists {how_old} know, and Debian's archive may serve newer ones"
-        ));
+        )),
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Works with the pinned stable toolchain: `-s none` (no sanitizer) needs
 //! no `-Z` flag, and the target checks its own invariants. `cargo-fuzz` is
-//! installed with `cargo install cargo-fuzz --locked` if missing. The build
+//! installed at the pinned [`CARGO_FUZZ_VERSION`] (`cargo install cargo-fuzz
+//! --version =<pin> --locked`) unless that version is there. The build
 //! and the corpus live under `target/fuzz/`; the committed seeds in
 //! `fuzz/seeds/host_call` are read, never written.
 

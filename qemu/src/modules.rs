@@ -35,7 +35,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::assets::{deb_file_name, download, multiarch, unpack};
 use crate::install::apt_for;
@@ -356,22 +356,16 @@ fn headers(base: &Path, kernel: &Kernel) -> Result<PathBuf> {
 /// whose content did not change are not rewritten, so make stays incremental.
 /// Returns `<out>/kmod`.
 fn stage_sources(root: &Path, out: &Path) -> Result<PathBuf> {
-    let header = root.join("host-driver/include/hyp_abi.h");
-    if !header.is_file() {
-        return Err(anyhow!(
-            "{} is missing; run `cargo xtask gen-header`",
-            header.display()
-        ));
+    for name in ["hyp_abi.h", "s2pin_uapi.h"] {
+        let header = root.join("host-driver/include").join(name);
+        if !header.is_file() {
+            bail!(
+                "{} is missing; run `cargo xtask gen-header`",
+                header.display()
+            );
+        }
+        copy_if_changed(&header, &out.join("include").join(name))?;
     }
-    copy_if_changed(&header, &out.join("include/hyp_abi.h"))?;
-    let uapi = root.join("host-driver/include/s2pin_uapi.h");
-    if !uapi.is_file() {
-        return Err(anyhow!(
-            "{} is missing; run `cargo xtask gen-header`",
-            uapi.display()
-        ));
-    }
-    copy_if_changed(&uapi, &out.join("include/s2pin_uapi.h"))?;
     let src = root.join("host-driver/kmod");
     let kmod = out.join("kmod");
     let entries = fs::read_dir(&src).with_context(|| src.display().to_string())?;

@@ -196,9 +196,7 @@ pub fn parse(lines: &[String]) -> Vec<Check> {
 mod tests {
     use super::*;
 
-    fn lines(s: &str) -> Vec<String> {
-        s.lines().map(str::to_string).collect()
-    }
+    use crate::util::test_lines as lines;
 
     #[test]
     fn cases_with_colons_in_names_and_reasons() {

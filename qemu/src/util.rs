@@ -187,6 +187,12 @@ pub fn last_lines(lines: &[String], n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// `s` as console lines, for tests.
+#[cfg(test)]
+pub fn test_lines(s: &str) -> Vec<String> {
+    s.lines().map(str::to_string).collect()
+}
+
 /// Whether `prog` is found on PATH.
 pub fn on_path(prog: &str) -> bool {
     std::env::var_os("PATH")

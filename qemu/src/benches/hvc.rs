@@ -158,9 +158,7 @@ pub fn bench_section(b: &Bench, versions: &str) -> String {
 mod tests {
     use super::*;
 
-    fn lines(s: &str) -> Vec<String> {
-        s.lines().map(str::to_string).collect()
-    }
+    use crate::util::test_lines as lines;
 
     #[test]
     fn bench_lines_parse_and_render() {

@@ -833,12 +833,11 @@ const METHOD: &str = "
   twice and the difference is stated above.
 ";
 
+/// The suites' machine with two NUMA nodes (CPUs 0-1 and 2-3).
 fn machine() -> Machine {
     Machine {
-        smp: 4,
-        mem_mib: 2048,
         numa_nodes: 2,
-        cpu: crate::qemu::DEFAULT_CPU.into(),
+        ..Machine::default()
     }
 }
 
@@ -943,43 +942,40 @@ pub fn measure_plan(root: &Path, plan: &Plan) -> Result<Results> {
             }
         }
     }
-    if with_kvm && !plan.from_logs {
-        let ing = run::ingredients(root, true)?;
-        versions = crate::versions::with_debian(&ing.debian);
-        let extras = run::shim_extras(root, &ing.debian)?;
-        let n = plan.rows.iter().filter(|r| r.hyp == Hyp::Kvm).count() as u64;
-        let timeout = Duration::from_secs(240 + n * (plan.seconds + 60));
-        progress(&format!(
-            "numa bench: booting the kernel at EL2 (stock KVM), {n} rows, timeout {} s",
-            timeout.as_secs()
-        ));
-        let lines = boot_rows(root, &ing, &extras, &kvm_script(plan), timeout, &mut pr)?;
-        save_log(root, "kvm", &lines);
-        for (k, v) in sections(&lines) {
-            all.insert(format!("kvm:{k}"), v);
+    // The KVM boot (the kernel at EL2), then the el2 boot.
+    for kvm in [true, false] {
+        if plan.from_logs || !(if kvm { with_kvm } else { with_el2 }) {
+            continue;
         }
-    }
-    if with_el2 && !plan.from_logs {
-        let ing = run::ingredients(root, false)?;
+        let ing = run::ingredients(root, kvm)?;
         versions = crate::versions::with_debian(&ing.debian);
         let extras = run::shim_extras(root, &ing.debian)?;
-        let n = plan.rows.iter().filter(|r| r.hyp != Hyp::Kvm).count() as u64;
-        let timeout = Duration::from_secs(
-            240 + n * (plan.seconds + 60) + if plan.teardown { 1500 } else { 0 },
-        );
+        let n = plan
+            .rows
+            .iter()
+            .filter(|r| (r.hyp == Hyp::Kvm) == kvm)
+            .count() as u64;
+        let teardown = plan.teardown && !kvm;
+        let timeout =
+            Duration::from_secs(240 + n * (plan.seconds + 60) + if teardown { 1500 } else { 0 });
+        let (tag, what, script) = if kvm {
+            ("kvm", "at EL2 (stock KVM)", kvm_script(plan))
+        } else {
+            ("el2", "under el2 (s2pin.ko)", el2_script(plan))
+        };
         progress(&format!(
-            "numa bench: booting the kernel under el2 (s2pin.ko), {n} rows{}, timeout {} s",
-            if plan.teardown {
+            "numa bench: booting the kernel {what}, {n} rows{}, timeout {} s",
+            if teardown {
                 " and the 1 GiB teardown"
             } else {
                 ""
             },
             timeout.as_secs()
         ));
-        let lines = boot_rows(root, &ing, &extras, &el2_script(plan), timeout, &mut pr)?;
-        save_log(root, "el2", &lines);
+        let lines = boot_rows(root, &ing, &extras, &script, timeout, &mut pr)?;
+        save_log(root, tag, &lines);
         for (k, v) in sections(&lines) {
-            all.insert(format!("el2:{k}"), v);
+            all.insert(format!("{tag}:{k}"), v);
         }
     }
     let empty = Section::default();
@@ -1118,9 +1114,7 @@ pub fn bench(root: &Path, args: &NumaArgs) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn lines(s: &str) -> Vec<String> {
-        s.lines().map(str::to_string).collect()
-    }
+    use crate::util::test_lines as lines;
 
     #[test]
     fn rows_cover_the_issue() {

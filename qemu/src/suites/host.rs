@@ -14,141 +14,15 @@ pub fn run(root: &Path, tally: &mut Tally) {
     progress("host: cargo test --workspace");
     cargo_tests(root, tally, &["test", "--workspace", "--no-fail-fast"]);
 
-    progress("host: cargo fmt --check");
-    run_check(
-        root,
-        tally,
-        "rustfmt",
-        &["fmt", "--all", "--", "--check"],
-        &[],
-    );
-
-    progress("host: clippy (host)");
-    run_check(
-        root,
-        tally,
-        "clippy host",
-        &[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ],
-        &[],
-    );
-
-    progress("host: clippy (aarch64-unknown-none)");
-    run_check(
-        root,
-        tally,
-        "clippy aarch64-unknown-none",
-        &[
-            "clippy",
-            "-p",
-            "hypercalls",
-            "-p",
-            "stage2",
-            "-p",
-            "abi-model",
-            "-p",
-            "s2pin-uapi",
-            "-p",
-            "boot-contract",
-            "--target",
-            "aarch64-unknown-none",
-            "--",
-            "-D",
-            "warnings",
-        ],
-        &[],
-    );
-
-    progress("host: clippy of the bare-metal programs and the module's Rust (aarch64-unknown-none-softfloat)");
-    run_check(
-        root,
-        tally,
-        "clippy el2, testhost, guest, s2pin-core, baremetal, boot-contract aarch64-unknown-none-softfloat",
-        &[
-            "clippy",
-            "-p",
-            "el2",
-            "-p",
-            "testhost",
-            "-p",
-            "guest",
-            "-p",
-            "s2pin-core",
-            "-p",
-            "baremetal",
-            "-p",
-            "boot-contract",
-            "--target",
-            "aarch64-unknown-none-softfloat",
-            "--",
-            "-D",
-            "warnings",
-        ],
-        &[],
-    );
-
-    progress("host: clippy of s2vmm for the host it runs on (aarch64-unknown-linux-musl)");
-    run_check(
-        root,
-        tally,
-        "clippy s2vmm aarch64-unknown-linux-musl",
-        &[
-            "clippy",
-            "-p",
-            "s2vmm",
-            "--target",
-            "aarch64-unknown-linux-musl",
-            "--",
-            "-D",
-            "warnings",
-        ],
-        &[],
-    );
-
-    progress("host: build for aarch64-unknown-none-softfloat (the kernel module's Rust)");
-    run_check(
-        root,
-        tally,
-        "build hypercalls aarch64-unknown-none-softfloat",
-        &[
-            "build",
-            "-p",
-            "hypercalls",
-            "--target",
-            "aarch64-unknown-none-softfloat",
-        ],
-        &[],
-    );
-
-    progress("host: cargo doc");
-    run_check(
-        root,
-        tally,
-        "rustdoc",
-        &[
-            "doc",
-            "--no-deps",
-            "-p",
-            "hypercalls",
-            "-p",
-            "stage2",
-            "-p",
-            "abi-model",
-            "-p",
-            "el2",
-            "-p",
-            "s2pin-uapi",
-            "-p",
-            "s2vmm",
-        ],
-        &[("RUSTDOCFLAGS", "-D warnings")],
-    );
+    for c in CARGO_CHECKS {
+        progress(&format!("host: {}", c.what));
+        let mut args = vec![c.command];
+        for p in c.packages {
+            args.extend(["-p", p]);
+        }
+        args.extend(c.args);
+        run_check(root, tally, c.name, &args, c.env);
+    }
 
     progress("host: fuzz the EL2 dispatcher (bounded cargo-fuzz run, fuzz/README.md)");
     match crate::fuzz::run_bounded(root) {
@@ -159,6 +33,82 @@ pub fn run(root: &Path, tally: &mut Tally) {
         Err(e) => tally.record(Check::error("fuzz host_call (bounded)", &e)),
     }
 }
+
+/// A cargo command that counts as one check.
+struct CargoCheck {
+    /// The progress line.
+    what: &'static str,
+    /// The check's name.
+    name: &'static str,
+    /// `fmt`, `clippy`, `build`, `doc`.
+    command: &'static str,
+    /// `-p` each of these.
+    packages: &'static [&'static str],
+    /// The rest of the command line.
+    args: &'static [&'static str],
+    /// Environment variables.
+    env: &'static [(&'static str, &'static str)],
+}
+
+/// The host suite's cargo checks, in order.
+const CARGO_CHECKS: &[CargoCheck] = &[
+    CargoCheck {
+        what: "cargo fmt --check",
+        name: "rustfmt",
+        command: "fmt",
+        packages: &[],
+        args: &["--all", "--", "--check"],
+        env: &[],
+    },
+    CargoCheck {
+        what: "clippy (host)",
+        name: "clippy host",
+        command: "clippy",
+        packages: &[],
+        args: &["--workspace", "--all-targets", "--", "-D", "warnings"],
+        env: &[],
+    },
+    CargoCheck {
+        what: "clippy (aarch64-unknown-none)",
+        name: "clippy aarch64-unknown-none",
+        command: "clippy",
+        packages: &["hypercalls", "stage2", "abi-model", "s2pin-uapi", "boot-contract"],
+        args: &["--target", "aarch64-unknown-none", "--", "-D", "warnings"],
+        env: &[],
+    },
+    CargoCheck {
+        what: "clippy of the bare-metal programs and the module's Rust (aarch64-unknown-none-softfloat)",
+        name: "clippy el2, testhost, guest, s2pin-core, baremetal, boot-contract aarch64-unknown-none-softfloat",
+        command: "clippy",
+        packages: &["el2", "testhost", "guest", "s2pin-core", "baremetal", "boot-contract"],
+        args: &["--target", "aarch64-unknown-none-softfloat", "--", "-D", "warnings"],
+        env: &[],
+    },
+    CargoCheck {
+        what: "clippy of s2vmm for the host it runs on (aarch64-unknown-linux-musl)",
+        name: "clippy s2vmm aarch64-unknown-linux-musl",
+        command: "clippy",
+        packages: &["s2vmm"],
+        args: &["--target", "aarch64-unknown-linux-musl", "--", "-D", "warnings"],
+        env: &[],
+    },
+    CargoCheck {
+        what: "build for aarch64-unknown-none-softfloat (the kernel module's Rust)",
+        name: "build hypercalls aarch64-unknown-none-softfloat",
+        command: "build",
+        packages: &["hypercalls"],
+        args: &["--target", "aarch64-unknown-none-softfloat"],
+        env: &[],
+    },
+    CargoCheck {
+        what: "cargo doc",
+        name: "rustdoc",
+        command: "doc",
+        packages: &["hypercalls", "stage2", "abi-model", "el2", "s2pin-uapi", "s2vmm"],
+        args: &["--no-deps"],
+        env: &[("RUSTDOCFLAGS", "-D warnings")],
+    },
+];
 
 /// Runs a cargo command as one check.
 fn run_check(root: &Path, tally: &mut Tally, name: &str, args: &[&str], env: &[(&str, &str)]) {

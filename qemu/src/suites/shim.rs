@@ -267,32 +267,39 @@ pub fn suite(root: &Path) -> Vec<Check> {
         Err(e) => return vec![Check::error("shim: build el2, the modules and s2vmm", &e)],
     };
     let one = Machine::default();
-    progress(&format!(
-        "shim boot 1/2: s2pin.ko + s2vmm cases, one node (timeout {} s)",
-        BOOT_TIMEOUT.as_secs()
-    ));
-    match exec_script(root, &ing, &one, &script_one_node(), &extras, BOOT_TIMEOUT) {
-        Ok(r) => {
-            out.extend(boot_checks("shim boot 1", &r));
-            out.extend(one_node_checks(&sections(&r.output)));
-        }
-        Err(e) => out.push(Check::error("shim boot 1", &e)),
-    }
     let two = Machine {
         smp: 2,
         numa_nodes: 2,
-        ..one
+        ..one.clone()
     };
-    progress(&format!(
-        "shim boot 2/2: NUMA balancing over pinned guest memory, two nodes (timeout {} s)",
-        BOOT_TIMEOUT.as_secs()
-    ));
-    match exec_script(root, &ing, &two, &script_numa(), &extras, BOOT_TIMEOUT) {
-        Ok(r) => {
-            out.extend(boot_checks("shim boot 2", &r));
-            out.extend(numa_checks(&sections(&r.output)));
+    type Checks = fn(&BTreeMap<String, Section>) -> Vec<Check>;
+    let boots: [(&str, Machine, String, Checks); 2] = [
+        (
+            "s2pin.ko + s2vmm cases, one node",
+            one,
+            script_one_node(),
+            one_node_checks,
+        ),
+        (
+            "NUMA balancing over pinned guest memory, two nodes",
+            two,
+            script_numa(),
+            numa_checks,
+        ),
+    ];
+    for (i, (what, machine, script, checks)) in boots.iter().enumerate() {
+        let n = i + 1;
+        progress(&format!(
+            "shim boot {n}/2: {what} (timeout {} s)",
+            BOOT_TIMEOUT.as_secs()
+        ));
+        match exec_script(root, &ing, machine, script, &extras, BOOT_TIMEOUT) {
+            Ok(r) => {
+                out.extend(boot_checks(&format!("shim boot {n}"), &r));
+                out.extend(checks(&sections(&r.output)));
+            }
+            Err(e) => out.push(Check::error(format!("shim boot {n}"), &e)),
         }
-        Err(e) => out.push(Check::error("shim boot 2", &e)),
     }
     out
 }
@@ -552,9 +559,7 @@ fn numa_checks(all: &BTreeMap<String, Section>) -> Vec<Check> {
 mod tests {
     use super::*;
 
-    fn lines(s: &str) -> Vec<String> {
-        s.lines().map(str::to_string).collect()
-    }
+    use crate::util::test_lines as lines;
 
     #[test]
     fn output_splits_into_cases() {
