@@ -22,8 +22,8 @@ pub use boot_contract::HOST_KERNEL_ADDR;
 /// The smallest memory size of the hypervisor boot (boot contract).
 pub const MIN_HYP_MEM_MIB: u64 = boot_contract::MIN_RAM >> 20;
 
-/// The largest memory size el2 boots with (boot contract): el2's memory
-/// must hold the page tracker and the host stage-2 tables for all of RAM.
+/// The largest memory size el2 boots with (boot contract): el2's memory,
+/// sized from RAM, and the host's device tree must end below QEMU's initrd.
 pub const MAX_HYP_MEM_MIB: u64 = boot_contract::MAX_RAM >> 20;
 
 /// The CPU model unless `--cpu` says otherwise (3x faster than plain `max`).
@@ -148,10 +148,12 @@ impl std::fmt::Display for LaunchError {
             ),
             Self::MemTooLarge(m) => write!(
                 f,
-                "--mem {m}M is too large for the hypervisor boot: el2's memory ({} MiB) holds \
-                 the page tracker and host stage-2 tables for at most {MAX_HYP_MEM_MIB}M (use \
-                 --no-hyp for more)",
-                boot_contract::HYP_SIZE >> 20
+                "--mem {m}M is too large for the hypervisor boot: el2's memory for that much RAM \
+                 ({} MiB: page tracker and host stage-2 tables) and the host's device tree must \
+                 end below QEMU's initrd at RAM base + {} MiB, which holds up to \
+                 {MAX_HYP_MEM_MIB}M (use --no-hyp for more)",
+                boot_contract::hyp_size(m.saturating_mul(1 << 20)) >> 20,
+                (boot_contract::QEMU_INITRD_ADDR - boot_contract::RAM_BASE) >> 20
             ),
             Self::NumaNeedsTwoCpus => write!(f, "--numa 2 needs --smp 2 or more"),
             Self::NumaNodes(n) => write!(f, "--numa {n}: only 1 or 2 nodes are supported"),
@@ -687,11 +689,18 @@ mod tests {
         assert_eq!(m(1, 512, 1).check(true), Err(LaunchError::MemTooSmall(512)));
         assert_eq!(m(1, 512, 1).check(false), Ok(()));
         assert_eq!(m(4, 4096, 1).check(true), Ok(()));
+        assert_eq!(m(4, MAX_HYP_MEM_MIB, 1).check(true), Ok(()));
+        let over = MAX_HYP_MEM_MIB + 1024;
         assert_eq!(
-            m(4, 6144, 1).check(true),
-            Err(LaunchError::MemTooLarge(6144))
+            m(4, over, 1).check(true),
+            Err(LaunchError::MemTooLarge(over))
         );
-        assert_eq!(m(4, 6144, 1).check(false), Ok(()));
+        assert_eq!(m(4, over, 1).check(false), Ok(()));
+        let msg = LaunchError::MemTooLarge(over).to_string();
+        assert!(
+            msg.contains("below QEMU's initrd at RAM base + 128 MiB"),
+            "{msg}"
+        );
         assert_eq!(
             m(1, 2048, 2).check(false),
             Err(LaunchError::NumaNeedsTwoCpus)
