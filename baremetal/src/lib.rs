@@ -1,8 +1,9 @@
 //! Pieces the bare-metal programs share: el2 (EL2), the conformance test
 //! host (EL1) and the guest payload (EL1 of a VM).
 //!
-//! - [`pl011`]: a `core::fmt::Write` for the PL011 UART (el2 and the test
-//!   host; each keeps its own locking and line format around it).
+//! - [`pl011`]: a `core::fmt::Write` for the PL011 UART, and [`console`]:
+//!   a locked line console on it (el2 and the test host; each keeps its own
+//!   line format around it).
 //! - `src/image_header.S`: the assembler macro `arm64_image_header` for the
 //!   64-byte arm64 Image header. Each program's `arch/mod.rs` puts it in front
 //!   of its `entry.S` in one `global_asm!`, for example
@@ -10,10 +11,19 @@
 //!   and its `entry.S` starts `_start` with
 //!   `arm64_image_header <entry>, <text_offset>[, <res4>]`.
 //!
+//! - `src/boot.S`: the boot and exception-entry macros (`zero_bss`,
+//!   `set_stack`, `mmu_on`, `set_vbar`, `vector_table`, `gprs`), included
+//!   the same way after `image_header.S`.
+//! - `build` (feature `build`, for build scripts): links a program with
+//!   its `linker.ld` at the boot contract's address.
+//!
 //! [`IMAGE_HEADER_S`] holds the same text, so that host tests can check it.
 
 #![no_std]
 
+#[cfg(feature = "build")]
+pub mod build;
+pub mod console;
 pub mod pl011;
 
 /// The text of `src/image_header.S` (the `arm64_image_header` macro).

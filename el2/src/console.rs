@@ -3,41 +3,34 @@
 //! The hypervisor shares the UART with the host: after the host boots it
 //! prints only warnings and errors, each line prefixed with `el2: `.
 
-use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::fmt;
 
-use baremetal::pl011::Pl011;
-use spin::Mutex;
+use baremetal::console::Console;
 
 use el2::layout::EARLY_UART;
 
-static BASE: AtomicU64 = AtomicU64::new(EARLY_UART);
-static LOCK: Mutex<()> = Mutex::new(());
-
-/// The console UART.
-fn uart() -> Pl011 {
-    // SAFETY: BASE is the PL011 base from the device tree (or QEMU virt's
-    // fixed address before it is parsed), identity-mapped as device memory
-    // in the EL2 stage-1 table; writers hold the console lock, except on the
-    // panic path (`print_line_unlocked`), where interleaving is accepted.
-    unsafe { Pl011::new(BASE.load(Ordering::Relaxed)) }
-}
+// SAFETY: QEMU virt's PL011, identity-mapped as device memory in the EL2
+// stage-1 table; only this console writes to it from EL2 (the host shares
+// the UART, and its lines and ours may interleave).
+static CONSOLE: Console = unsafe { Console::new(EARLY_UART) };
 
 /// Switches the console to the UART the device tree names.
 pub fn set_base(base: u64) {
-    BASE.store(base, Ordering::Relaxed);
+    // SAFETY: the device tree's PL011 lies in the first GiB, which the EL2
+    // stage-1 table maps as device memory; only this console writes to it
+    // from EL2.
+    unsafe { CONSOLE.set_base(base) }
 }
 
 /// Prints one line, prefixed with `el2: `.
 pub fn print_line(args: fmt::Arguments<'_>) {
-    let _guard = LOCK.lock();
-    let _ = writeln!(uart(), "el2: {args}");
+    CONSOLE.print_line("el2: ", args);
 }
 
 /// Prints one line without taking the lock: for the panic path, where the
 /// lock may be held by the CPU that panicked.
 pub fn print_line_unlocked(args: fmt::Arguments<'_>) {
-    let _ = writeln!(uart(), "el2: {args}");
+    CONSOLE.print_line_unlocked("el2: ", args);
 }
 
 struct Logger;

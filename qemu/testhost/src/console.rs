@@ -1,37 +1,29 @@
 //! The PL011 console: one line at a time under a lock.
 
-use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::fmt;
 
-use baremetal::pl011::Pl011;
+use baremetal::console::Console;
 use boot_contract::EARLY_UART;
-use spin::Mutex;
 
-static BASE: AtomicU64 = AtomicU64::new(EARLY_UART);
-static LOCK: Mutex<()> = Mutex::new(());
-
-/// The console UART.
-fn uart() -> Pl011 {
-    // SAFETY: BASE is the PL011 (from the device tree or QEMU virt's fixed
-    // address), identity-mapped as device memory by BOOT_PT; the console lock
-    // serialises writers (or we are on the fatal path, `print_unlocked`).
-    unsafe { Pl011::new(BASE.load(Ordering::Relaxed)) }
-}
+// SAFETY: QEMU virt's PL011, identity-mapped as device memory by BOOT_PT;
+// only this console writes to it.
+static CONSOLE: Console = unsafe { Console::new(EARLY_UART) };
 
 /// Uses the UART at `base`.
 pub fn set_base(base: u64) {
-    BASE.store(base, Ordering::Relaxed);
+    // SAFETY: the device tree's PL011 lies in the first GiB, which BOOT_PT
+    // maps as device memory; only this console writes to it.
+    unsafe { CONSOLE.set_base(base) }
 }
 
 /// Prints one line.
 pub fn print(args: fmt::Arguments<'_>) {
-    let _g = LOCK.lock();
-    let _ = writeln!(uart(), "{args}");
+    CONSOLE.print_line("", args);
 }
 
 /// Prints one line without the lock (fatal paths).
 pub fn print_unlocked(args: fmt::Arguments<'_>) {
-    let _ = writeln!(uart(), "{args}");
+    CONSOLE.print_line_unlocked("", args);
 }
 
 /// `say!("...")` prints one console line.
