@@ -40,6 +40,10 @@ pub enum Command {
     /// Run a benchmark and write its section of docs/PERFORMANCE.md.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The soak: 4 VMs x 2 vCPUs fill and check their memory under memory pressure, NUMA
+    /// balancing, THP compaction, VMM mprotect/munmap/MADV_DONTNEED and the ioctl fuzzer; ends
+    /// with the nothing-leaked check.
+    Soak(crate::soak::SoakArgs),
     /// The kill loop (issue 12): s2vmm killed with SIGKILL at random moments under el2 (two NUMA
     /// nodes), 100 times by default, plus one OOM kill; the nothing-leaked check after each.
     Killloop(crate::reliability::KillLoopArgs),

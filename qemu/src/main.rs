@@ -24,6 +24,7 @@ mod modules;
 mod qemu;
 mod reliability;
 mod run;
+mod soak;
 mod suites;
 mod testhost;
 mod util;
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
             BenchCommand::Hvc => benches::hvc::bench(&root),
             BenchCommand::Numa(args) => benches::numa::bench(&root, args),
         },
+        Command::Soak(a) => soak::soak(&root, a),
         Command::GenHeader => gen_header(&root),
         Command::Install => install::rust_targets(),
         Command::Killloop(a) => reliability::killloop(&root, a),

@@ -218,6 +218,11 @@ impl Call {
 /// happens.
 pub const KNOWN_GAPS: &[(Call, i32, &str)] = &[
     (
+        Call::CreateVm,
+        libc::EINTR,
+        "a signal pending during CREATE_VM (mmu_notifier_register's mm_take_all_locks gives up)",
+    ),
+    (
         Call::Mmap,
         libc::EINVAL,
         "mmap of a vCPU fd with another size, a non-zero offset or MAP_PRIVATE",

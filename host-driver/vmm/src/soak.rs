@@ -87,8 +87,16 @@ mod sys {
 
     /// A round that takes longer than this failed (under TCG on a busy
     /// 2-core machine, a 16 MiB round took 85 to 120 s).
-    const ROUND_LIMIT: Duration = Duration::from_secs(300);
+    const ROUND_LIMIT: Duration = Duration::from_secs(600);
     const STOP_LIMIT: Duration = Duration::from_secs(30);
+    /// How long the chaos thread waits for the vCPUs to pause. A vCPU
+    /// leaves RUN at the kick signal, but a fault in progress finishes
+    /// first, and with THP defrag `always` under memory pressure that is a
+    /// direct compaction, which took over 30 s under TCG once.
+    const PAUSE_LIMIT: Duration = Duration::from_secs(120);
+    /// The guest shuts down right after printing its verdict: a round whose
+    /// end does not follow within this failed.
+    const SHUTDOWN_LIMIT: Duration = Duration::from_secs(30);
 
     fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
         m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -112,6 +120,8 @@ mod sys {
         guest_checksum_failures: u64,
         vmm_word_mismatches: u64,
         vmm_rounds_mismatched: u64,
+        /// The longest wait for a VM's vCPUs to pause.
+        longest_pause: Duration,
         ops: [u64; OPS.len()],
         counters: Vec<u64>,
         errors: Vec<String>,
@@ -252,14 +262,16 @@ mod sys {
             self.mem.write(r.offset, &saved)
         }
 
-        /// Changes the memory at random until the round stops; counts into `ops`.
+        /// Changes the memory at random until the round stops; counts into
+        /// `ops`; returns the longest wait for the vCPUs to pause.
         fn thread(
             &self,
             shared: &Shared<'_>,
             rng: &mut Rng,
             mean_ms: u64,
             ops: &mut [u64; OPS.len()],
-        ) {
+        ) -> Duration {
+            let mut longest = Duration::ZERO;
             while !shared.stopped() {
                 let nap = rng.below(2 * mean_ms.max(1)) + 1;
                 std::thread::sleep(Duration::from_millis(nap));
@@ -277,10 +289,15 @@ mod sys {
                         self.mem.protect(r, None)
                     }),
                     _ => {
-                        if !shared.pause_all(STOP_LIMIT) {
-                            shared.finish(End::Error("the vCPUs did not pause".into()));
+                        let t = Instant::now();
+                        if !shared.pause_all(PAUSE_LIMIT) {
+                            shared.finish(End::Error(format!(
+                                "the vCPUs did not pause within {} s",
+                                PAUSE_LIMIT.as_secs()
+                            )));
                             break;
                         }
+                        longest = longest.max(t.elapsed());
                         let res = self.restore().and_then(|()| self.drop_keep(r, op == 4));
                         shared.resume_all();
                         res
@@ -292,6 +309,7 @@ mod sys {
                 }
                 ops[op] += 1;
             }
+            longest
         }
     }
 
@@ -397,6 +415,8 @@ mod sys {
         runner::expect_threads(&shared, a.vcpus);
         let mut ops = [0u64; OPS.len()];
         let t0 = Instant::now();
+        let mut verdict_at = None;
+        let mut longest = Duration::ZERO;
         std::thread::scope(|s| {
             let shared = &shared;
             for (v, vcpu) in vcpus.into_iter().enumerate() {
@@ -405,17 +425,39 @@ mod sys {
             let (chaos, ops) = (&chaos, &mut ops);
             let mut crng = Rng::new(rng.next_u64(), u64::from(i));
             let ch = s.spawn(move || chaos.thread(shared, &mut crng, a.chaos_ms, ops));
-            if shared.wait_end(Some(ROUND_LIMIT)).is_none() {
-                shared.finish(End::Error(format!(
-                    "no end within {} s",
-                    ROUND_LIMIT.as_secs()
-                )));
+            // Wait for the end; note when the guest printed its verdict.
+            loop {
+                if shared.wait_end(Some(Duration::from_secs(1))).is_some() {
+                    break;
+                }
+                // vCPU 0's last line (vCPU 1 reports its half before).
+                let said = lock(&shared.console)
+                    .lines
+                    .iter()
+                    .any(|l| l.contains("both halves") || l.starts_with("guest: checksum"));
+                if said && verdict_at.is_none() {
+                    verdict_at = Some(t0.elapsed());
+                }
+                let waited = t0.elapsed();
+                if waited > ROUND_LIMIT || verdict_at.is_some_and(|v| waited > v + SHUTDOWN_LIMIT) {
+                    shared.finish(End::Error(format!(
+                        "no end within {} s (the guest's verdict came {})",
+                        waited.as_secs(),
+                        verdict_at.map_or("never".to_string(), |v| format!(
+                            "after {:.1} s",
+                            v.as_secs_f64()
+                        ))
+                    )));
+                    break;
+                }
             }
             if !shared.stop_all(STOP_LIMIT) {
                 eprintln!("s2vmm soak: error: vCPU threads of VM {i} did not stop");
                 std::process::exit(1);
             }
-            let _ = ch.join();
+            if let Ok(p) = ch.join() {
+                longest = p;
+            }
         });
         chaos.restore()?;
         shared.flush_console();
@@ -424,11 +466,12 @@ mod sys {
         let verdict = lock(&shared.console).verdict.clone();
         let stats = vm.stats().unwrap_or_default();
         drop(vm);
-        // The VMM's own check of every word.
+        // The VMM's own check of every word (of a guest that finished).
+        let ended = matches!(end, End::Guest(_));
         let base = RAM_BASE + TEST_OFFSET;
         let mut mismatches = 0u64;
         let mut first = None;
-        for w in 0..tested.len / 8 {
+        for w in 0..if ended { tested.len / 8 } else { 0 } {
             let got = mem.read_u64(TEST_OFFSET + 8 * w);
             let want = guest::pattern(base + 8 * w);
             if got != Some(want) {
@@ -438,9 +481,9 @@ mod sys {
         }
         ops[5] = chaos.fixed.load(Ordering::SeqCst);
         let guest_ok = verdict.ok() && verdict.passes > 0;
-        let ended = matches!(end, End::Guest(_));
         let mut tt = lock(t);
         tt.rounds += 1;
+        tt.longest_pause = tt.longest_pause.max(longest);
         for (k, v) in ops.iter().enumerate() {
             tt.ops[k] += v;
         }
@@ -561,7 +604,11 @@ mod sys {
             t.guest_checksum_failures,
             t.vmm_word_mismatches
         );
-        println!("s2vmm soak: memory changes: {}", ops.join(", "));
+        println!(
+            "s2vmm soak: memory changes: {}; longest wait for a VM's vCPUs to pause {:.1} s",
+            ops.join(", "),
+            t.longest_pause.as_secs_f64()
+        );
         let counters: Vec<(&str, u64)> = S2pinVmStats::FIELDS
             .iter()
             .zip(t.counters.iter().copied())
@@ -579,6 +626,7 @@ mod sys {
                 "rounds": t.rounds, "rounds_failed": t.rounds_failed,
                 "guest_checksum_failures": t.guest_checksum_failures,
                 "vmm_word_mismatches": t.vmm_word_mismatches,
+                "longest_pause_s": t.longest_pause.as_secs_f64(),
                 "ops": OPS.iter().zip(t.ops).map(|(k, v)| ((*k).to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
                 "counters": counters.iter().map(|(k, v)| ((*k).to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
                 "errors": t.errors,

@@ -82,6 +82,12 @@ pub const SUITES: &[Suite] = &[
         default: true,
         run: crate::reliability::run,
     },
+    Suite {
+        name: "soak",
+        about: "the 1-minute soak (4 VMs x 2 vCPUs under memory pressure, NUMA balancing, THP compaction, VMM mprotect/munmap/DONTNEED, the fuzzer) and the short ioctl fuzz; nothing leaked (one boot)",
+        default: true,
+        run: crate::soak::run,
+    },
 ];
 
 /// The suite names for clap, each with its line of help.
