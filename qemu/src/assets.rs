@@ -129,10 +129,6 @@ pub fn debian(root: &Path) -> Result<Debian> {
 /// A dynamically linked program also needs its libraries: fetch `libc6`
 /// and each library package it depends on the same way and add their
 /// [`Unpacked::libraries`].
-#[allow(
-    dead_code,
-    reason = "the API for suites that need more of Debian (issue 12's soak)"
-)]
 pub fn debian_package(root: &Path, pkg: &str) -> Result<Unpacked> {
     multiarch()?;
     let base = root.join("build").join("debian");
@@ -143,10 +139,6 @@ pub fn debian_package(root: &Path, pkg: &str) -> Result<Unpacked> {
     Ok(p)
 }
 
-#[allow(
-    dead_code,
-    reason = "the API for suites that need more of Debian (issue 12's soak)"
-)]
 impl Unpacked {
     /// Initramfs entries for `files` of the package (paths inside it, e.g.
     /// `usr/bin/stress-ng`), each at the same path in the initramfs.

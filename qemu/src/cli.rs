@@ -83,7 +83,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub smp: u32,
-    /// Memory, e.g. 2G or 1536M; a bare number is MiB (1G to 4G under el2).
+    /// Memory, e.g. 2G or 1536M; a bare number is MiB (1G to 27G under el2).
     #[arg(long, value_name = "SIZE", default_value = "2G", value_parser = parse_mem_mib)]
     pub mem: u64,
     /// NUMA nodes, 1 or 2 (CPUs and memory split in halves; 2 needs --smp 2+).
