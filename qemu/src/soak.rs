@@ -148,7 +148,7 @@ fn script(p: &Plan) -> String {
            SP=\n\
          fi\n\
          ( i=0; f=0; c=0; while [ ! -e /tmp/stop ]; do \
-             s2vmm fuzz --shared --seed $(({seed} + 1000 + i)) --iters 500 > /tmp/fuzz.log 2>&1 || {{ f=$((f+1)); grep -E 'FAIL' /tmp/fuzz.log | head -5; }}; \
+             s2vmm fuzz --shared --seed $(({seed} + 1000 + i)) --iters 500 > /tmp/fuzz.log 2>&1 || {{ f=$((f+1)); grep -E 'FAIL' /tmp/fuzz.log | head -5 | sed 's/^/FUZZFAIL /'; }}; \
              n=$(sed -n 's/.*: PASS in .* s: \\([0-9]*\\) calls.*/\\1/p; s/.*: FAIL in .* s: \\([0-9]*\\) calls.*/\\1/p' /tmp/fuzz.log); c=$((c + ${{n:-0}})); \
              i=$((i+1)); done; echo \"FIG fuzz_runs=$i fuzz_failed=$f fuzz_calls=$c\" ) &\n\
          s2vmm soak --vms {vms} --vcpus 2 --mem {mem_mib}M --seconds {seconds} --seed {seed} --json /tmp/soak.json; echo \"CHECK soak=$?\"\n\
@@ -254,7 +254,7 @@ pub fn measure(root: &Path, p: &Plan) -> Result<(Vec<Check>, Vec<String>)> {
     out.push(Check::new(
         "soak: the fuzzer's long form during the soak: no failed run",
         v.get("fuzz_runs").is_some_and(|n| n != "0") && is0("fuzz_failed"),
-        grep("FIG"),
+        format!("{}\n{}", grep("FIG"), grep("FUZZFAIL")),
     ));
     out.push(Check::new(
         "soak: nothing leaked (every RAM frame host-owned, pins, VMs, locked_vm, MemFree back)",
@@ -304,6 +304,7 @@ pub fn soak(root: &Path, a: &SoakArgs) -> Result<()> {
         l.starts_with("s2vmm soak: ") && !l.contains(" round ")
             || l.starts_with("leakcheck")
             || l.starts_with("FIG")
+            || l.starts_with("FUZZFAIL")
             || l.contains("stress-ng")
     }) {
         println!("{l}");
