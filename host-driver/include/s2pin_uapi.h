@@ -22,7 +22,7 @@
 #define S2PIN_MAX_IPA_BITS 48 /* largest ipa_bits */
 #define S2PIN_DEFAULT_IPA_BITS 40 /* ipa_bits 0 means this */
 #define S2PIN_CONSOLE_MAX 16 /* bytes per console exit */
-#define S2PIN_STATS_COUNT 43 /* u64 counters in struct s2pin_vm_stats */
+#define S2PIN_STATS_COUNT 47 /* u64 counters in struct s2pin_vm_stats */
 
 /* Flags */
 #define S2PIN_MEM_READONLY 2 /* s2pin_userspace_memory_region.flags */
@@ -169,6 +169,10 @@ struct s2pin_vm_stats {
 	__u64 kept; /*  pinned pages a protection event covered that stayed mapped (avoided unmaps) */
 	__u64 mmio_exits; /*  MMIO exits to user space */
 	__u64 console_exits; /*  console exits to user space */
+	__u64 blocks_shared; /*  2 MiB blocks shared (one HYP_SHARE of 512 pages; pages counted in shares too) */
+	__u64 block_unshares; /*  whole 2 MiB blocks unshared in one call (notifier, slot deletion, write upgrade) */
+	__u64 block_splits; /*  blocks split by a call that changed part of them (one memcache page each) */
+	__u64 block_fallbacks; /*  blocks unshared whole because a split had no memcache page or the host entries differed */
 	__u64 el2_s2_maps; /*  EL2 group 0: pages mapped in the VM's stage 2 */
 	__u64 el2_s2_unmaps; /*  EL2 group 0: pages unmapped */
 	__u64 el2_s2_tlbi; /*  EL2 group 0: TLB invalidations for the VM's VMID */
@@ -191,7 +195,7 @@ struct s2pin_vm_stats {
 #define S2PIN_GET_VCPU_MMAP_SIZE 0xBE02U /* _IO(0xBE, 0x02) */
 #define S2PIN_SET_USER_MEMORY_REGION 0x4020BE10U /* _IOW(0xBE, 0x10, struct s2pin_userspace_memory_region) */
 #define S2PIN_CREATE_VCPU 0x4018BE11U /* _IOW(0xBE, 0x11, struct s2pin_create_vcpu) */
-#define S2PIN_GET_STATS 0x8158BE12U /* _IOR(0xBE, 0x12, struct s2pin_vm_stats) */
+#define S2PIN_GET_STATS 0x8178BE12U /* _IOR(0xBE, 0x12, struct s2pin_vm_stats) */
 #define S2PIN_RUN 0xBE20U /* _IO(0xBE, 0x20) */
 
 #endif /* S2PIN_UAPI_H */

@@ -62,9 +62,20 @@ static_assert(sizeof(struct s2pin_run) <= PAGE_SIZE);
 static_assert(offsetof(struct s2pin_vm_stats, range_start_exclusive) ==
 	      offsetof(struct s2pin_vm_stats, range_start_unmap) + 7 * sizeof(u64));
 
-/* Pin table entry: the struct page pointer, bit 0 set when EL2 maps it read-only. */
+/*
+ * Pin table entry: the struct page pointer, bit 0 set when EL2 maps it
+ * read-only, bit 1 set while the page is part of a 2 MiB stage-2 block
+ * (docs/DESIGN.md §9, "2 MiB blocks"): then all 512 entries of the
+ * 2 MiB-aligned gfn range are pinned, carry the bit, map contiguous frames
+ * from a 2 MiB-aligned one and share the same PIN_RO. Any change to part of
+ * the block clears the bit on the rest (block_demote()).
+ */
 #define PIN_RO 1UL
-#define PIN_PAGE(e) ((struct page *)((e) & ~PIN_RO))
+#define PIN_BLOCK 2UL
+#define PIN_PAGE(e) ((struct page *)((e) & ~(PIN_RO | PIN_BLOCK)))
+#define BLOCK_PAGES 512UL
+/* Free memcache pages kept after a block share, for splits in notifiers. */
+#define BLOCK_SPARE 2
 
 /* Pages accounted in locked_vm at once, and the surplus returned. */
 #define ACCT_CHUNK 64
@@ -340,6 +351,104 @@ static void unpin_pages(struct page **pages, unsigned int n, bool may_lock)
 	atomic_long_sub(n, &s2pin_pinned_pages);
 }
 
+/* ---- 2 MiB blocks ------------------------------------------------------ */
+
+/* Contiguous frames whose pins go once vm->lock is dropped. */
+struct block_unpin {
+	unsigned long pfn;
+	unsigned int n;
+};
+
+/* The slot index of the first page of the block holding index @i. */
+static u64 block_start(const struct s2pin_memslot *s, u64 i)
+{
+	return i - ((s->base_gfn + i) & (BLOCK_PAGES - 1));
+}
+
+/* The block at @bs is no longer one (part of it changed): vm->lock held. */
+static void block_demote(unsigned long *pins, u64 bs)
+{
+	u64 k;
+
+	for (k = bs; k < bs + BLOCK_PAGES; k++)
+		pins[k] &= ~PIN_BLOCK;
+}
+
+/*
+ * Unshares the pages [lo, hi) of the block at index @bs of the pin table
+ * @pins of a slot at @base_gfn (vm->lock held). The whole block is one HYP_UNSHARE with no memory; part
+ * of it splits the block (one memcache page), and without that page
+ * (HYP_ENOMEM: a notifier cannot top up) the whole block goes instead and
+ * the guest re-faults the rest. Clears the unshared entries and fills @u
+ * with the frames to unpin; returns how many (0 if EL2 refused: the pins
+ * stay, a leak, never a use-after-free). The caller counts them.
+ */
+static unsigned int block_unshare(struct s2pin_vm *vm, unsigned long *pins, u64 base_gfn,
+				  u64 bs, u64 lo, u64 hi, struct block_unpin *u)
+{
+	u64 g = base_gfn + bs, k;
+	unsigned long pfn0 = page_to_pfn(PIN_PAGE(pins[bs]));
+	long e;
+
+	u->n = 0;
+	if (lo != bs || hi != bs + BLOCK_PAGES) {
+		e = hvc_err(HYP_UNSHARE, vm->handle, pfn0 + (lo - bs), g + (lo - bs), hi - lo, 0);
+		if (!e) {
+			block_demote(pins, bs);
+			for (k = lo; k < hi; k++)
+				pins[k] = 0;
+			vm->stats.block_splits++;
+			u->pfn = pfn0 + (lo - bs);
+			u->n = hi - lo;
+			return u->n;
+		}
+		if (e != HYP_ENOMEM)
+			goto refused;
+		vm->stats.block_fallbacks++;
+	}
+	e = hvc_err(HYP_UNSHARE, vm->handle, pfn0, g, BLOCK_PAGES, 0);
+	if (e)
+		goto refused;
+	for (k = bs; k < bs + BLOCK_PAGES; k++)
+		pins[k] = 0;
+	vm->stats.block_unshares++;
+	u->pfn = pfn0;
+	u->n = BLOCK_PAGES;
+	return u->n;
+refused:
+	pr_err_ratelimited("HYP_UNSHARE of block gfn %llx failed: %ld; pages stay pinned\n", g, e);
+	return 0;
+}
+
+/* Counts @n pages unshared and unpinned (in @reason too): vm->lock held. */
+static void count_unmapped(struct s2pin_vm *vm, unsigned int n, u64 *reason)
+{
+	vm->stats.unshares += n;
+	vm->stats.unpins += n;
+	vm->stats.pinned_now -= n;
+	if (reason)
+		*reason += n;
+	vm->acct_credit += n;
+}
+
+/* Unpins (dirty) the frames of @u; no lock of ours held. */
+static void block_unpin_pages(const struct block_unpin *u, bool may_lock)
+{
+	unsigned int k;
+
+	for (k = 0; k < u->n; k++) {
+		struct page *p = pfn_to_page(u->pfn + k);
+
+		if (may_lock) {
+			unpin_user_pages_dirty_lock(&p, 1, true);
+		} else {
+			set_page_dirty(p);
+			unpin_user_page(p);
+		}
+	}
+	atomic_long_sub(u->n, &s2pin_pinned_pages);
+}
+
 /*
  * The pages [*first, *last) of slot @id whose host addresses are in
  * [start, end), and the slot's generation (a later change of the slot shows
@@ -378,6 +487,8 @@ static void vm_unmap_hva_range(struct s2pin_vm *vm, unsigned long start,
 		cur = first;
 		while (cur < last) {
 			struct unshare_batch b = { .vm = vm };
+			struct block_unpin u = { 0 };
+			u64 *reason;
 			unsigned int n;
 
 			spin_lock(&vm->lock);
@@ -385,14 +496,26 @@ static void vm_unmap_hva_range(struct s2pin_vm *vm, unsigned long start,
 				spin_unlock(&vm->lock);
 				break;
 			}
+			reason = (u64 *)((char *)&vm->stats + reason_off);
 			b.pins = vm->pins[id];
 			b.base_gfn = vm->slots[id].base_gfn;
-			for (; cur < last && b.n < BATCH; cur++)
-				if (b.pins[cur])
-					batch_add(&b, cur);
-			n = batch_close(&b, (u64 *)((char *)&vm->stats + reason_off));
+			for (; cur < last && b.n < BATCH; cur++) {
+				if (!b.pins[cur])
+					continue;
+				if (b.pins[cur] & PIN_BLOCK) {
+					u64 bs = block_start(&vm->slots[id], cur);
+					u64 hi = min_t(u64, bs + BLOCK_PAGES, last);
+
+					count_unmapped(vm, block_unshare(vm, b.pins, b.base_gfn, bs, cur, hi, &u), reason);
+					cur = hi;
+					break;
+				}
+				batch_add(&b, cur);
+			}
+			n = batch_close(&b, reason);
 			spin_unlock(&vm->lock);
 			unpin_pages(b.pages, n, false);
+			block_unpin_pages(&u, false);
 			if (blockable)
 				cond_resched();
 		}
@@ -461,6 +584,64 @@ static void host_walk(struct mm_struct *mm, unsigned long addr,
 	pte_unmap_unlock(ptep, ptl);
 }
 
+/* The policy's action for the pinned page at slot index @i (vm->lock held). */
+static u32 confirm_action(struct s2pin_vm *vm, unsigned int id, u64 i, bool accessible)
+{
+	unsigned long e = vm->pins[id][i], pfn;
+	u64 hva = vm->slots[id].uaddr + (i << PAGE_SHIFT);
+	struct s2pin_pte_state st;
+
+	host_walk(vm->mm, hva, &st, &pfn);
+	st.same_frame = st.present && pfn == page_to_pfn(PIN_PAGE(e));
+	st.vma_accessible = accessible;
+	st.mapped_writable = !(e & PIN_RO);
+	return s2pin_policy_at_end(vm->policy, &st);
+}
+
+/*
+ * confirm/keep for the pages [lo, hi) of the block at slot index @bs
+ * (vm->lock held): all kept, nothing to do; the whole block with one
+ * action, one call (HYP_WRPROTECT or HYP_UNSHARE of 512 pages, no memory);
+ * anything else unshares the whole block (a fallback: the guest re-faults
+ * in 4 KiB or block pieces as the host maps them now).
+ */
+static void confirm_block(struct s2pin_vm *vm, unsigned int id, u64 bs, u64 lo, u64 hi,
+			  bool accessible, struct block_unpin *u)
+{
+	unsigned long *pins = vm->pins[id];
+	u32 first = confirm_action(vm, id, lo, accessible), act;
+	bool same = true, changed = first == S2PIN_END_UNMAP_CHANGED;
+	u64 k, *reason;
+
+	for (k = lo + 1; k < hi; k++) {
+		act = confirm_action(vm, id, k, accessible);
+		same = same && act == first;
+		changed = changed || act == S2PIN_END_UNMAP_CHANGED;
+	}
+	if (same && first == S2PIN_END_KEEP) {
+		vm->stats.kept += hi - lo;
+		return;
+	}
+	if (same && lo == bs && hi == bs + BLOCK_PAGES && first == S2PIN_END_WRPROTECT) {
+		struct arm_smccc_1_2_regs r =
+			hvc6(HYP_WRPROTECT, vm->handle, vm->slots[id].base_gfn + bs, BLOCK_PAGES, 0, 0);
+
+		if (r.a0 == 0) {
+			for (k = bs; k < bs + BLOCK_PAGES; k++)
+				pins[k] |= PIN_RO;
+			vm->stats.wrprotects += r.a1;
+			vm->stats.wrprotected_lost_write += BLOCK_PAGES;
+			return;
+		}
+		changed = true;	/* cannot write-protect: unmap instead */
+	}
+	if (!(same && lo == bs && hi == bs + BLOCK_PAGES))
+		vm->stats.block_fallbacks++;
+	reason = (changed || first != S2PIN_END_UNMAP_PROTNONE) ?
+		&vm->stats.unmapped_changed : &vm->stats.unmapped_protnone;
+	count_unmapped(vm, block_unshare(vm, pins, vm->slots[id].base_gfn, bs, bs, bs + BLOCK_PAGES, u), reason);
+}
+
 /*
  * confirm/keep at invalidate_range_end of a protection event: look at the
  * host entry of every pinned page in [start, end) and unmap, write-protect
@@ -484,6 +665,7 @@ static void vm_confirm_range(struct s2pin_vm *vm, const struct mmu_notifier_rang
 		while (cur < last) {
 			struct unshare_batch b = { .vm = vm };
 			struct unshare_batch c = { .vm = vm };
+			struct block_unpin u = { 0 };
 			unsigned int n, m;
 
 			spin_lock(&vm->lock);
@@ -501,6 +683,14 @@ static void vm_confirm_range(struct s2pin_vm *vm, const struct mmu_notifier_rang
 
 				if (!e)
 					continue;
+				if (e & PIN_BLOCK) {
+					u64 bs = block_start(&vm->slots[id], cur);
+					u64 hi = min_t(u64, bs + BLOCK_PAGES, last);
+
+					confirm_block(vm, id, bs, cur, hi, accessible, &u);
+					cur = hi;
+					break;
+				}
 				host_walk(vm->mm, hva, &st, &pfn);
 				st.same_frame = st.present && pfn == page_to_pfn(PIN_PAGE(e));
 				st.vma_accessible = accessible;
@@ -537,6 +727,7 @@ static void vm_confirm_range(struct s2pin_vm *vm, const struct mmu_notifier_rang
 			spin_unlock(&vm->lock);
 			unpin_pages(b.pages, n, false);
 			unpin_pages(c.pages, m, false);
+			block_unpin_pages(&u, false);
 			if (blockable)
 				cond_resched();
 		}
@@ -899,11 +1090,36 @@ static int vcpu_write_upgrade(struct s2pin_vcpu *vcpu, const struct s2pin_exit_i
 		unpin_pages(&page, 1, true);
 		return 0;
 	}
+	if ((e & PIN_BLOCK) && page != PIN_PAGE(e)) {
+		/* A new frame in a block: the page leaves it; the guest re-faults. */
+		struct block_unpin u;
+		u64 bs = block_start(&vm->slots[idx], i);
+
+		count_unmapped(vm, block_unshare(vm, vm->pins[idx], vm->slots[idx].base_gfn,
+						 bs, i, i + 1, &u), NULL);
+		vm->acct_credit++;
+		spin_unlock(&vm->lock);
+		unpin_pages(&page, 1, true);
+		block_unpin_pages(&u, true);
+		return 0;
+	}
 	if (page == PIN_PAGE(e)) {
 		err = hvc_err(HYP_RELAX_PERMS, vm->handle, info->gfn,
 			      HYP_PROT_R | HYP_PROT_W | HYP_PROT_X, 0, 0);
-		if (!err)
-			vm->pins[idx][i] = e & ~PIN_RO;
+		if (err == HYP_ENOMEM && (e & PIN_BLOCK)) {
+			/* Splitting the block needs a memcache page: top up, retry. */
+			vm->acct_credit++;
+			spin_unlock(&vm->lock);
+			unpin_pages(&page, 1, true);
+			return vm_topup(vm, TOPUP_PAGES);
+		}
+		if (!err) {
+			if (e & PIN_BLOCK) {
+				block_demote(vm->pins[idx], block_start(&vm->slots[idx], i));
+				vm->stats.block_splits++;
+			}
+			vm->pins[idx][i] = vm->pins[idx][i] & ~PIN_RO;
+		}
 		drop = page;	/* the second pin of the same page */
 	} else {
 		err = hvc_err(HYP_UNSHARE, vm->handle, page_to_pfn(PIN_PAGE(e)), info->gfn, 1, 0);
@@ -941,6 +1157,146 @@ static int vcpu_write_upgrade(struct s2pin_vcpu *vcpu, const struct s2pin_exit_i
 		pr_err_ratelimited("remapping gfn %llx writable failed: %ld\n", info->gfn, err);
 		return -EIO;
 	}
+	return 0;
+}
+
+/* Pins @nr pages from @hva, with vm_pin()'s flags. Returns how many, or a negative errno. */
+static long vm_pin_n(struct s2pin_vm *vm, unsigned long hva, bool write,
+		     struct page **pages, unsigned long nr)
+{
+	unsigned int foll = FOLL_LONGTERM | (write ? FOLL_WRITE : 0);
+	long n;
+
+	mmap_read_lock(vm->mm);
+	if (vm->policy == S2PIN_POLICY_KEEP) {
+		struct vm_area_struct *vma = vma_lookup(vm->mm, hva);
+
+		if (vma && (vma->vm_flags & VM_READ) &&
+		    (!write || (vma->vm_flags & VM_WRITE)) &&
+		    hva + (nr << PAGE_SHIFT) <= vma->vm_end)
+			foll |= FOLL_FORCE;
+	}
+	n = pin_user_pages(hva, nr, foll, pages, NULL);
+	mmap_read_unlock(vm->mm);
+	return n;
+}
+
+/* Whether the 512 pins of @pages are contiguous frames from a 2 MiB-aligned one. */
+static bool pages_form_block(struct page **pages)
+{
+	unsigned long pfn0 = page_to_pfn(pages[0]), k;
+
+	if (pfn0 & (BLOCK_PAGES - 1))
+		return false;
+	for (k = 1; k < BLOCK_PAGES; k++)
+		if (page_to_pfn(pages[k]) != pfn0 + k)
+			return false;
+	return true;
+}
+
+/*
+ * Tries to serve the fault at @gfn, whose page @page the caller pinned (and
+ * accounted), with a 2 MiB block (docs/DESIGN.md §9): when the 2 MiB-aligned
+ * gfn range around it lies in the slot, the slot's host addresses are
+ * congruent to its gfns mod 2 MiB, no page of the range is pinned, @page is
+ * in a folio of at least 2 MiB, and the 512 pages pinned from the range's
+ * host address are contiguous frames from a 2 MiB-aligned one: then one
+ * HYP_SHARE of 512 pages. Returns -EAGAIN (nothing changed, the caller
+ * still holds @page) to fall back to the 4 KiB share, otherwise as
+ * vcpu_fault() with @page's pin consumed.
+ */
+static int vcpu_fault_block(struct s2pin_vm *vm, int idx, u64 gen, u64 seq,
+			    const struct s2pin_memslot *slot, u64 gfn, struct page *page,
+			    bool ro)
+{
+	u64 g = gfn & ~(BLOCK_PAGES - 1), bs, k;
+	struct folio *folio = page_folio(page);
+	struct page **pages;
+	unsigned long h, pfn0;
+	struct arm_smccc_1_2_regs r;
+	bool busy = false;
+	long n, e;
+
+	if (g < slot->base_gfn || (((slot->uaddr >> PAGE_SHIFT) - slot->base_gfn) & (BLOCK_PAGES - 1)))
+		return -EAGAIN;
+	bs = g - slot->base_gfn;
+	if (bs + BLOCK_PAGES > slot->npages || !folio_test_large(folio) ||
+	    folio_nr_pages(folio) < BLOCK_PAGES ||
+	    (page_to_pfn(page) & (BLOCK_PAGES - 1)) != (gfn & (BLOCK_PAGES - 1)))
+		return -EAGAIN;
+	h = slot->uaddr + (bs << PAGE_SHIFT);
+
+	spin_lock(&vm->lock);
+	if (vm->dead || vm->slot_gen[idx] != gen || !vm->pins[idx]) {
+		busy = true;
+	} else {
+		for (k = bs; k < bs + BLOCK_PAGES && !busy; k++)
+			busy = vm->pins[idx][k] != 0;
+	}
+	spin_unlock(&vm->lock);
+	if (busy)
+		return -EAGAIN;
+
+	pages = kvmalloc_array(BLOCK_PAGES, sizeof(*pages), GFP_KERNEL);
+	if (!pages)
+		return -EAGAIN;
+	n = vm_pin_n(vm, h, !ro, pages, BLOCK_PAGES);
+	if (n != BLOCK_PAGES || !pages_form_block(pages) ||
+	    pages[gfn & (BLOCK_PAGES - 1)] != page) {
+		if (n > 0)
+			unpin_user_pages(pages, n);
+		kvfree(pages);
+		return -EAGAIN;
+	}
+	if (account_locked_vm(vm->mm, BLOCK_PAGES - 1, true)) {
+		unpin_user_pages(pages, BLOCK_PAGES);
+		kvfree(pages);
+		return -EAGAIN;
+	}
+	/* The 512 pins hold the block; @page's own pin is the caller's, dropped. */
+	unpin_user_page(page);
+	atomic_long_add(BLOCK_PAGES - 1, &s2pin_pinned_pages);
+	pfn0 = page_to_pfn(pages[0]);
+
+	spin_lock(&vm->lock);
+	busy = vm->dead || vm->slot_gen[idx] != gen || !vm->pins[idx];
+	for (k = 0; k < BLOCK_PAGES && !busy; k++)
+		busy = vm->pins[idx][bs + k] ||
+			!s2pin_inv_may_map(&vm->inv, seq, h + (k << PAGE_SHIFT));
+	if (busy) {
+		vm->stats.fault_retries++;
+		vm->acct_credit += BLOCK_PAGES;
+		spin_unlock(&vm->lock);
+		unpin_pages(pages, BLOCK_PAGES, true);
+		kvfree(pages);
+		return 0;
+	}
+	e = hvc_err(HYP_SHARE, vm->handle, pfn0, g, BLOCK_PAGES,
+		    HYP_PROT_R | HYP_PROT_X | (ro ? 0 : HYP_PROT_W));
+	if (e) {
+		vm->acct_credit += BLOCK_PAGES;
+		spin_unlock(&vm->lock);
+		unpin_pages(pages, BLOCK_PAGES, true);
+		kvfree(pages);
+		if (e == HYP_ENOMEM)
+			return vm_topup(vm, TOPUP_PAGES);
+		pr_err_ratelimited("HYP_SHARE of block gfn %llx failed: %ld\n", g, e);
+		return -EIO;
+	}
+	for (k = 0; k < BLOCK_PAGES; k++)
+		vm->pins[idx][bs + k] = (unsigned long)pages[k] | PIN_BLOCK | (ro ? PIN_RO : 0);
+	vm->stats.pins += BLOCK_PAGES;
+	vm->stats.pinned_now += BLOCK_PAGES;
+	vm->stats.faults++;
+	vm->stats.shares += BLOCK_PAGES;
+	vm->stats.blocks_shared++;
+	spin_unlock(&vm->lock);
+	kvfree(pages);
+
+	/* Keep spare memcache pages: a notifier splitting a block cannot top up. */
+	r = hvc6(HYP_VM_COUNTERS, vm->handle, HYP_COUNTERS_RUNTIME, 0, 0, 0);
+	if (!r.a0 && r.a3 < BLOCK_SPARE)
+		vm_topup(vm, BLOCK_SPARE - r.a3);	/* best effort: the share is done */
 	return 0;
 }
 
@@ -1015,6 +1371,12 @@ static int vcpu_fault(struct s2pin_vcpu *vcpu, const struct s2pin_exit_info *inf
 		return ret;
 	}
 	atomic_long_inc(&s2pin_pinned_pages);
+
+	if (!map_ro) {
+		ret = vcpu_fault_block(vm, idx, gen, seq, &slot, info->gfn, page, ro);
+		if (ret != -EAGAIN)
+			return ret;
+	}
 
 	spin_lock(&vm->lock);
 	if (vm->dead || vm->slot_gen[idx] != gen || !vm->pins[idx] ||
@@ -1268,13 +1630,26 @@ static void vm_drop_slot_pins(struct s2pin_vm *vm, unsigned long *pins,
 		struct unshare_batch b = { .vm = vm, .pins = pins, .base_gfn = s->base_gfn };
 		unsigned int n;
 
+		struct block_unpin u = { 0 };
+
 		spin_lock(&vm->lock);
-		for (; cur < s->npages && b.n < BATCH; cur++)
-			if (pins[cur])
-				batch_add(&b, cur);
+		for (; cur < s->npages && b.n < BATCH; cur++) {
+			if (!pins[cur])
+				continue;
+			if (pins[cur] & PIN_BLOCK) {
+				u64 bs = block_start(s, cur);
+
+				count_unmapped(vm, block_unshare(vm, pins, s->base_gfn, bs, bs, bs + BLOCK_PAGES, &u),
+					       &vm->stats.unmapped_memslot);
+				cur = bs + BLOCK_PAGES;
+				break;
+			}
+			batch_add(&b, cur);
+		}
 		n = batch_close(&b, &vm->stats.unmapped_memslot);
 		spin_unlock(&vm->lock);
 		unpin_pages(b.pages, n, true);
+		block_unpin_pages(&u, true);
 		cond_resched();
 	}
 }

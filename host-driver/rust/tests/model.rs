@@ -22,6 +22,12 @@
 //!   the code, that predicts after every operation exactly which gfns EL2
 //!   maps, to which frame and whether writable.
 //!
+//! 2 MiB blocks (DESIGN.md §9 "2 MiB blocks") are modelled with `BLOCK`
+//! (4) pages: THP-backed host pages get contiguous aligned frames, the fake
+//! EL2 keeps blocks and a memcache count (a split takes one page, else
+//! `HYP_ENOMEM`), and the model predicts splits and whole-block unmaps;
+//! EL2's blocks, the model's and the pin table's block bits must agree.
+//!
 //! Random operations (faults in one step or split into start / pin /
 //! finish so that invalidations and slot changes fall in between, every
 //! notifier event type with a PTE change applied between its start and
@@ -53,7 +59,7 @@
 //! `S2PIN_MODEL_OPS`): `cargo test --release -p s2pin-core --test model --
 //! --ignored --nocapture`, or `cargo xtask model`. Both print their count.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use proptest::prelude::*;
@@ -85,6 +91,20 @@ const MAX_FAULTS: usize = 3;
 const CASE_OPS: usize = 200;
 /// `EFAULT`.
 const EFAULT: i32 = 14;
+/// Pages of a stage-2 block here. s2pin_shim.c's is 512 (2 MiB); no step
+/// depends on the size, and 4 lets the 24-page world hold several.
+const BLOCK: usize = 4;
+/// Host pages `[0, THP_PAGES)` are THP-backed: a first touch of a whole
+/// absent, writable, `BLOCK`-aligned group maps one large folio of
+/// contiguous, aligned frames (a PMD-mapped THP).
+const THP_PAGES: usize = 12;
+/// Memcache pages `vm_topup()` adds at `HYP_ENOMEM` (`TOPUP_PAGES`).
+const TOPUP: u32 = 8;
+/// Free memcache pages a block share leaves (`BLOCK_SPARE`).
+const BLOCK_SPARE: u32 = 2;
+/// Pin entry bits (s2pin_shim.c's `PIN_RO`, `PIN_BLOCK`).
+const E_RO: u64 = 1;
+const E_BLOCK: u64 = 2;
 
 fn hva(page: usize) -> u64 {
     HVA_BASE + ((page as u64) << 12)
@@ -106,6 +126,11 @@ mod stats {
     pub static UNMAPPED_END: AtomicU64 = AtomicU64::new(0);
     pub static WRPROTECTED: AtomicU64 = AtomicU64::new(0);
     pub static KEPT_PROTNONE: AtomicU64 = AtomicU64::new(0);
+    pub static BLOCKS: AtomicU64 = AtomicU64::new(0);
+    pub static BLOCK_WHOLE: AtomicU64 = AtomicU64::new(0);
+    pub static BLOCK_SPLITS: AtomicU64 = AtomicU64::new(0);
+    pub static BLOCK_FALLBACKS: AtomicU64 = AtomicU64::new(0);
+    pub static BLOCK_WRPROTECTS: AtomicU64 = AtomicU64::new(0);
 
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
@@ -114,8 +139,9 @@ mod stats {
     pub fn line() -> std::string::String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         std::format!(
-            "{} faults mapped, {} write upgrades, {} retries; notifiers unmapped {} pages at start, {} at end, write-protected {}, kept {} PROT_NONE",
-            g(&MAPPED), g(&UPGRADED), g(&RETRIED), g(&UNMAPPED_START), g(&UNMAPPED_END), g(&WRPROTECTED), g(&KEPT_PROTNONE)
+            "{} faults mapped, {} write upgrades, {} retries; notifiers unmapped {} pages at start, {} at end, write-protected {}, kept {} PROT_NONE; {} blocks shared, {} unshared whole, {} split, {} whole-block fallbacks, {} write-protected whole",
+            g(&MAPPED), g(&UPGRADED), g(&RETRIED), g(&UNMAPPED_START), g(&UNMAPPED_END), g(&WRPROTECTED), g(&KEPT_PROTNONE),
+            g(&BLOCKS), g(&BLOCK_WHOLE), g(&BLOCK_SPLITS), g(&BLOCK_FALLBACKS), g(&BLOCK_WRPROTECTS)
         )
     }
 }
@@ -150,6 +176,8 @@ struct Frame {
     pins: u32,
     /// Back with the allocator (never reused: frame ids only grow).
     freed: bool,
+    /// Part of a large folio of `BLOCK` frames (a THP).
+    large: bool,
 }
 
 /// What the kernel does to the PTEs between `range_start` and `range_end`.
@@ -191,8 +219,30 @@ impl Host {
             host_ref: true,
             pins: 0,
             freed: false,
+            large: false,
         });
         (self.frames.len() - 1) as u64
+    }
+
+    /// A THP: `BLOCK` contiguous frames from a `BLOCK`-aligned one (the
+    /// frame ids skipped for the alignment are never used).
+    fn alloc_block(&mut self) -> u64 {
+        while !self.frames.len().is_multiple_of(BLOCK) {
+            self.frames.push(Frame {
+                freed: true,
+                ..Frame::default()
+            });
+        }
+        let f0 = self.frames.len() as u64;
+        for _ in 0..BLOCK {
+            self.frames.push(Frame {
+                host_ref: true,
+                pins: 0,
+                freed: false,
+                large: true,
+            });
+        }
+        f0
     }
 
     fn frame(&mut self, f: u64) -> &mut Frame {
@@ -214,6 +264,19 @@ impl Host {
         let vma = self.vma[p];
         if vma == Vma::None || (write && vma != Vma::Rw) {
             return Err(EFAULT);
+        }
+        let g0 = p - p % BLOCK;
+        if p < THP_PAGES
+            && (g0..g0 + BLOCK).all(|q| self.pte[q] == Pte::Absent && self.vma[q] == Vma::Rw)
+        {
+            let f0 = self.alloc_block();
+            for k in 0..BLOCK {
+                self.pte[g0 + k] = Pte::Present {
+                    frame: f0 + k as u64,
+                    write: true,
+                    protnone: false,
+                };
+            }
         }
         match self.pte[p] {
             Pte::Absent => {
@@ -358,9 +421,60 @@ impl Host {
 struct El2 {
     /// gfn -> (frame, writable).
     map: BTreeMap<u64, (u64, bool)>,
+    /// First gfns of the blocks (ABI.md §2.8).
+    blocks: BTreeSet<u64>,
+    /// Free memcache pages (a split takes one).
+    memcache: u32,
+}
+
+fn block_of(gfn: u64) -> u64 {
+    gfn - gfn % BLOCK as u64
 }
 
 impl El2 {
+    /// `HYP_SHARE` of `BLOCK` pages from `BLOCK`-aligned `gfn` and `frame`:
+    /// one block.
+    fn share_block(&mut self, gfn: u64, frame: u64, writable: bool) -> Result<(), String> {
+        let b = BLOCK as u64;
+        if !gfn.is_multiple_of(b)
+            || !frame.is_multiple_of(b)
+            || (gfn..gfn + b).any(|g| self.map.contains_key(&g))
+        {
+            return Err(format!("block HYP_SHARE gfn {gfn:#x} frame {frame:#x}"));
+        }
+        for k in 0..b {
+            self.map.insert(gfn + k, (frame + k, writable));
+        }
+        self.blocks.insert(gfn);
+        Ok(())
+    }
+
+    /// Splits the block holding `gfn` for a change of part of it: `false`
+    /// (`HYP_ENOMEM`, nothing changed) with no memcache page.
+    fn split(&mut self, gfn: u64) -> bool {
+        let b = block_of(gfn);
+        if !self.blocks.contains(&b) {
+            return true;
+        }
+        if self.memcache == 0 {
+            return false;
+        }
+        self.memcache -= 1;
+        self.blocks.remove(&b);
+        true
+    }
+
+    /// `HYP_WRPROTECT` of a whole block: no memory.
+    fn wrprotect_block(&mut self, gfn: u64) -> Result<(), String> {
+        if !self.blocks.contains(&gfn) {
+            return Err(format!("block HYP_WRPROTECT of gfn {gfn:#x}: no block"));
+        }
+        for k in 0..BLOCK as u64 {
+            self.map.get_mut(&(gfn + k)).unwrap().1 = false;
+        }
+        Ok(())
+    }
+
     fn share(&mut self, gfn: u64, frame: u64, writable: bool) -> Result<(), String> {
         if self.map.contains_key(&gfn) {
             return Err(format!("HYP_SHARE of mapped gfn {gfn:#x}"));
@@ -369,7 +483,9 @@ impl El2 {
         Ok(())
     }
 
-    fn unshare(&mut self, r: UnshareRun) -> Result<(), String> {
+    /// `Ok(false)`: `HYP_ENOMEM` (part of a block, no memcache page for
+    /// each such block), nothing changed.
+    fn unshare(&mut self, r: UnshareRun) -> Result<bool, String> {
         if r.len == 0 || r.len > u64::from(hypercalls::MAX_PAGES_PER_CALL) {
             return Err(format!("HYP_UNSHARE of {} pages", r.len));
         }
@@ -385,17 +501,41 @@ impl El2 {
                 }
             }
         }
+        let b = BLOCK as u64;
+        let touched: Vec<u64> = self
+            .blocks
+            .iter()
+            .copied()
+            .filter(|&g| g < r.gfn + r.len && r.gfn < g + b)
+            .collect();
+        let parts = touched
+            .iter()
+            .filter(|&&g| !(r.gfn <= g && g + b <= r.gfn + r.len))
+            .count() as u32;
+        if parts > self.memcache {
+            return Ok(false);
+        }
+        self.memcache -= parts;
+        for g in touched {
+            self.blocks.remove(&g);
+        }
         for i in 0..r.len {
             self.map.remove(&(r.gfn + i));
         }
-        Ok(())
+        Ok(true)
     }
 
-    fn set_writable(&mut self, gfn: u64, w: bool) -> Result<(), String> {
-        match self.map.get_mut(&gfn) {
-            Some(m) => {
-                m.1 = w;
-                Ok(())
+    /// `HYP_WRPROTECT` / `HYP_RELAX_PERMS` of one page; `Ok(false)`:
+    /// `HYP_ENOMEM` (it changes a page of a block and the memcache is empty).
+    fn set_writable(&mut self, gfn: u64, w: bool) -> Result<bool, String> {
+        match self.map.get(&gfn) {
+            Some(&(_, old)) if old == w => Ok(true),
+            Some(_) => {
+                if !self.split(gfn) {
+                    return Ok(false);
+                }
+                self.map.get_mut(&gfn).unwrap().1 = w;
+                Ok(true)
             }
             None => Err(format!("permission change of unmapped gfn {gfn:#x}")),
         }
@@ -408,14 +548,62 @@ impl El2 {
 
 // ---- the shim: s2pin_shim.c's steps, with the crate's decisions --------
 
-/// A pin table entry: `frame << 1 | read-only` (0: nothing pinned), as the
-/// C table's `struct page *` with bit 0.
+/// A pin table entry: `frame << 2 | block | read-only` (0: nothing
+/// pinned), as the C table's `struct page *` with bits 1 and 0.
 fn entry(frame: u64, ro: bool) -> u64 {
-    frame << 1 | u64::from(ro)
+    frame << 2 | u64::from(ro)
 }
 
 fn entry_frame(e: u64) -> u64 {
-    e >> 1
+    e >> 2
+}
+
+/// The index of the first page of the block holding index `i` of `slot`.
+fn block_start(slot: &Memslot, i: usize) -> usize {
+    i - usize::try_from((slot.base_gfn + i as u64) % BLOCK as u64).unwrap()
+}
+
+/// `block_unshare()`: unshares the pages `[lo, hi)` of the block at index
+/// `bs` of the pin table `pins` of a slot at `base_gfn`: the whole block in
+/// one call, part of it by a split, or, without a memcache page for the
+/// split, the whole block. Returns the first frame and count to unpin.
+fn block_unshare(
+    el2: &mut El2,
+    pins: &mut [u64],
+    base_gfn: u64,
+    bs: usize,
+    lo: usize,
+    hi: usize,
+) -> Result<(u64, usize), String> {
+    let g = base_gfn + bs as u64;
+    let f0 = entry_frame(pins[bs]);
+    if lo != bs || hi != bs + BLOCK {
+        let r = UnshareRun {
+            gfn: g + (lo - bs) as u64,
+            pfn: f0 + (lo - bs) as u64,
+            len: (hi - lo) as u64,
+        };
+        if el2.unshare(r)? {
+            for e in &mut pins[bs..bs + BLOCK] {
+                *e &= !E_BLOCK;
+            }
+            pins[lo..hi].fill(0);
+            stats::add(&stats::BLOCK_SPLITS, 1);
+            return Ok((r.pfn, hi - lo));
+        }
+        stats::add(&stats::BLOCK_FALLBACKS, 1);
+    }
+    let whole = UnshareRun {
+        gfn: g,
+        pfn: f0,
+        len: BLOCK as u64,
+    };
+    if !el2.unshare(whole)? {
+        return Err(format!("whole-block HYP_UNSHARE at gfn {g:#x}: ENOMEM"));
+    }
+    pins[bs..bs + BLOCK].fill(0);
+    stats::add(&stats::BLOCK_WHOLE, 1);
+    Ok((f0, BLOCK))
 }
 
 #[derive(Debug)]
@@ -454,6 +642,12 @@ struct Pending {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Outcome {
     Mapped,
+    /// Mapped with its whole block (one `HYP_SHARE` of `BLOCK` pages).
+    MappedBlock,
+    /// A write upgrade in a block whose frame changed: the page (or, with
+    /// no memcache page for the split, its block) unmapped; the guest
+    /// re-faults.
+    Unmapped,
     Upgraded,
     Retry,
     Topup,
@@ -540,8 +734,20 @@ impl World {
         if b.run.len == 0 {
             return Ok(());
         }
-        self.el2.unshare(b.run)?;
+        // Runs never touch a block (block entries go by block_unshare()).
+        if !self.el2.unshare(b.run)? {
+            return Err(format!("HYP_UNSHARE of run {:?}: ENOMEM", b.run));
+        }
         b.run.len = 0;
+        Ok(())
+    }
+
+    /// `block_unpin_pages()`: `n` frames from `f0`, after the lock.
+    fn unpin_block(&mut self, (f0, n): (u64, usize)) -> Result<(), String> {
+        self.shim.pinned_now -= n as u64;
+        for k in 0..n as u64 {
+            self.unpin(f0 + k)?;
+        }
         Ok(())
     }
 
@@ -577,7 +783,21 @@ impl World {
                     let mut cur = 0;
                     while cur < pins.len() {
                         let mut b = Batch::default();
+                        let mut u = (0, 0);
                         while cur < pins.len() && b.pages.len() < BATCH {
+                            if pins[cur] & E_BLOCK != 0 {
+                                let bs = block_start(&old, cur);
+                                u = block_unshare(
+                                    &mut self.el2,
+                                    &mut pins,
+                                    old.base_gfn,
+                                    bs,
+                                    bs,
+                                    bs + BLOCK,
+                                )?;
+                                cur = bs + BLOCK;
+                                break;
+                            }
                             if pins[cur] != 0 {
                                 let f = entry_frame(pins[cur]);
                                 self.batch_add(&mut b, old.base_gfn + cur as u64, f)?;
@@ -586,6 +806,7 @@ impl World {
                             cur += 1;
                         }
                         self.batch_finish(b)?;
+                        self.unpin_block(u)?;
                     }
                 }
             }
@@ -625,8 +846,17 @@ impl World {
             );
             while cur < last {
                 let mut b = Batch::default();
+                let mut u = (0, 0);
                 while cur < last && b.pages.len() < BATCH {
                     let e = self.shim.pins[id].as_ref().unwrap()[cur];
+                    if e & E_BLOCK != 0 {
+                        let bs = block_start(&slot, cur);
+                        let hi = (bs + BLOCK).min(last);
+                        let pins = self.shim.pins[id].as_mut().unwrap();
+                        u = block_unshare(&mut self.el2, pins, slot.base_gfn, bs, cur, hi)?;
+                        cur = hi;
+                        break;
+                    }
                     if e != 0 {
                         self.batch_add(&mut b, slot.base_gfn + cur as u64, entry_frame(e))?;
                         self.shim.pins[id].as_mut().unwrap()[cur] = 0;
@@ -634,6 +864,7 @@ impl World {
                     cur += 1;
                 }
                 self.batch_finish(b)?;
+                self.unpin_block(u)?;
             }
         }
         Ok(())
@@ -684,9 +915,17 @@ impl World {
             while cur < last {
                 let mut b = Batch::default();
                 let mut c = Batch::default();
+                let mut u = (0, 0);
                 while cur < last && b.pages.len() < BATCH && c.pages.len() < BATCH {
                     let e = self.shim.pins[id].as_ref().unwrap()[cur];
                     let gfn = slot.base_gfn + cur as u64;
+                    if e & E_BLOCK != 0 {
+                        let bs = block_start(&slot, cur);
+                        let hi = (bs + BLOCK).min(last);
+                        u = self.confirm_block(id, bs, cur, hi, accessible)?;
+                        cur = hi;
+                        break;
+                    }
                     cur += 1;
                     if e == 0 {
                         continue;
@@ -697,7 +936,9 @@ impl World {
                         PageAction::Keep => continue,
                         PageAction::UnmapProtNone => self.batch_add(&mut b, gfn, entry_frame(e))?,
                         PageAction::WrProtect => {
-                            self.el2.set_writable(gfn, false)?;
+                            if !self.el2.set_writable(gfn, false)? {
+                                return Err(format!("HYP_WRPROTECT of gfn {gfn:#x}: ENOMEM"));
+                            }
                             self.shim.pins[id].as_mut().unwrap()[cur - 1] = e | 1;
                             continue;
                         }
@@ -707,9 +948,50 @@ impl World {
                 }
                 self.batch_finish(b)?;
                 self.batch_finish(c)?;
+                self.unpin_block(u)?;
             }
         }
         Ok(())
+    }
+
+    /// `confirm_block()`: the pages `[lo, hi)` of the block at index `bs`
+    /// of slot `id`. Returns the frames to unpin.
+    fn confirm_block(
+        &mut self,
+        id: usize,
+        bs: usize,
+        lo: usize,
+        hi: usize,
+        accessible: bool,
+    ) -> Result<(u64, usize), String> {
+        let slot = self.shim.slots[id];
+        let acts: Vec<PageAction> = (lo..hi)
+            .map(|i| {
+                let e = self.shim.pins[id].as_ref().unwrap()[i];
+                at_end(
+                    self.shim.policy,
+                    &self.pte_state(page_of(slot.uaddr) + i, e, accessible),
+                )
+            })
+            .collect();
+        let same = acts.iter().all(|&a| a == acts[0]);
+        let whole = lo == bs && hi == bs + BLOCK;
+        if same && acts[0] == PageAction::Keep {
+            return Ok((0, 0));
+        }
+        if same && whole && acts[0] == PageAction::WrProtect {
+            self.el2.wrprotect_block(slot.base_gfn + bs as u64)?;
+            for e in &mut self.shim.pins[id].as_mut().unwrap()[bs..bs + BLOCK] {
+                *e |= E_RO;
+            }
+            stats::add(&stats::BLOCK_WRPROTECTS, 1);
+            return Ok((0, 0));
+        }
+        if !(same && whole) {
+            stats::add(&stats::BLOCK_FALLBACKS, 1);
+        }
+        let pins = self.shim.pins[id].as_mut().unwrap();
+        block_unshare(&mut self.el2, pins, slot.base_gfn, bs, bs, bs + BLOCK)
     }
 
     /// `vcpu_fault()` up to the pin: a pending fault, or how it ended.
@@ -777,9 +1059,99 @@ impl World {
         Ok(())
     }
 
+    /// `vcpu_fault_block()`, right after the fault's own pin: `None` is
+    /// its `-EAGAIN` (the 4 KiB path goes on with the page pinned).
+    fn fault_block(
+        &mut self,
+        f: &Pending,
+        page: u64,
+        enomem: bool,
+    ) -> Result<Option<Outcome>, String> {
+        let b = BLOCK as u64;
+        // The C works on the slot copy of the fault's first look; another
+        // slot since fails the generation check, so the current one serves.
+        if self.shim.dead || self.shim.slot_gen[f.idx] != f.gen || self.shim.pins[f.idx].is_none() {
+            return Ok(None);
+        }
+        let slot = self.shim.slots[f.idx];
+        let g = f.gfn - f.gfn % b;
+        if g < slot.base_gfn
+            || !(slot.uaddr >> 12)
+                .wrapping_sub(slot.base_gfn)
+                .is_multiple_of(b)
+        {
+            return Ok(None);
+        }
+        let bs = usize::try_from(g - slot.base_gfn).unwrap();
+        if bs as u64 + b > slot.npages
+            || !self.host.frames[usize::try_from(page).unwrap()].large
+            || page % b != f.gfn % b
+            || self.shim.pins[f.idx].as_ref().unwrap()[bs..bs + BLOCK]
+                .iter()
+                .any(|&e| e != 0)
+        {
+            return Ok(None);
+        }
+        // vm_pin_n() of the block's host pages.
+        let h = slot.uaddr + ((bs as u64) << 12);
+        let p0 = page_of(h);
+        let write = !f.ro_slot;
+        let vma = self.host.vma[p0];
+        let force = self.shim.policy == Policy::Keep
+            && vma != Vma::None
+            && (!write || vma == Vma::Rw)
+            && (p0..p0 + BLOCK).all(|q| self.host.vma[q] == vma);
+        let mut got = Vec::new();
+        for k in 0..BLOCK {
+            match self.host.gup(p0 + k, write, force) {
+                Ok(fr) => got.push(fr),
+                Err(_) => break,
+            }
+        }
+        let block = got.len() == BLOCK
+            && got[0].is_multiple_of(b)
+            && got.iter().zip(0..).all(|(&fr, k)| fr == got[0] + k)
+            && got[usize::try_from(f.gfn % b).unwrap()] == page;
+        if !block {
+            for fr in got {
+                self.unpin(fr)?;
+            }
+            return Ok(None);
+        }
+        self.unpin(page)?;
+        let busy = self.shim.pins[f.idx].as_ref().unwrap()[bs..bs + BLOCK]
+            .iter()
+            .any(|&e| e != 0)
+            || (0..b).any(|k| !self.shim.inv.may_map(f.seq, h + (k << 12)));
+        if busy || enomem {
+            for fr in got {
+                self.unpin(fr)?;
+            }
+            if busy {
+                return Ok(Some(Outcome::Retry));
+            }
+            self.el2.memcache += TOPUP;
+            return Ok(Some(Outcome::Topup));
+        }
+        self.el2.share_block(g, got[0], !f.ro_slot)?;
+        let pins = self.shim.pins[f.idx].as_mut().unwrap();
+        for (e, &fr) in pins[bs..bs + BLOCK].iter_mut().zip(&got) {
+            *e = entry(fr, f.ro_slot) | E_BLOCK;
+        }
+        self.shim.pinned_now += b;
+        self.el2.memcache = self.el2.memcache.max(BLOCK_SPARE);
+        stats::add(&stats::BLOCKS, 1);
+        Ok(Some(Outcome::MappedBlock))
+    }
+
     /// The recheck under the lock and the map.
     fn fault_finish(&mut self, f: &Pending, enomem: bool) -> Result<Outcome, String> {
         let (page, map_ro) = f.pinned.unwrap();
+        if f.upgrade.is_none() && !map_ro {
+            if let Some(out) = self.fault_block(f, page, enomem)? {
+                return Ok(out);
+            }
+        }
         let want = f.upgrade.unwrap_or(0);
         // In the C order: the generation first, then the table.
         if self.shim.dead
@@ -791,16 +1163,41 @@ impl World {
             return Ok(Outcome::Retry);
         }
         if let Some(e) = f.upgrade {
+            if e & E_BLOCK != 0 && page != entry_frame(e) {
+                let slot = self.shim.slots[f.idx];
+                let bs = block_start(&slot, f.i);
+                let pins = self.shim.pins[f.idx].as_mut().unwrap();
+                let u = block_unshare(&mut self.el2, pins, slot.base_gfn, bs, f.i, f.i + 1)?;
+                self.unpin(page)?;
+                self.unpin_block(u)?;
+                return Ok(Outcome::Unmapped);
+            }
             if page == entry_frame(e) {
-                self.el2.set_writable(f.gfn, true)?;
-                self.shim.pins[f.idx].as_mut().unwrap()[f.i] = e & !1;
+                if !self.el2.set_writable(f.gfn, true)? {
+                    // Splitting the block needs a memcache page.
+                    self.unpin(page)?;
+                    self.el2.memcache += TOPUP;
+                    return Ok(Outcome::Topup);
+                }
+                let slot = self.shim.slots[f.idx];
+                let pins = self.shim.pins[f.idx].as_mut().unwrap();
+                if e & E_BLOCK != 0 {
+                    let bs = block_start(&slot, f.i);
+                    for x in &mut pins[bs..bs + BLOCK] {
+                        *x &= !E_BLOCK;
+                    }
+                }
+                pins[f.i] &= !E_RO;
                 self.unpin(page)?;
             } else {
-                self.el2.unshare(UnshareRun {
+                let r = UnshareRun {
                     gfn: f.gfn,
                     pfn: entry_frame(e),
                     len: 1,
-                })?;
+                };
+                if !self.el2.unshare(r)? {
+                    return Err(format!("HYP_UNSHARE of {r:?} outside blocks: ENOMEM"));
+                }
                 self.el2.share(f.gfn, page, true)?;
                 self.shim.pins[f.idx].as_mut().unwrap()[f.i] = entry(page, false);
                 self.unpin(entry_frame(e))?;
@@ -809,6 +1206,7 @@ impl World {
         }
         if enomem {
             self.unpin(page)?;
+            self.el2.memcache += TOPUP;
             return Ok(Outcome::Topup);
         }
         let ro = f.ro_slot || map_ro;
@@ -826,6 +1224,7 @@ impl World {
         }
         self.shim.dead = true;
         self.el2.map.clear();
+        self.el2.blocks.clear();
         for id in 0..NSLOTS {
             let Some(t) = self.shim.pins[id].as_mut() else {
                 continue;
@@ -866,6 +1265,8 @@ struct Model {
     end_epoch: u64,
     /// gfn -> (frame, writable).
     mapped: BTreeMap<u64, (u64, bool)>,
+    /// First gfns of the 2 MiB blocks (`BLOCK` pages here) EL2 maps.
+    blocks: BTreeSet<u64>,
     dead: bool,
 }
 
@@ -917,6 +1318,8 @@ impl Model {
             let old = self.slots[id].unwrap();
             self.mapped
                 .retain(|&g, _| !(g >= old.gfn && g < old.gfn + old.npages));
+            self.blocks
+                .retain(|&g| !(g >= old.gfn && g < old.gfn + old.npages));
             self.end_epoch += 1;
         }
         self.slots[id] = s;
@@ -930,11 +1333,44 @@ impl Model {
         )
     }
 
+    /// The blocks with a page in `gs`, slot by slot (the order the shim
+    /// meets them in), with those pages.
+    fn blocks_in(&self, gs: &BTreeSet<u64>) -> Vec<(u64, Vec<u64>)> {
+        let mut out = Vec::new();
+        for s in self.slots.iter().flatten() {
+            for &b in self.blocks.range(s.gfn..s.gfn + s.npages) {
+                let inr: Vec<u64> = (b..b + BLOCK as u64).filter(|g| gs.contains(g)).collect();
+                if !inr.is_empty() {
+                    out.push((b, inr));
+                }
+            }
+        }
+        out
+    }
+
+    /// Removes block `b` and its pages.
+    fn drop_block(&mut self, b: u64) {
+        self.blocks.remove(&b);
+        for g in b..b + BLOCK as u64 {
+            self.mapped.remove(&g);
+        }
+    }
+
     /// `range_start`: frame-changing events, and every event under eager,
-    /// unmap the range.
-    fn start(&mut self, ev: u32, p0: usize, p1: usize) {
+    /// unmap the range. A block the range covers in part is split if the
+    /// memcache (`mc` free pages) has a page for it, else unmapped whole.
+    fn start(&mut self, ev: u32, p0: usize, p1: usize, mut mc: u32) {
         if Self::frame_changing(ev) || self.policy == Policy::Eager {
-            for g in self.mapped_in(p0, p1) {
+            let gs: BTreeSet<u64> = self.mapped_in(p0, p1).into_iter().collect();
+            for (b, inr) in self.blocks_in(&gs) {
+                if inr.len() < BLOCK && mc > 0 {
+                    mc -= 1;
+                    self.blocks.remove(&b);
+                } else {
+                    self.drop_block(b);
+                }
+            }
+            for g in gs {
                 self.mapped.remove(&g);
             }
         }
@@ -947,22 +1383,53 @@ impl Model {
         if Self::frame_changing(ev) || self.policy == Policy::Eager {
             return;
         }
-        for g in self.mapped_in(p0, p1) {
-            let (frame, w) = self.mapped[&g];
-            let p = self.page(g);
-            match host.pte[p] {
+        // Per page: 0 keep, 1 write-protect, 2 unmap.
+        let decide = |m: &Self, g: u64| {
+            let (frame, w) = m.mapped[&g];
+            match host.pte[m.page(g)] {
                 Pte::Present {
                     frame: f,
                     write,
                     protnone,
                 } if f == frame => {
                     if protnone {
-                        if !(self.policy == Policy::Keep && accessible) {
-                            self.mapped.remove(&g);
+                        if m.policy == Policy::Keep && accessible {
+                            0
+                        } else {
+                            2
                         }
                     } else if w && !write {
-                        self.mapped.insert(g, (frame, false));
+                        1
+                    } else {
+                        0
                     }
+                }
+                _ => 2,
+            }
+        };
+        let gs: BTreeSet<u64> = self.mapped_in(p0, p1).into_iter().collect();
+        // A block: all kept, nothing; all of it to write-protect, the
+        // block read-only; anything else unmaps the whole block.
+        let mut in_blocks = BTreeSet::new();
+        for (b, inr) in self.blocks_in(&gs) {
+            let d: Vec<u8> = inr.iter().map(|&g| decide(self, g)).collect();
+            in_blocks.extend(inr.iter().copied());
+            if d.iter().all(|&x| x == 0) {
+                continue;
+            }
+            if inr.len() == BLOCK && d.iter().all(|&x| x == 1) {
+                for g in inr {
+                    self.mapped.get_mut(&g).unwrap().1 = false;
+                }
+                continue;
+            }
+            self.drop_block(b);
+        }
+        for g in gs.difference(&in_blocks).copied() {
+            match decide(self, g) {
+                0 => {}
+                1 => {
+                    self.mapped.get_mut(&g).unwrap().1 = false;
                 }
                 _ => {
                     self.mapped.remove(&g);
@@ -1082,6 +1549,7 @@ impl Check {
                 slot_epoch: [0; NSLOTS],
                 end_epoch: 0,
                 mapped: BTreeMap::new(),
+                blocks: BTreeSet::new(),
                 dead: false,
             },
         }
@@ -1191,6 +1659,7 @@ impl Check {
                 }
                 self.w.teardown()?;
                 self.m.mapped.clear();
+                self.m.blocks.clear();
                 self.m.dead = true;
                 self.check()?;
                 // The dead VM sees the ends of the invalidations in flight.
@@ -1265,7 +1734,28 @@ impl Check {
     /// Finishes fault `k` and checks the outcome against the model.
     fn fault_finish(&mut self, k: usize, enomem: bool) -> Result<(), String> {
         let f = self.w.faults.remove(k);
+        let mc = self.w.el2.memcache;
+        let in_block = self.m.blocks.contains(&block_of(f.gfn));
         let out = self.w.fault_finish(&f, enomem)?;
+        if out == Outcome::MappedBlock {
+            return self.block_mapped(&f);
+        }
+        if out == Outcome::Unmapped {
+            // A write upgrade in a block whose frame changed.
+            let Some(e) = f.upgrade.filter(|_| in_block) else {
+                return Err(format!("{f:?}: {out:?} outside a block"));
+            };
+            if f.pinned.unwrap().0 == entry_frame(e) {
+                return Err(format!("{f:?}: {out:?}, the frame did not change"));
+            }
+            if mc > 0 {
+                self.m.blocks.remove(&block_of(f.gfn));
+                self.m.mapped.remove(&f.gfn);
+            } else {
+                self.m.drop_block(block_of(f.gfn));
+            }
+            return Ok(());
+        }
         let m = &self.m;
         let slot = m.slot_of(f.gfn);
         let same_slot =
@@ -1282,7 +1772,12 @@ impl Check {
             Some(e) => m.mapped.get(&f.gfn) == Some(&(entry_frame(e), false)),
         };
         let allowed = !m.dead && same_slot && quiet && !covered && state_ok;
-        let must = allowed && self.w.invs.is_empty() && !(enomem && f.upgrade.is_none());
+        // A write upgrade in a block splits it: without a memcache page
+        // it tops up first.
+        let must = allowed
+            && self.w.invs.is_empty()
+            && !(enomem && f.upgrade.is_none())
+            && !(f.upgrade.is_some() && in_block && mc == 0);
         let done = matches!(out, Outcome::Mapped | Outcome::Upgraded);
         match out {
             Outcome::Mapped => stats::add(&stats::MAPPED, 1),
@@ -1306,14 +1801,60 @@ impl Check {
             let ro = slot.unwrap().1.ro;
             let writable = f.upgrade.is_some() || (!ro && self.w.host.vma[page] == Vma::Rw);
             self.m.mapped.insert(f.gfn, (frame, writable));
+            if out == Outcome::Upgraded && in_block {
+                self.m.blocks.remove(&block_of(f.gfn));
+            }
         }
+        Ok(())
+    }
+
+    /// A fault mapped its whole block: allowed only where every page of it
+    /// could have been mapped (ABI.md §2.8: an aligned range of one slot
+    /// whose host pages hold contiguous frames from an aligned one).
+    fn block_mapped(&mut self, f: &Pending) -> Result<(), String> {
+        stats::add(&stats::MAPPED, 1);
+        let m = &self.m;
+        let g = block_of(f.gfn);
+        let b = BLOCK as u64;
+        let Some((id, s)) = m.slot_of(g) else {
+            return Err(format!("{f:?}: block at gfn {g:#x} outside every slot"));
+        };
+        let ok_slot = id == f.idx
+            && m.slot_epoch[id] == f.model_slot_epoch
+            && g + b <= s.gfn + s.npages
+            && (s.page as u64 + (g - s.gfn)).is_multiple_of(b);
+        let quiet = f.model_end_epoch == m.end_epoch && !m.dead;
+        let p0 = m.page(g);
+        let covered = self.w.invs.iter().any(|v| v.p0 < p0 + BLOCK && p0 < v.p1);
+        let frames: Vec<Option<u64>> = (p0..p0 + BLOCK)
+            .map(|p| match self.w.host.pte[p] {
+                Pte::Present { frame, .. } => Some(frame),
+                Pte::Absent => None,
+            })
+            .collect();
+        let contiguous = frames[0].is_some_and(|f0| {
+            f0.is_multiple_of(b) && frames.iter().zip(0..).all(|(f, k)| *f == Some(f0 + k))
+        });
+        let free = (g..g + b).all(|x| !m.mapped.contains_key(&x));
+        if !(ok_slot && quiet && !covered && contiguous && free) {
+            return Err(format!(
+                "{f:?} mapped block {g:#x}: slot {ok_slot} quiet {quiet} none covering {} host frames {frames:?} unmapped before {free}",
+                !covered
+            ));
+        }
+        let writable = !s.ro;
+        for (k, fr) in frames.into_iter().enumerate() {
+            self.m.mapped.insert(g + k as u64, (fr.unwrap(), writable));
+        }
+        self.m.blocks.insert(g);
         Ok(())
     }
 
     fn begin(&mut self, ev: u32, p0: usize, p1: usize, change: Change) -> Result<(), String> {
         let before = self.w.el2.map.clone();
+        let mc = self.w.el2.memcache;
         let act = self.w.mn_start(ev, hva(p0), hva(p1))?;
-        self.m.start(ev, p0, p1);
+        self.m.start(ev, p0, p1, mc);
         self.w.invs.push(Inv {
             ev,
             p0,
@@ -1378,6 +1919,7 @@ impl Check {
         let v = self.w.invs.remove(k);
         let accessible = self.accessible(v.p0, v.p1);
         let before = self.w.el2.map.clone();
+        let blocks_before = self.w.el2.blocks.clone();
         self.w.mn_end(v.ev, hva(v.p0), hva(v.p1), accessible)?;
         self.m.end(v.ev, v.p0, v.p1, &self.w.host, accessible);
         // Property 5 at end: what left, by its PTE.
@@ -1394,6 +1936,10 @@ impl Check {
                 continue;
             }
             stats::add(&stats::UNMAPPED_END, 1);
+            if blocks_before.contains(&block_of(*g)) {
+                // A block goes whole when its pages need different things.
+                continue;
+            }
             let p = self.shim_page_of(*g);
             let same = matches!(self.w.host.pte[p], Pte::Present { frame: f, .. } if f == *frame);
             let kept_access = matches!(self.w.host.pte[p], Pte::Present { frame: f, protnone: false, .. } if f == *frame);
@@ -1429,7 +1975,14 @@ impl Check {
                 w.el2.map, self.m.mapped
             ));
         }
-        // 2: pin table == EL2, page for page.
+        if w.el2.blocks != self.m.blocks {
+            return Err(format!(
+                "EL2 blocks {:?}, model {:?}",
+                w.el2.blocks, self.m.blocks
+            ));
+        }
+        // 2: pin table == EL2, page for page; the block bit marks exactly
+        // the pages of EL2's blocks.
         let mut n = 0u64;
         for (id, s) in w.shim.slots.iter().enumerate() {
             let Some(t) = w.shim.pins[id].as_ref() else {
@@ -1441,6 +1994,12 @@ impl Check {
                 let want = (e != 0).then(|| (entry_frame(e), e & 1 == 0));
                 if el2 != want {
                     return Err(format!("gfn {gfn:#x}: pin entry {e:#x}, EL2 {el2:?}"));
+                }
+                if (e & E_BLOCK != 0) != w.el2.blocks.contains(&block_of(gfn)) {
+                    return Err(format!(
+                        "gfn {gfn:#x}: pin entry {e:#x}, EL2 blocks {:?}",
+                        w.el2.blocks
+                    ));
                 }
                 n += u64::from(e != 0);
             }
@@ -1617,7 +2176,8 @@ fn policies_differ_on_numa() {
             id: 0,
             gfn: 0,
             npages: 4,
-            page: 0,
+            // Not THP-backed: 4 KiB pages (blocks_split_or_go_whole has blocks).
+            page: THP_PAGES as u8,
             ro: false,
         })
         .unwrap();
@@ -1633,7 +2193,7 @@ fn policies_differ_on_numa() {
         // NUMA PROT_NONE over pages 0..2, then mprotect(PROT_READ) of 2..4.
         c.run(Op::Begin {
             ev: event::PROTECTION_VMA as u8,
-            page: 0,
+            page: THP_PAGES as u8,
             len: 2,
             change: 1,
         })
@@ -1641,7 +2201,7 @@ fn policies_differ_on_numa() {
         c.run(Op::End { k: 0 }).unwrap();
         c.run(Op::Begin {
             ev: event::PROTECTION_VMA as u8,
-            page: 2,
+            page: THP_PAGES as u8 + 2,
             len: 2,
             change: 4,
         })
@@ -1662,7 +2222,7 @@ fn policies_differ_on_numa() {
         // A munmap unmaps under every policy.
         c.run(Op::Begin {
             ev: event::UNMAP as u8,
-            page: 0,
+            page: THP_PAGES as u8,
             len: 4,
             change: 1,
         })
@@ -1714,5 +2274,97 @@ fn fault_racing_an_invalidation_retries() {
     })
     .unwrap();
     assert_ne!(c.w.el2.map[&(WIN.base_gfn + 1)].0, old);
+    c.drain().unwrap();
+}
+
+/// 2 MiB blocks (`BLOCK` pages here), step by step: a fault on THP-backed
+/// memory shares its whole block; a munmap of the block unshares it whole;
+/// MADV_DONTNEED of one page splits it (one memcache page) and, with an
+/// empty memcache, unshares the whole block instead; mprotect(PROT_READ) of
+/// a whole block write-protects it in one call and a later write splits it;
+/// teardown reclaims the rest.
+#[test]
+fn blocks_split_or_go_whole() {
+    let b = BLOCK as u64;
+    let mut c = Check::new(Policy::Confirm);
+    c.run(Op::Slot {
+        id: 0,
+        gfn: 0,
+        npages: 12,
+        page: 0,
+        ro: false,
+    })
+    .unwrap();
+    let fault = |c: &mut Check, gfn: u8| {
+        c.run(Op::Fault {
+            gfn,
+            write: true,
+            enomem: false,
+        })
+        .unwrap();
+    };
+    let event = |c: &mut Check, ev: u32, page: usize, len: usize, change: u8| {
+        c.run(Op::Begin {
+            ev: ev as u8,
+            page: page as u8,
+            len: len as u8,
+            change,
+        })
+        .unwrap();
+        c.run(Op::End { k: 0 }).unwrap();
+    };
+    let base = WIN.base_gfn;
+    let mapped = |c: &Check| -> Vec<u64> { c.w.el2.map.keys().map(|g| g - base).collect() };
+
+    // One fault maps the block; the memcache keeps its spare pages.
+    fault(&mut c, 1);
+    assert_eq!(mapped(&c), (0..b).collect::<Vec<_>>());
+    assert!(c.w.el2.blocks.contains(&base));
+    assert_eq!(c.w.el2.memcache, BLOCK_SPARE);
+    // munmap-like invalidation of the whole block (no change): one unshare, no memory.
+    event(&mut c, event::UNMAP, 0, BLOCK, 0);
+    assert!(c.w.el2.map.is_empty() && c.w.el2.blocks.is_empty());
+    assert_eq!(c.w.el2.memcache, BLOCK_SPARE);
+    fault(&mut c, 2);
+    assert!(c.w.el2.blocks.contains(&base));
+    // MADV_DONTNEED of page 1: a split, one memcache page.
+    event(&mut c, event::CLEAR, 1, 1, 1);
+    assert_eq!(mapped(&c), vec![0, 2, 3]);
+    assert!(c.w.el2.blocks.is_empty());
+    assert_eq!(c.w.el2.memcache, BLOCK_SPARE - 1);
+
+    // The next block, and an empty memcache: the whole block goes.
+    fault(&mut c, 5);
+    assert!(c.w.el2.blocks.contains(&(base + b)));
+    c.w.el2.memcache = 0;
+    event(&mut c, event::CLEAR, BLOCK + 1, 1, 1);
+    assert_eq!(mapped(&c), vec![0, 2, 3]);
+    assert!(c.w.el2.blocks.is_empty());
+    // The guest re-faults: page 5 is a 4 KiB frame now, the rest stay THP
+    // frames that no longer form a block: 4 KiB pages.
+    fault(&mut c, 4);
+    fault(&mut c, 5);
+    assert_eq!(mapped(&c), vec![0, 2, 3, 4, 5]);
+    assert!(c.w.el2.blocks.is_empty());
+
+    // mprotect(PROT_READ) of a whole block: one write-protect, the block stays.
+    fault(&mut c, 9);
+    let third = base + 2 * b;
+    assert!(c.w.el2.blocks.contains(&third));
+    event(&mut c, event::PROTECTION_VMA, 2 * BLOCK, BLOCK, 4);
+    assert!(c.w.el2.blocks.contains(&third));
+    assert!((third..third + b).all(|g| !c.w.el2.map[&g].1));
+    // Writable again, and a write: that page's permissions split the block.
+    event(&mut c, event::PROTECTION_VMA, 2 * BLOCK, BLOCK, 3);
+    let mc = c.w.el2.memcache;
+    c.run(Op::Fault {
+        gfn: 9,
+        write: true,
+        enomem: false,
+    })
+    .unwrap();
+    assert!(c.w.el2.blocks.is_empty());
+    assert!(c.w.el2.map[&(third + 1)].1 && !c.w.el2.map[&third].1);
+    assert_eq!(c.w.el2.memcache, mc - 1);
     c.drain().unwrap();
 }

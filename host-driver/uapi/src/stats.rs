@@ -92,6 +92,14 @@ stats! {
     mmio_exits,
     /// console exits to user space
     console_exits,
+    /// 2 MiB blocks shared (one HYP_SHARE of 512 pages; pages counted in shares too)
+    blocks_shared,
+    /// whole 2 MiB blocks unshared in one call (notifier, slot deletion, write upgrade)
+    block_unshares,
+    /// blocks split by a call that changed part of them (one memcache page each)
+    block_splits,
+    /// blocks unshared whole because a split had no memcache page or the host entries differed
+    block_fallbacks,
     /// EL2 group 0: pages mapped in the VM's stage 2
     el2_s2_maps,
     /// EL2 group 0: pages unmapped
@@ -123,7 +131,7 @@ stats! {
 }
 
 /// Number of counters in [`S2pinVmStats`].
-pub const STATS_COUNT: usize = 43;
+pub const STATS_COUNT: usize = 47;
 
 const _: () = {
     assert!(S2pinVmStats::FIELDS.len() == STATS_COUNT);
@@ -135,7 +143,7 @@ const _: () = {
 pub const RANGE_START_FIRST: usize = 10;
 /// Index of the first `el2_*` counter: group 0's seven registers x1..x7,
 /// then group 1's.
-pub const EL2_FIRST: usize = 29;
+pub const EL2_FIRST: usize = 33;
 
 const _: () = {
     let f = S2pinVmStats::FIELDS;
