@@ -12,13 +12,15 @@ use stage2::{Ipa, Vmid};
 use el2::layout::{MAX_CPUS, STACK_SIZE};
 use el2::sysreg::{cnthctl, cptr, icc_sre_el2, mdcr, sctlr_el1, HCR_HOST};
 
-// The shared macros first, then el2's entry and vectors and the guest
-// entry/exit (vcpu.S), in one block so that the macros are defined once.
+// The shared macros first, then el2's entry and vectors, the guest
+// entry/exit (vcpu.S) and memcpy/memset (mem.S), in one block so that the
+// macros are defined once.
 global_asm!(
     include_str!("../../../baremetal/src/image_header.S"),
     include_str!("../../../baremetal/src/boot.S"),
     include_str!("entry.S"),
     include_str!("vcpu.S"),
+    include_str!("mem.S"),
     stack_size = const STACK_SIZE,
     max_cpus = const MAX_CPUS,
     text_offset = const boot_contract::HYP_IMAGE_ADDR - boot_contract::RAM_BASE,
