@@ -159,6 +159,7 @@ impl Platform for El2Platform {
                 vtcr,
                 flush_local_tlb: entry.flush_local_tlb,
                 gicr_sgi,
+                fast_budget: entry.fast_budget,
             },
         )
     }

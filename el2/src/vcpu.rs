@@ -277,6 +277,10 @@ pub struct RawExit {
     pub far: u64,
     /// HPFAR_EL2.
     pub hpfar: u64,
+    /// Exits the platform answered itself ([`fast_answer`]) and resumed
+    /// the guest from before this one, within the same entry (each is one
+    /// guest entry of `HYP_VCPU_RUN`'s bound, ABI §3.7).
+    pub fast_exits: u32,
 }
 
 /// A decoded MMIO access (a data abort with a valid instruction syndrome).
@@ -472,6 +476,53 @@ fn decode_abort(raw: &RawExit, esr: Esr, in_memory: impl Fn(u64) -> bool) -> Gue
         sign_extend: iss & (1 << 21) != 0,
         sixty_four: iss & (1 << 15) != 0,
     })
+}
+
+/// The fast path: answers an exit that needs nothing but the trapped
+/// instruction's registers, as the world switch's exit path would, and says
+/// whether it did (`true`: resume the guest at once, without saving its EL1
+/// state or loading the host's; `false`: `ctx` is untouched and the exit
+/// takes the full switch back to the dispatcher).
+///
+/// `vector` and `esr` are what the guest exit saw; the guest's x0..x30, PC
+/// and PSTATE are in `ctx` (the assembly saves them at every exit). Only
+/// synchronous `HVC #0`/`SMC #0` exits are eligible, and of those only the
+/// ones [`GuestExit::complete`] answers without the host and without the
+/// VM's bookkeeping: `HYP_GUEST_VERSION`, a call with a bad id or bad
+/// arguments (an error in x0), PSCI `VERSION`, `FEATURES` and unknown PSCI
+/// functions, and an SMC that is not PSCI. Their answers touch x0..x7 and
+/// the PC only, so EL2 can give them with the guest's EL1 system registers,
+/// timer, FP/SIMD, GIC and pointer-authentication state still loaded: the
+/// Rust that runs meanwhile uses general-purpose registers and the EL2
+/// stack only (the binary is built soft-float) and touches no EL1 register.
+/// Everything else (interrupts, aborts, WFx, trapped registers, guest calls
+/// for the host, PSCI `CPU_ON`/`CPU_OFF`/`AFFINITY_INFO`/`SYSTEM_*`, which
+/// need the VM's lock or the host) returns `false`. The answer is the same
+/// as the slow path's: [`decode_exit`] then [`GuestExit::complete`] with
+/// [`psci::GUEST_VERSION`].
+pub fn fast_answer(vector: u64, esr: u64, ctx: &mut VcpuContext) -> bool {
+    if Vector::from_index(vector) != Vector::LowerSync
+        || !matches!(
+            Esr(esr).class(),
+            ExceptionClass::Hvc64 | ExceptionClass::Smc64
+        )
+    {
+        return false;
+    }
+    let raw = RawExit {
+        vector,
+        esr,
+        ..RawExit::default()
+    };
+    let Some(regs) = ctx.x.first_chunk::<8>() else {
+        return false;
+    };
+    // HVC and SMC exits never look at memory.
+    let exit = decode_exit(&raw, regs, |_| false);
+    if exit.host_exit().is_some() {
+        return false;
+    }
+    exit.complete(ctx, psci::GUEST_VERSION) == Resume::Guest
 }
 
 /// What the hypervisor does with the vCPU after an exit.
@@ -947,6 +998,7 @@ mod tests {
             esr,
             far: 0xffff_0000_0000_0000 | (ipa & 0xfff),
             hpfar: (ipa >> 12) << 4,
+            ..RawExit::default()
         }
     }
 
@@ -1194,5 +1246,97 @@ mod tests {
         assert!(l.load(1, 0), "vCPU 0 where vCPU 1 ran");
         assert!(!l.load(1, 0));
         assert!(l.load(MAX_CPUS, 0), "unknown CPU: flush to be safe");
+    }
+
+    /// Exits `fast_answer` must take, and some it must leave: for each, the
+    /// fast path agrees with the slow one (decode, then complete) or leaves
+    /// the context alone.
+    #[test]
+    fn fast_path_answers_what_the_slow_path_answers_alone() {
+        let with = |x0: u64, x1: u64| {
+            let mut r = [0u64; 8];
+            r[0] = x0;
+            r[1] = x1;
+            r
+        };
+        let gfn = Gfn::new(0x40010).unwrap();
+        let nr = PageCount::new(1).unwrap();
+        let fast = [
+            (8, HVC0, GuestCall::Version.encode()),
+            (8, HVC0, with(0xc600_0001, 0)), // a host call id
+            (8, HVC0, with(0xc600_01ff, 0)), // no such call
+            (8, HVC0, with(0xc600_0101, 0)), // console write, len 0
+            (8, HVC0 | 1, GuestCall::Shutdown.encode()), // HVC #1
+            (8, HVC0, with(u64::from(psci::PSCI_VERSION), 0)),
+            (8, SMC0, with(u64::from(psci::PSCI_VERSION), 0)),
+            (
+                8,
+                HVC0,
+                with(
+                    u64::from(psci::PSCI_FEATURES),
+                    u64::from(psci::PSCI_CPU_ON_64),
+                ),
+            ),
+            (8, HVC0, with(0x8400_0011, 0)), // unknown PSCI function
+            (8, SMC0, with(0x8200_0000, 0)), // SiP SMC
+            (8, SMC0 | 1, with(u64::from(psci::PSCI_VERSION), 0)), // SMC #1
+        ];
+        let slow = [
+            (9, HVC0, GuestCall::Version.encode()),  // an IRQ
+            (10, HVC0, GuestCall::Version.encode()), // an FIQ
+            (11, HVC0, GuestCall::Version.encode()), // an SError
+            (12, HVC0, GuestCall::Version.encode()), // AArch32
+            (0, HVC0, GuestCall::Version.encode()),  // EL2 itself
+            (8, HVC0, GuestCall::Shutdown.encode()),
+            (8, HVC0, GuestCall::ShareRequest { gfn, nr }.encode()),
+            (
+                8,
+                HVC0,
+                GuestCall::ConsoleWrite(ConsoleBytes::new(b"x").unwrap()).encode(),
+            ),
+            (8, HVC0, with(u64::from(psci::PSCI_CPU_ON_64), 1)),
+            (8, HVC0, with(u64::from(psci::PSCI_CPU_OFF), 0)),
+            (8, SMC0, with(u64::from(psci::PSCI_SYSTEM_OFF), 0)),
+            (8, HVC0, with(u64::from(psci::PSCI_AFFINITY_INFO_64), 0)),
+            (8, 0x0600_0000, [0; 8]),          // WFI
+            (8, 0x9200_0047, [0; 8]),          // data abort
+            (8, 0x6200_0000 | 0x1234, [0; 8]), // trapped system register
+            (8, 0x1c00_0000, [0; 8]),          // SVE access
+        ];
+        let start = || {
+            let mut c = VcpuContext::new(0x5000, 0, 3, 0);
+            for (i, x) in c.x.iter_mut().enumerate() {
+                *x = 0x1000 + i as u64;
+            }
+            c
+        };
+        for (vector, esr, regs) in fast {
+            let mut by_fast = start();
+            by_fast.set_results(&regs);
+            let mut by_slow = by_fast.clone();
+            let raw = RawExit {
+                vector,
+                esr,
+                ..RawExit::default()
+            };
+            let exit = decode_exit(&raw, &by_slow.args(), in_ram);
+            assert_eq!(
+                exit.complete(&mut by_slow, psci::GUEST_VERSION),
+                Resume::Guest,
+                "{esr:#x} {regs:x?}"
+            );
+            assert!(fast_answer(vector, esr, &mut by_fast), "{esr:#x} {regs:x?}");
+            assert_eq!(by_fast, by_slow, "{esr:#x} {regs:x?}");
+        }
+        for (vector, esr, regs) in slow {
+            let mut c = start();
+            c.set_results(&regs);
+            let before = c.clone();
+            assert!(
+                !fast_answer(vector, esr, &mut c),
+                "{vector} {esr:#x} {regs:x?}"
+            );
+            assert_eq!(c, before, "untouched: {vector} {esr:#x}");
+        }
     }
 }

@@ -16,7 +16,9 @@
  * is 30 instructions plus the callee-saved restore.
  *
  * Everything else (EL1 system registers, FP/SIMD, timers, HCR/VTTBR/CPTR)
- * is switched by arch/vcpu.rs around the call.
+ * is switched by arch/vcpu.rs around the call, which may also answer an
+ * exit and call __guest_enter again at once (the fast path): the guest's
+ * state outside the context stays in the CPU meanwhile.
  */
 
 .equ VCPU_PC, 256             /* vcpu::VCPU_PC_OFFSET: pc, then pstate */

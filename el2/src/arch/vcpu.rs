@@ -8,6 +8,17 @@
 //! here (not to the host's trap handler) as a [`RawExit`]. Then everything
 //! is switched back.
 //!
+//! **The fast path.** An exit that `el2::vcpu::fast_answer` can answer from
+//! the guest's general-purpose registers alone (`HYP_GUEST_VERSION`, a bad
+//! guest call, PSCI `VERSION`/`FEATURES`, an SMC that is not PSCI) is
+//! answered right after `__guest_enter` returns and the guest is entered
+//! again, with its EL1, timer, FP/SIMD, GIC and key state still in the CPU
+//! and EL2 still configured for it, as KVM's `fixup_guest_exit` does: only
+//! what `vcpu.S` switches at every entry and exit (x0..x30, PC, PSTATE,
+//! VBAR_EL2) moves. [`VcpuRun::fast_budget`] bounds how often, and
+//! [`RawExit::fast_exits`] says how often it happened before the exit
+//! returned.
+//!
 //! # What the caller must know
 //!
 //! - **FP/SIMD, SVE and SME.** The guest sees FP/SIMD only: `CPTR_EL2.TZ/TSM`
@@ -81,6 +92,10 @@ pub struct VcpuRun {
     /// which carries the host's deadline while the guest runs) is
     /// enabled before entry. `None`: the host's timer cannot end a run.
     pub gicr_sgi: Option<u64>,
+    /// How many exits [`run_vcpu`] may answer itself with
+    /// `el2::vcpu::fast_answer` and resume the guest, without the full
+    /// switch, before it returns one ([`RawExit::fast_exits`] counts them).
+    pub fast_budget: u32,
 }
 
 /// Finds this CPU's redistributor in the GICR region `[base, base + size)`
@@ -451,16 +466,30 @@ pub fn run_vcpu(ctx: &mut VcpuContext, run: &VcpuRun) -> RawExit {
     fp_load(&ctx.fp);
     load_timer(&ctx.el1);
 
-    // SAFETY: EL2 is configured for the guest (stage-2 on with its VTTBR,
-    // interrupts routed to EL2), its EL1 state is loaded, and `ctx` is a
-    // valid exclusive context that __guest_enter reads and writes back.
-    // The guest can only come back through GUEST_VECTORS.
-    let vector = unsafe { __guest_enter(ctx) };
-    let exit = RawExit {
-        vector,
-        esr: ESR_EL2.get(),
-        far: FAR_EL2.get(),
-        hpfar: HPFAR_EL2.get(),
+    // The fast path (KVM's fixup_guest_exit): an exit that `fast_answer`
+    // answers from the guest's GPRs alone resumes the guest at once, with
+    // its EL1, timer, FP/SIMD, GIC and key state still in the CPU and EL2
+    // still configured for it. Nothing below runs in between: the answer
+    // uses general-purpose registers (saved in `ctx`) and this stack only.
+    let mut fast_exits = 0;
+    let exit = loop {
+        // SAFETY: EL2 is configured for the guest (stage-2 on with its
+        // VTTBR, interrupts routed to EL2), its EL1 state is loaded, and
+        // `ctx` is a valid exclusive context that __guest_enter reads and
+        // writes back. The guest can only come back through GUEST_VECTORS.
+        let vector = unsafe { __guest_enter(ctx) };
+        let esr = ESR_EL2.get();
+        if fast_exits < run.fast_budget && el2::vcpu::fast_answer(vector, esr, ctx) {
+            fast_exits += 1;
+            continue;
+        }
+        break RawExit {
+            vector,
+            esr,
+            far: FAR_EL2.get(),
+            hpfar: HPFAR_EL2.get(),
+            fast_exits,
+        };
     };
 
     // Guest state back into the context.

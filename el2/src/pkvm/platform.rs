@@ -22,6 +22,10 @@ pub struct GuestEntry {
     /// Another vCPU of the VM ran on this CPU last: invalidate this CPU's
     /// EL1 TLB entries of the VMID before entry.
     pub flush_local_tlb: bool,
+    /// How many exits `enter_guest` may answer itself and resume the guest
+    /// (the fast path: `crate::vcpu::fast_answer`) before it must return
+    /// one; each counts as one guest entry of the run's bound.
+    pub fast_budget: u32,
 }
 
 /// Access to the contents of hypervisor-owned pages used as a VM's stage-2

@@ -101,6 +101,7 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
             vttbr: loaded.vttbr,
             ipa: loaded.ipa,
             flush_local_tlb: flush,
+            fast_budget: 0,
         };
         let mut out = Outcome::default();
         let exit = self.platform.with_vcpu(loaded.state, |ctx| {
@@ -125,8 +126,13 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         ctx: &mut VcpuContext,
         out: &mut Outcome,
     ) -> VcpuExit {
-        for _ in 0..MAX_GUEST_ENTRIES {
+        let mut entries = 0u32;
+        while entries < MAX_GUEST_ENTRIES {
+            entry.fast_budget = MAX_GUEST_ENTRIES - entries - 1;
             let raw = self.platform.enter_guest(ctx, &entry);
+            let fast = raw.fast_exits.min(entry.fast_budget);
+            entries += 1 + fast;
+            out.hyp_exits = out.hyp_exits.wrapping_add(u64::from(fast));
             entry.flush_local_tlb = false;
             let exit = decode_exit(&raw, &ctx.args(), |ipa| in_memory(memory, ipa));
             if let GuestExit::Psci { call, smc } = exit {

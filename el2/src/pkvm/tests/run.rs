@@ -76,6 +76,7 @@ fn hvc(regs: [u64; 8]) -> (RawExit, [u64; 8]) {
             esr: 0x5a00_0000,
             far: 0,
             hpfar: 0,
+            fast_exits: 0,
         },
         regs,
     )
@@ -88,6 +89,7 @@ fn abort(esr: u64, ipa: u64) -> (RawExit, [u64; 8]) {
             esr,
             far: ipa & 0xfff,
             hpfar: (ipa >> 12) << 4,
+            fast_exits: 0,
         },
         [0; 8],
     )
@@ -199,6 +201,7 @@ fn the_first_run_passes_entry_and_x0() {
             esr: 0x0600_0000,
             far: 0,
             hpfar: 0,
+            fast_exits: 0,
         },
         [0x55, 0, 0, 0, 0, 0, 0, 0],
     );
