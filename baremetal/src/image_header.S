@@ -1,6 +1,6 @@
 /*
  * The 64-byte arm64 Image header (Documentation/arch/arm64/booting.rst),
- * shared by el2, the test host and the guest payload (qemu/baremetal).
+ * shared by el2, the test host and the guest payload (baremetal/).
  *
  *   arm64_image_header entry, text_offset[, res4]
  *

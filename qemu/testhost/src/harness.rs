@@ -3,7 +3,7 @@
 //! (a teardown batch page by page) and followed by a read-back of the state
 //! of every page the case used.
 //!
-//! Output protocol (parsed by `qemu/src/conformance.rs`): `CASE <name>` when
+//! Output protocol (parsed by `qemu/src/testhost.rs`): `CASE <name>` when
 //! a case starts, then `PASS <name>` or `FAIL <name>: <why>` (one line).
 
 use alloc::collections::BTreeSet;
