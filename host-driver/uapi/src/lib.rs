@@ -38,11 +38,18 @@
 //! | `EFAULT` | the argument pointer or `userspace_addr` is not accessible user memory |
 //! | `ENOSPC` | no free slot (more than [`S2PIN_MAX_MEMSLOTS`]) or no free VM at EL2 |
 //! | `ENOMEM` | out of memory, or a pin would exceed `RLIMIT_MEMLOCK` (nothing is pinned then) |
-//! | `EINTR` | `RUN` was interrupted by a signal (or `immediate_exit` was set) |
+//! | `EINTR` | `RUN` was interrupted by a signal (or `immediate_exit` was set); `CREATE_VM` when a fatal signal is pending while it registers its MMU notifier (nothing is created) |
 //! | `EBUSY` | another thread is running this vCPU |
 //! | `EIO` | the caller's mm is not the VM creator's (`RUN`, memory regions, new vCPUs), or the hypervisor refused a call |
 //! | `ENOTTY` | an unknown ioctl |
 //! | `ESHUTDOWN` | the VM is being torn down (its process is exiting) |
+//! | `EMFILE`, `ENFILE` | `CREATE_VM` or `CREATE_VCPU` when the process or the system has no free file descriptor (the VM or vCPU is not created) |
+//!
+//! `mmap` of a vCPU fd fails with `EINVAL` unless it is exactly one page
+//! ([`S2PIN_GET_VCPU_MMAP_SIZE`]) at offset 0 with `MAP_SHARED`; `mmap` of
+//! `/dev/s2pin` or of a VM fd fails with `ENODEV` (they have nothing to map),
+//! and a writable shared mapping of an fd opened without write access with
+//! `EACCES` (the kernel's own rule).
 
 #![no_std]
 #![forbid(unsafe_code)]
