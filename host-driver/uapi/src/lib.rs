@@ -43,7 +43,7 @@
 //! | `EIO` | the caller's mm is not the VM creator's (`RUN`, memory regions, new vCPUs), or the hypervisor refused a call |
 //! | `ENOTTY` | an unknown ioctl |
 //! | `ESHUTDOWN` | the VM is being torn down (its process is exiting) |
-//! | `EMFILE`, `ENFILE` | `CREATE_VM` or `CREATE_VCPU` when the process or the system has no free file descriptor (the VM or vCPU is not created) |
+//! | `EMFILE`, `ENFILE` | `CREATE_VM` or `CREATE_VCPU` when the process or the system has no free file descriptor: no VM is created; for `CREATE_VCPU` no fd is made but the index stays taken at EL2 (a retry with it is `EEXIST`) until the VM is torn down |
 //!
 //! `mmap` of a vCPU fd fails with `EINVAL` unless it is exactly one page
 //! ([`S2PIN_GET_VCPU_MMAP_SIZE`]) at offset 0 with `MAP_SHARED`; `mmap` of
