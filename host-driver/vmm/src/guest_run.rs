@@ -11,7 +11,7 @@ use s2pin_uapi::SystemEventType;
 use serde_json::{json, Value};
 
 use crate::args::{Config, Device, GuestMode, HookAction};
-use crate::backend::{Backend, Region, VcpuStart, Vm, VmSpec};
+use crate::backend::{Backend, VcpuStart, Vm, VmSpec};
 use crate::layout::{
     Image, Plan, Range, Start, IMAGE_OFFSET, IPA_BITS, PAGE, RAM_BASE, TEST_OFFSET,
 };
@@ -354,13 +354,7 @@ fn run_on<B: Backend>(cfg: &Config, dev: &B) -> anyhow::Result<i32> {
         mem_base: RAM_BASE,
         mem_size: ram,
     })?;
-    vm.set_user_memory_region(&Region {
-        slot: 0,
-        guest_phys_addr: RAM_BASE,
-        memory_size: ram,
-        userspace_addr: mem.addr(),
-        readonly: false,
-    })?;
+    vm.set_user_memory_region(&mem.ram_slot())?;
     let mut vcpus = Vec::new();
     for i in 0..cfg.vcpus {
         let (start, after) = match plan.start(i, &img) {

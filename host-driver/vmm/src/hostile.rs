@@ -93,13 +93,7 @@ fn guest(dev: &S2pin, image: &[u8], plan: &Plan) -> anyhow::Result<Guest> {
         mem_base: RAM_BASE,
         mem_size: ram,
     })?;
-    vm.set_user_memory_region(&Region {
-        slot: 0,
-        guest_phys_addr: RAM_BASE,
-        memory_size: ram,
-        userspace_addr: mem.addr(),
-        readonly: false,
-    })?;
+    vm.set_user_memory_region(&mem.ram_slot())?;
     Ok(Guest {
         vm,
         _mem: mem,

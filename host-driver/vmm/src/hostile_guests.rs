@@ -331,7 +331,7 @@ mod linux {
 
     use super::{cases, judge, Case, End, HostileGuestsArgs, Outcome};
     use crate::args::{Backing, Policy};
-    use crate::backend::{Backend, Region, Vcpu, VcpuStart, Vm, VmSpec};
+    use crate::backend::{Backend, Vcpu, VcpuStart, Vm, VmSpec};
     use crate::layout::{Image, IMAGE_OFFSET, IPA_BITS, RAM_BASE, TEST_OFFSET};
     use crate::leakcheck::{self, Baseline};
     use crate::memory::GuestMemory;
@@ -379,13 +379,7 @@ mod linux {
             mem_base: RAM_BASE,
             mem_size: ram,
         })?;
-        vm.set_user_memory_region(&Region {
-            slot: 0,
-            guest_phys_addr: RAM_BASE,
-            memory_size: ram,
-            userspace_addr: mem.addr(),
-            readonly: false,
-        })?;
+        vm.set_user_memory_region(&mem.ram_slot())?;
         let mut vcpu = vm.create_vcpu(
             0,
             VcpuStart::On {

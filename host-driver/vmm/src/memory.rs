@@ -18,7 +18,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
 use crate::args::{Backing, Prot};
-use crate::layout::{Range, PAGE};
+use crate::backend::Region;
+use crate::layout::{Range, PAGE, RAM_BASE};
 
 /// Host huge page size (the mapping's alignment).
 pub const HUGE: usize = 2 << 20;
@@ -247,6 +248,19 @@ impl GuestMemory {
     #[must_use]
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Slot 0 over all of this memory at guest RAM's base: the one memory
+    /// slot of every guest s2vmm sets up.
+    #[must_use]
+    pub fn ram_slot(&self) -> Region {
+        Region {
+            slot: 0,
+            guest_phys_addr: RAM_BASE,
+            memory_size: self.len as u64,
+            userspace_addr: self.addr(),
+            readonly: false,
+        }
     }
 
     /// Whether it is empty (never).

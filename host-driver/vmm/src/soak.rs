@@ -76,7 +76,7 @@ mod sys {
 
     use super::SoakArgs;
     use crate::args::{Backing, GuestMode, Policy, Prot};
-    use crate::backend::{Backend, Region, VcpuStart, Vm, VmSpec};
+    use crate::backend::{Backend, VcpuStart, Vm, VmSpec};
     use crate::fuzz::Rng;
     use crate::layout::{
         Image, Plan, Range, Start, IMAGE_OFFSET, IPA_BITS, PAGE, RAM_BASE, TEST_OFFSET,
@@ -387,13 +387,7 @@ mod sys {
                 r => break r?,
             }
         };
-        vm.set_user_memory_region(&Region {
-            slot: 0,
-            guest_phys_addr: RAM_BASE,
-            memory_size: ram,
-            userspace_addr: mem.addr(),
-            readonly: false,
-        })?;
+        vm.set_user_memory_region(&mem.ram_slot())?;
         let mut vcpus = Vec::new();
         for v in 0..a.vcpus {
             let start = match plan.start(v, img) {
