@@ -22,7 +22,7 @@
 #define S2PIN_MAX_IPA_BITS 48 /* largest ipa_bits */
 #define S2PIN_DEFAULT_IPA_BITS 40 /* ipa_bits 0 means this */
 #define S2PIN_CONSOLE_MAX 16 /* bytes per console exit */
-#define S2PIN_STATS_COUNT 47 /* u64 counters in struct s2pin_vm_stats */
+#define S2PIN_STATS_COUNT 51 /* u64 counters in struct s2pin_vm_stats */
 
 /* Flags */
 #define S2PIN_MEM_READONLY 2 /* s2pin_userspace_memory_region.flags */
@@ -187,6 +187,10 @@ struct s2pin_vm_stats {
 	__u64 el2_rt_host_exits; /*  EL2 group 1: exits returned to the host */
 	__u64 el2_rt_hyp_exits; /*  EL2 group 1: exits the hypervisor answered itself */
 	__u64 el2_rt_irq_exits; /*  EL2 group 1: runs ended by a physical interrupt */
+	__u64 calls_share; /*  HYP_SHARE calls made for this VM */
+	__u64 calls_unshare; /*  HYP_UNSHARE and HYP_UNSHARE_RANGE calls made for this VM */
+	__u64 calls_wrprotect; /*  HYP_WRPROTECT calls made for this VM */
+	__u64 calls_other; /*  every other hypercall made for this VM (teardown's too), except HYP_VCPU_RUN and HYP_VM_COUNTERS */
 };
 
 /* ioctls (arm64 Linux _IOC encoding; values checked against <linux/ioctl.h>) */
@@ -195,7 +199,7 @@ struct s2pin_vm_stats {
 #define S2PIN_GET_VCPU_MMAP_SIZE 0xBE02U /* _IO(0xBE, 0x02) */
 #define S2PIN_SET_USER_MEMORY_REGION 0x4020BE10U /* _IOW(0xBE, 0x10, struct s2pin_userspace_memory_region) */
 #define S2PIN_CREATE_VCPU 0x4018BE11U /* _IOW(0xBE, 0x11, struct s2pin_create_vcpu) */
-#define S2PIN_GET_STATS 0x8178BE12U /* _IOR(0xBE, 0x12, struct s2pin_vm_stats) */
+#define S2PIN_GET_STATS 0x8198BE12U /* _IOR(0xBE, 0x12, struct s2pin_vm_stats) */
 #define S2PIN_RUN 0xBE20U /* _IO(0xBE, 0x20) */
 
 #endif /* S2PIN_UAPI_H */

@@ -61,6 +61,8 @@ static_assert(sizeof(struct s2pin_vm_stats) == S2PIN_STATS_COUNT * 8);
 static_assert(sizeof(struct s2pin_run) <= PAGE_SIZE);
 static_assert(offsetof(struct s2pin_vm_stats, range_start_exclusive) ==
 	      offsetof(struct s2pin_vm_stats, range_start_unmap) + 7 * sizeof(u64));
+static_assert(offsetof(struct s2pin_vm_stats, calls_other) ==
+	      offsetof(struct s2pin_vm_stats, calls_share) + 3 * sizeof(u64));
 
 /*
  * Pin table entry: the struct page pointer, bit 0 set when EL2 maps it
@@ -105,6 +107,8 @@ struct s2pin_vm {
 	bool dead;			/* no new mappings (teardown started) */
 	bool finalized;			/* the EL2 VM is gone */
 	struct s2pin_vm_stats el2_last;	/* EL2 counters before finalize */
+	/* Hypercalls made for the VM by kind (CALL_*), lock-free: calls_* of the stats. */
+	atomic64_t calls[4];
 
 	struct mutex slots_mutex;	/* SET_USER_MEMORY_REGION, CREATE_VCPU */
 	struct mutex teardown_mutex;
@@ -155,9 +159,41 @@ static struct arm_smccc_1_2_regs hvc6(unsigned long fn, u64 a1, u64 a2, u64 a3,
 	return res;
 }
 
-static long hvc_err(unsigned long fn, u64 a1, u64 a2, u64 a3, u64 a4, u64 a5)
+/* The kinds of the calls_* counters, in their order in the stats. */
+enum { CALL_SHARE, CALL_UNSHARE, CALL_WRPROTECT, CALL_OTHER };
+
+/*
+ * A hypercall made for @vm, counted by kind in vm->calls (any context, any
+ * lock held). HYP_VCPU_RUN and HYP_VM_COUNTERS go through hvc6() directly
+ * and are not counted.
+ */
+static struct arm_smccc_1_2_regs vm_hvc(struct s2pin_vm *vm, unsigned long fn, u64 a1,
+					u64 a2, u64 a3, u64 a4, u64 a5)
 {
-	return (long)hvc6(fn, a1, a2, a3, a4, a5).a0;
+	int kind;
+
+	switch (fn) {
+	case HYP_SHARE:
+		kind = CALL_SHARE;
+		break;
+	case HYP_UNSHARE:
+		kind = CALL_UNSHARE;
+		break;
+	case HYP_WRPROTECT:
+		kind = CALL_WRPROTECT;
+		break;
+	default:
+		kind = CALL_OTHER;
+		break;
+	}
+	atomic64_inc(&vm->calls[kind]);
+	return hvc6(fn, a1, a2, a3, a4, a5);
+}
+
+static long vm_hvc_err(struct s2pin_vm *vm, unsigned long fn, u64 a1, u64 a2, u64 a3,
+		       u64 a4, u64 a5)
+{
+	return (long)vm_hvc(vm, fn, a1, a2, a3, a4, a5).a0;
 }
 
 static int hyp_errno(long e)
@@ -194,7 +230,7 @@ static int vm_topup(struct s2pin_vm *vm, unsigned int n)
 
 		if (!page)
 			return -ENOMEM;
-		e = hvc_err(HYP_MEMCACHE_TOPUP, vm->handle, page_to_pfn(page), 1, 0, 0);
+		e = vm_hvc_err(vm, HYP_MEMCACHE_TOPUP, vm->handle, page_to_pfn(page), 1, 0, 0);
 		if (e) {
 			__free_page(page);
 			return hyp_errno(e);
@@ -275,7 +311,7 @@ static void batch_flush_run(struct unshare_batch *b)
 
 	if (!b->run.len)
 		return;
-	e = hvc_err(HYP_UNSHARE, b->vm->handle, b->run.pfn, b->run.gfn, b->run.len, 0);
+	e = vm_hvc_err(b->vm, HYP_UNSHARE, b->vm->handle, b->run.pfn, b->run.gfn, b->run.len, 0);
 	if (e) {
 		/*
 		 * EL2 may still map them: keep the pins (a leak, never a
@@ -392,7 +428,7 @@ static unsigned int block_unshare(struct s2pin_vm *vm, unsigned long *pins, u64 
 
 	u->n = 0;
 	if (lo != bs || hi != bs + BLOCK_PAGES) {
-		e = hvc_err(HYP_UNSHARE, vm->handle, pfn0 + (lo - bs), g + (lo - bs), hi - lo, 0);
+		e = vm_hvc_err(vm, HYP_UNSHARE, vm->handle, pfn0 + (lo - bs), g + (lo - bs), hi - lo, 0);
 		if (!e) {
 			block_demote(pins, bs);
 			for (k = lo; k < hi; k++)
@@ -406,7 +442,7 @@ static unsigned int block_unshare(struct s2pin_vm *vm, unsigned long *pins, u64 
 			goto refused;
 		vm->stats.block_fallbacks++;
 	}
-	e = hvc_err(HYP_UNSHARE, vm->handle, pfn0, g, BLOCK_PAGES, 0);
+	e = vm_hvc_err(vm, HYP_UNSHARE, vm->handle, pfn0, g, BLOCK_PAGES, 0);
 	if (e)
 		goto refused;
 	for (k = bs; k < bs + BLOCK_PAGES; k++)
@@ -624,7 +660,7 @@ static void confirm_block(struct s2pin_vm *vm, unsigned int id, u64 bs, u64 lo, 
 	}
 	if (same && lo == bs && hi == bs + BLOCK_PAGES && first == S2PIN_END_WRPROTECT) {
 		struct arm_smccc_1_2_regs r =
-			hvc6(HYP_WRPROTECT, vm->handle, vm->slots[id].base_gfn + bs, BLOCK_PAGES, 0, 0);
+			vm_hvc(vm, HYP_WRPROTECT, vm->handle, vm->slots[id].base_gfn + bs, BLOCK_PAGES, 0, 0);
 
 		if (r.a0 == 0) {
 			for (k = bs; k < bs + BLOCK_PAGES; k++)
@@ -705,7 +741,7 @@ static void vm_confirm_range(struct s2pin_vm *vm, const struct mmu_notifier_rang
 					break;
 				case S2PIN_END_WRPROTECT: {
 					struct arm_smccc_1_2_regs r =
-						hvc6(HYP_WRPROTECT, vm->handle, b.base_gfn + cur, 1, 0, 0);
+						vm_hvc(vm, HYP_WRPROTECT, vm->handle, b.base_gfn + cur, 1, 0, 0);
 
 					if (r.a0 == 0) {
 						b.pins[cur] = e | PIN_RO;
@@ -836,7 +872,7 @@ static void vm_teardown(struct s2pin_vm *vm)
 	spin_unlock(&vm->lock);
 
 	for (tries = 0;; tries++) {
-		e = hvc_err(HYP_TEARDOWN_START, vm->handle, 0, 0, 0, 0);
+		e = vm_hvc_err(vm, HYP_TEARDOWN_START, vm->handle, 0, 0, 0, 0);
 		calls++;
 		if (e != HYP_EBUSY || tries >= 1000)
 			break;
@@ -852,7 +888,7 @@ static void vm_teardown(struct s2pin_vm *vm)
 		pr_warn("HYP_TEARDOWN_START of VM %#x: busy, reclaiming anyway\n", vm->handle);
 	}
 	for (tries = 0;;) {
-		r = hvc6(HYP_TEARDOWN_RECLAIM, vm->handle, 0, 0, 0, 0);
+		r = vm_hvc(vm, HYP_TEARDOWN_RECLAIM, vm->handle, 0, 0, 0, 0);
 		calls++;
 		reclaim_calls++;
 		if (!r.a0 && r.a1 > most)
@@ -913,7 +949,7 @@ static void vm_teardown(struct s2pin_vm *vm)
 		account_locked_vm(vm->mm, credit, false);
 
 	vm_read_el2_counters(vm, &vm->el2_last);
-	e = hvc_err(HYP_TEARDOWN_FINALIZE, vm->handle, 0, 0, 0, 0);
+	e = vm_hvc_err(vm, HYP_TEARDOWN_FINALIZE, vm->handle, 0, 0, 0, 0);
 	calls++;
 	/* What this teardown cost, for debugfs `last_teardown`. */
 	spin_lock(&s2pin_last_teardown_lock);
@@ -982,11 +1018,15 @@ static void vm_get_stats(struct s2pin_vm *vm, struct s2pin_vm_stats *s)
 		size_t i;
 
 		for (i = offsetof(struct s2pin_vm_stats, el2_s2_maps) / sizeof(u64);
-		     i < S2PIN_STATS_COUNT; i++)
+		     i <= offsetof(struct s2pin_vm_stats, el2_rt_irq_exits) / sizeof(u64); i++)
 			dst[i] = src[i];
 	} else {
 		vm_read_el2_counters(vm, s);
 	}
+	s->calls_share = atomic64_read(&vm->calls[CALL_SHARE]);
+	s->calls_unshare = atomic64_read(&vm->calls[CALL_UNSHARE]);
+	s->calls_wrprotect = atomic64_read(&vm->calls[CALL_WRPROTECT]);
+	s->calls_other = atomic64_read(&vm->calls[CALL_OTHER]);
 	mutex_unlock(&vm->teardown_mutex);
 }
 
@@ -1104,7 +1144,7 @@ static int vcpu_write_upgrade(struct s2pin_vcpu *vcpu, const struct s2pin_exit_i
 		return 0;
 	}
 	if (page == PIN_PAGE(e)) {
-		err = hvc_err(HYP_RELAX_PERMS, vm->handle, info->gfn,
+		err = vm_hvc_err(vm, HYP_RELAX_PERMS, vm->handle, info->gfn,
 			      HYP_PROT_R | HYP_PROT_W | HYP_PROT_X, 0, 0);
 		if (err == HYP_ENOMEM && (e & PIN_BLOCK)) {
 			/* Splitting the block needs a memcache page: top up, retry. */
@@ -1122,10 +1162,10 @@ static int vcpu_write_upgrade(struct s2pin_vcpu *vcpu, const struct s2pin_exit_i
 		}
 		drop = page;	/* the second pin of the same page */
 	} else {
-		err = hvc_err(HYP_UNSHARE, vm->handle, page_to_pfn(PIN_PAGE(e)), info->gfn, 1, 0);
+		err = vm_hvc_err(vm, HYP_UNSHARE, vm->handle, page_to_pfn(PIN_PAGE(e)), info->gfn, 1, 0);
 		if (!err) {
 			vm->stats.unshares++;
-			err = hvc_err(HYP_SHARE, vm->handle, page_to_pfn(page), info->gfn, 1,
+			err = vm_hvc_err(vm, HYP_SHARE, vm->handle, page_to_pfn(page), info->gfn, 1,
 				      HYP_PROT_R | HYP_PROT_W | HYP_PROT_X);
 			if (err) {
 				/* Nothing maps the gfn now; the old pin goes, the guest re-faults. */
@@ -1271,7 +1311,7 @@ static int vcpu_fault_block(struct s2pin_vm *vm, int idx, u64 gen, u64 seq,
 		kvfree(pages);
 		return 0;
 	}
-	e = hvc_err(HYP_SHARE, vm->handle, pfn0, g, BLOCK_PAGES,
+	e = vm_hvc_err(vm, HYP_SHARE, vm->handle, pfn0, g, BLOCK_PAGES,
 		    HYP_PROT_R | HYP_PROT_X | (ro ? 0 : HYP_PROT_W));
 	if (e) {
 		vm->acct_credit += BLOCK_PAGES;
@@ -1387,7 +1427,7 @@ static int vcpu_fault(struct s2pin_vcpu *vcpu, const struct s2pin_exit_info *inf
 		unpin_pages(&page, 1, true);
 		return 0;
 	}
-	e = hvc_err(HYP_SHARE, vm->handle, page_to_pfn(page), info->gfn, 1,
+	e = vm_hvc_err(vm, HYP_SHARE, vm->handle, page_to_pfn(page), info->gfn, 1,
 		    HYP_PROT_R | HYP_PROT_X | ((ro || map_ro) ? 0 : HYP_PROT_W));
 	if (e) {
 		vm->acct_credit++;
@@ -1591,7 +1631,7 @@ static long vm_create_vcpu(struct s2pin_vm *vm, void __user *argp)
 		goto fail;
 	}
 	for (tries = 0;; tries++) {
-		e = hvc_err(HYP_VCPU_CREATE, vm->handle, a.index, a.entry, a.x0,
+		e = vm_hvc_err(vm, HYP_VCPU_CREATE, vm->handle, a.index, a.entry, a.x0,
 			    (a.flags & S2PIN_VCPU_START_OFF) ? HYP_VCPU_START_OFF : 0);
 		if (e != HYP_ENOMEM || tries >= 3)
 			break;
@@ -1794,6 +1834,7 @@ static long dev_create_vm(void __user *argp)
 		return hyp_errno((long)r.a0);
 	}
 	vm->handle = r.a1;
+	atomic64_set(&vm->calls[CALL_OTHER], 1);	/* HYP_VM_CREATE */
 	atomic_inc(&s2pin_live_vms);
 
 	vm->mn.ops = &s2pin_mn_ops;
@@ -1860,8 +1901,8 @@ static int last_teardown_show(struct seq_file *m, void *unused)
 	if (!t.handle)
 		seq_puts(m, "none\n");
 	else
-		seq_printf(m, "VM %#llx teardown: %llu hypercalls (%llu HYP_TEARDOWN_RECLAIM), at most %llu page updates in one, %llu pages unpinned\n",
-			   t.handle, t.calls, t.reclaim_calls, t.most, t.unpinned);
+		seq_printf(m, "VM %#llx teardown: %llu hypercalls (%llu HYP_TEARDOWN_RECLAIM), at most %llu page updates in one, %llu pages unpinned; calls=%llu\n",
+			   t.handle, t.calls, t.reclaim_calls, t.most, t.unpinned, t.calls);
 	return 0;
 }
 DEFINE_SHOW_ATTRIBUTE(last_teardown);

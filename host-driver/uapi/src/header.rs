@@ -243,6 +243,10 @@ pub const C_LAYOUT: &[(&str, usize)] = &[
         "offsetof(struct s2pin_vm_stats, el2_rt_irq_exits)",
         offset_of!(S2pinVmStats, el2_rt_irq_exits),
     ),
+    (
+        "offsetof(struct s2pin_vm_stats, calls_other)",
+        offset_of!(S2pinVmStats, calls_other),
+    ),
     ("sizeof(struct s2pin_run_mmio)", size_of::<RunMmio>()),
     (
         "offsetof(struct s2pin_run_mmio, data)",

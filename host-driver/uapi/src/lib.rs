@@ -77,7 +77,7 @@ pub use run::{
     Exit, MemFaultKind, RunConsole, RunMemFault, RunMmio, RunRange, RunSystemEvent, RunUnhandled,
     S2pinRun, SystemEventType, CONSOLE_MAX, RUN_UNION_WORDS,
 };
-pub use stats::{S2pinVmStats, EL2_FIRST, RANGE_START_FIRST, STATS_COUNT};
+pub use stats::{S2pinVmStats, CALLS_FIRST, EL2_FIRST, RANGE_START_FIRST, STATS_COUNT};
 
 /// The version [`S2PIN_GET_API_VERSION`] returns. Bumped on any change of
 /// this crate's ABI.

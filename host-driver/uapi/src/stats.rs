@@ -128,10 +128,18 @@ stats! {
     el2_rt_hyp_exits,
     /// EL2 group 1: runs ended by a physical interrupt
     el2_rt_irq_exits,
+    /// HYP_SHARE calls made for this VM
+    calls_share,
+    /// HYP_UNSHARE and HYP_UNSHARE_RANGE calls made for this VM
+    calls_unshare,
+    /// HYP_WRPROTECT calls made for this VM
+    calls_wrprotect,
+    /// every other hypercall made for this VM (teardown's too), except HYP_VCPU_RUN and HYP_VM_COUNTERS
+    calls_other,
 }
 
 /// Number of counters in [`S2pinVmStats`].
-pub const STATS_COUNT: usize = 47;
+pub const STATS_COUNT: usize = 51;
 
 const _: () = {
     assert!(S2pinVmStats::FIELDS.len() == STATS_COUNT);
@@ -144,6 +152,9 @@ pub const RANGE_START_FIRST: usize = 10;
 /// Index of the first `el2_*` counter: group 0's seven registers x1..x7,
 /// then group 1's.
 pub const EL2_FIRST: usize = 33;
+/// Index of the first `calls_*` counter (the module's hypercalls by kind),
+/// right after the fourteen `el2_*` counters.
+pub const CALLS_FIRST: usize = EL2_FIRST + 14;
 
 const _: () = {
     let f = S2pinVmStats::FIELDS;
@@ -154,6 +165,8 @@ const _: () = {
     ));
     assert!(const_eq(f[EL2_FIRST].0, "el2_s2_maps"));
     assert!(const_eq(f[EL2_FIRST + 13].0, "el2_rt_irq_exits"));
+    assert!(const_eq(f[CALLS_FIRST].0, "calls_share"));
+    assert!(const_eq(f[STATS_COUNT - 1].0, "calls_other"));
 };
 
 const fn const_eq(a: &str, b: &str) -> bool {
@@ -183,7 +196,7 @@ mod tests {
         }
         let s = S2pinVmStats::from_array(a);
         assert_eq!(s.pinned_now, 1);
-        assert_eq!(s.el2_rt_irq_exits, (STATS_COUNT as u64 - 1) * 3 + 1);
+        assert_eq!(s.calls_other, (STATS_COUNT as u64 - 1) * 3 + 1);
         assert_eq!(s.to_array(), a);
     }
 
