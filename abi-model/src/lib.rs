@@ -601,6 +601,24 @@ impl Model {
             Hypercall::Reclaim { vm, pfn, gfn, nr } => {
                 self.unmap_call(vm, pfn, gfn, nr, PageState::Owned)?
             }
+            Hypercall::UnshareRange { vm, gfn, nr } => {
+                let v = self.live_vm(vm)?;
+                let (gfn, nr) = (gfn.raw(), u64::from(nr.get()));
+                if gfn + nr > v.gfn_limit() {
+                    return Err(HypError::OutOfRange);
+                }
+                // Every mapped gfn must be a borrow (§3.21); holes are skipped.
+                if v.map
+                    .range(gfn..gfn + nr)
+                    .any(|(_, m)| m.state != PageState::SharedBorrowed)
+                {
+                    return Ok(Fail(ErrSet::one(HypError::Denied)));
+                }
+                // A block the range covers in part is split (every block is
+                // mapped, so each such block has a mapped page in the range).
+                let splits = v.partial_blocks(gfn, nr, |_| true);
+                self.memory(v, splits.len() as u64)
+            }
             Hypercall::WrProtect { vm, gfn, nr } => {
                 let v = self.live_vm(vm)?;
                 let (gfn, nr) = (gfn.raw(), u64::from(nr.get()));
@@ -956,6 +974,33 @@ impl Model {
                     self.zeroed.insert(p);
                 }
                 self.unmap(vm, gfn.raw(), nr.get(), PageState::Owned);
+            }
+            (Hypercall::UnshareRange { vm, gfn, nr }, Reply::Unshared { pages }) => {
+                let Some(v) = self.vm(vm).ok() else {
+                    return bad("no such VM");
+                };
+                let (g, n) = (gfn.raw(), u64::from(nr.get()));
+                let mapped: Vec<(u64, u64)> =
+                    v.map.range(g..g + n).map(|(&g, m)| (g, m.pfn)).collect();
+                if u64::from(pages) != mapped.len() as u64 {
+                    return bad(&format!("{} mapped pages in the range", mapped.len()));
+                }
+                for &(_, pfn) in &mapped {
+                    self.unshare_one(pfn);
+                }
+                let Some(v) = self.vm_mut(vm) else {
+                    return bad("no such VM");
+                };
+                // Unmapped whole or split: no block in the range is left.
+                let first = g - g % BLOCK_PAGES;
+                let gone: Vec<u64> = v.blocks.range(first..g + n).copied().collect();
+                for b in gone {
+                    v.blocks.remove(&b);
+                }
+                for &(g, _) in &mapped {
+                    v.map.remove(&g);
+                }
+                v.counts.unshares += mapped.len() as u64;
             }
             (Hypercall::WrProtect { vm, gfn, nr }, Reply::WrProtected { pages }) => {
                 let Some(v) = self.vm_mut(vm) else {
@@ -1660,6 +1705,57 @@ mod tests {
         m.step(&part, &Ok(Reply::Done)).unwrap();
         assert!(m.vm(h).unwrap().blocks.is_empty());
         assert_eq!(m.vm(h).unwrap().map.len(), 511);
+    }
+
+    #[test]
+    fn unshare_range_takes_every_mapped_gfn_whatever_its_frame() {
+        let mut m = model();
+        let vm = vm_create(&mut m, 0x80000);
+        m.step(&topup(vm, 0x80200, 4), &Ok(Reply::Done)).unwrap();
+        // Three scattered frames at gfns 0x10, 0x11, 0x13 (0x12 a hole); one
+        // frame shared twice.
+        m.step(&share(vm, 0x80107, 0x10, 1), &Ok(Reply::Done))
+            .unwrap();
+        m.step(&share(vm, 0x80101, 0x11, 1), &Ok(Reply::Done))
+            .unwrap();
+        m.step(&share(vm, 0x80107, 0x13, 1), &Ok(Reply::Done))
+            .unwrap();
+        let range = |gfn, nr| Hypercall::UnshareRange {
+            vm,
+            gfn: Gfn::new(gfn).unwrap(),
+            nr: PageCount::new(nr).unwrap(),
+        };
+        assert_eq!(m.predict(&range(0x10, 4)), Prediction::Succeed);
+        assert!(m
+            .clone()
+            .step(&range(0x10, 4), &Ok(Reply::Unshared { pages: 4 }))
+            .is_err());
+        // A donated page in the range: EACCES, nothing changes.
+        let donate = Hypercall::Donate {
+            vm,
+            pfn: Pfn::new(0x80120).unwrap(),
+            gfn: Gfn::new(0x14).unwrap(),
+            nr: PageCount::new(1).unwrap(),
+            prot: Prot::RW,
+        };
+        m.step(&donate, &Ok(Reply::Done)).unwrap();
+        assert_eq!(
+            m.predict(&range(0x10, 8)),
+            Prediction::Fail(ErrSet::one(HypError::Denied))
+        );
+        assert_eq!(
+            m.predict(&range((1 << 28) - 100, 512)),
+            Prediction::Fail(ErrSet::one(HypError::OutOfRange))
+        );
+        m.step(&range(0x10, 4), &Ok(Reply::Unshared { pages: 3 }))
+            .unwrap();
+        assert_eq!(m.host_page(0x80107), Ok(HOST_OWNED));
+        assert_eq!(m.host_page(0x80101), Ok(HOST_OWNED));
+        assert_eq!(m.guest_page(vm, 0x13), Ok(GuestPage::Unmapped));
+        assert_eq!(m.vm(vm).unwrap().counts.unshares, 3);
+        // Nothing mapped: success with 0.
+        m.step(&range(0x10, 4), &Ok(Reply::Unshared { pages: 0 }))
+            .unwrap();
     }
 
     #[test]

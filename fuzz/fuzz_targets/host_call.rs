@@ -162,7 +162,7 @@ fn registers(b: &mut Bytes<'_>, handles: &[VmHandle]) -> [u64; 8] {
             };
             regs[4] = count(b);
         }
-        HostFunction::WrProtect | HostFunction::TestClearYoung => {
+        HostFunction::WrProtect | HostFunction::TestClearYoung | HostFunction::UnshareRange => {
             regs[1] = vm;
             regs[2] = gfn(b);
             regs[3] = count(b);

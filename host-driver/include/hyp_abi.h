@@ -18,7 +18,7 @@
 
 /* ABI version (HYP_VERSION returns it) */
 #define HYP_ABI_VERSION_MAJOR                   0 /* incompatible changes */
-#define HYP_ABI_VERSION_MINOR                   2 /* compatible additions */
+#define HYP_ABI_VERSION_MINOR                   3 /* compatible additions */
 
 /* SMCCC function id layout (ABI.md 2.1) */
 #define HYP_SMCCC_FN_BASE                       0xC6000000U /* fast call, SMC64, owner 6 (vendor hyp) */
@@ -37,6 +37,7 @@
 #define HYP_UNSHARE                             0xC6000031U /* x1=vm x2=pfn x3=gfn x4=nr_pages -> */
 #define HYP_DONATE                              0xC6000032U /* x1=vm x2=pfn x3=gfn x4=nr_pages x5=prot -> */
 #define HYP_RECLAIM                             0xC6000033U /* x1=vm x2=pfn x3=gfn x4=nr_pages -> */
+#define HYP_UNSHARE_RANGE                       0xC6000034U /* x1=vm x2=gfn x3=nr_pages -> x1=pages_unshared */
 #define HYP_WRPROTECT                           0xC6000040U /* x1=vm x2=gfn x3=nr_pages -> x1=pages_changed */
 #define HYP_RELAX_PERMS                         0xC6000041U /* x1=vm x2=gfn x3=prot -> */
 #define HYP_TEST_CLEAR_YOUNG                    0xC6000042U /* x1=vm x2=gfn x3=nr_pages -> x1=young(0|1) */

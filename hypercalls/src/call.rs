@@ -196,6 +196,16 @@ pub enum Hypercall {
         /// Number of pages.
         nr: PageCount,
     },
+    /// §3.21: undo the share of every mapped guest frame in `[gfn, gfn + nr)`,
+    /// whatever host frame each maps (holes are skipped).
+    UnshareRange {
+        /// The VM.
+        vm: VmHandle,
+        /// First guest frame.
+        gfn: Gfn,
+        /// Number of pages.
+        nr: PageCount,
+    },
     /// §3.12: remove W from the guest mappings in `[gfn, gfn + nr)`.
     WrProtect {
         /// The VM.
@@ -343,6 +353,11 @@ impl Hypercall {
                 gfn: r.gfn()?,
                 nr: r.count()?,
             },
+            HostFunction::UnshareRange => Self::UnshareRange {
+                vm: r.vm()?,
+                gfn: r.gfn()?,
+                nr: r.count()?,
+            },
             HostFunction::WrProtect => Self::WrProtect {
                 vm: r.vm()?,
                 gfn: r.gfn()?,
@@ -390,6 +405,7 @@ impl Hypercall {
             Self::Unshare { .. } => HostFunction::Unshare,
             Self::Donate { .. } => HostFunction::Donate,
             Self::Reclaim { .. } => HostFunction::Reclaim,
+            Self::UnshareRange { .. } => HostFunction::UnshareRange,
             Self::WrProtect { .. } => HostFunction::WrProtect,
             Self::RelaxPerms { .. } => HostFunction::RelaxPerms,
             Self::TestClearYoung { .. } => HostFunction::TestClearYoung,
@@ -418,6 +434,7 @@ impl Hypercall {
             | Self::Unshare { vm, .. }
             | Self::Donate { vm, .. }
             | Self::Reclaim { vm, .. }
+            | Self::UnshareRange { vm, .. }
             | Self::WrProtect { vm, .. }
             | Self::RelaxPerms { vm, .. }
             | Self::TestClearYoung { vm, .. }
@@ -499,9 +516,9 @@ impl Hypercall {
                 gfn,
                 nr,
             } => build(id, &[vm(h), pfn.raw(), gfn.raw(), n(nr)]),
-            Self::WrProtect { vm: h, gfn, nr } | Self::TestClearYoung { vm: h, gfn, nr } => {
-                build(id, &[vm(h), gfn.raw(), n(nr)])
-            }
+            Self::UnshareRange { vm: h, gfn, nr }
+            | Self::WrProtect { vm: h, gfn, nr }
+            | Self::TestClearYoung { vm: h, gfn, nr } => build(id, &[vm(h), gfn.raw(), n(nr)]),
             Self::RelaxPerms { vm: h, gfn, prot } => build(id, &[vm(h), gfn.raw(), prot.bits()]),
             Self::VmCounters { vm: h, group } => build(id, &[vm(h), group as u64]),
             Self::HostPageState { pfn } => build(id, &[pfn.raw()]),

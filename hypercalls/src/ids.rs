@@ -137,6 +137,10 @@ functions! {
         /// Take donated pages back, zeroed.
         Reclaim = 0x0033, "HYP_RECLAIM", "3.11",
             "x1=vm x2=pfn x3=gfn x4=nr_pages ->";
+        /// Undo the shares of every mapped guest frame of a range, whatever
+        /// frame each maps.
+        UnshareRange = 0x0034, "HYP_UNSHARE_RANGE", "3.21",
+            "x1=vm x2=gfn x3=nr_pages -> x1=pages_unshared";
         /// Remove write permission from guest mappings.
         WrProtect = 0x0040, "HYP_WRPROTECT", "3.12",
             "x1=vm x2=gfn x3=nr_pages -> x1=pages_changed";

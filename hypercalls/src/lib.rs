@@ -59,7 +59,7 @@ pub use types::{
 /// ABI major version: incremented on incompatible changes.
 pub const ABI_VERSION_MAJOR: u16 = 0;
 /// ABI minor version: incremented on compatible additions.
-pub const ABI_VERSION_MINOR: u16 = 2;
+pub const ABI_VERSION_MINOR: u16 = 3;
 
 /// Log2 of the page size the ABI counts in (4 KiB).
 pub const PAGE_SHIFT: u32 = 12;

@@ -640,6 +640,11 @@ pub enum Reply {
         /// At most the call's page count.
         pages: u32,
     },
+    /// `HYP_UNSHARE_RANGE`: x1 = pages unshared (the mapped pages of the range).
+    Unshared {
+        /// At most the call's page count.
+        pages: u32,
+    },
     /// `HYP_TEST_CLEAR_YOUNG`: x1 = 1 if any access flag was set.
     Young {
         /// Whether any page in the range had been accessed.
@@ -672,7 +677,7 @@ impl Reply {
             }
             Self::VmCreated { vm } => build(0, &[u64::from(vm.raw())]),
             Self::Exit(e) => build(0, &e.to_args()),
-            Self::WrProtected { pages } => build(0, &[u64::from(pages)]),
+            Self::WrProtected { pages } | Self::Unshared { pages } => build(0, &[u64::from(pages)]),
             Self::Young { young } => build(0, &[u64::from(young)]),
             Self::Teardown(t) => build(0, &[u64::from(t.reclaimed), u64::from(t.more)]),
             Self::Counters(Counters::Stage2(c)) => build(
@@ -737,6 +742,7 @@ pub(crate) enum Shape {
     VmCreated,
     Exit,
     WrProtected { max: u32 },
+    Unshared { max: u32 },
     Young,
     Teardown,
     Counters(CounterGroup),
@@ -789,6 +795,9 @@ fn read_payload(shape: Shape, r: &mut Reader<'_>) -> Result<Reply, HypError> {
         Shape::VmCreated => Reply::VmCreated { vm: r.vm()? },
         Shape::Exit => Reply::Exit(VcpuExit::read(r)?),
         Shape::WrProtected { max } => Reply::WrProtected {
+            pages: r.map(|v| u32::try_from(v).ok().filter(|&p| p <= max))?,
+        },
+        Shape::Unshared { max } => Reply::Unshared {
             pages: r.map(|v| u32::try_from(v).ok().filter(|&p| p <= max))?,
         },
         Shape::Young => Reply::Young { young: r.bool()? },
@@ -870,6 +879,7 @@ impl Hypercall {
             Self::VmCreate { .. } => Shape::VmCreated,
             Self::VcpuRun { .. } => Shape::Exit,
             Self::WrProtect { nr, .. } => Shape::WrProtected { max: nr.get() },
+            Self::UnshareRange { nr, .. } => Shape::Unshared { max: nr.get() },
             Self::TestClearYoung { .. } => Shape::Young,
             Self::TeardownReclaim { .. } => Shape::Teardown,
             Self::VmCounters { group, .. } => Shape::Counters(group),

@@ -64,6 +64,7 @@ fn function_ids_are_the_documented_values() {
     assert_eq!(HostFunction::Version.id(), 0xC600_0000);
     assert_eq!(HostFunction::Share.id(), 0xC600_0030);
     assert_eq!(HostFunction::TeardownReclaim.id(), 0xC600_0051);
+    assert_eq!(HostFunction::UnshareRange.id(), 0xC600_0034);
     assert_eq!(GuestFunction::ConsoleWrite.id(), 0xC600_0101);
     assert_eq!(hyp_fn(0x42), 0xC600_0042);
 }
@@ -87,6 +88,39 @@ fn page_counts() {
     assert_eq!(
         decode(HostFunction::WrProtect, &[VM, 7, 1 << 32]),
         Err(HypError::TooBig)
+    );
+}
+
+#[test]
+fn unshare_range_decodes_like_the_other_gfn_range_calls() {
+    let ok = decode(HostFunction::UnshareRange, &[VM, 7, 512]);
+    assert!(matches!(
+        ok,
+        Ok(Hypercall::UnshareRange { gfn, nr, .. }) if gfn.raw() == 7 && nr == PageCount::MAX
+    ));
+    assert_eq!(decode(HostFunction::UnshareRange, &[VM, 7, 0]), EINVAL);
+    assert_eq!(
+        decode(HostFunction::UnshareRange, &[VM, 7, 513]),
+        Err(HypError::TooBig)
+    );
+    assert_eq!(
+        decode(HostFunction::UnshareRange, &[VM, 1 << 40, 1]),
+        EINVAL
+    );
+    assert_eq!(decode(HostFunction::UnshareRange, &[VM, 7, 1, 9]), EINVAL);
+    let call = Hypercall::UnshareRange {
+        vm: VmHandle::from_raw(VM as u32).unwrap(),
+        gfn: Gfn::new(7).unwrap(),
+        nr: PageCount::new(4).unwrap(),
+    };
+    assert_eq!(
+        call.decode_reply(&[0, 4, 0, 0, 0, 0, 0, 0]),
+        Ok(Reply::Unshared { pages: 4 })
+    );
+    assert_eq!(
+        call.decode_reply(&[0, 5, 0, 0, 0, 0, 0, 0]),
+        Err(ReplyError::Malformed),
+        "more pages than asked"
     );
 }
 

@@ -134,6 +134,7 @@ fn hypercall() -> impl Strategy<Value = Hypercall> {
             gfn,
             nr
         }),
+        (vm(), gfn(), count()).prop_map(|(vm, gfn, nr)| H::UnshareRange { vm, gfn, nr }),
         (vm(), gfn(), count()).prop_map(|(vm, gfn, nr)| H::WrProtect { vm, gfn, nr }),
         (vm(), gfn(), prot_nonempty()).prop_map(|(vm, gfn, prot)| H::RelaxPerms { vm, gfn, prot }),
         (vm(), gfn(), count()).prop_map(|(vm, gfn, nr)| H::TestClearYoung { vm, gfn, nr }),
@@ -216,6 +217,9 @@ fn reply_for(call: Hypercall) -> BoxedStrategy<Reply> {
         Hypercall::VcpuRun { .. } => exit().prop_map(Reply::Exit).boxed(),
         Hypercall::WrProtect { nr, .. } => (0..=nr.get())
             .prop_map(|pages| Reply::WrProtected { pages })
+            .boxed(),
+        Hypercall::UnshareRange { nr, .. } => (0..=nr.get())
+            .prop_map(|pages| Reply::Unshared { pages })
             .boxed(),
         Hypercall::TestClearYoung { .. } => any::<bool>()
             .prop_map(|young| Reply::Young { young })
@@ -423,7 +427,12 @@ fn used_args(f: HostFunction) -> usize {
         | F::TeardownFinalize
         | F::HostPageState => 1,
         F::VmCounters | F::GuestPageState => 2,
-        F::MemcacheTopup | F::VcpuRun | F::WrProtect | F::RelaxPerms | F::TestClearYoung => 3,
+        F::MemcacheTopup
+        | F::VcpuRun
+        | F::UnshareRange
+        | F::WrProtect
+        | F::RelaxPerms
+        | F::TestClearYoung => 3,
         F::Unshare | F::Reclaim => 4,
         F::Share | F::Donate | F::VmCreate | F::VcpuCreate => 5,
     }

@@ -35,7 +35,8 @@
 //! block -> table split, removal of a table that became empty) is a break:
 //! the descriptor is first made invalid, and the new value (if any) is
 //! written only after the TLB was invalidated. Which invalidation is used
-//! depends only on the size of the operation's range:
+//! depends only on the size of the operation's range (and
+//! [`unmap_flush_vmid`](Stage2::unmap_flush_vmid), which always batches):
 //!
 //! * **Per-IPA** (`size <= MAX_TLBI_OPS * 4 KiB`, i.e. at most 2 MiB): for each
 //!   broken descriptor, in IPA order: write 0, `sync_writes()`,
@@ -658,21 +659,18 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
 
     /// Runs a modifying operation over `[a, b)`: prepare, commit, and the
     /// batched invalidation and make pass if needed.
-    fn modify_range(&mut self, a: u64, b: u64, op: Op) -> Result<u64, Error> {
+    /// `batch` forces the batched invalidation whatever the size (see
+    /// [`unmap_flush_vmid`](Self::unmap_flush_vmid)); otherwise the size decides.
+    fn modify_range(&mut self, a: u64, b: u64, op: Op, batch: bool) -> Result<u64, Error> {
         let rl = self.config.start_level;
         let tspan = self.root_table_span();
         let (k0, k1) = (a / tspan, (b - 1) / tspan);
-        let mut needed = 0;
-        for k in k0..=k1 {
-            let tbase = k * tspan;
-            let (ta, tb) = (a.max(tbase), b.min(tbase + tspan));
-            needed += self.modify_prepare(rl, self.root_table(k), tbase, ta, tb, op);
-        }
+        let needed = self.modify_needed(a, b, op);
         if self.mm.available() < needed {
             return Err(Error::NoMemory);
         }
         let mut cx = Ctx {
-            batch: b - a > PER_IPA_MAX_BYTES,
+            batch: batch || b - a > PER_IPA_MAX_BYTES,
             broke: false,
             pages: 0,
         };
@@ -692,6 +690,19 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
             }
         }
         Ok(cx.pages)
+    }
+
+    /// Read-only: tables `op` over `[a, b)` will allocate.
+    fn modify_needed(&self, a: u64, b: u64, op: Op) -> usize {
+        let rl = self.config.start_level;
+        let tspan = self.root_table_span();
+        let mut needed = 0;
+        for k in a / tspan..=(b - 1) / tspan {
+            let tbase = k * tspan;
+            let (ta, tb) = (a.max(tbase), b.min(tbase + tspan));
+            needed += self.modify_prepare(rl, self.root_table(k), tbase, ta, tb, op);
+        }
+        needed
     }
 
     /// Read-only: tables `op` over `[a, b)` in `table` will allocate.
@@ -1059,7 +1070,25 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
     /// Returns the number of 4 KiB pages that were mapped and now are not.
     pub fn unmap(&mut self, ipa: Ipa, size: u64) -> Result<u64, Error> {
         let (a, b) = self.check_range(ipa, size)?;
-        self.modify_range(a, b, Op::Unmap)
+        self.modify_range(a, b, Op::Unmap, false)
+    }
+
+    /// As [`unmap`](Self::unmap), but with the batched invalidation whatever
+    /// the size of the range: every break first, then (if anything valid
+    /// was broken) one `sync_writes` and one `invalidate_vmid`, then the
+    /// frees. For callers that know the range holds many leaves, where one
+    /// whole-VMID invalidation is cheaper than one per leaf.
+    pub fn unmap_flush_vmid(&mut self, ipa: Ipa, size: u64) -> Result<u64, Error> {
+        let (a, b) = self.check_range(ipa, size)?;
+        self.modify_range(a, b, Op::Unmap, true)
+    }
+
+    /// The table pages [`unmap`](Self::unmap) of `[ipa, ipa + size)` would
+    /// take from table memory now: one per block crossing an edge of the
+    /// range (split). Read-only; range errors as `unmap`'s.
+    pub fn unmap_tables_needed(&self, ipa: Ipa, size: u64) -> Result<usize, Error> {
+        let (a, b) = self.check_range(ipa, size)?;
+        Ok(self.modify_needed(a, b, Op::Unmap))
     }
 
     /// Sets the permissions of every leaf in `[ipa, ipa + size)`, splitting
@@ -1075,6 +1104,7 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
                 mask: PERMS_MASK,
                 bits: perm_bits(perms),
             },
+            false,
         )
     }
 
@@ -1090,6 +1120,7 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
                 mask: SW_STATE_MASK,
                 bits: state_bits(state),
             },
+            false,
         )
     }
 
@@ -1100,7 +1131,7 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
     /// the part outside the range stays in blocks as large as possible.
     pub fn split(&mut self, ipa: Ipa, size: u64, granule: Granule) -> Result<(), Error> {
         let (a, b) = self.check_range(ipa, size)?;
-        self.modify_range(a, b, Op::Split(granule.min_level()))
+        self.modify_range(a, b, Op::Split(granule.min_level()), false)
             .map(|_| ())
     }
 

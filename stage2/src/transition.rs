@@ -310,6 +310,102 @@ pub fn unshare<GM: TableMemory, GT: TlbMaintenance>(
         .map_err(|_| Error::Inconsistent)
 }
 
+/// Above this many leaves, [`unshare_range`] invalidates the guest's TLB
+/// with one whole-VMID invalidation instead of one invalidation by IPA per
+/// leaf (and per emptied table). A broadcast invalidation by IPA is a
+/// message to every CPU of the inner-shareable domain; past a few dozen
+/// of them, letting the guest walk its other translations again after one
+/// VMID-wide invalidation is the cheaper side (Linux's x86 TLB code draws
+/// the same line at 33 single-page flushes).
+pub const UNSHARE_RANGE_PER_IPA_MAX: u64 = 32;
+
+/// Ends the shares of every mapped guest frame of `[gfn, gfn + nr)`,
+/// whatever host frame each maps: for each leaf in the range, what
+/// [`unshare`] does to its pages (guest mapping removed, each frame loses
+/// one borrow). Holes are skipped. Returns the number of pages unshared.
+///
+/// Errors, in check order: [`Error::InvalidArgument`] (`nr == 0`),
+/// [`Error::OutOfRange`] (guest range), [`Error::BadState`] (a mapped page
+/// of the range is not SHARED_BORROWED, e.g. donated), [`Error::Inconsistent`]
+/// (the tracker does not record the borrow of a frame the guest maps
+/// SHARED_BORROWED: a bug), [`Error::NoMemory`] (a block crossing an edge
+/// of the range must be split and table memory is short). Every check
+/// covers the whole range before the first change: a failed call changed
+/// nothing.
+///
+/// TLB: up to [`UNSHARE_RANGE_PER_IPA_MAX`] leaves, one invalidation by
+/// IPA per broken descriptor, as [`Stage2::unmap`] of a small range; more
+/// leaves, one whole-VMID invalidation for the call
+/// ([`Stage2::unmap_flush_vmid`]).
+pub fn unshare_range<GM: TableMemory, GT: TlbMaintenance>(
+    tracker: &mut PageTracker,
+    guest: &mut Stage2<GM, GT>,
+    gfn: Gfn,
+    nr: u64,
+) -> Result<u64, Error> {
+    if nr == 0 {
+        return Err(Error::InvalidArgument);
+    }
+    let (ipa, size) = guest_span(guest.config(), gfn, nr)?;
+    let end = ipa.raw() + size;
+    // The part of `leaf` inside the range: (first frame, pages).
+    let run = |leaf: &Leaf| {
+        let a = leaf.ipa.raw().max(ipa.raw());
+        let b = (leaf.ipa.raw() + leaf.size).min(end);
+        let pfn = Pfn((leaf.hpa.raw() + (a - leaf.ipa.raw())) >> PAGE_SHIFT);
+        (pfn, (b - a) >> PAGE_SHIFT)
+    };
+
+    // Check: every mapped page SHARED_BORROWED, and the tracker agrees.
+    let mut err = None;
+    let mut leaves: u64 = 0;
+    let mut pages: u64 = 0;
+    guest.walk(ipa, size, |leaf| {
+        if err.is_some() {
+            return;
+        }
+        if leaf.attrs.state != PageState::SharedBorrowed {
+            err = Some(Error::BadState);
+            return;
+        }
+        let (pfn, n) = run(leaf);
+        if tracker.check_unshare(pfn, n).is_err() {
+            err = Some(Error::Inconsistent);
+            return;
+        }
+        leaves += 1;
+        pages += n;
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    if pages == 0 {
+        return Ok(0);
+    }
+    if guest.unmap_tables_needed(ipa, size)? > guest.mm().available() {
+        return Err(Error::NoMemory);
+    }
+
+    // Commit. The tracker first (it cannot fail after the checks: each
+    // borrow is counted once per mapping), then the guest unmap, which
+    // cannot fail with the memory checked above. The caller holds `&mut`
+    // to both, so nobody sees the state in between.
+    let mut broken = false;
+    guest.walk(ipa, size, |leaf| {
+        let (pfn, n) = run(leaf);
+        broken |= tracker.unshare(pfn, n).is_err();
+    })?;
+    let unmapped = if leaves > UNSHARE_RANGE_PER_IPA_MAX {
+        guest.unmap_flush_vmid(ipa, size)
+    } else {
+        guest.unmap(ipa, size)
+    };
+    match unmapped {
+        Ok(n) if n == pages && !broken => Ok(pages),
+        _ => Err(Error::Inconsistent),
+    }
+}
+
 /// Donates host pages to a VM: host OWNED (not shared) -> owner `vm`, the
 /// host's stage-2 unmaps them; guest frames (unmapped) -> OWNED mappings
 /// with `perms`.

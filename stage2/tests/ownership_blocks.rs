@@ -275,3 +275,110 @@ fn teardown_takes_a_block_only_within_the_budget() {
     assert!(leaves(&w.guest).is_empty());
     assert_eq!(w.tracker.owner(Pfn(RAM + BLOCK + 7)).unwrap(), Owner::Host);
 }
+
+/// `unshare_range` (ABI §3.21): every mapped gfn whatever its frame, holes
+/// skipped; a donated page in the range or a split without table memory
+/// changes nothing; up to `UNSHARE_RANGE_PER_IPA_MAX` leaves one
+/// invalidation by IPA each, more one whole-VMID invalidation and none by
+/// IPA, the emptied table freed after it.
+#[test]
+fn unshare_range_by_gfn_whatever_the_frames() {
+    // gfn 0x200 + i maps frame 600 - i (reverse order), a hole at 0x203.
+    let scattered = || {
+        let mut w = world(1);
+        for i in (0..40).filter(|&i| i != 3) {
+            transition::share(
+                &mut w.tracker,
+                &mut w.guest,
+                range(600 - i, 0x200 + i, 1),
+                Perms::RW,
+            )
+            .unwrap();
+        }
+        w
+    };
+    // A donated page at 0x203 makes the call EACCES (BadState), no change.
+    let mut wd = scattered();
+    transition::donate(
+        &mut wd.tracker,
+        &mut wd.host,
+        VM,
+        &mut wd.guest,
+        range(10, 0x203, 1),
+        Perms::RW,
+    )
+    .unwrap();
+    let before = state(&wd);
+    assert_eq!(
+        transition::unshare_range(&mut wd.tracker, &mut wd.guest, Gfn(0x200), 8),
+        Err(Error::BadState)
+    );
+    assert!(state(&wd) == before);
+
+    let mut w = scattered();
+    w.guest.tlb_mut().ops.clear();
+    assert_eq!(
+        transition::unshare_range(&mut w.tracker, &mut w.guest, Gfn(0x200), 5),
+        Ok(4)
+    );
+    let per_ipa = w
+        .guest
+        .tlb()
+        .ops
+        .iter()
+        .filter(|o| matches!(o, TlbOp::InvalidateIpa { .. }))
+        .count();
+    assert_eq!((w.guest.tlb().invalidations(), per_ipa), (4, 4));
+    for i in [0, 1, 2, 4] {
+        assert_eq!(w.tracker.shares(Pfn(RAM + 600 - i)).unwrap(), 0);
+    }
+    // The other 35: one VMID-wide invalidation, and the table is freed.
+    let live = w.guest.mm().live();
+    w.guest.tlb_mut().ops.clear();
+    assert_eq!(
+        transition::unshare_range(&mut w.tracker, &mut w.guest, Gfn(0x200), 512),
+        Ok(35)
+    );
+    assert!(w
+        .guest
+        .tlb()
+        .ops
+        .iter()
+        .all(|o| !matches!(o, TlbOp::InvalidateIpa { .. })));
+    assert_eq!(w.guest.tlb().invalidations(), 1);
+    assert_eq!(w.guest.mm().live(), live - 1);
+    assert!(leaves(&w.guest).is_empty());
+    assert!((0..40).all(|i| w.tracker.shares(Pfn(RAM + 600 - i)).unwrap() == 0));
+    // Nothing mapped: 0, nothing issued.
+    w.guest.tlb_mut().ops.clear();
+    assert_eq!(
+        transition::unshare_range(&mut w.tracker, &mut w.guest, Gfn(0x200), 512),
+        Ok(0)
+    );
+    assert!(w.guest.tlb().ops.is_empty());
+}
+
+#[test]
+fn unshare_range_splits_a_block_only_with_memory() {
+    let mut w = world(0);
+    transition::share(
+        &mut w.tracker,
+        &mut w.guest,
+        range(0, 0x200, BLOCK),
+        Perms::RW,
+    )
+    .unwrap();
+    let before = state(&w);
+    assert_eq!(
+        transition::unshare_range(&mut w.tracker, &mut w.guest, Gfn(0x1ff), 2),
+        Err(Error::NoMemory)
+    );
+    assert!(state(&w) == before);
+    // The whole block: one leaf, one invalidation by IPA, no memory.
+    assert_eq!(
+        transition::unshare_range(&mut w.tracker, &mut w.guest, Gfn(0x200), 512),
+        Ok(512)
+    );
+    assert_eq!(w.guest.tlb().invalidations(), 1);
+    assert_eq!(w.tracker.shares(Pfn(RAM + 300)).unwrap(), 0);
+}

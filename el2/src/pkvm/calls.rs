@@ -368,6 +368,28 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
         )
     }
 
+    /// §3.21 `HYP_UNSHARE_RANGE`: every mapped gfn of the range, whatever
+    /// frame it maps; the transition checks the whole range before the first
+    /// change and chooses the TLB invalidation
+    /// (`transition::UNSHARE_RANGE_PER_IPA_MAX`).
+    pub(super) fn unshare_range(
+        &self,
+        h: VmHandle,
+        gfn: hypercalls::Gfn,
+        n: PageCount,
+    ) -> Result<Reply, HypError> {
+        let mut host = self.lock_host();
+        let mut slot = self.lock_vm(h)?;
+        let vm = vm_of(&mut slot)?;
+        live(vm)?;
+        guest_range(vm, gfn, nr(n))?;
+        let pages = transition::unshare_range(&mut host.tracker, &mut vm.s2, gfn.into(), nr(n))
+            .map_err(|e| self.err(e))?;
+        vm.counts.unshared(pages);
+        let pages = u32::try_from(pages).map_err(|_| self.bug())?;
+        Ok(Reply::Unshared { pages })
+    }
+
     /// §3.12 `HYP_WRPROTECT`.
     pub(super) fn wrprotect(
         &self,

@@ -540,6 +540,125 @@ fn blocks() {
     h.check_all_returned().unwrap();
 }
 
+fn unshare_range(vm: VmHandle, g: u64, n: u32) -> Hypercall {
+    Hypercall::UnshareRange {
+        vm,
+        gfn: gfn(g),
+        nr: count(n),
+    }
+}
+
+/// `HYP_UNSHARE_RANGE` (ABI §3.21): every mapped gfn whatever its frame,
+/// holes skipped; refusals change nothing; up to 32 leaves one
+/// invalidation each, more one VMID-wide invalidation; blocks as §2.8.
+#[test]
+fn unshare_range_of_scattered_frames() {
+    let h = hyp();
+    let vm = create(&h, 40, HOST0);
+    topup(&h, vm, HOST0 + 2, 8);
+    // gfn 0x10 + i maps frame base + 39 - i (frames in reverse order, as
+    // a host's pins come), with a hole at gfn 0x15; the frame at gfn 0x37
+    // is also shared at gfn 0x60.
+    let base = HOST0 + 0x80;
+    let frame = |i: u64| base + 39 - i;
+    for i in (0..40).filter(|&i| i != 5) {
+        ok(&h, share(vm, frame(i), 0x10 + i, 1));
+    }
+    ok(&h, share(vm, base, 0x60, 1));
+    ok(&h, donate(vm, HOST0 + 0x200, 0x70, 1));
+
+    refused(&h, unshare_range(vm, 0x60, 0x20), HypError::Denied);
+    refused(
+        &h,
+        unshare_range(vm, (1 << 28) - 1, 2),
+        HypError::OutOfRange,
+    );
+    let stale = VmHandle::new(vm.index(), vm.generation() + 1).unwrap();
+    refused(&h, unshare_range(stale, 0x10, 1), HypError::NoEntry);
+
+    // Four pages: one invalidation each (the table keeps others).
+    let s0 = stage2_counters(&h, vm);
+    assert_eq!(
+        ok(&h, unshare_range(vm, 0x10, 4)),
+        Reply::Unshared { pages: 4 }
+    );
+    let s1 = stage2_counters(&h, vm);
+    assert_eq!(s1.tlbi - s0.tlbi, 4);
+    assert_eq!((s1.unshares - s0.unshares, s1.unmaps - s0.unmaps), (4, 4));
+    for i in 0..4 {
+        assert_eq!(host_page(&h, frame(i)), HOST_OWNED);
+        assert_eq!(guest_page(&h, vm, 0x10 + i), GuestPage::Unmapped);
+    }
+    // 35 pages (0x14..0x38 without the hole): one VMID-wide invalidation.
+    assert_eq!(
+        ok(&h, unshare_range(vm, 0x14, 0x30)),
+        Reply::Unshared { pages: 35 }
+    );
+    let s2 = stage2_counters(&h, vm);
+    assert_eq!(s2.tlbi - s1.tlbi, 1);
+    assert_eq!(s2.unshares - s1.unshares, 35);
+    for i in 4..40 {
+        assert_eq!(guest_page(&h, vm, 0x10 + i), GuestPage::Unmapped);
+        if i != 5 && i != 39 {
+            assert_eq!(host_page(&h, frame(i)), HOST_OWNED);
+        }
+    }
+    // The frame shared twice keeps its mapping at 0x60.
+    assert_eq!(host_page(&h, base).share_count, 1);
+    // Nothing mapped: success, 0 pages, no invalidation.
+    assert_eq!(
+        ok(&h, unshare_range(vm, 0x10, 0x40)),
+        Reply::Unshared { pages: 0 }
+    );
+    assert_eq!(stage2_counters(&h, vm).tlbi, s2.tlbi);
+    teardown(&h, vm);
+    h.check_all_returned().unwrap();
+}
+
+/// `HYP_UNSHARE_RANGE` over 2 MiB blocks: a whole block is one leaf and
+/// needs no memory; part of one is a split (`HYP_ENOMEM` with an empty
+/// memcache, nothing changed).
+#[test]
+fn unshare_range_of_blocks() {
+    let h = hyp();
+    let vm = create(&h, 32, HOST0);
+    let g = 0x400;
+    ok(&h, share(vm, HOST1, g, 512));
+    refused(&h, unshare_range(vm, g - 1, 2), HypError::NoMemory);
+    refused(&h, unshare_range(vm, g + 511, 2), HypError::NoMemory);
+    let s0 = stage2_counters(&h, vm);
+    assert_eq!(
+        ok(&h, unshare_range(vm, g, 512)),
+        Reply::Unshared { pages: 512 }
+    );
+    assert_eq!(stage2_counters(&h, vm).tlbi - s0.tlbi, 1);
+    assert_eq!(host_page(&h, HOST1 + 300), HOST_OWNED);
+    // With a memcache page, part of a block: split, the rest stays.
+    ok(&h, share(vm, HOST1, g, 512));
+    topup(&h, vm, HOST0 + 0x10, 1);
+    assert_eq!(
+        ok(&h, unshare_range(vm, g + 500, 12)),
+        Reply::Unshared { pages: 12 }
+    );
+    assert_eq!(guest_page(&h, vm, g + 505), GuestPage::Unmapped);
+    assert!(matches!(
+        guest_page(&h, vm, g + 499),
+        GuestPage::Mapped { .. }
+    ));
+    assert_eq!(runtime_counters(&h, vm).memcache_pages, 0);
+    // The other 500 pages: more than 32 leaves, one VMID-wide invalidation,
+    // and the emptied table goes back to the memcache.
+    let s1 = stage2_counters(&h, vm);
+    assert_eq!(
+        ok(&h, unshare_range(vm, g, 512)),
+        Reply::Unshared { pages: 500 }
+    );
+    assert_eq!(stage2_counters(&h, vm).tlbi - s1.tlbi, 1);
+    assert_eq!(runtime_counters(&h, vm).memcache_pages, 1);
+    teardown(&h, vm);
+    h.check_all_returned().unwrap();
+}
+
 /// With an empty memcache a block can still be shared into a VM whose
 /// root is at level 2 (no table needed), but no call may split it:
 /// `HYP_ENOMEM`, nothing changed. Whole-block calls still work.

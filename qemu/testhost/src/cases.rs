@@ -813,6 +813,7 @@ fn dying_calls(c: &mut Ctx) -> R {
             gfn: gfn(0x100),
             nr: count(1),
         },
+        unshare_range(vm, 0x100, 1),
     ] {
         c.fails(call, Busy)?;
     }
@@ -1131,6 +1132,118 @@ fn block_teardown(c: &mut Ctx) -> R {
     Ok(())
 }
 
+// ---- §3.21 HYP_UNSHARE_RANGE ----
+
+fn unshare_range(vm: VmHandle, g: u64, n: u32) -> Hypercall {
+    Hypercall::UnshareRange {
+        vm,
+        gfn: gfn(g),
+        nr: count(n),
+    }
+}
+/// Host page state of `p`: (share count, owned by the host).
+fn host_count(c: &mut Ctx, p: u64) -> Result<(u32, bool), alloc::string::String> {
+    match c.ok(Hypercall::HostPageState { pfn: pfn(p) })? {
+        Reply::HostPage(h) => Ok((h.share_count, h.owner == hypercalls::Owner::Host)),
+        r => Err(format!("host page state replied {r:?}")),
+    }
+}
+
+/// Scattered frames (in reverse order, a hole at 0x205) at gfns
+/// 0x200..0x228 plus a second borrow of one frame at 0x300: a run of four,
+/// then the other 35 in one call.
+fn unshare_range_scattered(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let base = c.pages(40, 1)?;
+    let frame = |i: u64| base + 39 - i;
+    for i in (0..40).filter(|&i| i != 5) {
+        c.ok(share(vm, frame(i), 0x200 + i, 1))?;
+    }
+    c.ok(share(vm, base, 0x300, 1))?;
+    let t0 = tlbi(c, vm)?;
+    let r = c.ok(unshare_range(vm, 0x200, 4))?;
+    ensure(r == Reply::Unshared { pages: 4 }, || format!("{r:?}"))?;
+    let t1 = tlbi(c, vm)?;
+    ensure(t1 - t0 == 4, || {
+        format!("4 pages: {} invalidations, expected 4", t1 - t0)
+    })?;
+    let r = c.ok(unshare_range(vm, 0x204, 0x40))?;
+    ensure(r == Reply::Unshared { pages: 35 }, || format!("{r:?}"))?;
+    let t2 = tlbi(c, vm)?;
+    ensure(t2 - t1 == 1, || {
+        format!(
+            "35 pages: {} invalidations, expected 1 (whole VMID)",
+            t2 - t1
+        )
+    })?;
+    for i in [0u64, 3, 4, 20, 38] {
+        let (n, host) = host_count(c, frame(i))?;
+        ensure(n == 0 && host, || {
+            format!("frame of gfn {:#x}: count {n}", 0x200 + i)
+        })?;
+    }
+    // The frame at 0x227 is still borrowed at 0x300.
+    let (n, _) = host_count(c, base)?;
+    ensure(n == 1, || {
+        format!("twice-shared frame: count {n}, expected 1")
+    })?;
+    borrowed(c, vm, 0x300, base, Prot::RW)?;
+    // Nothing mapped any more: 0 pages, no invalidation.
+    let r = c.ok(unshare_range(vm, 0x200, 0x40))?;
+    ensure(r == Reply::Unshared { pages: 0 }, || format!("{r:?}"))?;
+    let t3 = tlbi(c, vm)?;
+    ensure(t3 == t2, || "an empty range invalidated".into())
+}
+fn unshare_range_refused(c: &mut Ctx) -> R {
+    let vm = c.vm(IPA, 1, MC)?;
+    let p = c.pages(4, 1)?;
+    c.ok(share(vm, p, 0x100, 2))?;
+    c.ok(donate(vm, p + 2, 0x102, 1))?;
+    c.ok(share(vm, p + 3, 0x104, 1))?;
+    // A donated gfn inside: EACCES, the shared pages around it stay.
+    c.fails(unshare_range(vm, 0x100, 8), Denied)?;
+    c.fails(unshare_range(vm, (1 << 28) - 1, 2), OutOfRange)?;
+    c.fails(unshare_range(ghost(), 0x100, 1), NoEntry)?;
+    borrowed(c, vm, 0x101, p + 1, Prot::RW)?;
+    let r = c.ok(unshare_range(vm, 0x103, 2))?;
+    ensure(r == Reply::Unshared { pages: 1 }, || format!("{r:?}"))?;
+    let r = c.ok(unshare_range(vm, 0x100, 2))?;
+    ensure(r == Reply::Unshared { pages: 2 }, || format!("{r:?}"))
+}
+fn unshare_range_blocks(c: &mut Ctx) -> R {
+    let vm = c.vm(32, 1, 0)?;
+    let p = c.pages(512, 512)?;
+    c.ok(share(vm, p, 0x200, 512))?;
+    c.fails(unshare_range(vm, 0x1ff, 2), NoMemory)?;
+    c.fails(unshare_range(vm, 0x3f4, 12), NoMemory)?;
+    let t0 = tlbi(c, vm)?;
+    let r = c.ok(unshare_range(vm, 0x200, 512))?;
+    ensure(r == Reply::Unshared { pages: 512 }, || format!("{r:?}"))?;
+    let t1 = tlbi(c, vm)?;
+    ensure(t1 - t0 == 1, || {
+        format!("whole block: {} invalidations, expected 1", t1 - t0)
+    })?;
+    // With one memcache page, part of the block: a split.
+    c.ok(share(vm, p, 0x200, 512))?;
+    let mc = c.pages(1, 1)?;
+    c.ok(topup(vm, mc, 1))?;
+    let r = c.ok(unshare_range(vm, 0x3f4, 12))?;
+    ensure(r == Reply::Unshared { pages: 12 }, || format!("{r:?}"))?;
+    borrowed(c, vm, 0x3f3, p + 0x1f3, Prot::RW)?;
+    // The other 500 pages: one whole-VMID invalidation, the table back.
+    let t2 = tlbi(c, vm)?;
+    let r = c.ok(unshare_range(vm, 0x200, 512))?;
+    ensure(r == Reply::Unshared { pages: 500 }, || format!("{r:?}"))?;
+    let t3 = tlbi(c, vm)?;
+    ensure(t3 - t2 == 1, || {
+        format!("500 pages: {} invalidations, expected 1", t3 - t2)
+    })?;
+    let rt = runtime(c, vm)?;
+    ensure(rt.memcache_pages == 1, || {
+        format!("the emptied table is not back in the memcache: {rt:?}")
+    })
+}
+
 // ---- concurrency and random tests live in `random` ----
 
 /// Every case, in order.
@@ -1195,6 +1308,9 @@ pub const CASES: &[Case] = &[
     Case { name: "§2.8 blocks: a partial unshare splits with one memcache page and leaves the rest mapped; a whole block goes with 1 TLB invalidation (512 pages: 514)", run: block_partial_unshare },
     Case { name: "§2.8 blocks: with an empty memcache every split (unshare, wrprotect, relax, reclaim) is ENOMEM and changes nothing; whole-block calls and test-clear-young work", run: block_split_no_memory },
     Case { name: "§2.8 blocks: write-protect of one page in a block splits it: only that page read-only; relax of one page in a read-only block: only that page writable", run: block_wrprotect_one_page },
+    Case { name: "§3.21 unshare range: scattered frames at a gfn run, a hole skipped, all unshared; x1 counts them; 4 pages 4 invalidations, 35 pages one (whole VMID); a frame shared twice keeps one borrow", run: unshare_range_scattered },
+    Case { name: "§3.21 unshare range: a donated gfn in the range is EACCES and changes nothing; beyond the IPA ERANGE; no VM ENOENT", run: unshare_range_refused },
+    Case { name: "§3.21/§2.8 unshare range: a whole block needs no memory and 1 invalidation; part of one is ENOMEM without memory, a split with it", run: unshare_range_blocks },
     Case { name: "§2.8/§3.16 blocks: teardown takes a block whole (512 updates in one batch), returns every page, the donated block zeroed", run: block_teardown },
 ];
 

@@ -120,7 +120,9 @@ impl Ctx {
                 self.track_pfns(pfn.raw(), u64::from(nr.get()));
                 self.track_gfns(vm, gfn.raw(), u64::from(nr.get()));
             }
-            Hypercall::WrProtect { vm, gfn, nr } | Hypercall::TestClearYoung { vm, gfn, nr } => {
+            Hypercall::WrProtect { vm, gfn, nr }
+            | Hypercall::TestClearYoung { vm, gfn, nr }
+            | Hypercall::UnshareRange { vm, gfn, nr } => {
                 self.track_gfns(vm, gfn.raw(), u64::from(nr.get()))
             }
             Hypercall::RelaxPerms { vm, gfn, .. } => self.track_gfns(vm, gfn.raw(), 1),

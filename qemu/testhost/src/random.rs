@@ -207,6 +207,7 @@ fn random_calls(cpu: usize) -> Result<u64, (u64, String)> {
                 gfn: g,
                 nr,
             },
+            15 if rng.chance(50) => Hypercall::UnshareRange { vm, gfn: g, nr },
             15 => Hypercall::WrProtect { vm, gfn: g, nr },
             16 => Hypercall::RelaxPerms { vm, gfn: g, prot },
             17 => Hypercall::TestClearYoung { vm, gfn: g, nr },

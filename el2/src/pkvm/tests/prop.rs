@@ -110,6 +110,11 @@ enum Op {
         gfn: u64,
         n: u32,
     },
+    UnshareRange {
+        vm: u8,
+        gfn: u64,
+        n: u32,
+    },
     WrProtect {
         vm: u8,
         gfn: u64,
@@ -195,6 +200,7 @@ fn op_s() -> impl Strategy<Value = Op> {
             .prop_map(|(vm, pfn, gfn, n, prot)| Op::Donate { vm, pfn, gfn, n, prot }),
         3 => (vm, pfn_s(), gfn_s(), 1u32..4)
             .prop_map(|(vm, pfn, gfn, n)| Op::Reclaim { vm, pfn, gfn, n }),
+        3 => (vm, gfn_s(), 1u32..12).prop_map(|(vm, gfn, n)| Op::UnshareRange { vm, gfn, n }),
         1 => (vm, gfn_s(), 1u32..8).prop_map(|(vm, gfn, n)| Op::WrProtect { vm, gfn, n }),
         1 => (vm, gfn_s(), 1u64..8).prop_map(|(vm, gfn, prot)| Op::Relax { vm, gfn, prot }),
         2 => (vm, gfn_s(), 1u32..8).prop_map(|(vm, gfn, n)| Op::Young { vm, gfn, n }),
@@ -319,6 +325,11 @@ fn to_call(d: &Driver, op: &Op) -> Hypercall {
         } => Hypercall::Reclaim {
             vm: h(vm),
             pfn: pfn(*p),
+            gfn: gfn(*g),
+            nr: count(*n),
+        },
+        Op::UnshareRange { vm, gfn: g, n } => Hypercall::UnshareRange {
+            vm: h(vm),
             gfn: gfn(*g),
             nr: count(*n),
         },
