@@ -50,6 +50,7 @@ fn main() -> ExitCode {
             BenchCommand::Boot(args) => benches::boot::bench(&root, args),
             BenchCommand::Hvc => benches::hvc::bench(&root),
             BenchCommand::Numa(args) => benches::numa::bench(&root, args),
+            BenchCommand::Scale(args) => benches::scale::bench(&root, args),
         },
         Command::Soak(a) => soak::soak(&root, a),
         Command::GenHeader => gen_header(&root),

@@ -181,6 +181,10 @@ pub enum Command {
     /// VMs filling and checking their memory round after round while a VMM thread per VM
     /// mprotects, drops and remaps random ranges of it; checksum failures must be 0.
     Soak(crate::soak::SoakArgs),
+    /// Hypercalls and stage-2 table pages at scale: VMs held at once, each faulted in fully, then
+    /// NUMA scan, mprotect(PROT_READ) and munmap of the measured VM's memory and every teardown,
+    /// counted with the module's counters (issue 13).
+    Scale(crate::scale::ScaleArgs),
 }
 
 /// A checked configuration for one guest run.

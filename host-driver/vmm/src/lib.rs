@@ -24,6 +24,7 @@ pub mod layout;
 pub mod leakcheck;
 pub mod mmio;
 pub mod runner;
+pub mod scale;
 pub mod soak;
 pub mod stats;
 

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Some(Command::Hostile { image }) => run_hostile(image),
         Some(Command::Fuzz(a)) => run_fuzz(a),
         Some(Command::Soak(a)) => run_soak(a),
+        Some(Command::Scale(a)) => run_scale(a),
         Some(Command::HostileGuests(a)) => run_hostile_guests(a),
         Some(Command::Killloop(a)) => run_killloop(a),
         Some(Command::Leakcheck(a)) => run_leakcheck(a),
@@ -109,5 +110,15 @@ fn run_soak(a: &s2vmm::soak::SoakArgs) -> anyhow::Result<i32> {
 
 #[cfg(not(target_os = "linux"))]
 fn run_soak(_: &s2vmm::soak::SoakArgs) -> anyhow::Result<i32> {
+    anyhow::bail!("s2vmm runs on Linux only")
+}
+
+#[cfg(target_os = "linux")]
+fn run_scale(a: &s2vmm::scale::ScaleArgs) -> anyhow::Result<i32> {
+    s2vmm::scale::run(a)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn run_scale(_: &s2vmm::scale::ScaleArgs) -> anyhow::Result<i32> {
     anyhow::bail!("s2vmm runs on Linux only")
 }

@@ -10,6 +10,7 @@
 pub mod boot;
 pub mod hvc;
 pub mod numa;
+pub mod scale;
 pub mod stage2;
 
 use std::path::Path;
