@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::qemu::Machine;
+use crate::initramfs::Mode;
+use crate::qemu::{Console, Machine};
 use crate::run;
 use crate::suites::shim::sections;
 use crate::util::progress;
@@ -77,7 +78,7 @@ pub fn runs(large: bool) -> Vec<Run> {
             "--vm 1G:thp:confirm --steps wrprotect,munmap",
         ),
         ("thp-keep", "--vm 1G:thp:keep --steps numa"),
-        ("thp-eager", "--vm 1G:thp:eager --steps numa,munmap"),
+        ("thp-eager", "--vm 1G:thp:eager --steps numa"),
     ]
     .into_iter()
     .map(|(id, args)| Run {
@@ -112,7 +113,7 @@ pub fn script(runs: &[Run]) -> String {
             "echo '== CASE {id}'\n\
              s2vmm scale {} --json /tmp/{id}.json; echo \"CHECK {id}.status=$?\"\n\
              echo '== JSON'; cat /tmp/{id}.json; echo '== JSON END'\n\
-             s2vmm leakcheck --base /tmp/leak.base; echo \"CHECK {id}.leak=$?\"\n",
+             s2vmm leakcheck --base /tmp/leak.base --save /tmp/leak.base; echo \"CHECK {id}.leak=$?\"\n",
             r.args
         );
     }
@@ -136,6 +137,8 @@ pub struct RunResult {
     pub leak_line: String,
     /// s2vmm's own lines.
     pub lines: Vec<String>,
+    /// The `dmesg` case: kernel-log lines that mean trouble.
+    pub bad: Option<i64>,
 }
 
 /// Splits the boot's output into runs.
@@ -172,6 +175,7 @@ pub fn results(output: &[String]) -> BTreeMap<String, RunResult> {
                     .cloned()
                     .unwrap_or_default(),
                 lines,
+                bad: num("bad"),
             },
         );
     }
@@ -212,7 +216,17 @@ pub fn limit(pages: i64) -> i64 {
 pub fn verdicts(res: &BTreeMap<String, RunResult>, large: bool) -> Vec<(Option<bool>, String)> {
     let mut v = Vec::new();
     for (id, r) in res {
-        if id == "setup" || id == "dmesg" {
+        if id == "dmesg" {
+            v.push((
+                Some(r.bad == Some(0)),
+                format!(
+                    "the kernel log has {} Oops/BUG/WARNING/soft-lockup lines at the end",
+                    r.bad.map_or("?".into(), |b| b.to_string())
+                ),
+            ));
+            continue;
+        }
+        if id == "setup" {
             continue;
         }
         let m = &r.json["measured"];
@@ -452,8 +466,9 @@ const METHOD: &str = "\
 
 - QEMU `virt`, 4 CPUs, TCG; Debian's 6.1 kernel at EL1 under el2 with `s2pin.ko`; one boot.
   Each run is one `s2vmm scale` process (host-driver/vmm/src/scale.rs); after it `s2vmm
-  leakcheck` against a baseline saved at boot (every host RAM frame host-owned and unshared at
-  EL2, no pin, no VM, VmLck and MemFree back, clean kernel log).
+  leakcheck` against the baseline saved at boot or by the previous run's check (every host RAM
+  frame host-owned and unshared at EL2, no pin, no VM, VmLck and MemFree back, no new bad
+  kernel-log line), and at the end the kernel log's Oops/BUG/WARNING/soft-lockup lines.
 - Fault-in: the payload's touch mode writes one word per 64 bytes of its tested memory, on as
   many vCPUs as needed (at most 1 GiB each); once every vCPU has reported its first pass the
   vCPUs are stopped and the VM is kept. Guest memory is private anonymous, `MADV_NOHUGEPAGE`
@@ -569,7 +584,20 @@ pub fn bench(root: &Path, args: &ScaleArgs) -> Result<()> {
             rs.len(),
             timeout.as_secs()
         ));
-        let r = run::exec_script(root, &ing, &machine(large), &script(&rs), &extras, timeout)?;
+        let p = run::prepare(
+            root,
+            &ing,
+            &machine(large),
+            Mode::Exec {
+                script: script(&rs),
+                quiet: true,
+            },
+            &extras,
+            Console::Captured,
+            &run::kernel_cmdline(false, &[]),
+        )?;
+        // The script's lines as they come (the runs take minutes).
+        let r = run::exec_with(&p, timeout, false, true)?;
         let _ = std::fs::write(&log, r.captured.lines.join("\n") + "\n");
         let wall = t0.elapsed();
         let _ = std::fs::write(&meta, format!("{versions}\n{}\n", wall.as_secs()));
@@ -586,21 +614,20 @@ pub fn bench(root: &Path, args: &ScaleArgs) -> Result<()> {
     }
     let body: BTreeMap<String, RunResult> = res
         .iter()
-        .filter(|(k, _)| *k != "setup" && *k != "dmesg")
+        .filter(|(k, _)| *k != "setup")
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     if body.values().all(|r| r.json.is_null()) {
+        // (the dmesg case has no JSON either)
         bail!(
             "no run of s2vmm scale gave figures; the console is in {}",
             log.display()
         );
     }
-    let memtotal = res.get("setup").and_then(|s| {
-        s.lines.iter().find_map(|l| {
-            l.trim()
-                .strip_prefix("CHECK setup.memtotal_kib=")
-                .map(str::to_string)
-        })
+    let memtotal = output.iter().find_map(|l| {
+        l.trim()
+            .strip_prefix("CHECK setup.memtotal_kib=")
+            .map(str::to_string)
     });
     let hyp = hyp_memory(&console);
     let vs = verdicts(&body, large);
