@@ -174,13 +174,13 @@ pub struct ScaleArgs {
     /// The guest payload image.
     #[arg(long, default_value = "/root/guest.bin")]
     pub image: PathBuf,
-    /// The measured VM: tested memory, backing and policy (MEM[:BACKING[:POLICY]], at most 4G, split over up to 4 vCPUs of at most 1 GiB).
+    /// The measured VM: tested memory, backing and policy (`MEM[:BACKING[:POLICY]]`, at most 4G, split over up to 4 vCPUs of at most 1 GiB).
     #[arg(long, default_value = "1G:anon:confirm", value_parser = parse_shape)]
     pub vm: VmShape,
     /// Steps on the measured VM after its fault-in, in this order (comma-separated); none: fault-in and teardown only.
     #[arg(long, value_delimiter = ',', value_enum)]
     pub steps: Vec<Step>,
-    /// Another VM held at the same time, faulted in fully before the measured one (repeatable): MEM[:BACKING[:POLICY]].
+    /// Another VM held at the same time, faulted in fully before the measured one (repeatable): `MEM[:BACKING[:POLICY]]`.
     #[arg(long = "other", value_name = "SHAPE", value_parser = parse_shape)]
     pub others: Vec<VmShape>,
     /// How long the NUMA step waits for the scanner to cover the memory.
