@@ -97,9 +97,16 @@ pub fn machine(large: bool) -> Machine {
     }
 }
 
-/// The boot's script.
+/// The boot's script: a leak check after each run.
 #[must_use]
 pub fn script(runs: &[Run]) -> String {
+    script_with(runs, true)
+}
+
+/// The boot's script; `leak_each`: a leak check after each run, else one
+/// at the end (case `leakcheck`).
+#[must_use]
+pub fn script_with(runs: &[Run], leak_each: bool) -> String {
     let mut s = String::from(
         "echo '== CASE setup'\ninsmod /root/s2pin.ko; echo \"CHECK setup.insmod=$?\"\n\
          echo 0 > /proc/sys/kernel/numa_balancing\n\
@@ -112,9 +119,20 @@ pub fn script(runs: &[Run]) -> String {
             s,
             "echo '== CASE {id}'\n\
              s2vmm scale {} --json /tmp/{id}.json; echo \"CHECK {id}.status=$?\"\n\
-             echo '== JSON'; cat /tmp/{id}.json; echo '== JSON END'\n\
-             s2vmm leakcheck --base /tmp/leak.base --save /tmp/leak.base; echo \"CHECK {id}.leak=$?\"\n",
+             echo '== JSON'; cat /tmp/{id}.json; echo '== JSON END'\n",
             r.args
+        );
+        if leak_each {
+            let _ = writeln!(
+                s,
+                "s2vmm leakcheck --base /tmp/leak.base --save /tmp/leak.base; echo \"CHECK {id}.leak=$?\""
+            );
+        }
+    }
+    if !leak_each {
+        s.push_str(
+            "echo '== CASE leakcheck'\n\
+             s2vmm leakcheck --base /tmp/leak.base; echo \"CHECK leakcheck.leak=$?\"\n",
         );
     }
     s.push_str(
@@ -229,6 +247,13 @@ pub fn verdicts(res: &BTreeMap<String, RunResult>, large: bool) -> Vec<(Option<b
         if id == "setup" {
             continue;
         }
+        if id == "leakcheck" {
+            v.push((
+                Some(r.leak == Some(0)),
+                format!("at the end: {}", r.leak_line.trim()),
+            ));
+            continue;
+        }
         let m = &r.json["measured"];
         let who = format!(
             "{id} ({} MiB {} {})",
@@ -293,16 +318,18 @@ pub fn verdicts(res: &BTreeMap<String, RunResult>, large: bool) -> Vec<(Option<b
                 _ => {}
             }
         }
-        let leak_ok = r.leak == Some(0);
+        // Without a leak check of its own the run's status alone (the
+        // `leakcheck` case checks at the end).
+        let leak_ok = r.leak == Some(0) || (r.leak.is_none() && r.leak_line.is_empty());
         v.push((
             Some(leak_ok && r.status == Some(0)),
             format!(
-                "{id}: s2vmm scale exit status {}, then {}",
+                "{id}: s2vmm scale exit status {}{}",
                 r.status.map_or("?".into(), |s| s.to_string()),
-                if r.leak_line.is_empty() {
-                    "no leak-check line".to_string()
+                if r.leak.is_none() && r.leak_line.is_empty() {
+                    String::new()
                 } else {
-                    r.leak_line.trim().to_string()
+                    format!(", then {}", r.leak_line.trim())
                 }
             ),
         ));
@@ -460,6 +487,30 @@ fn tables_per_gib(res: &BTreeMap<String, RunResult>) -> String {
         .join("; ")
 }
 
+/// Pages the host gave el2 for the VMs' stage 2 while all were held
+/// (each run's sum over its VMs after their fault-ins: table pages in use
+/// plus free memcache pages), as text per run.
+fn donated(res: &BTreeMap<String, RunResult>) -> String {
+    res.iter()
+        .filter_map(|(id, r)| {
+            let vms = r.json["vms"].as_array()?;
+            let (t, m) = vms.iter().fold((0, 0), |(t, m), g| {
+                (
+                    t + int(&g["fault_in"]["table_pages"]).unwrap_or(0),
+                    m + int(&g["fault_in"]["memcache_pages"]).unwrap_or(0),
+                )
+            });
+            let mib: i64 = vms.iter().filter_map(|g| int(&g["mem_mib"])).sum();
+            Some(format!(
+                "{id}: {} KiB for {} VM(s) with {mib} MiB of tested memory ({t} table pages, {m} free memcache pages)",
+                (t + m) * 4,
+                vms.len()
+            ))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Method notes, the same for both sections.
 const METHOD: &str = "\
 ### Method
@@ -545,8 +596,18 @@ fn section(
         "\nStage-2 table pages per GiB of guest RAM: {}.\n",
         tables_per_gib(res)
     );
+    let _ = writeln!(
+        s,
+        "Memory the host gave el2 for the VMs' stage 2 (beyond el2's own, above), all VMs of a run held at once: {}.\n",
+        donated(res)
+    );
     let _ = writeln!(s, "Fault-in:\n\n{}", fault_table(res));
-    let _ = writeln!(s, "Steps on the measured VM:\n\n{}", step_table(res));
+    if res
+        .values()
+        .any(|r| r.json["steps"].as_array().is_some_and(|a| !a.is_empty()))
+    {
+        let _ = writeln!(s, "Steps on the measured VM:\n\n{}", step_table(res));
+    }
     let _ = writeln!(
         s,
         "Teardown (each VM closed in turn):\n\n{}",
@@ -556,6 +617,26 @@ fn section(
     s
 }
 
+/// The source's commit, `abc1234` or `abc1234 + uncommitted changes`.
+fn source_commit(root: &Path) -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(root)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(c) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
+            Some(d) if !d.is_empty() => format!("{c} + uncommitted changes"),
+            _ => c,
+        },
+        None => "unknown (not a git checkout)".into(),
+    }
+}
+
 /// `cargo xtask bench scale [--large] [--from-log]`.
 pub fn bench(root: &Path, args: &ScaleArgs) -> Result<()> {
     let large = args.large;
@@ -563,16 +644,24 @@ pub fn bench(root: &Path, args: &ScaleArgs) -> Result<()> {
     let log = root.join(format!("build/bench-{tag}.log"));
     let meta = root.join(format!("build/bench-{tag}.meta"));
     let t0 = Instant::now();
-    let (console, output, versions, wall) = if args.from_log {
+    let (console, output, versions, wall, commit) = if args.from_log {
         let text = std::fs::read_to_string(&log)
             .with_context(|| format!("{} (run the benchmark first)", log.display()))?;
         let m = std::fs::read_to_string(&meta).unwrap_or_default();
         let mut ml = m.lines();
         let versions = ml.next().unwrap_or("unknown").to_string();
         let wall = ml.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+        let commit = ml.next().unwrap_or("unknown").to_string();
         let lines: Vec<String> = text.lines().map(str::to_string).collect();
-        (lines.clone(), lines, versions, Duration::from_secs(wall))
+        (
+            lines.clone(),
+            lines,
+            versions,
+            Duration::from_secs(wall),
+            commit,
+        )
     } else {
+        let commit = source_commit(root);
         let ing = run::ingredients(root, false)?;
         let versions = crate::versions::with_debian(&ing.debian);
         let extras = run::shim_extras(root, &ing.debian)?;
@@ -600,11 +689,17 @@ pub fn bench(root: &Path, args: &ScaleArgs) -> Result<()> {
         let r = run::exec_with(&p, timeout, false, true)?;
         let _ = std::fs::write(&log, r.captured.lines.join("\n") + "\n");
         let wall = t0.elapsed();
-        let _ = std::fs::write(&meta, format!("{versions}\n{}\n", wall.as_secs()));
+        let _ = std::fs::write(&meta, format!("{versions}\n{}\n{commit}\n", wall.as_secs()));
         if r.status.is_none() {
             r.finish()?;
         }
-        (r.captured.lines.clone(), r.output.clone(), versions, wall)
+        (
+            r.captured.lines.clone(),
+            r.output.clone(),
+            versions,
+            wall,
+            commit,
+        )
     };
     let res = results(&output);
     for r in res.values() {
@@ -649,7 +744,7 @@ pub fn bench(root: &Path, args: &ScaleArgs) -> Result<()> {
         &section(
             &body,
             large,
-            &versions,
+            &format!("{versions}; source at {commit}"),
             hyp.as_deref(),
             memtotal.as_deref(),
             wall,
