@@ -20,6 +20,7 @@ use el2::dtb::{self, Board, Region};
 use el2::exception::{fault_ipa, Esr, ExceptionClass, TrapFrame, Vector};
 use el2::layout::*;
 use el2::pkvm::{AbortAction, AbortKind, Hyp, HypConfig};
+use el2::traps::TrapCounts;
 use el2::{inject, psci};
 
 use crate::machine::El2Platform;
@@ -231,6 +232,9 @@ static HOST_REGS: Once<HostRegs> = Once::new();
 const CPU_OFF: u8 = 0;
 const CPU_ON_PENDING: u8 = 1;
 const CPU_ON: u8 = 2;
+
+/// Every exception taken from the host, by cause (el2::traps).
+static TRAPS: TrapCounts = TrapCounts::new();
 
 static CPU_STATE: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(CPU_OFF) }; MAX_CPUS];
 static CPU_ENTRY: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
@@ -514,9 +518,17 @@ use aarch64_cpu::registers::Readable;
 extern "C" fn handle_trap(frame: &mut TrapFrame, vector: u64) {
     match Vector::from_index(vector) {
         Vector::LowerSync => lower_sync(frame),
-        Vector::LowerIrq | Vector::LowerFiq => {} // not routed to EL2 (IMO/FMO clear)
-        Vector::LowerSError => warn!("SError from the host (ESR {:#x}), ignored", frame.esr),
-        Vector::LowerAArch32 => warn!("exception from AArch32 (ESR {:#x}), ignored", frame.esr),
+        // Not routed to EL2 (IMO/FMO clear), so never seen; counted if so.
+        Vector::LowerIrq => TRAPS.record_vector(0),
+        Vector::LowerFiq => TRAPS.record_vector(1),
+        Vector::LowerSError => {
+            TRAPS.record_vector(2);
+            warn!("SError from the host (ESR {:#x}), ignored", frame.esr);
+        }
+        Vector::LowerAArch32 => {
+            TRAPS.record_vector(3);
+            warn!("exception from AArch32 (ESR {:#x}), ignored", frame.esr);
+        }
         Vector::CurrentSync | Vector::CurrentAsync | Vector::Invalid(_) => {
             crate::console::print_line_unlocked(format_args!(
                 "FATAL exception at EL2: vector {vector} ESR {:#x} FAR {:#x} ELR {:#x}",
@@ -529,8 +541,10 @@ extern "C" fn handle_trap(frame: &mut TrapFrame, vector: u64) {
 
 fn lower_sync(frame: &mut TrapFrame) {
     let esr = Esr(frame.esr);
+    TRAPS.record_sync(esr);
     match esr.class() {
         ExceptionClass::Hvc64 => {
+            TRAPS.record_hvc(esr.imm16(), frame.x[0]);
             let mut regs = [0u64; 8];
             regs.copy_from_slice(&frame.x[..8]);
             let out = if esr.imm16() == 0 {
@@ -601,7 +615,9 @@ fn host_abort(frame: &mut TrapFrame, esr: Esr) {
         AbortKind::Other
     };
     if let Some(h) = HYP.get() {
-        if h.host_abort(ipa, kind) == AbortAction::Retry {
+        let outcome = h.host_abort_outcome(ipa, kind);
+        TRAPS.record_abort(outcome);
+        if outcome.action() == AbortAction::Retry {
             return;
         }
     }
@@ -612,8 +628,27 @@ fn host_abort(frame: &mut TrapFrame, esr: Esr) {
     inject(frame, esr, inject::external_abort);
 }
 
+/// Prints the trap counts and the host stage-2's shape (`el2: traps ...`
+/// lines), before the machine goes off or resets.
+fn log_traps() {
+    for line in TRAPS.lines() {
+        crate::console::print_line(format_args!("traps {line}"));
+    }
+    if let Some(h) = HYP.get() {
+        crate::console::print_line(format_args!(
+            "host stage-2: {}",
+            h.host_stage2_shape().line()
+        ));
+    }
+}
+
 fn host_smc(frame: &mut TrapFrame) {
     let x = [frame.x[0], frame.x[1], frame.x[2], frame.x[3]];
+    let fid = x[0] as u32;
+    TRAPS.record_smc(fid);
+    if fid == psci::PSCI_SYSTEM_OFF || fid == psci::PSCI_SYSTEM_RESET {
+        log_traps();
+    }
     let ret: i64 = match psci::route(&x) {
         psci::Action::Forward => {
             let r = arch::smc(x);

@@ -18,4 +18,5 @@ pub mod layout;
 pub mod pkvm;
 pub mod psci;
 pub mod sysreg;
+pub mod traps;
 pub mod vcpu;

@@ -32,6 +32,43 @@ pub enum AbortAction {
     InjectAbort,
 }
 
+/// What [`Hyp::host_abort_outcome`] did, for the trap counts
+/// (`el2::traps`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AbortOutcome {
+    /// Outside RAM: mapped `size` bytes of Device memory around the IPA.
+    MappedMmio {
+        /// 4 KiB, 2 MiB or 1 GiB.
+        size: u64,
+    },
+    /// A page of host-owned RAM that was not mapped: mapped.
+    MappedRam,
+    /// Already mapped (another CPU mapped it meanwhile).
+    AlreadyMapped,
+    /// RAM the host does not own (the hypervisor's memory, a page donated
+    /// to the hypervisor or a guest): abort injected.
+    NotHostRam,
+    /// At or beyond the host IPA size: abort injected.
+    BeyondIpa,
+    /// A permission or other non-translation fault: abort injected.
+    NotTranslation,
+    /// The mapping failed (no table memory left): abort injected.
+    MapFailed,
+}
+
+impl AbortOutcome {
+    /// What the trap handler does.
+    #[must_use]
+    pub fn action(self) -> AbortAction {
+        match self {
+            Self::MappedMmio { .. } | Self::MappedRam | Self::AlreadyMapped => AbortAction::Retry,
+            Self::NotHostRam | Self::BeyondIpa | Self::NotTranslation | Self::MapFailed => {
+                AbortAction::InjectAbort
+            }
+        }
+    }
+}
+
 /// Host MMIO: read/write Device memory.
 const HOST_MMIO_ATTRS: Attrs = Attrs {
     perms: Perms::RW,
@@ -39,11 +76,86 @@ const HOST_MMIO_ATTRS: Attrs = Attrs {
     state: PageState::Owned,
 };
 
-const BLOCK: u64 = 2 << 20;
+/// The host stage-2's shape: its geometry and its leaves by level, for
+/// RAM (Normal) and MMIO (Device) separately
+/// ([`Hyp::host_stage2_shape`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostStage2Shape {
+    /// IPA size in bits.
+    pub ipa_bits: u8,
+    /// Level of the root table.
+    pub start_level: u8,
+    /// Concatenated root tables.
+    pub root_tables: usize,
+    /// Leaves mapping RAM at levels 1, 2 and 3 (1 GiB, 2 MiB, 4 KiB).
+    pub ram: [u64; 3],
+    /// Leaves mapping MMIO at levels 1, 2 and 3.
+    pub mmio: [u64; 3],
+}
+
+impl HostStage2Shape {
+    /// Descriptors read by one lookup that ends in a leaf at `level`
+    /// (1..=3): one per level from the start level.
+    #[must_use]
+    pub fn levels_per_lookup(&self, level: u8) -> u8 {
+        level + 1 - self.start_level
+    }
+
+    /// One line: the geometry, and per leaf size how many leaves map RAM
+    /// and MMIO and how many descriptors a lookup through one reads.
+    #[must_use]
+    pub fn line(&self) -> alloc::string::String {
+        let mut s = alloc::format!(
+            "ipa_bits={} start_level={} root_tables={}",
+            self.ipa_bits,
+            self.start_level,
+            self.root_tables
+        );
+        for (i, name) in ["1g", "2m", "4k"].iter().enumerate() {
+            let level = i as u8 + 1;
+            s.push_str(&alloc::format!(
+                " {name}: ram={} mmio={} levels={}",
+                self.ram[i],
+                self.mmio[i],
+                self.levels_per_lookup(level)
+            ));
+        }
+        s
+    }
+}
+
+/// The MMIO leaf sizes tried on a fault, largest first.
+const MMIO_BLOCKS: [u64; 1] = [2 << 20];
 
 impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
     /// Decides what to do with a host stage-2 abort at `ipa` (the host's
-    /// IPA is its PA):
+    /// IPA is its PA): [`Self::host_abort_outcome`]'s action.
+    pub fn host_abort(&self, ipa: u64, kind: AbortKind) -> AbortAction {
+        self.host_abort_outcome(ipa, kind).action()
+    }
+
+    /// The host stage-2's geometry and its leaves (a walk of the whole IPA
+    /// space under the `host` lock).
+    pub fn host_stage2_shape(&self) -> HostStage2Shape {
+        let host = self.lock_host();
+        let c = host.s2.config();
+        let mut shape = HostStage2Shape {
+            ipa_bits: c.ipa_bits,
+            start_level: c.start_level,
+            root_tables: c.root_tables,
+            ..HostStage2Shape::default()
+        };
+        let _ = host.s2.walk(Ipa(0), c.ipa_size(), |leaf| {
+            let i = usize::from(leaf.level.clamp(1, 3) - 1);
+            match leaf.attrs.mem {
+                MemType::Normal => shape.ram[i] += 1,
+                MemType::Device => shape.mmio[i] += 1,
+            }
+        });
+        shape
+    }
+
+    /// Handles a host stage-2 abort at `ipa` and says what it did:
     ///
     /// * already mapped (another CPU fixed it): retry;
     /// * translation fault on RAM the host owns (OWNED or SHARED_OWNED) but
@@ -55,55 +167,63 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
     ///   memory, pages donated to the hypervisor or to a guest; permission
     ///   and other faults; addresses beyond the host IPA size; no table
     ///   memory left): inject an abort.
-    pub fn host_abort(&self, ipa: u64, kind: AbortKind) -> AbortAction {
+    pub fn host_abort_outcome(&self, ipa: u64, kind: AbortKind) -> AbortOutcome {
         if kind != AbortKind::Translation {
-            return AbortAction::InjectAbort;
+            return AbortOutcome::NotTranslation;
         }
         let pfn = Pfn(ipa >> PAGE_SHIFT);
         let page = pfn.0 << PAGE_SHIFT;
         let mut host = self.lock_host();
         if page >= host.s2.config().ipa_size() {
-            return AbortAction::InjectAbort;
+            return AbortOutcome::BeyondIpa;
         }
         if host.s2.query(Ipa(page)).is_some() {
-            return AbortAction::Retry;
+            return AbortOutcome::AlreadyMapped;
         }
-        let mapped = if self.is_ram(pfn, 1) {
+        let (mapped, outcome) = if self.is_ram(pfn, 1) {
             if host.tracker.owner(pfn) != Ok(Owner::Host) {
-                return AbortAction::InjectAbort;
+                return AbortOutcome::NotHostRam;
             }
-            host.s2.map(
+            let m = host.s2.map(
                 Ipa(page),
                 Hpa(page),
                 PAGE_SIZE,
                 HOST_RAM_ATTRS,
                 Granule::Page,
-            )
+            );
+            (m, AbortOutcome::MappedRam)
         } else {
-            let block = ipa & !(BLOCK - 1);
-            let holds_ram = self.ram.iter().any(|&(s, e)| {
-                (s.0 << PAGE_SHIFT) < block.saturating_add(BLOCK) && block < (e.0 << PAGE_SHIFT)
-            });
-            let mut empty = true;
-            if !holds_ram && host.s2.walk(Ipa(block), BLOCK, |_| empty = false).is_err() {
-                empty = false;
-            }
-            let (base, size) = if !holds_ram && empty {
-                (block, BLOCK)
-            } else {
-                (page, PAGE_SIZE)
+            let ipa_size = host.s2.config().ipa_size();
+            let usable = |base: u64, size: u64| {
+                let holds_ram = self.ram.iter().any(|&(s, e)| {
+                    (s.0 << PAGE_SHIFT) < base.saturating_add(size) && base < (e.0 << PAGE_SHIFT)
+                });
+                let mut empty = true;
+                if holds_ram
+                    || base.saturating_add(size) > ipa_size
+                    || host.s2.walk(Ipa(base), size, |_| empty = false).is_err()
+                {
+                    return false;
+                }
+                empty
             };
-            host.s2.map(
+            let (base, size) = MMIO_BLOCKS
+                .iter()
+                .map(|&size| (ipa & !(size - 1), size))
+                .find(|&(base, size)| usable(base, size))
+                .unwrap_or((page, PAGE_SIZE));
+            let m = host.s2.map(
                 Ipa(base),
                 Hpa(base),
                 size,
                 HOST_MMIO_ATTRS,
-                Granule::Block2M,
-            )
+                Granule::Largest,
+            );
+            (m, AbortOutcome::MappedMmio { size })
         };
         match mapped {
-            Ok(()) => AbortAction::Retry,
-            Err(_) => AbortAction::InjectAbort,
+            Ok(()) => outcome,
+            Err(_) => AbortOutcome::MapFailed,
         }
     }
 }

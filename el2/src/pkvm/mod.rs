@@ -63,7 +63,7 @@ use stage2::transition::HOST_RAM_ATTRS;
 use stage2::{Hpa, Ipa, Pfn, Vmid, PAGE_SHIFT, PAGE_SIZE};
 
 use crate::dtb::Region;
-pub use abort::{AbortAction, AbortKind};
+pub use abort::{AbortAction, AbortKind, AbortOutcome, HostStage2Shape};
 pub use calls::LoadedVcpu;
 use platform::Platform;
 use vm::{Slot, Vm};

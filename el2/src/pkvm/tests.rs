@@ -13,7 +13,7 @@ use hypercalls::{
 use stage2::Pfn as HPfn;
 
 use super::fake::{fake_hyp, FakeHyp};
-use super::{AbortAction, AbortKind, MAX_VMS, SERVED};
+use super::{AbortAction, AbortKind, AbortOutcome, MAX_VMS, SERVED};
 
 mod prop;
 mod run;
@@ -1126,6 +1126,10 @@ fn host_aborts() {
     let t = AbortKind::Translation;
     // Hypervisor memory.
     assert_eq!(h.host_abort(HYP0 << 12, t), AbortAction::InjectAbort);
+    assert_eq!(
+        h.host_abort_outcome(HYP0 << 12, t),
+        AbortOutcome::NotHostRam
+    );
     // MMIO far from RAM: a 2 MiB block.
     assert_eq!(h.host_abort(0x0900_0123, t), AbortAction::Retry);
     assert_eq!(h.host_abort(0x091f_f000, t), AbortAction::Retry);
@@ -1197,13 +1201,42 @@ fn host_abort_mmio_next_to_ram_is_a_page() {
     let leaf = h.lock_host().s2.query(stage2::Ipa(mmio)).unwrap();
     assert_eq!((leaf.hpa.raw(), leaf.size), (0x4030_1000, 4096));
     assert_eq!(leaf.attrs.mem, stage2::pgtable::MemType::Device);
-    // Far from RAM: the whole block, Device.
+    // In RAM's GiB but a 2 MiB block without RAM: that block, Device.
     assert_eq!(
-        h.host_abort(0x0910_0000, AbortKind::Translation),
-        AbortAction::Retry
+        h.host_abort_outcome(0x4070_0008, AbortKind::Translation),
+        AbortOutcome::MappedMmio { size: 2 << 20 }
+    );
+    let leaf = h.lock_host().s2.query(stage2::Ipa(0x4070_0008)).unwrap();
+    assert_eq!((leaf.hpa.raw(), leaf.size), (0x4060_0000, 2 << 20));
+    assert_eq!(leaf.attrs.mem, stage2::pgtable::MemType::Device);
+    // Far from RAM: the whole 2 MiB block, Device.
+    assert_eq!(
+        h.host_abort_outcome(0x0910_0000, AbortKind::Translation),
+        AbortOutcome::MappedMmio { size: 2 << 20 }
     );
     let leaf = h.lock_host().s2.query(stage2::Ipa(0x0910_0000)).unwrap();
-    assert_eq!((leaf.hpa.raw(), leaf.size), (0x0900_0000, 2 << 20));
+    assert_eq!(
+        (leaf.hpa.raw(), leaf.size, leaf.level),
+        (0x0900_0000, 2 << 20, 2)
+    );
+    assert_eq!(
+        h.host_abort_outcome(0x0900_0000, AbortKind::Translation),
+        AbortOutcome::AlreadyMapped
+    );
+    // Beyond the IPA size (40 bits) nothing is mapped: the abort is
+    // injected.
+    assert_eq!(
+        h.host_abort_outcome(1 << 40, AbortKind::Translation),
+        AbortOutcome::BeyondIpa
+    );
+    let shape = h.host_stage2_shape();
+    assert_eq!(
+        (shape.ipa_bits, shape.start_level, shape.root_tables),
+        (40, 1, 2)
+    );
+    assert_eq!(shape.mmio, [0, 2, 1]);
+    assert_eq!(shape.levels_per_lookup(1), 1);
+    assert_eq!(shape.levels_per_lookup(3), 3);
     h.check_invariants().unwrap();
 }
 

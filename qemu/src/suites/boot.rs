@@ -185,6 +185,11 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
                     covered,
                     tail.clone(),
                 );
+                check(
+                    "el2 prints its trap counts and the host stage-2's shape at power-off",
+                    trap_lines_at_power_off(&r.captured.lines),
+                    tail.clone(),
+                );
             }
             let want = format!("CPU: All CPU(s) started at {el}");
             check(
@@ -319,14 +324,9 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
         numa_nodes: 2,
         ..machine.clone()
     };
-    match script_boot(
-        root,
-        &ing,
-        &numa,
-        "echo \"CHECK nodes=$(cat /sys/devices/system/node/online)\"\n\
-         echo \"CHECK balancing=$(cat /proc/sys/kernel/numa_balancing)\"\n",
-        &[],
-    ) {
+    let numa_script = "echo \"CHECK nodes=$(cat /sys/devices/system/node/online)\"\n\
+         echo \"CHECK balancing=$(cat /proc/sys/kernel/numa_balancing)\"\n";
+    match script_boot(root, &ing, &numa, numa_script, &[]) {
         Err(e) => check("NUMA boot", false, format!("{e:#}")),
         Ok(r) => {
             let detail = format!(
@@ -380,6 +380,24 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
     checks
 }
 
+/// Whether el2 printed its trap counts (at least one exception: the
+/// SYSTEM_OFF itself) and the host stage-2's shape at power-off.
+fn trap_lines_at_power_off(lines: &[String]) -> bool {
+    let total = lines.iter().find_map(|l| {
+        l.trim()
+            .strip_prefix("el2: traps total: exceptions=")?
+            .parse::<u64>()
+            .ok()
+    });
+    let smc_off = lines
+        .iter()
+        .any(|l| l.trim().starts_with("el2: traps smc:") && l.contains(" system_off=1"));
+    let shape = lines
+        .iter()
+        .any(|l| l.trim().starts_with("el2: host stage-2: ipa_bits="));
+    total.is_some_and(|n| n > 0) && smc_off && shape
+}
+
 /// Boots with a quiet `--exec`-style `script`, its output captured (not
 /// printed), under [`SUITE_BOOT_TIMEOUT`].
 pub fn script_boot(
@@ -424,5 +442,21 @@ mod tests {
         assert_eq!(check_value(&out, "on"), None);
         assert!(suite_script(true).contains("insmod /root/s2pin.ko"));
         assert!(!suite_script(false).contains("insmod"));
+    }
+
+    #[test]
+    fn trap_lines_are_recognised() {
+        let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let good = lines(&[
+            "reboot: Power down",
+            "el2: traps total: exceptions=40",
+            "el2: traps smc: cpu_on=3 system_off=1",
+            "el2: host stage-2: ipa_bits=40 start_level=1 root_tables=2",
+        ]);
+        assert!(trap_lines_at_power_off(&good));
+        assert!(!trap_lines_at_power_off(&good[..3]));
+        let mut zero = good.clone();
+        zero[1] = "el2: traps total: exceptions=0".into();
+        assert!(!trap_lines_at_power_off(&zero));
     }
 }
