@@ -54,6 +54,25 @@ pub struct Board {
     pub bootargs: Option<String>,
     /// MPIDR affinity of every CPU, in device-tree order (index = CPU number).
     pub cpus: Vec<u64>,
+    /// One past the highest physical address the tree describes: memory
+    /// nodes, every `reg` in the CPU's address space and every bus's
+    /// `ranges` window (a PCIe host bridge's 64-bit window included). The
+    /// host's IPA space need reach no further ([`Board::host_ipa_bits`]).
+    pub address_end: u64,
+}
+
+impl Board {
+    /// The host stage-2's IPA size: the fewest bits (at least 32) that
+    /// cover [`Board::address_end`], at most the CPU's physical address
+    /// size `cpu_pa_bits` (what lies beyond that the host cannot address).
+    #[must_use]
+    pub fn host_ipa_bits(&self, cpu_pa_bits: u8) -> u8 {
+        let needed = match self.address_end {
+            0..=1 => 0,
+            end => 64 - (end - 1).leading_zeros(),
+        };
+        (needed as u8).clamp(32, cpu_pa_bits.max(32))
+    }
 }
 
 /// Why the device tree could not be used.
@@ -140,6 +159,58 @@ fn is_memory_node(node: &FdtNode<'_, '_>) -> bool {
         .is_some_and(|s| s == "memory")
 }
 
+/// A node's `#address-cells` and `#size-cells` for its children (2 and 1
+/// when absent or malformed, the devicetree specification's defaults).
+fn child_cells(node: &FdtNode<'_, '_>) -> (usize, usize) {
+    let cell = |name: &str, default: usize| {
+        node.property(name)
+            .and_then(|p| <[u8; 4]>::try_from(p.value).ok())
+            .map_or(default, |b| u32::from_be_bytes(b) as usize)
+    };
+    (cell("#address-cells", 2), cell("#size-cells", 1))
+}
+
+/// The end of the highest CPU physical address among `node`'s children,
+/// whose `reg` uses `cells`: each child's `reg`; a child with `ranges`
+/// maps its own children into this address space: an empty `ranges`
+/// one-to-one (visited in turn), else its windows (child address, parent
+/// address in `cells.0` cells, size), whose parent side counts. Children of
+/// a node without `ranges` (CPUs, I2C devices) are not in this space.
+fn highest_end(node: &FdtNode<'_, '_>, cells: (usize, usize), depth: usize) -> u64 {
+    let mut end = 0u64;
+    if depth > 16 {
+        return end;
+    }
+    for child in node.children() {
+        if let Some(reg) = child.property("reg") {
+            for r in decode_reg(reg.value, cells.0, cells.1) {
+                end = end.max(r.end());
+            }
+        }
+        let inner = child_cells(&child);
+        let Some(ranges) = child.property("ranges") else {
+            continue;
+        };
+        if ranges.value.is_empty() {
+            end = end.max(highest_end(&child, inner, depth + 1));
+            continue;
+        }
+        let entry = (inner.0 + cells.0 + inner.1) * 4;
+        if entry == 0 {
+            continue;
+        }
+        for e in ranges.value.chunks_exact(entry) {
+            let parent = &e[inner.0 * 4..];
+            if let Some((base, rest)) = be_cells(parent, cells.0) {
+                if let Some((size, _)) = be_cells(rest, inner.1) {
+                    end = end.max(base.saturating_add(size));
+                }
+            }
+        }
+    }
+    end
+}
+
 fn root_cells(fdt: &Fdt<'_>) -> (usize, usize) {
     let c = fdt.root().cell_sizes();
     (c.address_cells, c.size_cells)
@@ -206,6 +277,11 @@ pub fn parse(blob: &[u8]) -> Result<Board, Error> {
     for cpu in fdt.cpus() {
         p.cpus.push(cpu.ids().first() as u64);
     }
+    let memory_end = p.memory.iter().map(Region::end).max().unwrap_or(0);
+    let devices_end = fdt
+        .find_node("/")
+        .map_or(0, |root| highest_end(&root, child_cells(&root), 0));
+    p.address_end = devices_end.max(memory_end);
     Ok(p)
 }
 
@@ -308,6 +384,81 @@ mod tests {
         w.end_node(cpus).unwrap();
         w.end_node(root).unwrap();
         w.finish().unwrap()
+    }
+
+    /// A tree with QEMU virt's PCIe host bridge (3-cell child addresses,
+    /// a 64-bit window from 512 GiB to 1 TiB), a bus with an empty
+    /// `ranges` whose child sits at `bus_child`, and CPUs (not addresses).
+    fn buses(bus_child: u64) -> Vec<u8> {
+        let mut w = FdtWriter::new().unwrap();
+        let root = w.begin_node("").unwrap();
+        w.property_u32("#address-cells", 2).unwrap();
+        w.property_u32("#size-cells", 2).unwrap();
+        let m = w.begin_node("memory@40000000").unwrap();
+        w.property_string("device_type", "memory").unwrap();
+        w.property_array_u64("reg", &[0x4000_0000, 0x8000_0000])
+            .unwrap();
+        w.end_node(m).unwrap();
+        let pcie = w.begin_node("pcie@10000000").unwrap();
+        w.property_u32("#address-cells", 3).unwrap();
+        w.property_u32("#size-cells", 2).unwrap();
+        w.property_array_u64("reg", &[0x40_1000_0000, 0x1000_0000])
+            .unwrap();
+        #[rustfmt::skip]
+        w.property_array_u32("ranges", &[
+            0x0100_0000, 0, 0, 0, 0x3eff_0000, 0, 0x1_0000,
+            0x0200_0000, 0, 0x1000_0000, 0, 0x1000_0000, 0, 0x2eff_0000,
+            0x0300_0000, 0x80, 0, 0x80, 0, 0x80, 0,
+        ])
+        .unwrap();
+        w.end_node(pcie).unwrap();
+        let bus = w.begin_node("intc@8000000").unwrap();
+        w.property_u32("#address-cells", 2).unwrap();
+        w.property_u32("#size-cells", 2).unwrap();
+        w.property_null("ranges").unwrap();
+        w.property_array_u64("reg", &[0x800_0000, 0x1_0000])
+            .unwrap();
+        let its = w.begin_node("its").unwrap();
+        w.property_array_u64("reg", &[bus_child, 0x2_0000]).unwrap();
+        w.end_node(its).unwrap();
+        w.end_node(bus).unwrap();
+        let cpus = w.begin_node("cpus").unwrap();
+        w.property_u32("#address-cells", 2).unwrap();
+        w.property_u32("#size-cells", 0).unwrap();
+        let c = w.begin_node("cpu@0").unwrap();
+        w.property_string("device_type", "cpu").unwrap();
+        w.property_u64("reg", 0xff_0000_0000).unwrap();
+        w.end_node(c).unwrap();
+        w.end_node(cpus).unwrap();
+        w.end_node(root).unwrap();
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn address_end_covers_ram_devices_and_bus_windows() {
+        // The PCIe 64-bit window ends at 1 TiB: 40 bits.
+        let b = parse(&buses(0x808_0000)).unwrap();
+        assert_eq!(b.address_end, 1 << 40);
+        assert_eq!(b.host_ipa_bits(48), 40);
+        // Never more than the CPU's physical address size.
+        assert_eq!(b.host_ipa_bits(36), 36);
+        // A device behind a one-to-one bus counts.
+        let b = parse(&buses(0x200_0000_0000)).unwrap();
+        assert_eq!(b.address_end, 0x200_0002_0000);
+        assert_eq!(b.host_ipa_bits(48), 42);
+        // Only RAM and a UART below 4 GiB: the smallest IPA size, 32 bits.
+        let b = parse(&sample()).unwrap();
+        assert_eq!(b.address_end, 0x8000_0000);
+        assert_eq!(b.host_ipa_bits(48), 32);
+        let at = |end| Board {
+            address_end: end,
+            ..Board::default()
+        };
+        assert_eq!(at(1 << 32).host_ipa_bits(48), 32);
+        assert_eq!(at((1 << 32) + 1).host_ipa_bits(48), 33);
+        assert_eq!(at(1 << 39).host_ipa_bits(48), 39);
+        assert_eq!(at(u64::MAX).host_ipa_bits(48), 48);
+        assert_eq!(at(0).host_ipa_bits(48), 32);
     }
 
     #[test]

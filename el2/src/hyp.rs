@@ -411,7 +411,7 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
         ));
     };
     let pool_pages = pool.pages;
-    let (ipa_bits, pa_range) = host_ipa_bits();
+    let (ipa_bits, pa_range) = host_ipa_bits(&board);
     let config = HypConfig {
         ram: &board.memory,
         hyp,
@@ -429,8 +429,9 @@ extern "C" fn primary_main(dtb_addr: u64) -> ! {
         vtcr,
     };
     info!(
-        "host stage-2: {} RAM regions, {ipa_bits}-bit IPA, {} of {pool_pages} table pages used; hypervisor memory {HYP_BASE:#x}..{hyp_end:#x} hidden",
+        "host stage-2: {} RAM regions, {ipa_bits}-bit IPA (the device tree's addresses end at {:#x}), {} of {pool_pages} table pages used; hypervisor memory {HYP_BASE:#x}..{hyp_end:#x} hidden",
         host_ram.len(),
+        board.address_end,
         pool_pages - state.host_tables_available(),
     );
     info!(
@@ -505,10 +506,13 @@ fn has_image_header(addr: u64) -> bool {
     magic == 0x644d_5241
 }
 
-fn host_ipa_bits() -> (u8, u8) {
+/// The host stage-2's IPA size (what the device tree's RAM and devices
+/// need, at most the CPU's PA size: `Board::host_ipa_bits`) and the CPU's
+/// `PARange` (VTCR_EL2.PS).
+fn host_ipa_bits(board: &Board) -> (u8, u8) {
     let pa_range = (aarch64_cpu::registers::ID_AA64MMFR0_EL1.get() & 0xf) as u8;
-    let bits = stage2::vtcr::pa_range_bits(pa_range.min(5));
-    (bits.clamp(32, 48), pa_range)
+    let cpu_bits = stage2::vtcr::pa_range_bits(pa_range.min(5));
+    (board.host_ipa_bits(cpu_bits.clamp(32, 48)), pa_range)
 }
 
 use aarch64_cpu::registers::Readable;

@@ -125,7 +125,7 @@ impl HostStage2Shape {
 }
 
 /// The MMIO leaf sizes tried on a fault, largest first.
-const MMIO_BLOCKS: [u64; 1] = [2 << 20];
+const MMIO_BLOCKS: [u64; 2] = [1 << 30, 2 << 20];
 
 impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
     /// Decides what to do with a host stage-2 abort at `ipa` (the host's
@@ -160,9 +160,9 @@ impl<P: Platform, HM: TableMemory, HT: TlbMaintenance> Hyp<P, HM, HT> {
     /// * already mapped (another CPU fixed it): retry;
     /// * translation fault on RAM the host owns (OWNED or SHARED_OWNED) but
     ///   whose page is not mapped: map the 4 KiB page, retry;
-    /// * translation fault outside RAM (MMIO): map the 2 MiB block around
-    ///   it as Device if the block holds no RAM and nothing of it is mapped,
-    ///   else the 4 KiB page; retry;
+    /// * translation fault outside RAM (MMIO): map the largest aligned
+    ///   block around it, 1 GiB or 2 MiB, that holds no RAM and nothing
+    ///   mapped, as Device, else the 4 KiB page; retry;
     /// * everything else (RAM the host does not own: the hypervisor's
     ///   memory, pages donated to the hypervisor or to a guest; permission
     ///   and other faults; addresses beyond the host IPA size; no table

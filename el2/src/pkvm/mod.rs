@@ -111,7 +111,9 @@ pub struct HypConfig<'a> {
     /// The hypervisor's own memory: RAM, owned by the hypervisor for good
     /// and never mapped for the host.
     pub hyp: Region,
-    /// IPA size of the host stage-2 (the CPU's PA size, 32..=48 bits).
+    /// IPA size of the host stage-2, 32..=48 bits (at boot: what the
+    /// device tree's addresses need, at most the CPU's PA size;
+    /// `dtb::Board::host_ipa_bits`).
     pub host_ipa_bits: u8,
     /// Most guest mappings of one host page (`u32::MAX` in production;
     /// tests lower it to reach the share-count overflow).

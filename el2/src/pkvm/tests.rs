@@ -1209,22 +1209,25 @@ fn host_abort_mmio_next_to_ram_is_a_page() {
     let leaf = h.lock_host().s2.query(stage2::Ipa(0x4070_0008)).unwrap();
     assert_eq!((leaf.hpa.raw(), leaf.size), (0x4060_0000, 2 << 20));
     assert_eq!(leaf.attrs.mem, stage2::pgtable::MemType::Device);
-    // Far from RAM: the whole 2 MiB block, Device.
+    // A GiB without RAM: the whole GiB, Device, one descriptor at level 1.
     assert_eq!(
         h.host_abort_outcome(0x0910_0000, AbortKind::Translation),
-        AbortOutcome::MappedMmio { size: 2 << 20 }
+        AbortOutcome::MappedMmio { size: 1 << 30 }
     );
     let leaf = h.lock_host().s2.query(stage2::Ipa(0x0910_0000)).unwrap();
+    assert_eq!((leaf.hpa.raw(), leaf.size, leaf.level), (0, 1 << 30, 1));
+    assert_eq!(leaf.attrs.mem, stage2::pgtable::MemType::Device);
     assert_eq!(
-        (leaf.hpa.raw(), leaf.size, leaf.level),
-        (0x0900_0000, 2 << 20, 2)
-    );
-    assert_eq!(
-        h.host_abort_outcome(0x0900_0000, AbortKind::Translation),
+        h.host_abort_outcome(0x0a00_0000, AbortKind::Translation),
         AbortOutcome::AlreadyMapped
     );
-    // Beyond the IPA size (40 bits) nothing is mapped: the abort is
-    // injected.
+    // The last GiB below the IPA size (40 bits) is mapped whole; beyond
+    // it, nothing is mapped and the abort is injected.
+    let top = (1u64 << 40) - 8;
+    assert_eq!(
+        h.host_abort_outcome(top, AbortKind::Translation),
+        AbortOutcome::MappedMmio { size: 1 << 30 }
+    );
     assert_eq!(
         h.host_abort_outcome(1 << 40, AbortKind::Translation),
         AbortOutcome::BeyondIpa
@@ -1234,7 +1237,7 @@ fn host_abort_mmio_next_to_ram_is_a_page() {
         (shape.ipa_bits, shape.start_level, shape.root_tables),
         (40, 1, 2)
     );
-    assert_eq!(shape.mmio, [0, 2, 1]);
+    assert_eq!(shape.mmio, [2, 1, 1]);
     assert_eq!(shape.levels_per_lookup(1), 1);
     assert_eq!(shape.levels_per_lookup(3), 3);
     h.check_invariants().unwrap();

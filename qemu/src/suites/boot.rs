@@ -317,16 +317,35 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
         }
     }
 
-    // Boot 3: two NUMA nodes.
+    // Boot 3: two NUMA nodes; under el2 also a host read beyond the host
+    // stage-2's IPA size (the tree's addresses end at 1 TiB on QEMU virt).
     progress("boot 3/4: --smp 2 --numa 2");
     let numa = Machine {
         smp: 2,
         numa_nodes: 2,
         ..machine.clone()
     };
-    let numa_script = "echo \"CHECK nodes=$(cat /sys/devices/system/node/online)\"\n\
-         echo \"CHECK balancing=$(cat /proc/sys/kernel/numa_balancing)\"\n";
-    match script_boot(root, &ing, &numa, numa_script, &[]) {
+    let beyond = module && mode == SuiteMode::Hyp;
+    let mut numa_script = String::from(
+        "echo \"CHECK nodes=$(cat /sys/devices/system/node/online)\"\n\
+         echo \"CHECK balancing=$(cat /proc/sys/kernel/numa_balancing)\"\n",
+    );
+    if beyond {
+        numa_script.push_str(&format!(
+            "insmod /root/{HOST_MODULE}\n\
+             insmod /root/{ISOLATION_MODULE} phys={BEYOND_IPA:#x}; echo \"CHECK far_rc=$?\"\n\
+             echo \"CHECK far_sea=$(dmesg | grep -c 'Internal error: synchronous external abort')\"\n\
+             echo \"CHECK far_readable=$(dmesg | grep -c 'READABLE')\"\n\
+             echo \"CHECK hypver3=$(cat /sys/kernel/s2pin/version)\"\n"
+        ));
+    }
+    match script_boot(
+        root,
+        &ing,
+        &numa,
+        &numa_script,
+        if beyond { &extras } else { &[] },
+    ) {
         Err(e) => check("NUMA boot", false, format!("{e:#}")),
         Ok(r) => {
             let detail = format!(
@@ -342,8 +361,20 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
             check(
                 "automatic NUMA balancing is on",
                 check_value(&r.output, "balancing") == Some("1"),
-                detail,
+                detail.clone(),
             );
+            if beyond {
+                let denied = format!("host access to {BEYOND_IPA:#x} (Translation fault)");
+                check(
+                    "a host read beyond the host IPA size is refused by el2 with an injected external abort, and el2 answers after it",
+                    check_value(&r.output, "far_sea") == Some("1")
+                        && check_value(&r.output, "far_readable") == Some("0")
+                        && check_value(&r.output, "far_rc") != Some("0")
+                        && check_value(&r.output, "hypver3") == Some(abi_version().as_str())
+                        && r.captured.lines.iter().any(|l| l.contains(&denied)),
+                    format!("want el2's line \"{denied} ... denied\"\n{detail}"),
+                );
+            }
         }
     }
 
@@ -379,6 +410,10 @@ pub fn suite(root: &Path, mode: SuiteMode) -> Vec<Check> {
     }
     checks
 }
+
+/// A physical address beyond the host stage-2's IPA size on QEMU `virt`
+/// (its device tree ends at 1 TiB: el2 makes the IPA 40 bits).
+const BEYOND_IPA: u64 = 1 << 40;
 
 /// Whether el2 printed its trap counts (at least one exception: the
 /// SYSTEM_OFF itself) and the host stage-2's shape at power-off.
