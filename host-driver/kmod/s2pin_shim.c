@@ -105,6 +105,7 @@ struct s2pin_vm {
 	struct s2pin_vm_stats stats;
 	long acct_credit;		/* accounted in locked_vm but not pinned */
 	bool dead;			/* no new mappings (teardown started) */
+	bool no_unshare_range;		/* EL2 answered HYP_UNSHARE_RANGE with NOT_SUPPORTED */
 	bool finalized;			/* the EL2 VM is gone */
 	struct s2pin_vm_stats el2_last;	/* EL2 counters before finalize */
 	/* Hypercalls made for the VM by kind (CALL_*), lock-free: calls_* of the stats. */
@@ -177,6 +178,7 @@ static struct arm_smccc_1_2_regs vm_hvc(struct s2pin_vm *vm, unsigned long fn, u
 		kind = CALL_SHARE;
 		break;
 	case HYP_UNSHARE:
+	case HYP_UNSHARE_RANGE:
 		kind = CALL_UNSHARE;
 		break;
 	case HYP_WRPROTECT:
@@ -287,80 +289,209 @@ static void vm_settle_accounting(struct s2pin_vm *vm, long keep)
 		account_locked_vm(vm->mm, n, false);
 }
 
-/* ---- unsharing runs of pinned pages ---------------------------------- */
+/* ---- unsharing and write-protecting runs of pinned pages -------------- */
 
 /*
- * Collects pinned pages whose EL2 mappings are removed in runs that are
- * contiguous in both gfn and pfn (one HYP_UNSHARE per run). Used under
- * vm->lock; the pages are unpinned after the lock is dropped.
+ * Pins whose pages EL2 no longer maps, dropped once vm->lock is released:
+ * room for one full run (HYP_MAX_PAGES_PER_CALL) when the allocation
+ * succeeds, else BATCH pages on the stack (runs are then that short).
  */
-struct unshare_batch {
-	struct s2pin_vm *vm;
-	unsigned long *pins;	/* the slot's pin table */
-	u64 base_gfn;
-	struct page *pages[BATCH];
-	unsigned int n;
-	struct s2pin_unshare_run run;
-	unsigned int failed;
+struct unpin_buf {
+	struct page **pages;
+	unsigned int n, cap;
+	struct page *local[BATCH];
 };
 
-static void batch_flush_run(struct unshare_batch *b)
+static void unpin_buf_init(struct unpin_buf *u, gfp_t gfp)
 {
-	long e;
-	unsigned int i;
-
-	if (!b->run.len)
-		return;
-	e = vm_hvc_err(b->vm, HYP_UNSHARE, b->vm->handle, b->run.pfn, b->run.gfn, b->run.len, 0);
-	if (e) {
-		/*
-		 * EL2 may still map them: keep the pins (a leak, never a
-		 * use-after-free) and put them back in the table.
-		 */
-		pr_err_ratelimited("HYP_UNSHARE gfn %llx x%llu failed: %ld; pages stay pinned\n",
-				   b->run.gfn, b->run.len, e);
-		for (i = 0; i < b->run.len; i++) {
-			struct page *p = b->pages[b->n - b->run.len + i];
-
-			b->pins[b->run.gfn + i - b->base_gfn] = (unsigned long)p;
-		}
-		b->n -= b->run.len;
-		b->failed += b->run.len;
+	u->n = 0;
+	u->pages = kmalloc_array(HYP_MAX_PAGES_PER_CALL, sizeof(*u->pages), gfp | __GFP_NOWARN);
+	u->cap = HYP_MAX_PAGES_PER_CALL;
+	if (!u->pages) {
+		u->pages = u->local;
+		u->cap = BATCH;
 	}
-	b->run.len = 0;
 }
 
-/* Unmaps the pinned page at index @i of the slot (vm->lock held). */
-static void batch_add(struct unshare_batch *b, u64 i)
+static void unpin_buf_free(struct unpin_buf *u)
 {
-	unsigned long e = b->pins[i];
-	struct page *page = PIN_PAGE(e);
-	u64 gfn = b->base_gfn + i, pfn = page_to_pfn(page);
-
-	if (!s2pin_run_extend(&b->run, gfn, pfn)) {
-		batch_flush_run(b);
-		s2pin_run_start(&b->run, gfn, pfn);
-	}
-	b->pins[i] = 0;
-	b->pages[b->n++] = page;
+	if (u->pages != u->local)
+		kfree(u->pages);
 }
 
 /*
- * Ends a batch under vm->lock: flushes the last run and counts the
- * unmapped pages (in @reason too, if given). Returns the pages to unpin.
+ * A run of a slot's pin table, [lo, hi): slot indices whose pinned pages
+ * all get the same call (the indices in between that are not pinned are
+ * holes, which EL2 does not map either: under vm->lock the pin table and
+ * EL2's mappings agree page for page). At most HYP_MAX_PAGES_PER_CALL
+ * indices; never a page of a 2 MiB block (those go by block_unshare()).
  */
-static unsigned int batch_close(struct unshare_batch *b, u64 *reason)
-{
-	struct s2pin_vm *vm = b->vm;
+struct pin_run {
+	u64 lo, hi;
+	unsigned int pages;	/* pinned pages in it; 0: empty */
+};
 
-	batch_flush_run(b);
-	vm->stats.unshares += b->n;
-	vm->stats.unpins += b->n;
-	vm->stats.pinned_now -= b->n;
+/* Counts @n pages unshared and unpinned (in @reason too): vm->lock held. */
+static void count_unmapped(struct s2pin_vm *vm, unsigned int n, u64 *reason)
+{
+	vm->stats.unshares += n;
+	vm->stats.unpins += n;
+	vm->stats.pinned_now -= n;
 	if (reason)
-		*reason += b->n;
-	vm->acct_credit += b->n;
-	return b->n;
+		*reason += n;
+	vm->acct_credit += n;
+}
+
+/* Moves the pin at index @k to @u (EL2 no longer maps it): vm->lock held. */
+static void take_pin(unsigned long *pins, u64 k, struct unpin_buf *u)
+{
+	u->pages[u->n++] = PIN_PAGE(pins[k]);
+	pins[k] = 0;
+}
+
+/*
+ * Whether EL2 still maps @gfn (HYP_GUEST_PAGE_STATE). Only asked when a
+ * HYP_UNSHARE_RANGE reported another count than the pin table expected,
+ * which the table's agreement with EL2 rules out: then only the pins of
+ * pages EL2 no longer maps are dropped.
+ */
+static bool gfn_still_mapped(struct s2pin_vm *vm, u64 gfn)
+{
+	struct arm_smccc_1_2_regs r = vm_hvc(vm, HYP_GUEST_PAGE_STATE, vm->handle, gfn, 0, 0, 0);
+
+	return r.a0 || r.a1 != HYP_PAGE_NONE;
+}
+
+/*
+ * Without HYP_UNSHARE_RANGE: the pinned pages of @r in runs contiguous in
+ * both gfn and pfn, one HYP_UNSHARE each. Returns the pages unshared.
+ */
+static unsigned int run_unshare_by_pfn(struct s2pin_vm *vm, unsigned long *pins, u64 base_gfn,
+				       const struct pin_run *r, struct unpin_buf *u)
+{
+	struct s2pin_unshare_run pr = { 0 };
+	unsigned int n = 0;
+	u64 k = r->lo, j;
+	long e;
+
+	for (;;) {
+		bool end = k >= r->hi;
+
+		if (!end && pins[k] &&
+		    s2pin_run_extend(&pr, base_gfn + k, page_to_pfn(PIN_PAGE(pins[k])))) {
+			k++;
+			continue;
+		}
+		if (pr.len) {
+			e = vm_hvc_err(vm, HYP_UNSHARE, vm->handle, pr.pfn, pr.gfn, pr.len, 0);
+			if (!e) {
+				for (j = pr.gfn - base_gfn; j < pr.gfn - base_gfn + pr.len; j++)
+					take_pin(pins, j, u);
+				n += pr.len;
+			} else {
+				/* EL2 may still map them: keep the pins (a leak, never a use-after-free). */
+				pr_err_ratelimited("HYP_UNSHARE gfn %llx x%llu failed: %ld; pages stay pinned\n",
+						   pr.gfn, pr.len, e);
+			}
+			pr.len = 0;
+		}
+		if (end)
+			break;
+		if (pins[k])
+			s2pin_run_start(&pr, base_gfn + k, page_to_pfn(PIN_PAGE(pins[k])));
+		k++;
+	}
+	return n;
+}
+
+/*
+ * Unshares every pinned page of @r (vm->lock held): one HYP_UNSHARE_RANGE,
+ * or, on a hypervisor without it (HYP_NOT_SUPPORTED, remembered), one
+ * HYP_UNSHARE per gfn-and-pfn-contiguous piece. Moves exactly the pins of
+ * the pages EL2 unshared to @u, counts them (in @reason too) and empties
+ * @r. A refused call leaves its pins in place (a leak, never a
+ * use-after-free).
+ */
+static void run_unshare(struct s2pin_vm *vm, unsigned long *pins, u64 base_gfn,
+			struct pin_run *r, struct unpin_buf *u, u64 *reason)
+{
+	struct arm_smccc_1_2_regs res;
+	unsigned int n = 0;
+	u64 k;
+
+	if (!r->pages)
+		return;
+	if (!vm->no_unshare_range) {
+		res = vm_hvc(vm, HYP_UNSHARE_RANGE, vm->handle, base_gfn + r->lo, r->hi - r->lo, 0, 0);
+		if (!res.a0) {
+			bool exact = res.a1 == r->pages;
+
+			if (!exact)
+				pr_err_ratelimited("HYP_UNSHARE_RANGE gfn %llx x%llu unshared %llu of %u pinned pages\n",
+						   base_gfn + r->lo, r->hi - r->lo, (u64)res.a1, r->pages);
+			for (k = r->lo; k < r->hi; k++) {
+				if (!pins[k] || (!exact && gfn_still_mapped(vm, base_gfn + k)))
+					continue;
+				take_pin(pins, k, u);
+				n++;
+			}
+			goto out;
+		}
+		if ((long)res.a0 != HYP_NOT_SUPPORTED) {
+			pr_err_ratelimited("HYP_UNSHARE_RANGE gfn %llx x%llu failed: %ld; pages stay pinned\n",
+					   base_gfn + r->lo, r->hi - r->lo, (long)res.a0);
+			goto out;
+		}
+		vm->no_unshare_range = true;
+	}
+	n = run_unshare_by_pfn(vm, pins, base_gfn, r, u);
+out:
+	count_unmapped(vm, n, reason);
+	r->pages = 0;
+}
+
+/*
+ * Write-protects the pinned pages of @r with one HYP_WRPROTECT (vm->lock
+ * held; @r holds no block page, so the call needs no memory). If EL2
+ * refuses, the pages are unshared instead (counted as changed).
+ */
+static void run_wrprotect(struct s2pin_vm *vm, unsigned long *pins, u64 base_gfn,
+			  struct pin_run *r, struct unpin_buf *u)
+{
+	struct arm_smccc_1_2_regs res;
+	u64 k;
+
+	if (!r->pages)
+		return;
+	res = vm_hvc(vm, HYP_WRPROTECT, vm->handle, base_gfn + r->lo, r->hi - r->lo, 0, 0);
+	if (res.a0) {
+		run_unshare(vm, pins, base_gfn, r, u, &vm->stats.unmapped_changed);
+		return;
+	}
+	for (k = r->lo; k < r->hi; k++)
+		if (pins[k])
+			pins[k] |= PIN_RO;
+	vm->stats.wrprotects += res.a1;
+	vm->stats.wrprotected_lost_write += r->pages;
+	r->pages = 0;
+}
+
+/*
+ * Whether index @i can join @r: @r is empty, or @i is within one call's
+ * reach of its start and @contiguous (no pinned page that went another
+ * way lies between @r's last page and @i).
+ */
+static bool run_can_take(const struct pin_run *r, u64 i, bool contiguous)
+{
+	return !r->pages || (contiguous && i + 1 - r->lo <= HYP_MAX_PAGES_PER_CALL);
+}
+
+static void run_take(struct pin_run *r, u64 i)
+{
+	if (!r->pages)
+		r->lo = i;
+	r->hi = i + 1;
+	r->pages++;
 }
 
 /*
@@ -456,17 +587,6 @@ refused:
 	return 0;
 }
 
-/* Counts @n pages unshared and unpinned (in @reason too): vm->lock held. */
-static void count_unmapped(struct s2pin_vm *vm, unsigned int n, u64 *reason)
-{
-	vm->stats.unshares += n;
-	vm->stats.unpins += n;
-	vm->stats.pinned_now -= n;
-	if (reason)
-		*reason += n;
-	vm->acct_credit += n;
-}
-
 /* Unpins (dirty) the frames of @u; no lock of ours held. */
 static void block_unpin_pages(const struct block_unpin *u, bool may_lock)
 {
@@ -506,56 +626,82 @@ static bool vm_slot_pages(struct s2pin_vm *vm, unsigned int id, unsigned long st
 }
 
 /*
+ * One lock hold's worth of unmapping the pinned pages of slot indices
+ * [*cur, last) of a slot (vm->lock held): gfn runs of up to
+ * HYP_MAX_PAGES_PER_CALL indices, one HYP_UNSHARE_RANGE each, while @u has
+ * room for their pins; a 2 MiB block ends the hold (block_unshare(), its
+ * frames in @bu). Advances *cur past what it did; counts in @reason.
+ */
+static void unmap_pinned(struct s2pin_vm *vm, unsigned long *pins, const struct s2pin_memslot *s,
+			 u64 *cur, u64 last, struct unpin_buf *u, struct block_unpin *bu,
+			 u64 *reason)
+{
+	struct pin_run r = { 0 };
+	u64 i;
+
+	for (i = *cur; i < last; i++) {
+		if (!pins[i])
+			continue;
+		if (pins[i] & PIN_BLOCK) {
+			u64 bs = block_start(s, i);
+			u64 hi = min_t(u64, bs + BLOCK_PAGES, last);
+
+			run_unshare(vm, pins, s->base_gfn, &r, u, reason);
+			count_unmapped(vm, block_unshare(vm, pins, s->base_gfn, bs, i, hi, bu), reason);
+			i = hi;
+			break;
+		}
+		if (u->n + r.pages >= u->cap)
+			break;
+		if (!run_can_take(&r, i, true))
+			run_unshare(vm, pins, s->base_gfn, &r, u, reason);
+		run_take(&r, i);
+	}
+	run_unshare(vm, pins, s->base_gfn, &r, u, reason);
+	*cur = i;
+}
+
+/*
  * Unmaps and unpins every pinned page of the VM whose host address is in
  * [start, end), counting them in @reason.
  */
 static void vm_unmap_hva_range(struct s2pin_vm *vm, unsigned long start,
 			       unsigned long end, size_t reason_off, bool blockable)
 {
+	struct unpin_buf u;
 	unsigned int id;
+	bool init = false;
 
 	for (id = 0; id < S2PIN_MAX_MEMSLOTS; id++) {
 		u64 first, last, cur, gen;
 
 		if (!vm_slot_pages(vm, id, start, end, &first, &last, &gen))
 			continue;
-
+		if (!init) {
+			unpin_buf_init(&u, GFP_NOWAIT);
+			init = true;
+		}
 		cur = first;
 		while (cur < last) {
-			struct unshare_batch b = { .vm = vm };
-			struct block_unpin u = { 0 };
-			u64 *reason;
-			unsigned int n;
+			struct block_unpin bu = { 0 };
 
 			spin_lock(&vm->lock);
 			if (vm->dead || vm->slot_gen[id] != gen || !vm->pins[id]) {
 				spin_unlock(&vm->lock);
 				break;
 			}
-			reason = (u64 *)((char *)&vm->stats + reason_off);
-			b.pins = vm->pins[id];
-			b.base_gfn = vm->slots[id].base_gfn;
-			for (; cur < last && b.n < BATCH; cur++) {
-				if (!b.pins[cur])
-					continue;
-				if (b.pins[cur] & PIN_BLOCK) {
-					u64 bs = block_start(&vm->slots[id], cur);
-					u64 hi = min_t(u64, bs + BLOCK_PAGES, last);
-
-					count_unmapped(vm, block_unshare(vm, b.pins, b.base_gfn, bs, cur, hi, &u), reason);
-					cur = hi;
-					break;
-				}
-				batch_add(&b, cur);
-			}
-			n = batch_close(&b, reason);
+			unmap_pinned(vm, vm->pins[id], &vm->slots[id], &cur, last, &u, &bu,
+				     (u64 *)((char *)&vm->stats + reason_off));
 			spin_unlock(&vm->lock);
-			unpin_pages(b.pages, n, false);
-			block_unpin_pages(&u, false);
+			unpin_pages(u.pages, u.n, false);
+			u.n = 0;
+			block_unpin_pages(&bu, false);
 			if (blockable)
 				cond_resched();
 		}
 	}
+	if (init)
+		unpin_buf_free(&u);
 }
 
 /* ---- host page-table walk (HOST-side facts in docs/DESIGN.md) -------- */
@@ -678,10 +824,27 @@ static void confirm_block(struct s2pin_vm *vm, unsigned int id, u64 bs, u64 lo, 
 	count_unmapped(vm, block_unshare(vm, pins, vm->slots[id].base_gfn, bs, bs, bs + BLOCK_PAGES, u), reason);
 }
 
+/* The open runs of one confirm lock hold, by the action their pages get. */
+struct confirm_runs {
+	struct pin_run protnone, changed, wrprotect;
+	u32 prev;	/* the action of the last pinned page looked at */
+};
+
+static void confirm_flush(struct s2pin_vm *vm, unsigned long *pins, u64 base_gfn,
+			  struct confirm_runs *c, struct unpin_buf *u)
+{
+	run_unshare(vm, pins, base_gfn, &c->protnone, u, &vm->stats.unmapped_protnone);
+	run_unshare(vm, pins, base_gfn, &c->changed, u, &vm->stats.unmapped_changed);
+	run_wrprotect(vm, pins, base_gfn, &c->wrprotect, u);
+}
+
 /*
  * confirm/keep at invalidate_range_end of a protection event: look at the
  * host entry of every pinned page in [start, end) and unmap, write-protect
- * or keep it as the policy says.
+ * or keep it as the policy says. Pages that get the same action and lie in
+ * one gfn run (no pinned page with another action in between) share one
+ * call: HYP_UNSHARE_RANGE or HYP_WRPROTECT of up to HYP_MAX_PAGES_PER_CALL
+ * pages; a block is one call of its own (confirm_block()).
  */
 static void vm_confirm_range(struct s2pin_vm *vm, const struct mmu_notifier_range *range)
 {
@@ -689,85 +852,89 @@ static void vm_confirm_range(struct s2pin_vm *vm, const struct mmu_notifier_rang
 		(range->vma->vm_flags & (VM_READ | VM_WRITE | VM_EXEC));
 	bool blockable = mmu_notifier_range_blockable(range);
 	unsigned long start = range->start, end = range->end;
+	struct unpin_buf u;
 	unsigned int id;
+	bool init = false;
 
 	for (id = 0; id < S2PIN_MAX_MEMSLOTS; id++) {
 		u64 first, last, cur, gen;
 
 		if (!vm_slot_pages(vm, id, start, end, &first, &last, &gen))
 			continue;
-
+		if (!init) {
+			unpin_buf_init(&u, GFP_NOWAIT);
+			init = true;
+		}
 		cur = first;
 		while (cur < last) {
-			struct unshare_batch b = { .vm = vm };
-			struct unshare_batch c = { .vm = vm };
-			struct block_unpin u = { 0 };
-			unsigned int n, m;
+			struct confirm_runs c = { .prev = S2PIN_END_KEEP };
+			struct block_unpin bu = { 0 };
+			unsigned long *pins;
+			u64 base_gfn;
 
 			spin_lock(&vm->lock);
 			if (vm->dead || vm->slot_gen[id] != gen || !vm->pins[id]) {
 				spin_unlock(&vm->lock);
 				break;
 			}
-			b.pins = c.pins = vm->pins[id];
-			b.base_gfn = c.base_gfn = vm->slots[id].base_gfn;
-			for (; cur < last && b.n < BATCH && c.n < BATCH; cur++) {
-				unsigned long e = b.pins[cur], pfn;
-				u64 hva = vm->slots[id].uaddr + (cur << PAGE_SHIFT);
-				struct s2pin_pte_state st;
+			pins = vm->pins[id];
+			base_gfn = vm->slots[id].base_gfn;
+			for (; cur < last; cur++) {
+				struct pin_run *r;
 				u32 act;
 
-				if (!e)
+				if (!pins[cur])
 					continue;
-				if (e & PIN_BLOCK) {
+				if (pins[cur] & PIN_BLOCK) {
 					u64 bs = block_start(&vm->slots[id], cur);
 					u64 hi = min_t(u64, bs + BLOCK_PAGES, last);
 
-					confirm_block(vm, id, bs, cur, hi, accessible, &u);
+					confirm_flush(vm, pins, base_gfn, &c, &u);
+					confirm_block(vm, id, bs, cur, hi, accessible, &bu);
 					cur = hi;
 					break;
 				}
-				host_walk(vm->mm, hva, &st, &pfn);
-				st.same_frame = st.present && pfn == page_to_pfn(PIN_PAGE(e));
-				st.vma_accessible = accessible;
-				st.mapped_writable = !(e & PIN_RO);
-				act = s2pin_policy_at_end(vm->policy, &st);
+				if (u.n + c.protnone.pages + c.changed.pages + c.wrprotect.pages >= u.cap)
+					break;
+				act = confirm_action(vm, id, cur, accessible);
 				switch (act) {
 				case S2PIN_END_KEEP:
 					vm->stats.kept++;
-					break;
+					c.prev = act;
+					continue;
 				case S2PIN_END_UNMAP_PROTNONE:
-					batch_add(&b, cur);
+					r = &c.protnone;
 					break;
-				case S2PIN_END_WRPROTECT: {
-					struct arm_smccc_1_2_regs r =
-						vm_hvc(vm, HYP_WRPROTECT, vm->handle, b.base_gfn + cur, 1, 0, 0);
-
-					if (r.a0 == 0) {
-						b.pins[cur] = e | PIN_RO;
-						vm->stats.wrprotects += r.a1;
-						vm->stats.wrprotected_lost_write++;
-						break;
-					}
-					/* Cannot write-protect: unmap instead. */
-					batch_add(&c, cur);
+				case S2PIN_END_WRPROTECT:
+					r = &c.wrprotect;
 					break;
-				}
 				default:
-					batch_add(&c, cur);
+					act = S2PIN_END_UNMAP_CHANGED;
+					r = &c.changed;
 					break;
 				}
+				if (!run_can_take(r, cur, c.prev == act)) {
+					if (r == &c.wrprotect)
+						run_wrprotect(vm, pins, base_gfn, r, &u);
+					else
+						run_unshare(vm, pins, base_gfn, r, &u, r == &c.protnone ?
+							    &vm->stats.unmapped_protnone :
+							    &vm->stats.unmapped_changed);
+				}
+				run_take(r, cur);
+				c.prev = act;
 			}
-			n = batch_close(&b, &vm->stats.unmapped_protnone);
-			m = batch_close(&c, &vm->stats.unmapped_changed);
+			confirm_flush(vm, pins, base_gfn, &c, &u);
 			spin_unlock(&vm->lock);
-			unpin_pages(b.pages, n, false);
-			unpin_pages(c.pages, m, false);
-			block_unpin_pages(&u, false);
+			unpin_pages(u.pages, u.n, false);
+			u.n = 0;
+			block_unpin_pages(&bu, false);
 			if (blockable)
 				cond_resched();
 		}
 	}
+	if (init)
+		unpin_buf_free(&u);
 }
 
 /* ---- the MMU notifier ------------------------------------------------ */
@@ -1664,34 +1831,22 @@ fail:
 static void vm_drop_slot_pins(struct s2pin_vm *vm, unsigned long *pins,
 			      const struct s2pin_memslot *s)
 {
+	struct unpin_buf u;
 	u64 cur = 0;
 
+	unpin_buf_init(&u, GFP_KERNEL);
 	while (cur < s->npages) {
-		struct unshare_batch b = { .vm = vm, .pins = pins, .base_gfn = s->base_gfn };
-		unsigned int n;
-
-		struct block_unpin u = { 0 };
+		struct block_unpin bu = { 0 };
 
 		spin_lock(&vm->lock);
-		for (; cur < s->npages && b.n < BATCH; cur++) {
-			if (!pins[cur])
-				continue;
-			if (pins[cur] & PIN_BLOCK) {
-				u64 bs = block_start(s, cur);
-
-				count_unmapped(vm, block_unshare(vm, pins, s->base_gfn, bs, bs, bs + BLOCK_PAGES, &u),
-					       &vm->stats.unmapped_memslot);
-				cur = bs + BLOCK_PAGES;
-				break;
-			}
-			batch_add(&b, cur);
-		}
-		n = batch_close(&b, &vm->stats.unmapped_memslot);
+		unmap_pinned(vm, pins, s, &cur, s->npages, &u, &bu, &vm->stats.unmapped_memslot);
 		spin_unlock(&vm->lock);
-		unpin_pages(b.pages, n, true);
-		block_unpin_pages(&u, true);
+		unpin_pages(u.pages, u.n, true);
+		u.n = 0;
+		block_unpin_pages(&bu, true);
 		cond_resched();
 	}
+	unpin_buf_free(&u);
 }
 
 static long vm_set_region(struct s2pin_vm *vm, void __user *argp)
