@@ -66,7 +66,7 @@ pub const SUITES: &[Suite] = &[
     },
     Suite {
         name: "shim",
-        about: "Debian under el2 with s2pin.ko and s2vmm: pinning, hooks, policies under NUMA balancing, kill -9, hostile user space (2 boots)",
+        about: "Debian under el2 with s2pin.ko and s2vmm: pinning, hooks, policies under NUMA balancing, kill -9, hostile user space, 2 MiB blocks and hypercall counts (3 boots)",
         default: true,
         run: shim::run,
     },

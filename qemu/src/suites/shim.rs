@@ -2,7 +2,7 @@
 //! each case checking the module's counters and the host's page states,
 //! not only exit codes (issue 9, part 6).
 //!
-//! Two boots, each under a hard timeout, each ending with a dmesg check
+//! Three boots, each under a hard timeout, each ending with a dmesg check
 //! (no Oops, BUG, WARNING, lockdep report or call trace):
 //!
 //! 1. one NUMA node: the 2-vCPU 64 MiB fill; `MADV_DONTNEED`, `munmap` and
@@ -13,7 +13,12 @@
 //!    module's debugfs file), nothing is pinned and MemFree is back;
 //! 2. two NUMA nodes with NUMA balancing's scan made tight: a touch guest
 //!    under each policy, on 4 KiB anonymous memory and on THP, and on a
-//!    memfd bound to node 1.
+//!    memfd bound to node 1;
+//! 3. one node, 2 MiB blocks and the cost in hypercalls (DESIGN.md §9): THP
+//!    guest memory shared as blocks, a whole-block and a partial
+//!    invalidation, `munmap`, `mprotect(PROT_READ)` and `PROT_NONE` of
+//!    64 MiB of mapped 4 KiB pages in one call per 512 pages, then
+//!    `s2vmm leakcheck`.
 //!
 //! The script prints `== CASE <name>` before each case and `CHECK
 //! <key>=<value>` lines; [`Section`] collects, per case, s2vmm's counter
@@ -34,6 +39,11 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 
 /// Pages of the 2-vCPU fill's tested memory (64 MiB).
 const FILL_PAGES: u64 = 64 << 8;
+/// Pages of the 64 MiB range the hypercall-count cases munmap or mprotect.
+const SCALE_PAGES: u64 = 64 << 8;
+/// Calls such a range may cost beyond one per 512 pages.
+const SCALE_SLACK: i64 = 4;
+
 /// Pages of the hook range in the hook cases (2 MiB at offset 4 MiB of the
 /// tested memory, 2 MiB aligned in the host mapping: a VMA split at an
 /// address that is not 2 MiB aligned makes Linux 6.1 send
@@ -248,6 +258,39 @@ fn script_numa() -> String {
     s
 }
 
+/// The script of boot 3 (one node): blocks and hypercall counts.
+fn script_blocks() -> String {
+    let mut s = preamble();
+    s.push_str(&case(
+        "thp_blocks",
+        "s2vmm --mode touch --mem 64M --reports 0 --seconds 8 --passes-log2 0 --policy confirm --backing thp --stats",
+    ));
+    for (name, hook) in [
+        ("thp_munmap", "--munmap 4M+2M"),
+        ("thp_dontneed_part", "--madvise-dontneed 4M+1M"),
+    ] {
+        s.push_str(&case(
+            name,
+            &hook_cmd("confirm", &format!("--backing thp {hook}")),
+        ));
+    }
+    for (name, hook) in [
+        ("scale_munmap", "--munmap 4M+64M"),
+        ("scale_ro", "--mprotect 4M+64M:ro"),
+        ("scale_none", "--mprotect 4M+64M:none"),
+    ] {
+        s.push_str(&case(
+            name,
+            &format!(
+                "s2vmm --mode touch --mem 80M --reports 4 --passes-log2 0 --hook-at 2 --policy confirm {hook} --stats"
+            ),
+        ));
+    }
+    s.push_str(&case("leakcheck", "s2vmm leakcheck"));
+    s.push_str(&dmesg_check());
+    s
+}
+
 /// The shim suite (registered in `suites/mod.rs`).
 pub fn run(root: &Path, tally: &mut Tally) {
     progress("shim: Debian under el2 with s2pin.ko and s2vmm (two boots, each with a timeout)");
@@ -273,7 +316,7 @@ pub fn suite(root: &Path) -> Vec<Check> {
         ..one.clone()
     };
     type Checks = fn(&BTreeMap<String, Section>) -> Vec<Check>;
-    let boots: [(&str, Machine, String, Checks); 2] = [
+    let boots: [(&str, Machine, String, Checks); 3] = [
         (
             "s2pin.ko + s2vmm cases, one node",
             one,
@@ -286,11 +329,18 @@ pub fn suite(root: &Path) -> Vec<Check> {
             script_numa(),
             numa_checks,
         ),
+        (
+            "2 MiB blocks and hypercall counts, one node",
+            Machine::default(),
+            script_blocks(),
+            blocks_checks,
+        ),
     ];
     for (i, (what, machine, script, checks)) in boots.iter().enumerate() {
         let n = i + 1;
         progress(&format!(
-            "shim boot {n}/2: {what} (timeout {} s)",
+            "shim boot {n}/{}: {what} (timeout {} s)",
+            boots.len(),
             BOOT_TIMEOUT.as_secs()
         ));
         match exec_script(root, &ing, machine, script, &extras, BOOT_TIMEOUT) {
@@ -472,6 +522,96 @@ fn one_node_checks(all: &BTreeMap<String, Section>) -> Vec<Check> {
     out
 }
 
+fn blocks_checks(all: &BTreeMap<String, Section>) -> Vec<Check> {
+    let mut out = Vec::new();
+    let empty = Section::default();
+    let get = |n: &str| all.get(n).unwrap_or(&empty);
+    let mut check = |name: &str, ok: bool, s: &Section| {
+        out.push(Check::new(format!("shim: {name}"), ok, s.text()));
+    };
+
+    let t = get("thp_blocks");
+    let pins = t.stat("pins");
+    check(
+        "THP-backed 64 MiB guest: shared as 2 MiB blocks (at least 32 blocks, pins = 512 x blocks + 4 KiB faults), under 100 faults for 16,384+ pages, at most 4 stage-2 table pages",
+        clean(t)
+            && t.stat("blocks_shared") >= 32
+            && pins >= 64 << 8
+            && pins == 512 * t.stat("blocks_shared") + (t.stat("faults") - t.stat("blocks_shared"))
+            && t.stat("faults") < 100
+            && t.stat("el2_rt_table_pages") <= 4,
+        t,
+    );
+
+    let m = get("thp_munmap");
+    check(
+        "THP, munmap of one whole 2 MiB block: one HYP_UNSHARE_RANGE/HYP_UNSHARE of it (block_unshares 1), its 512 pages unpinned, one TLB invalidation; the guest re-faults zeros",
+        clean(m)
+            && m.stat("blocks_shared") > 0
+            && m.delta("block_unshares") == 1
+            && s_eq(m.delta("unshares"), HOOK_PAGES)
+            && s_eq(m.delta("unpins"), HOOK_PAGES)
+            && m.delta("calls_unshare") == 1
+            && m.delta("el2_s2_tlbi") == 1
+            && m.has_line("s2vmm: memory check PASS"),
+        m,
+    );
+
+    let d = get("thp_dontneed_part");
+    let du = d.delta("unshares");
+    check(
+        "THP, MADV_DONTNEED of half a block: the block is split or unshared whole (block_splits, block_fallbacks or block_unshares), 256..=512 pages unshared and exactly those unpinned; the guest's memory check passes",
+        clean(d)
+            && d.stat("blocks_shared") > 0
+            && d.delta("block_splits") + d.delta("block_fallbacks") + d.delta("block_unshares") >= 1
+            && (256..=512).contains(&du)
+            && d.delta("unpins") == du
+            && d.has_line("s2vmm: memory check PASS"),
+        d,
+    );
+
+    let most = (SCALE_PAGES / 512) as i64 + SCALE_SLACK;
+    let sm = get("scale_munmap");
+    check(
+        &format!("munmap of 64 MiB of mapped 4 KiB pages: 16,384 pages unshared and unpinned in at most {most} unshare calls (one per 512 pages + {SCALE_SLACK})"),
+        clean(sm)
+            && s_eq(sm.delta("unshares"), SCALE_PAGES)
+            && s_eq(sm.delta("unpins"), SCALE_PAGES)
+            && (1..=most).contains(&sm.delta("calls_unshare"))
+            && sm.has_line("s2vmm: memory check PASS"),
+        sm,
+    );
+    let sr = get("scale_ro");
+    check(
+        &format!("mprotect(PROT_READ) of 64 MiB of mapped 4 KiB pages, confirm: 16,384 pages write-protected in at most {most} HYP_WRPROTECT calls, none unshared"),
+        clean(sr)
+            && s_eq(sr.delta("wrprotected_lost_write"), SCALE_PAGES)
+            && (1..=most).contains(&sr.delta("calls_wrprotect"))
+            && sr.delta("unshares") == 0
+            && sr.delta("calls_unshare") == 0
+            && sr.has_line("s2vmm: memory check PASS"),
+        sr,
+    );
+    let sn = get("scale_none");
+    check(
+        &format!("mprotect(PROT_NONE) of 64 MiB of mapped 4 KiB pages, confirm: 16,384 pages unshared and unpinned in at most {most} unshare calls"),
+        clean(sn)
+            && s_eq(sn.delta("unmapped_protnone"), SCALE_PAGES)
+            && s_eq(sn.delta("unpins"), SCALE_PAGES)
+            && (1..=most).contains(&sn.delta("calls_unshare"))
+            && sn.has_line("s2vmm: memory check PASS"),
+        sn,
+    );
+
+    let l = get("leakcheck");
+    check(
+        "after the block and 64 MiB cases: s2vmm leakcheck OK (every host frame host-owned and unshared at EL2, nothing pinned, no VM)",
+        l.check("rc") == Some("0") && l.has_line("leakcheck: OK"),
+        l,
+    );
+    out
+}
+
 fn s_eq(v: i64, want: u64) -> bool {
     v == want as i64
 }
@@ -501,6 +641,15 @@ fn numa_checks(all: &BTreeMap<String, Section>) -> Vec<Check> {
                 && s.stat("unmapped_protnone") == 0
                 && s.stat("unshares") == 0
                 && s.stat("kept") > 0,
+            s,
+        );
+        check(
+            &format!("NUMA pass over pinned 4K anonymous memory, {policy}: the protection events cost 0 unshare and 0 write-protect calls"),
+            clean(s)
+                && scanned(s)
+                && s.stats.contains_key("calls_unshare")
+                && s.stat("calls_unshare") == 0
+                && s.stat("calls_wrprotect") == 0,
             s,
         );
     }
@@ -590,7 +739,11 @@ mod tests {
     fn checks_fail_without_evidence() {
         // An empty run fails every case: nothing is assumed.
         let none = BTreeMap::new();
-        for c in one_node_checks(&none).into_iter().chain(numa_checks(&none)) {
+        for c in one_node_checks(&none)
+            .into_iter()
+            .chain(numa_checks(&none))
+            .chain(blocks_checks(&none))
+        {
             assert!(!c.ok, "{}", c.name);
         }
     }
@@ -647,5 +800,83 @@ mod tests {
         assert!(two.contains("scan_period_min_ms") && two.contains("== CASE dmesg'"));
         assert!(two.contains("--backing thp") && two.contains("--policy eager"));
         assert!(two.contains("--backing memfd --node 1"));
+        let three = script_blocks();
+        for c in [
+            "thp_blocks",
+            "thp_munmap",
+            "thp_dontneed_part",
+            "scale_munmap",
+            "scale_ro",
+            "scale_none",
+            "leakcheck",
+            "dmesg",
+        ] {
+            assert!(three.contains(&format!("== CASE {c}'")), "{c}");
+        }
+        assert!(three.contains("--backing thp --munmap 4M+2M"));
+    }
+
+    #[test]
+    fn block_and_scale_checks_take_good_runs_and_fail_bad_ones() {
+        let clean_sec = |stats: &[(&str, i64)], hook: &[(&str, i64)], lines: &[&str]| {
+            let mut s = Section::default();
+            for (k, v) in stats {
+                s.stats.insert((*k).into(), *v);
+            }
+            for (k, v) in hook {
+                s.hook.insert((*k).into(), *v);
+            }
+            for (k, v) in [("rc", "0"), ("pinned", "0"), ("vms", "0")] {
+                s.checks.insert(k.into(), v.into());
+            }
+            s.lines = lines.iter().map(|l| (*l).to_string()).collect();
+            s
+        };
+        let pass = "s2vmm: memory check PASS";
+        let mut all = BTreeMap::new();
+        // Measured: 33 blocks, 33 faults, 3 table pages.
+        all.insert(
+            "thp_blocks".to_string(),
+            clean_sec(
+                &[
+                    ("pins", 33 * 512),
+                    ("faults", 33),
+                    ("blocks_shared", 33),
+                    ("el2_rt_table_pages", 3),
+                    ("calls_share", 33),
+                ],
+                &[],
+                &[],
+            ),
+        );
+        all.insert(
+            "scale_munmap".to_string(),
+            clean_sec(
+                &[],
+                &[
+                    ("unshares", 16384),
+                    ("unpins", 16384),
+                    ("calls_unshare", 32),
+                ],
+                &[pass],
+            ),
+        );
+        let r = blocks_checks(&all);
+        let get = |r: &[Check], k: &str| r.iter().find(|c| c.name.contains(k)).unwrap().ok;
+        assert!(get(&r, "THP-backed 64 MiB guest"));
+        assert!(get(&r, "munmap of 64 MiB"));
+        // One HYP_UNSHARE per contiguous-frame run (the old way): too many calls.
+        all.get_mut("scale_munmap")
+            .unwrap()
+            .hook
+            .insert("calls_unshare".into(), 620);
+        // 4 KiB pages only: no blocks, a fault per page.
+        all.get_mut("thp_blocks").unwrap().stats.extend([
+            ("blocks_shared".to_string(), 0),
+            ("faults".to_string(), 16896),
+        ]);
+        let r = blocks_checks(&all);
+        assert!(!get(&r, "THP-backed 64 MiB guest"));
+        assert!(!get(&r, "munmap of 64 MiB"));
     }
 }
