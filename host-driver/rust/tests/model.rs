@@ -843,7 +843,9 @@ fn run_unshare(
                 return Ok(());
             }
             RangeReply::NoMem => {
-                return Err(format!("HYP_UNSHARE_RANGE of {r:?}: ENOMEM (a block in a run)"))
+                return Err(format!(
+                    "HYP_UNSHARE_RANGE of {r:?}: ENOMEM (a block in a run)"
+                ))
             }
             RangeReply::NotSupported => *cx.no_range = true,
         }
