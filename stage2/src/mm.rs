@@ -36,6 +36,21 @@ pub trait TableMemory {
     /// Gives back a table page taken with [`alloc_table`](Self::alloc_table).
     fn free_table(&mut self, table: Hpa);
 
+    /// Takes one table page like [`alloc_table`](Self::alloc_table) and
+    /// says whether all its entries are known to be zero (it was given back
+    /// with [`free_zeroed_table`](Self::free_zeroed_table) and not handed out
+    /// since), so that the caller need not zero it again. The default knows
+    /// nothing.
+    fn alloc_table_zeroed(&mut self) -> Option<(Hpa, bool)> {
+        self.alloc_table().map(|t| (t, false))
+    }
+
+    /// Gives back a table page whose 512 entries are all zero (a table that
+    /// became empty: every removal writes 0). The default forgets that.
+    fn free_zeroed_table(&mut self, table: Hpa) {
+        self.free_table(table);
+    }
+
     /// Takes `count` physically contiguous table pages aligned to
     /// `count * 4 KiB` (a concatenated stage-2 root). `count` is a power of
     /// two from 1 to 16. Each page is then reachable at `base + i * 4 KiB`.
@@ -62,6 +77,9 @@ pub const ARENA_BASE: u64 = 0x8000_0000;
 pub struct ArenaMemory {
     pages: Vec<Box<Table>>,
     free: Vec<usize>,
+    /// Per page: given back with `free_zeroed_table` (checked to be zero)
+    /// and not handed out since.
+    zeroed: Vec<bool>,
     live: usize,
     limit: usize,
 }
@@ -85,6 +103,7 @@ impl ArenaMemory {
         Self {
             pages: Vec::new(),
             free: Vec::new(),
+            zeroed: Vec::new(),
             live: 0,
             limit,
         }
@@ -121,6 +140,17 @@ impl TableMemory for ArenaMemory {
     }
 
     fn alloc_table(&mut self) -> Option<Hpa> {
+        self.alloc_table_zeroed().map(|(t, _)| t)
+    }
+
+    fn free_table(&mut self, table: Hpa) {
+        let index = self.index(table);
+        debug_assert!(index < self.pages.len() && !self.free.contains(&index));
+        self.free.push(index);
+        self.live -= 1;
+    }
+
+    fn alloc_table_zeroed(&mut self) -> Option<(Hpa, bool)> {
         if self.live >= self.limit {
             return None;
         }
@@ -132,14 +162,21 @@ impl TableMemory for ArenaMemory {
             }
         };
         self.live += 1;
-        Some(Self::address(index))
+        let zeroed = self.zeroed.get_mut(index).is_some_and(core::mem::take);
+        Some((Self::address(index), zeroed))
     }
 
-    fn free_table(&mut self, table: Hpa) {
+    fn free_zeroed_table(&mut self, table: Hpa) {
         let index = self.index(table);
-        debug_assert!(index < self.pages.len() && !self.free.contains(&index));
-        self.free.push(index);
-        self.live -= 1;
+        debug_assert!(
+            self.pages[index].iter().all(|&e| e == 0),
+            "a table given back as zeroed is not: {table}"
+        );
+        if self.zeroed.len() <= index {
+            self.zeroed.resize(index + 1, false);
+        }
+        self.zeroed[index] = true;
+        self.free_table(table);
     }
 
     fn alloc_contiguous(&mut self, count: usize) -> Option<Hpa> {
@@ -194,6 +231,22 @@ mod tests {
         assert_eq!(m.alloc_table(), Some(a));
         m.table_mut(b)[3] = 7;
         assert_eq!(m.table(b)[3], 7);
+    }
+
+    #[test]
+    fn a_table_given_back_zeroed_is_known_zero_once() {
+        let mut m = ArenaMemory::new();
+        let a = m.alloc_table().unwrap();
+        m.free_zeroed_table(a);
+        assert_eq!(m.alloc_table_zeroed(), Some((a, true)));
+        m.table_mut(a)[9] = 1;
+        m.free_table(a);
+        assert_eq!(m.alloc_table_zeroed(), Some((a, false)));
+        m.table_mut(a)[9] = 0;
+        m.free_zeroed_table(a);
+        assert_eq!(m.alloc_table(), Some(a));
+        m.free_table(a);
+        assert_eq!(m.alloc_table_zeroed(), Some((a, false)));
     }
 
     #[test]

@@ -554,7 +554,7 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
         let sh = level_shift(level);
         let span = level_span(level);
         let mut n = 0;
-        for (i, &d) in t.iter().enumerate().take(i1).skip(i0) {
+        for (i, &d) in (i0..i1).zip(&t[i0..i1]) {
             let ebase = tbase + ((i as u64) << sh);
             let (ea, eb) = (a.max(ebase), b.min(ebase + span));
             if d & VALID == 0 {
@@ -635,21 +635,28 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
         b: u64,
         plan: &MapPlan,
     ) -> Result<(Hpa, u64), Error> {
-        let new = self.alloc()?;
+        // Only a `TableMemory` breaking its `available` contract fails here.
+        let (new, zeroed) = self.mm.alloc_table_zeroed().ok_or(Error::NoMemory)?;
         let n;
         if level == 3 {
             let (i0, i1) = entry_range(level, tbase, a, b);
             let t = self.mm.table_mut(new);
-            t[..i0].fill(0);
+            if !zeroed {
+                t[..i0].fill(0);
+            }
             let mut d = plan.bits | TABLE_OR_PAGE | (a.wrapping_add(plan.off) & OA_MASK);
             for e in &mut t[i0..i1] {
                 *e = d;
                 d += PAGE_SIZE;
             }
-            t[i1..].fill(0);
+            if !zeroed {
+                t[i1..].fill(0);
+            }
             n = (i1 - i0) as u64;
         } else {
-            self.mm.table_mut(new).fill(0);
+            if !zeroed {
+                self.mm.table_mut(new).fill(0);
+            }
             n = self.map_commit(level, new, tbase, a, b, plan)?;
         }
         Ok((new, n))
@@ -867,7 +874,7 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
         let Self { mm, tlb, vmid, .. } = self;
         let t = mm.table_mut(table);
         let mut n = 0;
-        for (i, e) in t.iter_mut().enumerate().take(i1).skip(i0) {
+        for (i, e) in (i0..i1).zip(&mut t[i0..i1]) {
             let d = *e;
             if d & VALID == 0 || d & mask == bits {
                 continue;
@@ -949,7 +956,11 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
                         self.tlb
                             .invalidate_ipa(self.vmid, Ipa::new(ebase), TLBI_LEVEL_TABLE);
                     }
-                    self.free_subtree(level + 1, dead);
+                    // Not batched, so every entry this operation removed
+                    // was written 0, and an invalid entry is always 0
+                    // between operations: the empty child is all zeros
+                    // and the next table allocation need not clear it.
+                    self.mm.free_zeroed_table(child);
                 }
                 continue;
             }
@@ -1195,7 +1206,7 @@ impl<M: TableMemory, T: TlbMaintenance> Stage2<M, T> {
         let sh = level_shift(level);
         let span = level_span(level);
         let t = self.mm.table(table);
-        for (i, &d) in t.iter().enumerate().take(i1).skip(i0) {
+        for (i, &d) in (i0..i1).zip(&t[i0..i1]) {
             if d & VALID == 0 {
                 continue;
             }

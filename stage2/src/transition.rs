@@ -270,10 +270,11 @@ pub fn share<GM: TableMemory, GT: TlbMaintenance>(
 ) -> Result<(), Error> {
     let (ipa, size) = check_guest_args(tracker, guest, r)?;
     tracker.check_share(r.pfn, r.nr)?;
-    check_unmapped(guest, ipa, size)?;
 
-    // Commit. The guest map is the only operation that can fail (NoMemory,
-    // with no change); the tracker update cannot fail after check_share.
+    // Commit. The guest map is the only operation that can fail, with no
+    // change: `AlreadyMapped` (a guest frame is mapped) before `NoMemory`,
+    // which is the check order; the tracker update cannot fail after
+    // check_share.
     let attrs = Attrs {
         perms,
         mem: MemType::Normal,

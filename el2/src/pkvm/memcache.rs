@@ -31,6 +31,11 @@ pub struct Memcache<A: PageAccess> {
     access: A,
     /// Free pages, used last-in first-out.
     free: Vec<Pfn>,
+    /// A free page known to hold only zeros: a table that was given back
+    /// empty (`free_zeroed_table`) and not handed out since. One is enough
+    /// for the common case of a last-level table emptied by an unshare and
+    /// needed again by the next share, whose zeroing it saves.
+    zeroed: Option<Pfn>,
     /// Pages handed out as non-root tables.
     tables: usize,
     root: Root,
@@ -43,6 +48,7 @@ impl<A: PageAccess> Memcache<A> {
         Self {
             access,
             free: Vec::new(),
+            zeroed: None,
             tables: 0,
             root: Root {
                 pfn: root,
@@ -99,7 +105,17 @@ impl<A: PageAccess> Memcache<A> {
 
     /// Takes a free page (for vCPU state or a table).
     pub fn take(&mut self) -> Option<Pfn> {
-        self.free.pop()
+        self.take_zeroed().map(|(pfn, _)| pfn)
+    }
+
+    /// Takes a free page and says whether it is known to hold only zeros.
+    fn take_zeroed(&mut self) -> Option<(Pfn, bool)> {
+        let pfn = self.free.pop()?;
+        let zeroed = self.zeroed == Some(pfn);
+        if zeroed {
+            self.zeroed = None;
+        }
+        Some((pfn, zeroed))
     }
 
     /// The next page [`take`](Self::take) would return.
@@ -128,14 +144,31 @@ impl<A: PageAccess> TableMemory for Memcache<A> {
     }
 
     fn alloc_table(&mut self) -> Option<Hpa> {
+        self.alloc_table_zeroed().map(|(t, _)| t)
+    }
+
+    fn alloc_table_zeroed(&mut self) -> Option<(Hpa, bool)> {
         // `Stage2::new` takes a single-page root with `alloc_table`.
         if !self.root.taken && self.root.pages == 1 {
             self.root.taken = true;
-            return Some(pa_of(self.root.pfn));
+            return Some((pa_of(self.root.pfn), false));
         }
-        let pfn = self.free.pop()?;
+        let (pfn, zeroed) = self.take_zeroed()?;
         self.tables += 1;
-        Some(pa_of(pfn))
+        Some((pa_of(pfn), zeroed))
+    }
+
+    fn free_zeroed_table(&mut self, table: Hpa) {
+        self.free_table(table);
+        let pfn = pfn_of(table);
+        if self.free.last() == Some(&pfn) {
+            #[cfg(any(test, feature = "fake"))]
+            debug_assert!(
+                self.access.table(pfn).iter().all(|&e| e == 0),
+                "table {pfn:?} given back as zeroed is not"
+            );
+            self.zeroed = Some(pfn);
+        }
     }
 
     fn free_table(&mut self, table: Hpa) {
