@@ -15,6 +15,7 @@ pub mod conformance;
 pub mod guest;
 pub mod host;
 pub mod numa;
+pub mod scale;
 pub mod shim;
 
 use std::path::Path;
@@ -75,6 +76,12 @@ pub const SUITES: &[Suite] = &[
         about: "the short NUMA benchmark: eager and confirm on 4K anon under NUMA balancing, 30 s each; confirm's spurious unmaps 0, eager's above 0",
         default: true,
         run: numa::run,
+    },
+    Suite {
+        name: "scale",
+        about: "the short scale benchmark: two 64 MiB guests (4K confirm, THP keep) faulted in, NUMA scan, mprotect and munmap of their memory; calls within pages/512 + 4, 0 for the NUMA scan, nothing leaked (one boot)",
+        default: true,
+        run: scale::run,
     },
     Suite {
         name: "reliability",
